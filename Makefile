@@ -1,0 +1,47 @@
+# The project's commands. Every target builds the environment first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/exchange/v1/*.proto)
+GEN_STAMP := exchange/v1/.generated
+SEEDS ?= 1000
+SEED ?=
+PYTEST_ARGS ?=
+
+.PHONY: install proto test lint typecheck bench sim demo clean cluster stop status logs
+
+install: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(GEN_STAMP): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	@touch $@
+
+proto: $(GEN_STAMP)
+
+test: install
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy exchange
+
+bench: install
+	$(PY) -m exchange.bench
+
+sim: install
+	$(PY) -m tests.sim --seeds $(SEEDS) $(if $(SEED),--start $(SEED) --seeds 1,)
+
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) $(GEN_STAMP) exchange/v1/*_pb2*.py exchange/v1/*_pb2*.pyi build *.egg-info var

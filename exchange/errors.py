@@ -1,0 +1,64 @@
+"""The project's domain errors, raised in the core and mapped once at the edges
+(gRPC status codes in the node, one readable line and an exit code in the CLI)."""
+
+from __future__ import annotations
+
+
+class ExchangeError(Exception):
+    """Base of every error the system raises on purpose."""
+
+    code = "ERROR"
+
+
+class MalformedInput(ExchangeError):
+    """Bytes or files that do not parse as what they claim to be."""
+
+    code = "MALFORMED"
+
+
+class InvalidSignature(ExchangeError):
+    """A signature that does not verify under the key it names."""
+
+    code = "BAD_SIGNATURE"
+
+
+class UnknownSigner(ExchangeError):
+    """A key id that no member, credential or rotation on the ledger defines."""
+
+    code = "UNKNOWN_SIGNER"
+
+
+class CredentialInvalid(ExchangeError):
+    """A signer whose credential is revoked, expired or lacks a needed role."""
+
+    code = "CREDENTIAL_INVALID"
+
+
+class WrongChain(ExchangeError):
+    """A body or block that names another chain."""
+
+    code = "WRONG_CHAIN"
+
+
+class ChainBroken(ExchangeError):
+    """A block that does not extend the chain it claims to extend."""
+
+    code = "CHAIN_BROKEN"
+
+
+class ProofInvalid(ExchangeError):
+    """A Merkle proof, commitment or attestation quorum that does not check."""
+
+    code = "PROOF_INVALID"
+
+
+class StoreCorrupted(ExchangeError):
+    """Stored bytes that no longer match what was written."""
+
+    code = "STORE_CORRUPTED"
+
+
+class AlreadyExists(ExchangeError):
+    """Refusing to overwrite something that is already there."""
+
+    code = "ALREADY_EXISTS"

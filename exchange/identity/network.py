@@ -1,0 +1,544 @@
+"""`exchange init`: every key, certificate, credential and config of a local network.
+
+The steps are the ones a multi-machine key ceremony takes, each on its own agency's
+machine: `make_agency` makes one agency's keys and TLS CA and its genesis Member entry;
+`issue_identities` certifies its analysts and automation under its root once the chain
+id is known; genesis is built from the members and credentials and signed by every root;
+`write_agency_configs` writes the node config and profiles. `init_network` runs all of
+them on one machine, into a temporary folder renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exchange.errors import AlreadyExists, MalformedInput
+from exchange.identity import tls
+from exchange.identity.config import (
+    AGENCY_PATTERN,
+    BlockCutting,
+    NodeConfig,
+    NodePaths,
+    Profile,
+    format_address,
+    write_node_config,
+    write_profile,
+)
+from exchange.identity.genesis import (
+    DEFAULT_PARAMS,
+    assemble_genesis,
+    build_genesis,
+    genesis_hash,
+    issue_credential,
+    parse_credential,
+    verify_genesis,
+)
+from exchange.identity.keys import DataKey, SigningKey, write_private
+from exchange.v1 import identity_pb2
+
+DEFAULT_AGENCIES = ("tax", "police", "customs", "pboc")
+DISPLAY_NAMES = {
+    "tax": "State Taxation Administration, Shenzhen Tax Service",
+    "police": "Shenzhen Municipal Public Security Bureau",
+    "customs": "Shenzhen Customs",
+    "pboc": "People's Bank of China, Shenzhen Central Sub-branch",
+}
+AGENCIES_MAX = 64
+PORT_STRIDE = 10
+METRICS_PORT_OFFSET = 1
+CREDENTIAL_VALIDITY_MS = 365 * 24 * 3600 * 1000
+CHAIN_ID_PREFIX = "shenzhen-exchange-"
+CHAIN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GENESIS_FILE = "genesis.pb"
+GENESIS_JSON_FILE = "genesis.json"
+PROFILE_SUBJECT = "analyst-1"
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class IdentitySpec:
+    """An analyst or automation identity to certify, and its roles."""
+
+    subject: str
+    roles: tuple[str, ...]
+
+
+DEFAULT_IDENTITIES = (
+    IdentitySpec("analyst-1", ("analyst",)),
+    IdentitySpec("supervisor-1", ("analyst", "supervisor")),
+    IdentitySpec("automation", ("automation",)),
+)
+
+
+@dataclass(frozen=True)
+class AgencyPaths:
+    """The file layout of one agency's folder."""
+
+    dir: Path
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.dir / "keys"
+
+    @property
+    def root_key(self) -> Path:
+        return self.keys_dir / "root.key"
+
+    @property
+    def node_key(self) -> Path:
+        return self.keys_dir / "node.key"
+
+    @property
+    def data_key(self) -> Path:
+        return self.keys_dir / "data.key"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "tls"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.tls_dir / "ca.key"
+
+    @property
+    def node_cert(self) -> Path:
+        return self.tls_dir / "node.pem"
+
+    @property
+    def node_tls_key(self) -> Path:
+        return self.tls_dir / "node.key"
+
+    @property
+    def analysts_dir(self) -> Path:
+        return self.dir / "analysts"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def node_config(self) -> Path:
+        return self.dir / "node.toml"
+
+    @property
+    def profile(self) -> Path:
+        return self.dir / "profile.toml"
+
+    def signing_key(self, subject: str) -> Path:
+        return self.analysts_dir / f"{subject}.key"
+
+    def credential(self, subject: str) -> Path:
+        return self.analysts_dir / f"{subject}.cred"
+
+    def client_cert(self, subject: str) -> Path:
+        return self.analysts_dir / f"{subject}.tls.pem"
+
+    def client_key(self, subject: str) -> Path:
+        return self.analysts_dir / f"{subject}.tls.key"
+
+    def subject_profile(self, subject: str) -> Path:
+        return self.analysts_dir / f"{subject}.toml"
+
+
+@dataclass(frozen=True)
+class AgencyMaterial:
+    """One agency's keys as made by `make_agency`, and its genesis Member entry."""
+
+    agency: str
+    paths: AgencyPaths
+    root: SigningKey
+    node_key: SigningKey
+    data_key: DataKey
+    tls_ca: tls.TlsIdentity
+    node_tls: tls.TlsIdentity
+    member: identity_pb2.Member
+
+
+@dataclass(frozen=True)
+class IdentityMaterial:
+    """An analyst's or automation's key, credential and TLS client certificate."""
+
+    subject: str
+    roles: tuple[str, ...]
+    key: SigningKey
+    credential: identity_pb2.SignedCredential
+    tls: tls.TlsIdentity
+
+
+@dataclass(frozen=True)
+class AgencyLayout:
+    agency: str
+    dir: Path
+    node_config: Path
+    profile: Path
+    grpc_address: str
+    metrics_address: str
+
+
+@dataclass(frozen=True)
+class NetworkLayout:
+    """What `init_network` wrote, with paths under the final out_dir."""
+
+    out_dir: Path
+    chain_id: str
+    genesis: Path
+    genesis_json: Path
+    genesis_hash: bytes
+    agencies: tuple[AgencyLayout, ...]
+
+
+# -- validation ------------------------------------------------------------------------
+
+def validate_agencies(agencies: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(agencies)
+    if not names:
+        raise MalformedInput("at least one agency is needed")
+    if len(names) > AGENCIES_MAX:
+        raise MalformedInput(f"at most {AGENCIES_MAX} agencies")
+    for name in names:
+        if not AGENCY_PATTERN.match(name):
+            raise MalformedInput(
+                f"invalid agency name {name!r}: lowercase letter, then 1-30 of a-z, 0-9, '-'")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MalformedInput(f"agency named twice: {', '.join(dupes)}")
+    return names
+
+
+def validate_chain_id(chain_id: str) -> str:
+    if not CHAIN_ID_PATTERN.match(chain_id):
+        raise MalformedInput(
+            f"invalid chain id {chain_id!r}: 1-64 of A-Z, a-z, 0-9, '.', '_', '-'")
+    return chain_id
+
+
+def validate_host(host: str) -> str:
+    """A host peers can dial: a DNS name or a specific IP address."""
+    tls.general_name(host)
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            raise MalformedInput(f"host {host!r} is not an address peers can dial")
+    except ValueError:
+        pass
+    return host
+
+
+def new_chain_id() -> str:
+    return CHAIN_ID_PREFIX + secrets.token_hex(4)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _datetime(ms: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+# -- the steps -------------------------------------------------------------------------
+
+def make_agency(dir: Path, agency: str, host: str, port: int, *,
+                display_name: str | None = None, now_ms: int | None = None) -> AgencyMaterial:
+    """Make one agency's root, node and data keys, TLS CA and node certificate under
+    `dir` (created; must not exist), and its genesis Member entry at host:port."""
+    validate_agencies([agency])
+    validate_host(host)
+    if not 1 <= port <= 65535:
+        raise MalformedInput(f"port {port} out of range")
+    now = _datetime(_now_ms() if now_ms is None else now_ms)
+    paths = AgencyPaths(dir)
+    if dir.exists():
+        raise AlreadyExists(f"{dir} already exists")
+    _mkdir(dir)
+    _mkdir(paths.keys_dir)
+    _mkdir(paths.tls_dir)
+
+    root, node_key, data_key = SigningKey.generate(), SigningKey.generate(), DataKey.generate()
+    write_private(paths.root_key, root.to_pem())
+    write_private(paths.node_key, node_key.to_pem())
+    write_private(paths.data_key, data_key.to_pem())
+
+    ca = tls.create_ca(agency, now)
+    node_tls = tls.issue_node_certificate(ca, agency, [host], now)
+    tls.write_identity(ca, paths.ca_cert, paths.ca_key)
+    tls.write_identity(node_tls, paths.node_cert, paths.node_tls_key)
+
+    member = identity_pb2.Member(
+        agency=agency,
+        display_name=display_name or DISPLAY_NAMES.get(agency, agency),
+        root_public_key=root.public_key,
+        node_public_key=node_key.public_key,
+        data_public_key=data_key.public_key,
+        tls_ca_certificate=ca.cert_der,
+        address=format_address(host, port),
+    )
+    return AgencyMaterial(agency, paths, root, node_key, data_key, ca, node_tls, member)
+
+
+def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
+                     specs: Sequence[IdentitySpec] = DEFAULT_IDENTITIES,
+                     validity_ms: int = CREDENTIAL_VALIDITY_MS) -> tuple[IdentityMaterial, ...]:
+    """Make each identity's signing key, its credential (signed by the agency root, valid
+    `validity_ms` from `now_ms`) and its TLS client certificate, under analysts/."""
+    paths = material.paths
+    if not paths.analysts_dir.exists():
+        _mkdir(paths.analysts_dir)
+    validity_days = max(1, validity_ms // (24 * 3600 * 1000))
+    out: list[IdentityMaterial] = []
+    for spec in specs:
+        key = SigningKey.generate()
+        credential = issue_credential(chain_id, material.agency, spec.subject, key.public_key,
+                                      spec.roles, now_ms, now_ms + validity_ms, material.root)
+        client = tls.issue_client_certificate(material.tls_ca, material.agency, spec.subject,
+                                              _datetime(now_ms), validity_days)
+        write_private(paths.signing_key(spec.subject), key.to_pem())
+        _write_public(paths.credential(spec.subject),
+                      credential.SerializeToString(deterministic=True))
+        tls.write_identity(client, paths.client_cert(spec.subject),
+                           paths.client_key(spec.subject))
+        out.append(IdentityMaterial(spec.subject, spec.roles, key, credential, client))
+    return tuple(out)
+
+
+def write_agency_configs(material: AgencyMaterial, identities: Sequence[IdentityMaterial],
+                         genesis: identity_pb2.Genesis, genesis_path: Path,
+                         listen_grpc: str, listen_metrics: str,
+                         log_level: str = "info") -> NodeConfig:
+    """Write node.toml, profile.toml (for analyst-1, or the first identity) and a profile
+    per identity under analysts/, and create the empty data folder."""
+    paths = material.paths
+    if not paths.data_dir.exists():
+        _mkdir(paths.data_dir)
+    params = genesis.params
+    config = NodeConfig(
+        agency=material.agency,
+        node_id=material.agency,
+        paths=NodePaths(data_dir=paths.data_dir, genesis=genesis_path,
+                        node_key=paths.node_key, data_key=paths.data_key,
+                        tls_cert=paths.node_cert, tls_key=paths.node_tls_key,
+                        trust_bundle=None),
+        listen_grpc=listen_grpc,
+        listen_metrics=listen_metrics,
+        block=BlockCutting(tx_max=params.block_tx_max, bytes_max=params.block_bytes_max,
+                           interval_ms=params.block_interval_ms),
+        peers={m.agency: m.address for m in genesis.members if m.agency != material.agency},
+        log_level=log_level,
+    )
+    config.check_against(genesis)
+    write_node_config(paths.node_config, config)
+
+    default_subject = (PROFILE_SUBJECT if any(i.subject == PROFILE_SUBJECT for i in identities)
+                       else identities[0].subject if identities else None)
+    for identity in identities:
+        profile = Profile(
+            agency=material.agency, subject=identity.subject, node=material.member.address,
+            tls_cert=paths.client_cert(identity.subject),
+            tls_key=paths.client_key(identity.subject),
+            ca_bundle=paths.ca_cert, signing_key=paths.signing_key(identity.subject),
+            credential=paths.credential(identity.subject))
+        write_profile(paths.subject_profile(identity.subject), profile)
+        if identity.subject == default_subject:
+            write_profile(paths.profile, profile)
+    return config
+
+
+def genesis_description(signed: identity_pb2.SignedGenesis) -> dict[str, Any]:
+    """A human-readable account of genesis, for people; genesis.pb is what is trusted."""
+    genesis = verify_genesis(signed)
+    p = genesis.params
+    members = []
+    for m in genesis.members:
+        ca = tls.load_certificate(bytes(m.tls_ca_certificate))
+        members.append({
+            "agency": m.agency,
+            "display_name": m.display_name,
+            "address": m.address,
+            "root_public_key": bytes(m.root_public_key).hex(),
+            "node_public_key": bytes(m.node_public_key).hex(),
+            "data_public_key": bytes(m.data_public_key).hex(),
+            "tls_ca_sha256": tls.fingerprint_sha256(ca),
+            "tls_ca_subject": ca.subject.rfc4514_string(),
+        })
+    credentials = []
+    for signed_cred in genesis.credentials:
+        cred = parse_credential(signed_cred)
+        credentials.append({
+            "agency": cred.agency,
+            "subject": cred.subject,
+            "roles": list(cred.roles),
+            "public_key": bytes(cred.public_key).hex(),
+            "not_before_ms": cred.not_before_ms,
+            "not_after_ms": cred.not_after_ms,
+            "issuer_key_id": bytes(cred.issuer_key_id).hex(),
+        })
+    return {
+        "note": "description only; genesis.pb is the signed, authoritative genesis",
+        "chain_id": genesis.chain_id,
+        "created_at_ms": genesis.created_at_ms,
+        "genesis_hash": genesis_hash(signed).hex(),
+        "params": {
+            "admission_window_ms": p.admission_window_ms,
+            "envelope_bytes_max": p.envelope_bytes_max,
+            "block_tx_max": p.block_tx_max,
+            "block_bytes_max": p.block_bytes_max,
+            "block_interval_ms": p.block_interval_ms,
+            "query_deadline_ms": p.query_deadline_ms,
+        },
+        "members": members,
+        "credentials": credentials,
+        "policies": len(genesis.policies),
+        "signatures": [{"agency": s.agency, "key_id": bytes(s.key_id).hex()}
+                       for s in signed.signatures],
+    }
+
+
+# -- the whole network -----------------------------------------------------------------
+
+def _check_target(out_dir: Path, overwrite: bool) -> bool:
+    """Whether out_dir holds something to replace; refuse unless it may be replaced."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return False
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise AlreadyExists(f"{out_dir} exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return False
+    if not overwrite:
+        raise AlreadyExists(f"{out_dir} already exists (use --force to replace it)")
+    if not (out_dir / GENESIS_FILE).is_file():
+        raise AlreadyExists(
+            f"{out_dir} is not empty and holds no {GENESIS_FILE}; refusing to replace it")
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, host: str,
+           now_ms: int) -> tuple[identity_pb2.SignedGenesis, list[tuple[str, str]]]:
+    materials: list[AgencyMaterial] = []
+    listen: list[tuple[str, str]] = []
+    for i, agency in enumerate(agencies):
+        grpc_port = base_port + PORT_STRIDE * i
+        materials.append(make_agency(work / agency, agency, host, grpc_port, now_ms=now_ms))
+        listen.append((format_address(host, grpc_port),
+                       format_address(host, grpc_port + METRICS_PORT_OFFSET)))
+    identities = [issue_identities(m, chain_id, now_ms) for m in materials]
+    credentials = [i.credential for ids in identities for i in ids]
+    genesis_bytes = build_genesis(chain_id, now_ms, [m.member for m in materials],
+                                  credentials, params=DEFAULT_PARAMS)
+    signed = assemble_genesis(genesis_bytes, chain_id, {m.agency: m.root for m in materials})
+    genesis = verify_genesis(signed)
+    genesis_path = work / GENESIS_FILE
+    _write_public(genesis_path, signed.SerializeToString(deterministic=True))
+    description = json.dumps(genesis_description(signed), indent=2, sort_keys=False)
+    _write_public(work / GENESIS_JSON_FILE, (description + "\n").encode())
+    for material, ids, (grpc_addr, metrics_addr) in zip(materials, identities, listen,
+                                                         strict=True):
+        write_agency_configs(material, ids, genesis, genesis_path, grpc_addr, metrics_addr)
+    return signed, listen
+
+
+def init_network(out_dir: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
+                 chain_id: str | None = None, base_port: int = 7100,
+                 host: str = "127.0.0.1", overwrite: bool = False,
+                 now_ms: int | None = None) -> NetworkLayout:
+    """Write a whole local network under `out_dir`: genesis signed by every member,
+    each agency's keys, TLS material, credentials, node config and profile.
+
+    Refuses (AlreadyExists) when out_dir is not empty unless `overwrite`; even then only
+    a folder holding a genesis is replaced. Everything is written into a temporary
+    folder beside out_dir and renamed into place at the end, so a failure leaves
+    out_dir as it was.
+    """
+    names = validate_agencies(agencies)
+    chain = validate_chain_id(chain_id if chain_id is not None else new_chain_id())
+    validate_host(host)
+    last_port = base_port + PORT_STRIDE * (len(names) - 1) + METRICS_PORT_OFFSET
+    if base_port < 1 or last_port > 65535:
+        raise MalformedInput(f"ports {base_port}..{last_port} do not fit in 1..65535")
+    created_ms = _now_ms() if now_ms is None else now_ms
+
+    out_dir = Path(os.path.normpath(out_dir.absolute()))
+    replace = _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.init-", dir=out_dir.parent))
+    try:
+        os.chmod(work, DIR_MODE)
+        signed, listen = _build(work, names, chain, base_port, host, created_ms)
+        _fsync_tree(work)
+        _swap_into_place(work, out_dir, replace)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _fsync_dir(out_dir.parent)
+
+    return NetworkLayout(
+        out_dir=out_dir, chain_id=chain, genesis=out_dir / GENESIS_FILE,
+        genesis_json=out_dir / GENESIS_JSON_FILE, genesis_hash=genesis_hash(signed),
+        agencies=tuple(
+            AgencyLayout(agency=a, dir=out_dir / a,
+                         node_config=AgencyPaths(out_dir / a).node_config,
+                         profile=AgencyPaths(out_dir / a).profile,
+                         grpc_address=g, metrics_address=m)
+            for a, (g, m) in zip(names, listen, strict=True)))
+
+
+def _swap_into_place(work: Path, out_dir: Path, replace: bool) -> None:
+    if not replace:
+        try:
+            # Replaces out_dir only if it is missing or an empty folder.
+            os.rename(work, out_dir)
+        except OSError as exc:
+            raise AlreadyExists(f"{out_dir} appeared while the network was written") from exc
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rename(out_dir, old)
+    try:
+        os.rename(work, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+

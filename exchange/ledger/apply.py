@@ -1,0 +1,110 @@
+"""Applying blocks to a store: the path every node runs for every committed block.
+
+`LedgerApplier` checks a block completely (form, link, Merkle root, every signature),
+judges each transaction against the ledger state, stores the block with its result
+codes, and signs this node's attestation. The verification here is the same code
+`exchange chain verify` and the evidence verifier run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from exchange.identity.keys import CachedSigner
+from exchange.identity.registry import KeyRegistry
+from exchange.identity.registry import REGISTRY_KINDS
+from exchange.ledger.block import (
+    RESULT_OK,
+    CheckedBlock,
+    open_envelope,
+    attest,
+    build_block,
+    check_block,
+    results_root,
+)
+from exchange.ledger.judge import judge_block
+from exchange.ledger.store import BlockStore
+from exchange.ledger.verify import check_attestations, proposer_key_lookup
+from exchange.v1 import ledger_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The outcome of applying one block."""
+
+    checked: CheckedBlock
+    codes: tuple[str, ...]
+    attestation: ledger_pb2.Attestation | None
+
+
+class LedgerApplier:
+    """Owns a store and the key registry that matches its tip."""
+
+    def __init__(self, store: BlockStore, agency: str | None = None,
+                 node_signer: CachedSigner | None = None) -> None:
+        self.store = store
+        self.agency = agency
+        self.node_signer = node_signer
+        self.registry = KeyRegistry(store.signed_genesis)
+        self.chain_id = self.registry.chain_id
+        self._proposer_key = proposer_key_lookup(self.registry)
+        self._replay()
+
+    def _replay(self) -> None:
+        """Rebuild the registry from the store's own (already verified) blocks: only the
+        transactions that change keys, as judged when they were applied."""
+        for height in range(1, self.store.height + 1):
+            for raw, code in zip(self.store.envelopes(height), self.store.results(height),
+                                 strict=True):
+                if code != RESULT_OK:
+                    continue
+                opened = open_envelope(raw, self.chain_id)
+                if opened.kind in REGISTRY_KINDS:
+                    signer = self.registry.resolve(opened.signer_key_id)
+                    self.registry.apply(opened.body, signer, height)
+
+    def check(self, block: ledger_pb2.Block, height: int | None = None,
+              prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
+        """Stateless checks of the next block (what a follower does before acking)."""
+        return check_block(
+            block, self.chain_id,
+            self.store.height + 1 if height is None else height,
+            self.store.tip_hash if prev_hash is None else prev_hash,
+            self.store.tip_timestamp_ms if prev_ts is None else prev_ts,
+            self._proposer_key, lambda kid: self.registry.resolve(kid).public_key)
+
+    def apply(self, block: ledger_pb2.Block) -> Applied:
+        """Check, judge, store and attest the next block."""
+        checked = self.check(block)
+        codes = judge_block(self.registry, checked, self.store.has_tx)
+        stored = ledger_pb2.Block(header=block.header,
+                                  proposer_signature=block.proposer_signature,
+                                  envelopes=block.envelopes)
+        self.store.append(stored, codes)
+        height = checked.header.height
+        attestation = None
+        if self.node_signer is not None and self.agency is not None:
+            attestation = attest(self.chain_id, self.agency, height, checked.hash, codes,
+                                 self.node_signer)
+            self.store.add_attestations([attestation])
+        return Applied(checked, tuple(codes), attestation)
+
+    def receive_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
+        """Verify and keep other members' attestations of blocks this node holds."""
+        good: list[ledger_pb2.Attestation] = []
+        for att in attestations:
+            if not 1 <= att.height <= self.store.height:
+                continue
+            root = results_root(self.store.results(att.height))
+            check_attestations(self.registry, att.height, self.store.block_hash_at(att.height),
+                               root, [att])
+            good.append(att)
+        return self.store.add_attestations(good)
+
+    def cut(self, envelopes: Sequence[bytes], timestamp_ms: int, signer: CachedSigner,
+            proposer: str, raft_term: int = 0, raft_index: int = 0) -> ledger_pb2.Block:
+        """Build the next block on this store's tip (the leader's part)."""
+        return build_block(self.chain_id, self.store.height + 1, self.store.tip_hash,
+                           envelopes, max(timestamp_ms, self.store.tip_timestamp_ms),
+                           proposer, signer, raft_term, raft_index)

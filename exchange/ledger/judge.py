@@ -1,0 +1,57 @@
+"""Deterministic judgement of each transaction of a checked block (decision 3).
+
+A block that passed `check_block` is well formed and every envelope is signed by the
+key it names. What depends on ledger state is judged here, identically on every node
+and in every offline verifier: is the signer's credential valid at this height and
+time, does the body's agency match its signer, is the body's time within the window
+of the block's timestamp, has this tx id been seen before. A transaction that fails
+stays in the block with its reason code; the codes' Merkle root is what attestations
+sign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from exchange.errors import ExchangeError
+from exchange.identity.registry import KeyRegistry
+from exchange.ledger.block import RESULT_OK, CheckedBlock
+
+CODE_DUPLICATE = "DUPLICATE_TX"
+CODE_SIGNER = "SIGNER_NOT_VALID"
+CODE_AGENCY = "AGENCY_MISMATCH"
+CODE_TIME = "TIME_OUT_OF_WINDOW"
+CODE_REJECTED = "REJECTED"
+
+
+def judge_block(registry: KeyRegistry, checked: CheckedBlock,
+                seen: Callable[[bytes], bool]) -> list[str]:
+    """Result code of every transaction of `checked`, advancing `registry` by the valid
+    ones. `seen(tx_id)` says whether an earlier block holds the tx id."""
+    height = checked.header.height
+    timestamp_ms = checked.header.timestamp_ms
+    window_ms = registry.genesis.params.admission_window_ms
+    in_block: set[bytes] = set()
+    codes: list[str] = []
+    for env in checked.envelopes:
+        code = RESULT_OK
+        if env.tx_id in in_block or seen(env.tx_id):
+            code = CODE_DUPLICATE
+        else:
+            try:
+                signer = registry.check_signer(env.signer_key_id, height, timestamp_ms)
+            except ExchangeError:
+                code = CODE_SIGNER
+            else:
+                if signer.agency != env.body.agency:
+                    code = CODE_AGENCY
+                elif window_ms and abs(env.body.created_at_ms - timestamp_ms) > window_ms:
+                    code = CODE_TIME
+                else:
+                    try:
+                        registry.apply(env.body, signer, height)
+                    except ExchangeError:
+                        code = CODE_REJECTED
+        in_block.add(env.tx_id)
+        codes.append(code)
+    return codes

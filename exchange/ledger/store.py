@@ -1,0 +1,293 @@
+"""The block store: blocks, their transactions and attestations in SQLite.
+
+WAL journal with synchronous=FULL: a block is durable when `append` returns, and a
+crash mid-append leaves the store at the previous block (SQLite's atomic commit). The
+store holds exactly the bytes that were hashed and signed; hashes and ids kept beside
+them are indexes, which `exchange chain verify` recomputes and compares.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from exchange.errors import ChainBroken, MalformedInput, StoreCorrupted
+from exchange.identity.genesis import genesis_hash
+from exchange.ledger.block import block_hash, parse_header, tx_id
+from exchange.v1 import identity_pb2, ledger_pb2
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL,
+    header BLOB NOT NULL,
+    proposer_signature BLOB NOT NULL,
+    tx_count INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    raft_index INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS txs (
+    height INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    tx_id BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    result TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (height, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS txs_by_id ON txs (tx_id);
+CREATE TABLE IF NOT EXISTS attestations (
+    height INTEGER NOT NULL,
+    agency TEXT NOT NULL,
+    signer_key_id BLOB NOT NULL,
+    block_hash BLOB NOT NULL,
+    results_root BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (height, agency, signer_key_id)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTx:
+    tx_id: bytes
+    height: int
+    index: int
+    envelope: bytes
+    result: str
+
+
+class BlockStore:
+    """Append-only block storage. One writer; readers may use other threads."""
+
+    def __init__(self, path: Path, signed_genesis: identity_pb2.SignedGenesis) -> None:
+        self.path = path
+        self.signed_genesis = signed_genesis
+        self.genesis_hash = genesis_hash(signed_genesis)
+        self._lock = threading.RLock()
+        self._db = _connect(path)
+        self._tip_height, self._tip_hash, self._tip_timestamp_ms = self._read_tip()
+
+    @classmethod
+    def create(cls, path: Path, signed_genesis: identity_pb2.SignedGenesis) -> BlockStore:
+        """Open the store at `path`, creating it for `signed_genesis` if absent; an
+        existing store must hold the same genesis."""
+        db = _connect(path)
+        try:
+            with db:
+                db.executescript(_SCHEMA)
+                row = db.execute("SELECT value FROM meta WHERE key='genesis'").fetchone()
+                raw = signed_genesis.SerializeToString(deterministic=True)
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('genesis', ?)", (raw,))
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                elif genesis_hash(_parse_genesis(row[0])) != genesis_hash(signed_genesis):
+                    raise ChainBroken(f"{path} belongs to another network (genesis differs)")
+        finally:
+            db.close()
+        return cls(path, signed_genesis)
+
+    @classmethod
+    def open(cls, path: Path) -> BlockStore:
+        """Open an existing store with the genesis it holds."""
+        if not path.exists():
+            raise FileNotFoundError(2, "no block store", str(path))
+        db = _connect(path)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='genesis'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupted(f"{path} is not a block store: {exc}") from exc
+        finally:
+            db.close()
+        if row is None:
+            raise StoreCorrupted(f"{path} holds no genesis")
+        return cls(path, _parse_genesis(row[0]))
+
+    def signed_genesis_chain_id(self) -> str:
+        return identity_pb2.Genesis.FromString(self.signed_genesis.genesis).chain_id
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------
+    @property
+    def height(self) -> int:
+        return self._tip_height
+
+    @property
+    def tip_hash(self) -> bytes:
+        return self._tip_hash
+
+    @property
+    def tip_timestamp_ms(self) -> int:
+        return self._tip_timestamp_ms
+
+    def append(self, block: ledger_pb2.Block, results: Sequence[str] | None = None) -> bytes:
+        """Append the next block (its header must extend the tip). Returns its hash."""
+        return self.append_many([(block, results)])[-1]
+
+    def append_many(self, blocks: Sequence[tuple[ledger_pb2.Block, Sequence[str] | None]]
+                    ) -> list[bytes]:
+        """Append several blocks in one SQLite transaction (one fsync)."""
+        hashes: list[bytes] = []
+        with self._lock:
+            height, prev, prev_ts = self._tip_height, self._tip_hash, self._tip_timestamp_ms
+            rows_b, rows_t, rows_a = [], [], []
+            for block, results in blocks:
+                header = parse_header(block.header, height + 1)
+                if header.height != height + 1 or bytes(header.prev_hash) != prev:
+                    raise ChainBroken(f"block {header.height} does not extend the tip "
+                                      f"at height {height}")
+                envs = list(block.envelopes)
+                if results is not None and len(results) != len(envs):
+                    raise MalformedInput("one result per transaction")
+                hash_ = block_hash(block.header)
+                height, prev, prev_ts = header.height, hash_, header.timestamp_ms
+                rows_b.append((height, hash_, block.header, block.proposer_signature,
+                               len(envs), header.timestamp_ms, header.raft_index))
+                for idx, raw in enumerate(envs):
+                    env = ledger_pb2.Envelope()
+                    env.ParseFromString(raw)
+                    rows_t.append((height, idx, tx_id(env.body), raw,
+                                   results[idx] if results is not None else ""))
+                rows_a.extend(_attestation_row(a) for a in block.attestations)
+                hashes.append(hash_)
+            with self._db:
+                self._db.executemany("INSERT INTO blocks VALUES (?,?,?,?,?,?,?)", rows_b)
+                self._db.executemany("INSERT INTO txs VALUES (?,?,?,?,?)", rows_t)
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO attestations VALUES (?,?,?,?,?,?)", rows_a)
+            self._tip_height, self._tip_hash, self._tip_timestamp_ms = height, prev, prev_ts
+        return hashes
+
+    def set_results(self, height: int, results: Sequence[str]) -> None:
+        """Record the result codes of a block's transactions after applying it."""
+        with self._lock, self._db:
+            self._db.executemany("UPDATE txs SET result=? WHERE height=? AND idx=?",
+                                 [(code, height, i) for i, code in enumerate(results)])
+
+    def add_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
+        """Keep attestations (already verified by the caller). Returns how many were new."""
+        with self._lock, self._db:
+            before = self._db.total_changes
+            self._db.executemany("INSERT OR IGNORE INTO attestations VALUES (?,?,?,?,?,?)",
+                                 [_attestation_row(a) for a in attestations])
+            return self._db.total_changes - before
+
+    # -- reading -------------------------------------------------------------------
+    def header(self, height: int) -> tuple[bytes, bytes]:
+        """(header bytes, proposer signature) of a block."""
+        row = self._one("SELECT header, proposer_signature FROM blocks WHERE height=?", height)
+        return bytes(row[0]), bytes(row[1])
+
+    def block_hash_at(self, height: int) -> bytes:
+        return bytes(self._one("SELECT hash FROM blocks WHERE height=?", height)[0])
+
+    def envelopes(self, height: int) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT envelope FROM txs WHERE height=? ORDER BY idx", (height,)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def results(self, height: int) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT result FROM txs WHERE height=? ORDER BY idx", (height,)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def block(self, height: int, with_attestations: bool = True) -> ledger_pb2.Block:
+        header, sig = self.header(height)
+        block = ledger_pb2.Block(header=header, proposer_signature=sig,
+                                 envelopes=self.envelopes(height))
+        if with_attestations:
+            block.attestations.extend(self.attestations(height))
+        return block
+
+    def blocks(self, start: int = 1, end: int | None = None) -> Iterator[ledger_pb2.Block]:
+        last = self._tip_height if end is None else min(end, self._tip_height)
+        for height in range(start, last + 1):
+            yield self.block(height)
+
+    def attestations(self, height: int) -> list[ledger_pb2.Attestation]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agency, signer_key_id, block_hash, results_root, signature "
+                "FROM attestations WHERE height=? ORDER BY agency, signer_key_id",
+                (height,)).fetchall()
+        return [ledger_pb2.Attestation(agency=r[0], signer_key_id=r[1], height=height,
+                                       block_hash=r[2], results_root=r[3], signature=r[4])
+                for r in rows]
+
+    def tx(self, tx_id_: bytes) -> StoredTx | None:
+        """The first (valid) occurrence of a transaction id."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT height, idx, envelope, result FROM txs WHERE tx_id=? "
+                "ORDER BY (result != 'OK'), height, idx LIMIT 1", (tx_id_,)).fetchone()
+        if row is None:
+            return None
+        return StoredTx(tx_id_, int(row[0]), int(row[1]), bytes(row[2]), str(row[3]))
+
+    def has_tx(self, tx_id_: bytes, below_height: int | None = None) -> bool:
+        with self._lock:
+            if below_height is None:
+                row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? LIMIT 1",
+                                       (tx_id_,)).fetchone()
+            else:
+                row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? AND height<? LIMIT 1",
+                                       (tx_id_, below_height)).fetchone()
+        return row is not None
+
+    def raw_rows(self, height: int) -> tuple[bytes, list[bytes]]:
+        """The stored hash and tx ids of a block, as indexed (for verification)."""
+        stored_hash = self.block_hash_at(height)
+        with self._lock:
+            rows = self._db.execute("SELECT tx_id FROM txs WHERE height=? ORDER BY idx",
+                                    (height,)).fetchall()
+        return stored_hash, [bytes(r[0]) for r in rows]
+
+    def _one(self, sql: str, height: int) -> tuple[object, ...]:
+        with self._lock:
+            row = self._db.execute(sql, (height,)).fetchone()
+        if row is None:
+            raise KeyError(f"no block at height {height}")
+        return tuple(row)
+
+    def _read_tip(self) -> tuple[int, bytes, int]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT height, hash, timestamp_ms FROM blocks ORDER BY height DESC LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return 0, self.genesis_hash, 0
+        return int(row[0]), bytes(row[1]), int(row[2])
+
+
+def _attestation_row(a: ledger_pb2.Attestation) -> tuple[object, ...]:
+    return (a.height, a.agency, bytes(a.signer_key_id), bytes(a.block_hash),
+            bytes(a.results_root), bytes(a.signature))
+
+
+def _parse_genesis(raw: bytes) -> identity_pb2.SignedGenesis:
+    signed = identity_pb2.SignedGenesis()
+    signed.ParseFromString(raw)
+    return signed
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
