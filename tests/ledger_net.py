@@ -51,13 +51,14 @@ def probe(net: Net, agency: str, payload: bytes = b"x" * 900, at_ms: int | None 
 
 
 def write_chain(net: Net, path: Path, blocks: int, txs_per_block: int = 3,
-                proposer: str = "tax") -> BlockStore:
+                proposer: str = "tax", payload_size: int = 200) -> BlockStore:
     """A store with `blocks` blocks, each attested by every member."""
     store = BlockStore.create(path, net.signed_genesis)
     applier = LedgerApplier(store)
     agencies = list(net.nodes)
     for h in range(blocks):
-        envs = [probe(net, agencies[(h + i) % len(agencies)], f"tx {h}.{i}".encode() * 20)
+        envs = [probe(net, agencies[(h + i) % len(agencies)],
+                      f"tx {h}.{i} ".encode().ljust(payload_size, b".")[:payload_size])
                 for i in range(txs_per_block)]
         block = applier.cut(envs, int(time.time() * 1000), net.nodes[proposer], proposer,
                             raft_term=1, raft_index=h + 2)

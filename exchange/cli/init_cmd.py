@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from exchange.cli.output import emit_json
 from exchange.identity.network import DEFAULT_AGENCIES, init_network
 
 
@@ -26,12 +27,24 @@ def _agency_list(text: str) -> list[str]:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Host the nodes listen on and peers dial (also put in node certificates).")
 @click.option("--force", is_flag=True, help="Replace an existing network in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def init(out_dir: Path, agencies: str, chain_id: str | None, base_port: int, host: str,
-         force: bool) -> None:
+         force: bool, as_json: bool) -> None:
     """Write a local network: genesis signed by every member, and per agency its keys,
     TLS CA and certificates, analyst credentials, node.toml and profile.toml."""
     layout = init_network(out_dir, _agency_list(agencies), chain_id=chain_id,
                           base_port=base_port, host=host, overwrite=force)
+    if as_json:
+        emit_json({
+            "chain_id": layout.chain_id,
+            "out_dir": str(layout.out_dir),
+            "genesis": str(layout.genesis),
+            "genesis_hash": layout.genesis_hash.hex(),
+            "agencies": [{"agency": a.agency, "grpc": a.grpc_address,
+                          "metrics": a.metrics_address, "node_config": str(a.node_config),
+                          "profile": str(a.profile)} for a in layout.agencies],
+        })
+        return
     click.echo(f"chain id     {layout.chain_id}")
     click.echo(f"genesis      {layout.genesis} (sha256 {layout.genesis_hash.hex()[:16]}...)")
     click.echo(f"agencies     {', '.join(a.agency for a in layout.agencies)}")

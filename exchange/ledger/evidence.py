@@ -341,10 +341,16 @@ def summarize(body: ledger_pb2.TxBody) -> dict[str, object]:
         if fd.message_type is not None:
             continue
         if fd.type == fd.TYPE_BYTES:
-            out[fd.name] = [bytes(v).hex() for v in value] if fd.is_repeated \
-                else bytes(value).hex()
+            out[fd.name] = [_short_hex(v) for v in value] if fd.is_repeated \
+                else _short_hex(value)
         elif fd.is_repeated:
             out[fd.name] = list(value)
         else:
             out[fd.name] = value
     return out
+
+
+def _short_hex(value: bytes, limit: int = 32) -> str:
+    raw = bytes(value)
+    text = raw[:limit].hex()
+    return text + (f"... ({len(raw)} bytes)" if len(raw) > limit else "")

@@ -258,6 +258,12 @@ class BlockStore:
                                     (height,)).fetchall()
         return stored_hash, [bytes(r[0]) for r in rows]
 
+    def index_columns(self, height: int) -> tuple[int, int, int]:
+        """(tx_count, timestamp_ms, raft_index) as indexed beside the header."""
+        row = self._one("SELECT tx_count, timestamp_ms, raft_index FROM blocks WHERE height=?",
+                        height)
+        return int(row[0]), int(row[1]), int(row[2])  # type: ignore[call-overload]
+
     def _one(self, sql: str, height: int) -> tuple[object, ...]:
         with self._lock:
             row = self._db.execute(sql, (height,)).fetchone()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from exchange.errors import ChainBroken, ExchangeError
 from exchange.identity.registry import KeyRegistry
-from exchange.ledger.block import BlockInvalid, check_block, results_root, verify_attestation
+from exchange.ledger.block import BlockInvalid, CheckedBlock, check_block, results_root, verify_attestation
 from exchange.ledger.judge import judge_block
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2
@@ -91,6 +91,7 @@ def verify_store(store: BlockStore) -> ChainReport:
                                   proposer_key, lambda kid: registry.resolve(kid).public_key)
             if stored_hash != checked.hash:
                 raise BlockInvalid(height, "stored block hash does not match the header")
+            _check_index_columns(store, height, checked)
             for index, env in enumerate(checked.envelopes):
                 if stored_ids[index] != env.tx_id:
                     raise BlockInvalid(height, f"envelope {index}: indexed tx id does not "
@@ -121,3 +122,15 @@ def verify_store(store: BlockStore) -> ChainReport:
         report.bad_height = report.height + 1
         report.error = f"height {report.height + 1}: unreadable: {exc}"
     return report
+
+
+def _check_index_columns(store: BlockStore, height: int, checked: CheckedBlock) -> None:
+    """The store's index columns must agree with the header they were taken from."""
+    tx_count, timestamp_ms, raft_index = store.index_columns(height)
+    header = checked.header
+    for name, stored, actual in (("tx_count", tx_count, header.tx_count),
+                                 ("timestamp_ms", timestamp_ms, header.timestamp_ms),
+                                 ("raft_index", raft_index, header.raft_index)):
+        if stored != actual:
+            raise BlockInvalid(height, f"stored {name} {stored} does not match the header "
+                                       f"({actual})")
