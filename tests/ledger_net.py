@@ -3,12 +3,13 @@ helper that writes blocks to a store the way every node applies them."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from exchange.identity.genesis import assemble_genesis, build_genesis, issue_credential
-from exchange.identity.keys import CachedSigner, DataKey, SigningKey
+from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import attest, new_body, seal_envelope
 from exchange.ledger.store import BlockStore
@@ -27,17 +28,24 @@ class Net:
     credentials: dict[str, identity_pb2.SignedCredential] = field(default_factory=dict)
 
 
-def make_net(agencies: tuple[str, ...] = AGENCIES, chain_id: str = "test-chain") -> Net:
-    now = int(time.time() * 1000)
-    roots = {a: SigningKey.generate() for a in agencies}
-    nodes = {a: CachedSigner(SigningKey.generate()) for a in agencies}
-    analysts = {a: CachedSigner(SigningKey.generate()) for a in agencies}
+def make_net(agencies: tuple[str, ...] = AGENCIES, chain_id: str = "test-chain",
+             seed: int | None = None) -> Net:
+    """A network with fresh keys; with a seed, the same network every time."""
+    rng = random.Random(seed)
+
+    def key() -> SigningKey:
+        return SigningKey(rng.randbytes(32)) if seed is not None else SigningKey.generate()
+
+    now = 1_790_000_000_000 if seed is not None else int(time.time() * 1000)
+    roots = {a: key() for a in agencies}
+    nodes = {a: CachedSigner(key()) for a in agencies}
+    analysts = {a: CachedSigner(key()) for a in agencies}
     members = [identity_pb2.Member(
         agency=a, display_name=a.upper(), root_public_key=roots[a].public_key,
-        node_public_key=nodes[a].public_key, data_public_key=DataKey.generate().public_key,
+        node_public_key=nodes[a].public_key, data_public_key=key().public_key,
         tls_ca_certificate=b"", address=f"127.0.0.1:{7100 + i}") for i, a in enumerate(agencies)]
     creds = {a: issue_credential(chain_id, a, "analyst-1", analysts[a].public_key, ["analyst"],
-                                 now - 3_600_000, now + 365 * 86_400_000, roots[a])
+                                 now - 3_600_000, now + 20 * 365 * 86_400_000, roots[a])
              for a in agencies}
     raw = build_genesis(chain_id, now, members, credentials=creds.values())
     return Net(chain_id, assemble_genesis(raw, chain_id, roots), roots, nodes, analysts, creds)

@@ -104,10 +104,11 @@ def test_transaction_outside_bundled_headers_is_refused(chain) -> None:  # type:
 
 def test_reveal_is_checked_against_the_commitment(tmp_path: Path) -> None:
     net = make_net()
+    import time
+
     from exchange.ledger.apply import LedgerApplier
     from exchange.ledger.block import attest, new_body, seal_envelope
     from exchange.ledger.store import BlockStore
-    import time
 
     store = BlockStore.create(tmp_path / "s.db", net.signed_genesis)
     applier = LedgerApplier(store)
@@ -159,3 +160,45 @@ def test_cli_exports_and_verifies_bundle_and_chain(chain, tmp_path: Path) -> Non
     assert res.exit_code == 1 and "evidence invalid" in res.output
     res = runner.invoke(cli, ["chain", "verify", "--store", str(path), "--json"])
     assert res.exit_code == 0 and '"ok": true' in res.output
+
+
+def test_bundle_carries_key_history_for_credentials_issued_on_chain(tmp_path: Path) -> None:
+    import time
+
+    from exchange.identity.genesis import issue_credential
+    from exchange.identity.keys import CachedSigner, SigningKey
+    from exchange.ledger.apply import LedgerApplier
+    from exchange.ledger.block import attest, new_body, seal_envelope
+    from exchange.ledger.store import BlockStore
+    from tests.ledger_net import probe
+
+    net = make_net()
+    store = BlockStore.create(tmp_path / "s.db", net.signed_genesis)
+    applier = LedgerApplier(store)
+    now = int(time.time() * 1000)
+    newcomer = CachedSigner(SigningKey.generate())
+    cred = issue_credential(net.chain_id, "customs", "analyst-2", newcomer.public_key,
+                            ["analyst"], now - 1000, now + 86_400_000, net.roots["customs"])
+    issue = new_body(net.chain_id, "customs", now)
+    issue.credential_issue.signed_credential = cred.SerializeToString(deterministic=True)
+    revoke = new_body(net.chain_id, "customs", now)
+    revoke.credential_revoke.key_id = newcomer.key_id
+    blocks = [[seal_envelope(issue, net.nodes["customs"])],
+              [probe(net, "customs", signer=newcomer)],
+              [seal_envelope(revoke, net.nodes["customs"])],
+              [probe(net, "customs", signer=newcomer)]]
+    for i, envs in enumerate(blocks):
+        applied = applier.apply(applier.cut(envs, now + i, net.nodes["tax"], "tax"))
+        store.add_attestations([attest(net.chain_id, a, i + 1, applied.checked.hash,
+                                       applied.codes, net.nodes[a]) for a in net.nodes])
+    used, after = (LedgerApplier(store).check(store.block(h), h, store.block_hash_at(h - 1),
+                                              0).envelopes[0].tx_id for h in (2, 4))
+    bundle = build_bundle(store, [used, after])
+    assert len(bundle.key_history) == 2 and len(bundle.credentials) == 1
+    report = verify_bundle(encode_bundle(bundle))
+    assert [t.result for t in report.transactions] == ["OK", "SIGNER_NOT_VALID"]
+    assert report.transactions[0].signer == "customs/analyst-2"
+    # without the issuing transaction the newcomer's key is unknown
+    del bundle.key_history[:]
+    with pytest.raises(BundleInvalid, match="unknown signer"):
+        verify_bundle(encode_bundle(bundle))

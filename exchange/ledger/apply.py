@@ -12,15 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exchange.identity.keys import CachedSigner
-from exchange.identity.registry import KeyRegistry
-from exchange.identity.registry import REGISTRY_KINDS
+from exchange.identity.registry import REGISTRY_KINDS, KeyRegistry
 from exchange.ledger.block import (
     RESULT_OK,
     CheckedBlock,
-    open_envelope,
     attest,
     build_block,
     check_block,
+    open_envelope,
     results_root,
 )
 from exchange.ledger.judge import judge_block

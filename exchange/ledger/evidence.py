@@ -187,7 +187,6 @@ def verify_bundle(data: bytes) -> BundleReport:
     report = BundleReport(chain_id, sorted(registry.members), registry.quorum,
                           len(bundle.headers))
 
-    history = {(b.height, b.index): b for b in bundle.key_history}
     by_height: dict[int, list[tuple[str, evidence_pb2.BundledTransaction]]] = {}
     for i, b in enumerate(bundle.key_history):
         by_height.setdefault(b.height, []).append((f"key_history[{i}]", b))
@@ -197,7 +196,6 @@ def verify_bundle(data: bytes) -> BundleReport:
     # Walk the header chain from genesis, applying key history as it comes.
     prev_hash, prev_ts = genesis_hash(bundle.genesis), 0
     proposer_key = proposer_key_lookup(registry)
-    headers: dict[int, tuple[ledger_pb2.BlockHeader, bytes, set[str], bytes | None]] = {}
     verified: dict[str, VerifiedTx] = {}
     for pos, bh in enumerate(bundle.headers):
         height = pos + 1
@@ -219,18 +217,15 @@ def verify_bundle(data: bytes) -> BundleReport:
             raise BundleInvalid(where, exc.what) from exc
         if len(attested) != len(bh.attestations):
             raise BundleInvalid(where, "an agency attests twice")
-        headers[height] = (header, hash_, attested, root)
         for name, b in sorted(by_height.get(height, []), key=lambda x: x[1].index):
             vtx = _verify_tx(registry, name, b, header, attested, root)
-            if (b.height, b.index) in history:
-                if vtx.result == RESULT_OK:
-                    opened = open_envelope(b.envelope, chain_id)
-                    try:
-                        registry.apply(opened.body, registry.resolve(opened.signer_key_id),
-                                       height)
-                    except ExchangeError as exc:
-                        raise BundleInvalid(name, f"key history does not apply: {exc}") from exc
-            if name.startswith("transactions"):
+            if name.startswith("key_history") and vtx.result == RESULT_OK:
+                opened = open_envelope(b.envelope, chain_id)
+                try:
+                    registry.apply(opened.body, registry.resolve(opened.signer_key_id), height)
+                except ExchangeError as exc:
+                    raise BundleInvalid(name, f"key history does not apply: {exc}") from exc
+            elif name.startswith("transactions"):
                 verified[name] = vtx
         prev_hash, prev_ts = hash_, header.timestamp_ms
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from exchange.errors import ChainBroken, MalformedInput, StoreCorrupted
 from exchange.identity.genesis import genesis_hash
@@ -144,7 +145,9 @@ class BlockStore:
         hashes: list[bytes] = []
         with self._lock:
             height, prev, prev_ts = self._tip_height, self._tip_hash, self._tip_timestamp_ms
-            rows_b, rows_t, rows_a = [], [], []
+            rows_b: list[tuple[object, ...]] = []
+            rows_t: list[tuple[object, ...]] = []
+            rows_a: list[tuple[object, ...]] = []
             for block, results in blocks:
                 header = parse_header(block.header, height + 1)
                 if header.height != height + 1 or bytes(header.prev_hash) != prev:
@@ -262,9 +265,9 @@ class BlockStore:
         """(tx_count, timestamp_ms, raft_index) as indexed beside the header."""
         row = self._one("SELECT tx_count, timestamp_ms, raft_index FROM blocks WHERE height=?",
                         height)
-        return int(row[0]), int(row[1]), int(row[2])  # type: ignore[call-overload]
+        return int(row[0]), int(row[1]), int(row[2])
 
-    def _one(self, sql: str, height: int) -> tuple[object, ...]:
+    def _one(self, sql: str, height: int) -> tuple[Any, ...]:
         with self._lock:
             row = self._db.execute(sql, (height,)).fetchone()
         if row is None:

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from exchange.errors import ChainBroken, ExchangeError
 from exchange.identity.registry import KeyRegistry
-from exchange.ledger.block import BlockInvalid, CheckedBlock, check_block, results_root, verify_attestation
+from exchange.ledger.block import (
+    BlockInvalid,
+    CheckedBlock,
+    check_block,
+    results_root,
+    verify_attestation,
+)
 from exchange.ledger.judge import judge_block
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2

@@ -1,0 +1,172 @@
+"""`make bench`: the project's speed figures, printed as a table and as JSON lines.
+
+Each part measures real code paths of the project on this machine; nothing is timed
+inside tests. Run `python -m exchange.bench [--only NAME ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from exchange.identity.genesis import assemble_genesis, build_genesis, issue_credential
+from exchange.identity.keys import CachedSigner, Domain, SigningKey, verify
+from exchange.ledger import merkle
+from exchange.ledger.apply import LedgerApplier
+from exchange.ledger.block import new_body, seal_envelope
+from exchange.ledger.store import BlockStore
+from exchange.v1 import identity_pb2
+
+Result = dict[str, object]
+
+
+def _rate(fn: Callable[[], object], seconds_min: float = 1.0) -> tuple[float, int]:
+    """Calls per second of fn, running it for at least `seconds_min`."""
+    count, started = 0, time.perf_counter()
+    while True:
+        fn()
+        count += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds_min:
+            return count / elapsed, count
+
+
+def bench_merkle() -> list[Result]:
+    leaves = [os.urandom(1024) for _ in range(10_000)]
+    started = time.perf_counter()
+    for _ in range(5):
+        merkle.root(leaves)
+    root_ms = (time.perf_counter() - started) / 5 * 1000
+    hashes = [merkle.leaf_hash(leaf) for leaf in leaves]
+    tree = merkle.MerkleTree(hashes)
+    rootv = tree.root
+    started = time.perf_counter()
+    proofs = [tree.inclusion_proof(i) for i in range(len(leaves))]
+    gen_s = len(leaves) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(len(leaves)):
+        assert merkle.verify_inclusion_by_hash(hashes[i], i, len(leaves), proofs[i], rootv)
+    ver_s = len(leaves) / (time.perf_counter() - started)
+    return [
+        {"name": "merkle root, 10,000 leaves of 1 KiB", "value": round(root_ms, 1), "unit": "ms"},
+        {"name": "inclusion proofs generated (10,000-leaf tree)", "value": round(gen_s),
+         "unit": "proofs/s"},
+        {"name": "inclusion proofs verified (10,000-leaf tree)", "value": round(ver_s),
+         "unit": "proofs/s"},
+    ]
+
+
+def bench_signatures() -> list[Result]:
+    signer = CachedSigner(SigningKey.generate())
+    body = os.urandom(1024)
+    sig = signer.sign(Domain.ENVELOPE, "bench", body)
+    sign_s, _ = _rate(lambda: signer.sign(Domain.ENVELOPE, "bench", body))
+    verify_s, _ = _rate(lambda: verify(signer.public_key, Domain.ENVELOPE, "bench", body, sig))
+    return [
+        {"name": "Ed25519 sign, 1 KiB, one core", "value": round(sign_s), "unit": "signs/s"},
+        {"name": "Ed25519 verify, 1 KiB, one core", "value": round(verify_s),
+         "unit": "verifies/s"},
+    ]
+
+
+def _bench_network() -> tuple[identity_pb2.SignedGenesis, CachedSigner, CachedSigner]:
+    now = int(time.time() * 1000)
+    root, node, analyst = SigningKey.generate(), CachedSigner(SigningKey.generate()), \
+        CachedSigner(SigningKey.generate())
+    member = identity_pb2.Member(agency="tax", root_public_key=root.public_key,
+                                 node_public_key=node.public_key,
+                                 data_public_key=os.urandom(32), address="127.0.0.1:1")
+    cred = issue_credential("bench", "tax", "analyst-1", analyst.public_key, ["analyst"],
+                            now - 60_000, now + 86_400_000, root)
+    genesis = assemble_genesis(build_genesis("bench", now, [member], [cred]), "bench",
+                               {"tax": root})
+    return genesis, node, analyst
+
+
+def bench_store(blocks: int = 300, txs_per_block: int = 100) -> list[Result]:
+    genesis, node, analyst = _bench_network()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = BlockStore.create(Path(tmp) / "blocks.db", genesis)
+        applier = LedgerApplier(store, "tax", node)
+        envelopes = []
+        for _ in range(blocks * txs_per_block):
+            body = new_body("bench", "tax", int(time.time() * 1000))
+            body.probe.payload = os.urandom(900)
+            envelopes.append(seal_envelope(body, analyst))
+        started = time.perf_counter()
+        for i in range(blocks):
+            store.append(applier.cut(envelopes[i * txs_per_block:(i + 1) * txs_per_block],
+                                     int(time.time() * 1000), node, "tax"))
+        raw_s = blocks / (time.perf_counter() - started)
+        store.close()
+        store = BlockStore.create(Path(tmp) / "applied.db", genesis)
+        applier = LedgerApplier(store, "tax", node)
+        started = time.perf_counter()
+        for i in range(blocks):
+            applier.apply(applier.cut(envelopes[i * txs_per_block:(i + 1) * txs_per_block],
+                                      int(time.time() * 1000), node, "tax"))
+        applied_s = blocks / (time.perf_counter() - started)
+        store.close()
+    return [
+        {"name": f"block appends to the store ({txs_per_block} x 1 KiB tx, fsync each)",
+         "value": round(raw_s), "unit": "blocks/s",
+         "tx_per_s": round(raw_s * txs_per_block)},
+        {"name": f"blocks cut, fully verified, judged, stored and attested ({txs_per_block} tx)",
+         "value": round(applied_s), "unit": "blocks/s",
+         "tx_per_s": round(applied_s * txs_per_block)},
+    ]
+
+
+def bench_wal() -> list[Result]:
+    from exchange.raft.bench_wal import bench_wal as run
+
+    out = []
+    for batch in (1, 100):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run(Path(tmp) / "wal", 2_000 if batch == 1 else 20_000, batch)
+        out.append({"name": f"raft WAL save, batch {batch} x 1 KiB, fsync per save",
+                    "value": round(r["entries_per_s"]), "unit": "entries/s",
+                    "fsyncs_per_s": round(r["fsyncs_per_s"])})
+    return out
+
+
+PARTS: dict[str, Callable[[], list[Result]]] = {
+    "merkle": bench_merkle,
+    "signatures": bench_signatures,
+    "store": bench_store,
+    "wal": bench_wal,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=sorted(PARTS))
+    parser.add_argument("--json", action="store_true", help="JSON lines only")
+    args = parser.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"exchange benchmarks ({os.cpu_count()} cores)", title_justify="left")
+    for col in ("part", "figure", "value", "unit", "extra"):
+        table.add_column(col)
+    for part, fn in PARTS.items():
+        if args.only and part not in args.only:
+            continue
+        for result in fn():
+            result = {"part": part, **result}
+            print(json.dumps(result), flush=True)
+            extra = {k: v for k, v in result.items()
+                     if k not in ("part", "name", "value", "unit")}
+            table.add_row(part, str(result["name"]), f"{result['value']:,}",
+                          str(result["unit"]), json.dumps(extra) if extra else "")
+    if not args.json:
+        Console(width=150).print(table)
+
+
+if __name__ == "__main__":
+    main()
