@@ -62,3 +62,33 @@ class AlreadyExists(ExchangeError):
     """Refusing to overwrite something that is already there."""
 
     code = "ALREADY_EXISTS"
+
+
+class TimeOutOfWindow(ExchangeError):
+    """A body whose creation time is too far from the admitting node's clock."""
+
+    code = "TIME_OUT_OF_WINDOW"
+
+
+class Oversize(ExchangeError):
+    """A message larger than the network allows."""
+
+    code = "OVERSIZE"
+
+
+class PermissionDenied(ExchangeError):
+    """A caller that is not allowed to do what it asks."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unavailable(ExchangeError):
+    """The service cannot answer now (no leader, shutting down); retrying may work."""
+
+    code = "UNAVAILABLE"
+
+
+class AgencyMismatch(CredentialInvalid):
+    """A body that claims another agency than its signer's."""
+
+    code = "AGENCY_MISMATCH"

@@ -8,6 +8,7 @@ codes, and signs this node's attestation. The verification here is the same code
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from exchange.ledger.judge import judge_block
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.v1 import ledger_pb2
+
+ROOTS_CACHED_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class LedgerApplier:
         self.node_signer = node_signer
         self.registry = KeyRegistry(store.signed_genesis)
         self.chain_id = self.registry.chain_id
+        self._roots: OrderedDict[int, bytes] = OrderedDict()
         self._proposer_key = proposer_key_lookup(self.registry)
         self._replay()
 
@@ -64,42 +68,63 @@ class LedgerApplier:
                     self.registry.apply(opened.body, signer, height)
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
-              prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
+              prev_hash: bytes | None = None, prev_ts: int | None = None,
+              envelopes_verified: bool = False) -> CheckedBlock:
         """Stateless checks of the next block (what a follower does before acking)."""
         return check_block(
             block, self.chain_id,
             self.store.height + 1 if height is None else height,
             self.store.tip_hash if prev_hash is None else prev_hash,
             self.store.tip_timestamp_ms if prev_ts is None else prev_ts,
-            self._proposer_key, lambda kid: self.registry.resolve(kid).public_key)
+            self._proposer_key, lambda kid: self.registry.resolve(kid).public_key,
+            envelopes_verified)
 
-    def apply(self, block: ledger_pb2.Block) -> Applied:
-        """Check, judge, store and attest the next block."""
-        checked = self.check(block)
+    def apply(self, block: ledger_pb2.Block, envelopes_verified: bool = False) -> Applied:
+        """Check, judge, store and attest the next block. `envelopes_verified`: this
+        process has already verified the signatures of these exact envelopes."""
+        checked = self.check(block, envelopes_verified=envelopes_verified)
         codes = judge_block(self.registry, checked, self.store.has_tx)
-        stored = ledger_pb2.Block(header=block.header,
-                                  proposer_signature=block.proposer_signature,
-                                  envelopes=block.envelopes)
-        self.store.append(stored, codes)
         height = checked.header.height
         attestation = None
         if self.node_signer is not None and self.agency is not None:
             attestation = attest(self.chain_id, self.agency, height, checked.hash, codes,
                                  self.node_signer)
-            self.store.add_attestations([attestation])
+        stored = ledger_pb2.Block(header=block.header,
+                                  proposer_signature=block.proposer_signature,
+                                  envelopes=block.envelopes,
+                                  attestations=[attestation] if attestation else [])
+        self.store.append(stored, codes)
+        self._remember_root(height, results_root(codes))
         return Applied(checked, tuple(codes), attestation)
 
-    def receive_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
-        """Verify and keep other members' attestations of blocks this node holds."""
+    def _remember_root(self, height: int, root: bytes) -> None:
+        self._roots[height] = root
+        while len(self._roots) > ROOTS_CACHED_MAX:
+            self._roots.popitem(last=False)
+
+    def results_root_at(self, height: int) -> bytes:
+        root = self._roots.get(height)
+        if root is None:
+            root = results_root(self.store.results(height))
+            self._remember_root(height, root)
+        return root
+
+    def verify_attestations(self, attestations: Sequence[ledger_pb2.Attestation]
+                            ) -> list[ledger_pb2.Attestation]:
+        """The attestations that are valid for blocks this store holds; raises for the
+        first one that is not (wrong block, wrong results, bad signature)."""
         good: list[ledger_pb2.Attestation] = []
         for att in attestations:
             if not 1 <= att.height <= self.store.height:
                 continue
-            root = results_root(self.store.results(att.height))
             check_attestations(self.registry, att.height, self.store.block_hash_at(att.height),
-                               root, [att])
+                               self.results_root_at(att.height), [att])
             good.append(att)
-        return self.store.add_attestations(good)
+        return good
+
+    def receive_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
+        """Verify and keep other members' attestations of blocks this node holds."""
+        return self.store.add_attestations(self.verify_attestations(attestations))
 
     def cut(self, envelopes: Sequence[bytes], timestamp_ms: int, signer: CachedSigner,
             proposer: str, raft_term: int = 0, raft_index: int = 0) -> ledger_pb2.Block:

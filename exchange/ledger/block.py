@@ -165,9 +165,11 @@ def check_header(header_bytes: bytes, signature: bytes, chain_id: str, height: i
 
 def check_block(block: ledger_pb2.Block, chain_id: str, height: int, prev_hash: bytes,
                 prev_timestamp_ms: int, proposer_key: Callable[[str, bytes], bytes],
-                signer_key: PublicKeyLookup) -> CheckedBlock:
+                signer_key: PublicKeyLookup, envelopes_verified: bool = False) -> CheckedBlock:
     """Everything about a block that needs no ledger state beyond the signers' keys:
-    header link and signature, Merkle root, count, each envelope's form and signature."""
+    header link and signature, Merkle root, count, each envelope's form and signature.
+    `envelopes_verified` skips the envelope signatures when this process already checked
+    these exact bytes (the Merkle root binds them)."""
     header = check_header(block.header, block.proposer_signature, chain_id, height, prev_hash,
                           prev_timestamp_ms, proposer_key)
     leaves = list(block.envelopes)
@@ -182,7 +184,8 @@ def check_block(block: ledger_pb2.Block, chain_id: str, height: int, prev_hash: 
     for index, raw in enumerate(leaves):
         try:
             env = open_envelope(raw, chain_id)
-            verify_envelope(env, signer_key(env.signer_key_id))
+            if not envelopes_verified:
+                verify_envelope(env, signer_key(env.signer_key_id))
         except Exception as exc:
             raise BlockInvalid(height, f"envelope {index}: {exc}") from exc
         opened.append(env)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from exchange.errors import ExchangeError
-from exchange.identity.registry import KeyRegistry
-from exchange.ledger.block import RESULT_OK, CheckedBlock
+from exchange.identity.registry import ROLE_NODE, KeyInfo, KeyRegistry
+from exchange.ledger.block import RESULT_OK, CheckedBlock, verify_attestation
+from exchange.v1 import ledger_pb2
 
 CODE_DUPLICATE = "DUPLICATE_TX"
 CODE_SIGNER = "SIGNER_NOT_VALID"
@@ -47,6 +48,9 @@ def judge_block(registry: KeyRegistry, checked: CheckedBlock,
                     code = CODE_AGENCY
                 elif window_ms and abs(env.body.created_at_ms - timestamp_ms) > window_ms:
                     code = CODE_TIME
+                elif env.kind == "attestation_record" and not _valid_record(
+                        registry, env.body, signer, height):
+                    code = CODE_REJECTED
                 else:
                     try:
                         registry.apply(env.body, signer, height)
@@ -55,3 +59,22 @@ def judge_block(registry: KeyRegistry, checked: CheckedBlock,
         in_block.add(env.tx_id)
         codes.append(code)
     return codes
+
+
+def _valid_record(registry: KeyRegistry, body: ledger_pb2.TxBody, signer: KeyInfo,
+                  height: int) -> bool:
+    """An attestation record is put in by a member node and holds only valid
+    attestations of earlier blocks, each by the attesting member's node key."""
+    if signer.subject != ROLE_NODE:
+        return False
+    for att in body.attestation_record.attestations:
+        if not 1 <= att.height < height:
+            return False
+        try:
+            node = registry.node_key(att.agency)
+            if node.key_id != bytes(att.signer_key_id):
+                return False
+            verify_attestation(att, registry.chain_id, node.public_key)
+        except ExchangeError:
+            return False
+    return True

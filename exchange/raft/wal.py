@@ -31,8 +31,10 @@ Frame types:
   whether entries after the snapshot survive (they do iff the log held an entry at that
   index with that term, Raft's InstallSnapshot rule); replay obeys it.
 
-A `save()` call is one frame, one ``write()`` and one fsync (group commit); a batch is
-therefore atomic on recovery: it is either replayed whole or not at all.
+A `save()` call is one frame, one ``write()`` and one fsync (group commit). One frame
+per call rather than one per entry makes a batch atomic on recovery (replayed whole or
+not at all) and makes a torn batch, whichever of its pages reached the disk, a single
+damaged frame at the tail rather than good records interleaved with bad ones.
 
 Replay rule (etcd's): an entry at index ``i`` discards every entry ``>= i`` before it is
 appended, so conflict truncation needs no rewriting of old files.
@@ -45,7 +47,9 @@ next one is created. When a frame is short, has a bad checksum or an impossible 
 - in any segment but the last, or as the HEAD of a segment: `WalCorrupted`;
 - in the last segment, if some valid frame follows it anywhere later in the file, the
   damaged frame was followed by a later write and so had been acknowledged:
-  `WalCorrupted`;
+  `WalCorrupted`. The search checksums at most SCAN_CHECKSUM_BYTES_MAX bytes of
+  candidates; past that (tens of MiB of random bytes after the damage) it cannot rule a
+  later frame out and reports `WalCorrupted` too, erring on the side of not truncating;
 - otherwise it is a torn tail (a short frame, a partly written frame, zero-filled
   preallocation or garbage after the last complete frame): the file is truncated at the
   frame's start, fsynced, and `RecoveredState.repaired` says so.
@@ -87,6 +91,7 @@ __all__ = [
 
 SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
 FRAME_PAYLOAD_BYTES_MAX = 256 * 1024 * 1024
+SCAN_CHECKSUM_BYTES_MAX = 1024 * 1024 * 1024  # torn-tail scan budget (~0.3 s of crc32)
 
 _MAGIC = b"EXRAFTWL"
 _VERSION = 1
@@ -295,16 +300,39 @@ def _frame_at(buf: memoryview, offset: int) -> tuple[int, int] | None:
     return frame_type, end
 
 
+class _ScanBudgetExceeded(Exception):
+    """The torn-tail scan would checksum more than SCAN_CHECKSUM_BYTES_MAX."""
+
+
 def _valid_frame_after(data: bytes, start: int) -> int | None:
     """Offset of the first valid frame that starts after `start`, if any.
 
-    Candidates are positions whose type byte is a frame type; almost all are rejected by
-    the length bound before any checksum is computed.
+    A candidate has a frame type byte, a length that fits in the file, and after its end
+    either the end of the file, what could be another frame's header (a frame type byte)
+    or a zero byte (a zero-filled torn tail). Only candidates are checksummed, within a
+    budget (many MiB of random garbage make many candidates), past which the caller must
+    assume the worst.
     """
     buf = memoryview(data)
+    size = len(buf)
     type_offset = _FRAME_HEADER.size - 1
+    checksum_bytes = 0
     for match in _FRAME_TYPE_PATTERN.finditer(data, start + 1 + type_offset):
         offset = match.start() - type_offset
+        (length,) = _COUNT.unpack_from(buf, offset)
+        end = offset + _FRAME_HEADER_BYTES + length
+        if end > size:
+            continue
+        followed_by_frame_or_zeros = (
+            end + _FRAME_HEADER_BYTES > size
+            or data[end] == 0
+            or data[end + type_offset] in _FRAME_TYPES
+        )
+        if not followed_by_frame_or_zeros:
+            continue
+        checksum_bytes += length
+        if checksum_bytes > SCAN_CHECKSUM_BYTES_MAX:
+            raise _ScanBudgetExceeded
         if _frame_at(buf, offset) is not None:
             return offset
     return None
@@ -577,12 +605,17 @@ class WriteAheadLog:
         Entries after meta.index are kept iff the log holds an entry at meta.index with
         meta.term; otherwise (including a snapshot beyond the last index) all are
         discarded. Then deletes segments that only hold entries the snapshot covers.
+        When one step of Raft yields a snapshot, entries and a hard state, call this
+        first: the hard state's commit may point into the snapshot.
         """
         self._check_usable()
         assert meta.index >= self._snapshot.index, (
             f"snapshot moves back: {meta.index} < {self._snapshot.index}"
         )
         keep = self._term_at(meta.index) == meta.term
+        assert keep or meta.index >= self._hard_state.commit, (
+            f"snapshot {meta.index}/{meta.term} conflicts with committed entries"
+        )
         self._append(_frame(_FRAME_SNAPSHOT, _encode_snapshot(meta, keep)))
         self._sync()
         if keep:
@@ -788,7 +821,12 @@ def _replay_segment(info: _SegmentInfo, replay: _Replay, is_last: bool) -> str |
         if found is None:
             if first_frame or not is_last:
                 raise WalCorrupted(path, offset, "bad frame (short, checksum or header)")
-            later = _valid_frame_after(data, offset)
+            try:
+                later = _valid_frame_after(data, offset)
+            except _ScanBudgetExceeded:
+                raise WalCorrupted(
+                    path, offset, "bad frame followed by too much data to rule out later frames"
+                ) from None
             if later is not None:
                 raise WalCorrupted(
                     path, offset, f"bad frame followed by a valid frame at offset {later}"

@@ -1,0 +1,181 @@
+"""Raft messages over gRPC: conversion to and from protobuf, and the outbound side.
+
+Each peer gets one long-lived client stream (`Peer.Raft`) fed from a bounded queue.
+Raft tolerates loss, so a full queue drops the oldest messages rather than blocking the
+node, and a broken stream is re-opened with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+
+import grpc
+import structlog
+
+from exchange.raft.messages import Message, MessageType
+from exchange.raft.types import ConfState, Entry, EntryKind, SnapshotMeta
+from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
+
+log = structlog.get_logger("exchange.peers")
+
+QUEUE_MESSAGES_MAX = 4096
+BATCH_MESSAGES_MAX = 256
+ENTRIES_PER_MESSAGE_MAX = 10_000
+RECONNECT_DELAY_S_MIN = 0.05
+RECONNECT_DELAY_S_MAX = 1.0
+GRPC_MESSAGE_BYTES_MAX = 64 << 20
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class BadPeerMessage(ValueError):
+    """A protobuf Raft message that does not convert to a valid Message."""
+
+
+def message_to_proto(m: Message) -> peer_pb2.RaftMessage:
+    out = peer_pb2.RaftMessage(
+        type=int(m.type), from_id=m.from_id, to_id=m.to_id, term=m.term, log_term=m.log_term,
+        index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint,
+        force=m.force,
+        entries=[peer_pb2.RaftEntry(term=e.term, index=e.index, kind=int(e.kind), data=e.data)
+                 for e in m.entries])
+    if m.snapshot is not None:
+        out.snapshot.CopyFrom(peer_pb2.RaftSnapshotMeta(
+            index=m.snapshot.index, term=m.snapshot.term, voters=list(m.snapshot.conf.voters),
+            learners=list(m.snapshot.conf.learners)))
+    return out
+
+
+def message_from_proto(p: peer_pb2.RaftMessage) -> Message:
+    try:
+        mtype = MessageType(p.type)
+        entries = tuple(Entry(term=e.term, index=e.index, kind=EntryKind(e.kind), data=e.data)
+                        for e in p.entries)
+    except ValueError as exc:
+        raise BadPeerMessage(str(exc)) from exc
+    if len(entries) > ENTRIES_PER_MESSAGE_MAX:
+        raise BadPeerMessage("too many entries in one message")
+    snapshot = None
+    if p.HasField("snapshot"):
+        snapshot = SnapshotMeta(index=p.snapshot.index, term=p.snapshot.term,
+                                conf=ConfState(voters=tuple(p.snapshot.voters),
+                                               learners=tuple(p.snapshot.learners)))
+    return Message(type=mtype, from_id=p.from_id, to_id=p.to_id, term=p.term,
+                   log_term=p.log_term, index=p.index, entries=entries, commit=p.commit,
+                   reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force)
+
+
+class PeerLink:
+    """The outbound stream to one peer."""
+
+    def __init__(self, peer_id: str, address: str, credentials: grpc.ChannelCredentials,
+                 on_state: Callable[[str, bool], None]) -> None:
+        self.peer_id = peer_id
+        self.address = address
+        self._credentials = credentials
+        self._queue: asyncio.Queue[peer_pb2.RaftMessage | ledger_pb2.Attestation] = \
+            asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._on_state = on_state
+        self._task: asyncio.Task[None] | None = None
+        self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        self.stub = peer_pb2_grpc.PeerStub(self.channel)
+        self.dropped = 0
+        self.connected = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"peer-{self.peer_id}")
+
+    def send(self, m: peer_pb2.RaftMessage | ledger_pb2.Attestation) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(m)
+                return
+            except asyncio.QueueFull:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
+
+    async def _batches(self) -> AsyncIterator[peer_pb2.RaftBatch]:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            yield peer_pb2.RaftBatch(
+                messages=[m for m in batch if isinstance(m, peer_pb2.RaftMessage)],
+                attestations=[a for a in batch if isinstance(a, ledger_pb2.Attestation)])
+
+    async def _run(self) -> None:
+        delay = RECONNECT_DELAY_S_MIN
+        while True:
+            try:
+                call = self.stub.Raft(self._batches())
+                self._set_connected(True)
+                await call
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if self.connected:
+                    log.info("peer stream closed", peer=self.peer_id, code=exc.code().name,
+                             detail=exc.details())
+            except Exception as exc:  # noqa: BLE001 - keep the link alive whatever happens
+                log.warning("peer stream failed", peer=self.peer_id, error=repr(exc))
+            self._set_connected(False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_S_MAX)
+            if self.connected:
+                delay = RECONNECT_DELAY_S_MIN
+
+    def _set_connected(self, value: bool) -> None:
+        if value != self.connected:
+            self.connected = value
+            self._on_state(self.peer_id, value)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.channel.close()
+
+
+class PeerLinks:
+    """Outbound links to every other member."""
+
+    def __init__(self, self_id: str, peers: Mapping[str, str],
+                 credentials: grpc.ChannelCredentials) -> None:
+        self.self_id = self_id
+        self.links = {pid: PeerLink(pid, addr, credentials, self._state)
+                      for pid, addr in peers.items() if pid != self_id}
+
+    def _state(self, peer_id: str, connected: bool) -> None:
+        log.info("peer link", peer=peer_id, connected=connected)
+
+    def start(self) -> None:
+        for link in self.links.values():
+            link.start()
+
+    def send(self, messages: Iterable[Message]) -> None:
+        for m in messages:
+            link = self.links.get(m.to_id)
+            if link is not None:
+                link.send(message_to_proto(m))
+
+    def send_attestations(self, attestations: Iterable[ledger_pb2.Attestation]) -> None:
+        for att in attestations:
+            for link in self.links.values():
+                link.send(att)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self.links.values()))

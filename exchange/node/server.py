@@ -1,0 +1,308 @@
+"""The node's gRPC server: the public Exchange API, the Peer service, health and
+reflection, all on one mutual-TLS port.
+
+Who may call what: the public API serves the node's own agency's identities (analysts,
+automations) and member nodes (forwarded submissions, reads); the Peer service serves
+member nodes only. Identities come from the TLS certificate and are checked against the
+issuing agency's CA (exchange.identity.peer_auth). Domain errors are mapped to gRPC
+status codes here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from exchange import errors
+from exchange.identity.config import NodeConfig, parse_address
+from exchange.identity.peer_auth import (
+    PeerAuthenticator,
+    PeerIdentity,
+    member_cas_from,
+    peer_certificate,
+)
+from exchange.ledger import merkle
+from exchange.ledger.block import parse_header
+from exchange.node import metrics
+from exchange.node.node import Node
+from exchange.node.peers import CHANNEL_OPTIONS, BadPeerMessage, message_from_proto
+from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
+
+log = structlog.get_logger("exchange.server")
+
+_STATUS = {
+    errors.MalformedInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WrongChain: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.TimeOutOfWindow: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Oversize: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidSignature: grpc.StatusCode.UNAUTHENTICATED,
+    errors.UnknownSigner: grpc.StatusCode.UNAUTHENTICATED,
+    errors.CredentialInvalid: grpc.StatusCode.PERMISSION_DENIED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+}
+
+T = TypeVar("T")
+
+
+def status_of(exc: errors.ExchangeError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn domain errors into gRPC statuses with a reason ("CODE: message"), and time
+    the handler."""
+    histogram = metrics.GRPC_SECONDS.labels(fn.__qualname__.replace("Service.", "."))
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        started = time.perf_counter()
+        try:
+            return await fn(self, request, context)
+        except errors.ExchangeError as exc:
+            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            raise  # unreachable: abort raises
+        finally:
+            histogram.observe(time.perf_counter() - started)
+    return wrapper
+
+
+class _Auth:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.authenticator = PeerAuthenticator(member_cas_from(node.registry.members.values()))
+        self._known: dict[bytes, PeerIdentity] = {}
+
+    def identify(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+        try:
+            cert = peer_certificate(context.auth_context())
+            who = self._known.get(cert)
+            if who is None:
+                who = self.authenticator.identify(cert)
+                if len(self._known) > 1024:
+                    self._known.clear()
+                self._known[cert] = who
+            return who
+        except errors.ExchangeError as exc:
+            log.warning("caller refused", peer=context.peer(), error=str(exc))
+            raise errors.PermissionDenied(str(exc)) from exc
+
+    def member_node(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+        who = self.identify(context)
+        if not who.is_node:
+            log.warning("non-node caller on the peer service", caller=str(who))
+            raise errors.PermissionDenied(f"{who} is not a member node")
+        return who
+
+    def own_agency_or_node(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+        who = self.identify(context)
+        if who.agency != self.node.agency and not who.is_node:
+            raise errors.PermissionDenied(f"{who} is not of {self.node.agency}")
+        return who
+
+
+class ExchangeService(node_pb2_grpc.ExchangeServicer):
+    """The public API."""
+
+    def __init__(self, node: Node, auth: _Auth) -> None:
+        self.node = node
+        self.auth = auth
+
+    @_mapped
+    async def Submit(self, request: node_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> node_pb2.SubmitResponse:
+        self.auth.own_agency_or_node(context)
+        return await self.node.submit(request.envelope, wait=not request.no_wait)
+
+    @_mapped
+    async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
+                          context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:
+        self.auth.own_agency_or_node(context)
+        if len(request.envelopes) > 10_000:
+            raise errors.Oversize("at most 10,000 envelopes per batch")
+        results = await self.node.submit_batch(list(request.envelopes),
+                                               wait=not request.no_wait)
+        return node_pb2.SubmitBatchResponse(results=results)
+
+    @_mapped
+    async def GetTransaction(self, request: node_pb2.GetTransactionRequest,
+                             context: grpc.aio.ServicerContext) -> node_pb2.TransactionInfo:
+        self.auth.own_agency_or_node(context)
+        store = self.node.store
+        stored = store.tx(bytes(request.tx_id))
+        if stored is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"NOT_FOUND: no transaction {bytes(request.tx_id).hex()}")
+        assert stored is not None
+        leaves = store.envelopes(stored.height)
+        codes = store.results(stored.height)
+        header, sig = store.header(stored.height)
+        atts = store.attestations(stored.height)
+        return node_pb2.TransactionInfo(
+            tx_id=stored.tx_id, envelope=stored.envelope, height=stored.height,
+            index=stored.index, result=stored.result,
+            inclusion_proof=merkle.inclusion_proof(leaves, stored.index), header=header,
+            proposer_signature=sig, attestations=atts,
+            attested_by=len({a.agency for a in atts}), quorum=self.node.registry.quorum,
+            result_proof=merkle.inclusion_proof([c.encode() for c in codes], stored.index))
+
+    @_mapped
+    async def GetBlock(self, request: node_pb2.GetBlockRequest,
+                       context: grpc.aio.ServicerContext) -> ledger_pb2.Block:
+        self.auth.own_agency_or_node(context)
+        height = request.height or self.node.store.height
+        if not 1 <= height <= self.node.store.height:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no block {height}")
+        return self.node.store.block(height)
+
+    async def FollowBlocks(self, request: node_pb2.FollowBlocksRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
+        try:
+            self.auth.own_agency_or_node(context)
+        except errors.ExchangeError as exc:
+            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+        store = self.node.store
+        queue = self.node.follow()
+        try:
+            next_height = request.from_height or store.height + 1
+            while True:
+                while next_height <= store.height:
+                    yield store.block(next_height)
+                    next_height += 1
+                block = await queue.get()
+                height = parse_header(block.header).height
+                if height >= next_height:
+                    while next_height < height:  # fell behind the queue: read the store
+                        yield store.block(next_height)
+                        next_height += 1
+                    yield store.block(height)
+                    next_height = height + 1
+        finally:
+            self.node.unfollow(queue)
+
+    @_mapped
+    async def Status(self, request: node_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> node_pb2.NodeStatus:
+        self.auth.own_agency_or_node(context)
+        return self.node.status()
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    """What member nodes offer each other."""
+
+    def __init__(self, node: Node, auth: _Auth) -> None:
+        self.node = node
+        self.auth = auth
+
+    @_mapped
+    async def Raft(self, request_iterator: AsyncIterator[peer_pb2.RaftBatch],
+                   context: grpc.aio.ServicerContext) -> peer_pb2.PeerAck:
+        who = self.auth.member_node(context)
+        async for batch in request_iterator:
+            if batch.attestations:
+                self.node.receive_attestations(
+                    [a for a in batch.attestations if a.agency == who.agency])
+            for pm in batch.messages:
+                try:
+                    m = message_from_proto(pm)
+                except BadPeerMessage as exc:
+                    raise errors.MalformedInput(f"bad raft message: {exc}") from exc
+                if m.from_id != who.agency or m.to_id != self.node.agency:
+                    raise errors.PermissionDenied(
+                        f"{who} sent a message from {m.from_id!r} to {m.to_id!r}")
+                await self.node.receive(m)
+        return peer_pb2.PeerAck()
+
+    async def FetchBlocks(self, request: peer_pb2.FetchBlocksRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
+        try:
+            self.auth.member_node(context)
+        except errors.ExchangeError as exc:
+            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+        store = self.node.store
+        top = store.height if request.final_only is False else self.node.final_height
+        if request.to_height:
+            top = min(top, request.to_height)
+        for height in range(max(1, request.from_height), top + 1):
+            yield store.block(height)
+
+    @_mapped
+    async def Attest(self, request: peer_pb2.AttestationBatch,
+                     context: grpc.aio.ServicerContext) -> peer_pb2.PeerAck:
+        who = self.auth.member_node(context)
+        atts = [a for a in request.attestations if a.agency == who.agency]
+        self.node.receive_attestations(atts)
+        return peer_pb2.PeerAck()
+
+    @_mapped
+    async def Status(self, request: peer_pb2.PeerStatusRequest,
+                     context: grpc.aio.ServicerContext) -> peer_pb2.PeerStatus:
+        self.auth.member_node(context)
+        st = self.node.status()
+        return peer_pb2.PeerStatus(agency=st.agency, role=st.role, term=st.term,
+                                   leader=st.leader, commit_index=st.commit_index,
+                                   height=st.height)
+
+
+def _tls(config: NodeConfig) -> tuple[grpc.ServerCredentials, grpc.ChannelCredentials]:
+    key = config.paths.tls_key.read_bytes()
+    cert = config.paths.tls_cert.read_bytes()
+    trust = config.read_trust_bundle()
+    server = grpc.ssl_server_credentials([(key, cert)], root_certificates=trust,
+                                         require_client_auth=True)
+    client = grpc.ssl_channel_credentials(root_certificates=trust, private_key=key,
+                                          certificate_chain=cert)
+    return server, client
+
+
+async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None) -> None:
+    """Run a node until SIGTERM or SIGINT."""
+    node = Node(config)
+    server_creds, client_creds = _tls(config)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    auth = _Auth(node)
+    node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
+    peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([
+        node_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
+        peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME], server)
+    if config.listen_metrics:
+        metrics.serve_metrics(config.listen_metrics)
+    host, port = parse_address(config.listen_grpc)
+    server.add_secure_port(f"{host}:{port}", server_creds)
+    await server.start()
+    await node.start(client_creds)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set("exchange.v1.Exchange", health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", address=config.listen_grpc)
+    if ready is not None:
+        ready(node)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=1.0)
+    await node.stop()
