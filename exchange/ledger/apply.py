@@ -82,20 +82,39 @@ class LedgerApplier:
     def apply(self, block: ledger_pb2.Block, envelopes_verified: bool = False) -> Applied:
         """Check, judge, store and attest the next block. `envelopes_verified`: this
         process has already verified the signatures of these exact envelopes."""
-        checked = self.check(block, envelopes_verified=envelopes_verified)
-        codes = judge_block(self.registry, checked, self.store.has_tx)
-        height = checked.header.height
-        attestation = None
-        if self.node_signer is not None and self.agency is not None:
-            attestation = attest(self.chain_id, self.agency, height, checked.hash, codes,
-                                 self.node_signer)
-        stored = ledger_pb2.Block(header=block.header,
-                                  proposer_signature=block.proposer_signature,
-                                  envelopes=block.envelopes,
-                                  attestations=[attestation] if attestation else [])
-        self.store.append(stored, codes)
-        self._remember_root(height, results_root(codes))
-        return Applied(checked, tuple(codes), attestation)
+        return self.apply_many([(block, envelopes_verified)])[0]
+
+    def apply_many(self, blocks: Sequence[tuple[ledger_pb2.Block, bool]]) -> list[Applied]:
+        """Apply consecutive blocks, storing them in one transaction (one fsync)."""
+        height, prev_hash, prev_ts = (self.store.height, self.store.tip_hash,
+                                      self.store.tip_timestamp_ms)
+        in_batch: set[bytes] = set()
+
+        def seen(tx: bytes) -> bool:
+            return tx in in_batch or self.store.has_tx(tx)
+
+        rows: list[tuple[ledger_pb2.Block, Sequence[str] | None]] = []
+        out: list[Applied] = []
+        for block, verified in blocks:
+            checked = self.check(block, height + 1, prev_hash, prev_ts, verified)
+            codes = judge_block(self.registry, checked, seen)
+            in_batch.update(env.tx_id for env in checked.envelopes)
+            height = checked.header.height
+            attestation = None
+            if self.node_signer is not None and self.agency is not None:
+                attestation = attest(self.chain_id, self.agency, height, checked.hash, codes,
+                                     self.node_signer)
+            rows.append((ledger_pb2.Block(header=block.header,
+                                          proposer_signature=block.proposer_signature,
+                                          envelopes=block.envelopes,
+                                          attestations=[attestation] if attestation else []),
+                         codes))
+            out.append(Applied(checked, tuple(codes), attestation))
+            prev_hash, prev_ts = checked.hash, checked.header.timestamp_ms
+        self.store.append_many(rows)
+        for applied in out:
+            self._remember_root(applied.checked.header.height, results_root(applied.codes))
+        return out
 
     def _remember_root(self, height: int, root: bytes) -> None:
         self._roots[height] = root
