@@ -43,5 +43,19 @@ sim: install
 demo: install
 	bash scripts/demo.sh
 
+cluster: install
+	bash scripts/cluster.sh start
+
+status: install
+	bash scripts/cluster.sh status
+
+logs:
+	bash scripts/cluster.sh logs
+
+stop:
+	bash scripts/cluster.sh stop
+
 clean:
+	-bash scripts/cluster.sh stop
+	rm -rf deploy/local var
 	rm -rf $(VENV) $(GEN_STAMP) exchange/v1/*_pb2*.py exchange/v1/*_pb2*.pyi build *.egg-info var

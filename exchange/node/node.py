@@ -36,6 +36,7 @@ from exchange.ledger.block import (
     new_body,
     parse_header,
     seal_envelope,
+    tx_id,
 )
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
@@ -116,6 +117,7 @@ class Node:
         self._preverified: OrderedDict[bytes, None] = OrderedDict()
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
+        self._unapplied_txs: set[bytes] = set()
         self._proposed_tip: tuple[int, bytes, int] | None = None
         self._attest_out: list[ledger_pb2.Attestation] = []
         self._attest_early: dict[int, list[ledger_pb2.Attestation]] = {}
@@ -265,12 +267,13 @@ class Node:
         m.IS_LEADER.set(1 if role is Role.LEADER else 0)
         m.RAFT_TERM.set(self.core.term)
         log.info("raft role", role=role.value, leader=leader, term=self.core.term)
+        self._unapplied_txs = self._log_tx_ids() if role is Role.LEADER else set()
         if role is Role.LEADER:
             self._proposed_tip = None
             self._inflight_blocks = 0
             # what this node had forwarded goes into its own blocks now
             for tx, p in self.pending.items():
-                if tx not in self.mempool:
+                if tx not in self.mempool and tx not in self._unapplied_txs:
                     self.mempool[tx] = p.opened
             if self.mempool:
                 self._mempool_event.set()
@@ -313,6 +316,7 @@ class Node:
             self._inflight_blocks -= 1
         for index, env in enumerate(applied.checked.envelopes):
             self.mempool.pop(env.tx_id, None)
+            self._unapplied_txs.discard(env.tx_id)
             p = self.pending.pop(env.tx_id, None)
             if p is not None:
                 m.COMMIT_SECONDS.observe(time.monotonic() - p.admitted_at)
@@ -503,7 +507,7 @@ class Node:
         fut: asyncio.Future[tuple[int, int, str]] = asyncio.get_running_loop().create_future()
         p.futures.append(fut)
         if self.core.role is Role.LEADER:
-            if opened.tx_id not in self.mempool:
+            if opened.tx_id not in self.mempool and opened.tx_id not in self._unapplied_txs:
                 self.mempool[opened.tx_id] = opened
                 self._mempool_event.set()
         else:
@@ -536,7 +540,8 @@ class Node:
             if self.core.role is Role.LEADER:
                 for raw in raws:
                     opened = self.admit(raw)
-                    self.mempool.setdefault(opened.tx_id, opened)
+                    if opened.tx_id not in self._unapplied_txs:
+                        self.mempool.setdefault(opened.tx_id, opened)
                 self._mempool_event.set()
                 return
             if leader and leader != self.agency:
@@ -572,7 +577,8 @@ class Node:
                 continue
             if self.core.role is Role.LEADER:
                 for p in self.pending.values():
-                    if now - p.last_sent > RESUBMIT_AFTER_S and not self._in_flight(p):
+                    if now - p.last_sent > RESUBMIT_AFTER_S and not self._in_flight(p) \
+                            and p.opened.tx_id not in self._unapplied_txs:
                         self.mempool.setdefault(p.opened.tx_id, p.opened)
                         p.last_sent = now
                 self._mempool_event.set()
@@ -626,7 +632,7 @@ class Node:
                 if size + len(opened.raw) > bytes_max and envelopes:
                     break
                 del self.mempool[tx]
-                if self.store.has_tx(tx):
+                if tx in self._unapplied_txs or self.store.has_tx(tx):
                     continue
                 envelopes.append(opened.raw)
                 size += len(opened.raw)
@@ -651,12 +657,27 @@ class Node:
         assert (got_term, got_index) == (term, index)
         hash_ = block_hash(block.header)
         self._remember_verified(hash_)
+        self._unapplied_txs.update(tx_id(ledger_pb2.Envelope.FromString(raw).body)
+                                   for raw in envelopes)
         self._proposed_at[hash_] = time.perf_counter()
         if len(self._proposed_at) > 64:
             self._proposed_at.pop(next(iter(self._proposed_at)))
         self._proposed_tip = (height + 1, hash_, parse_header(block.header).timestamp_ms)
         self._inflight_blocks += 1
         self._kick.set()
+
+    def _log_tx_ids(self) -> set[bytes]:
+        """Tx ids in blocks of this node's log that are not applied yet. A leader never
+        drops entries of its own log, so each of these will commit: never include one
+        of them again."""
+        ids: set[bytes] = set()
+        first = max(self.core.applied_index + 1, self.core.first_index)
+        for entry in self.core.entries(first, self.core.last_index + 1):
+            if entry.kind is EntryKind.NORMAL:
+                block = ledger_pb2.Block.FromString(entry.data)
+                ids.update(tx_id(ledger_pb2.Envelope.FromString(raw).body)
+                           for raw in block.envelopes)
+        return ids
 
     def _tip_from_log(self) -> tuple[int, bytes, int]:
         """The last block in this leader's log, committed or not (it will commit)."""

@@ -36,7 +36,7 @@ from exchange.ledger import merkle
 from exchange.ledger.block import parse_header
 from exchange.node import metrics
 from exchange.node.node import Node
-from exchange.node.peers import CHANNEL_OPTIONS, BadPeerMessage, message_from_proto
+from exchange.node.peers import SERVER_OPTIONS, BadPeerMessage, message_from_proto
 from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.server")
@@ -274,7 +274,7 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     """Run a node until SIGTERM or SIGINT."""
     node = Node(config)
     server_creds, client_creds = _tls(config)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)

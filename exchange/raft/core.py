@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from exchange.raft.confchange import ConfChange, encode_conf_entry
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.progress import Progress, ProgressState
-from exchange.raft.raft_log import RaftLog, check_contiguous, entry_size_bytes
+from exchange.raft.raft_log import RaftLog, check_contiguous
 from exchange.raft.types import ConfState, Entry, EntryKind, HardState, SnapshotMeta
 
 __all__ = [
@@ -210,8 +210,11 @@ class RaftNode:
         applied_index = snapshot.index if applied is None else applied
         if not 0 <= applied_index <= log.last_index:
             raise ValueError(f"applied {applied_index} outside [0, {log.last_index}]")
-        commit = max(hard_state.commit, snapshot.index, applied_index)
-        log.committed = min(commit, log.last_index)  # entries past it were lost unacked
+        if hard_state.commit > log.last_index:
+            raise ValueError(
+                f"hard state commit {hard_state.commit} beyond last index {log.last_index}"
+            )
+        log.committed = max(hard_state.commit, snapshot.index, applied_index)
         log.applied = applied_index
         log.applying = applied_index
 
@@ -321,10 +324,13 @@ class RaftNode:
 
     def tick(self) -> None:
         """One unit of time passed."""
+        term_before, commit_before = self._term, self._log.committed
         if self._role is Role.LEADER:
             self._tick_heartbeat()
         else:
             self._tick_election()
+        assert self._term >= term_before, "term moved back"
+        assert self._log.committed >= commit_before, "commit index moved back"
 
     def propose(self, data: bytes) -> tuple[int, int]:
         """Append `data` as a NORMAL entry; returns its (term, index).
@@ -739,9 +745,7 @@ class RaftNode:
             self._handle_leader_message(m)
             return
         expected = (
-            MessageType.PRE_VOTE_RESP
-            if self._role is Role.PRE_CANDIDATE
-            else MessageType.VOTE_RESP
+            MessageType.PRE_VOTE_RESP if self._role is Role.PRE_CANDIDATE else MessageType.VOTE_RESP
         )
         if m.type is not expected:
             return
@@ -769,7 +773,9 @@ class RaftNode:
         log = self._log
         if m.index < log.committed:
             self._send(
-                Message(MessageType.APPEND_RESP, self._id, m.from_id, self._term, index=log.committed)
+                Message(
+                    MessageType.APPEND_RESP, self._id, m.from_id, self._term, index=log.committed
+                )
             )
             return
         last_new = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
@@ -970,7 +976,3 @@ class RaftNode:
 
     def _send_timeout_now(self, to_id: str) -> None:
         self._send(Message(MessageType.TIMEOUT_NOW, self._id, to_id, self._term))
-
-
-def _entry_bytes(entries: Sequence[Entry]) -> int:
-    return sum(entry_size_bytes(e) for e in entries)
