@@ -50,8 +50,8 @@ from exchange.identity.network import AgencyPaths, NetworkLayout, init_network
 from exchange.identity.registry import KeyRegistry
 from exchange.ledger import merkle
 from exchange.ledger.block import open_envelope, verify_envelope
+from exchange.localnet import Cluster, free_base_port
 from exchange.v1 import ledger_pb2, node_pb2
-from tests.cluster import Cluster, free_base_port
 from tests.ledger_net import make_net, write_chain
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from exchange.errors import ExchangeError
 from exchange.ledger.block import tx_id
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import verify_store
+from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2
-from tests.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 

@@ -466,6 +466,7 @@ class RaftNode:
             last = rd.committed_entries[-1].index
             log.stable_to(last)  # committed entries are never truncated
             log.applied = max(log.applied, last)
+        assert log.applied <= log.committed, (log.applied, log.committed)
 
     # ------------------------------------------------------------------ hooks
 

@@ -1,9 +1,9 @@
-"""A real local cluster for tests: `exchange init` into a temporary folder on free ports,
-then one `exchange node` process per agency.
+"""A local network of real node processes: `exchange init` into a folder on free ports,
+then one `exchange node` process per agency. Used by the tests and by `make bench`.
 
-The helper stops exactly the processes it started (SIGTERM, then SIGKILL after a grace
-period), also when the test fails; each node's output goes to <root>/logs/<agency>.log
-so a failing test can show what the nodes said.
+It stops exactly the processes it started (SIGTERM, then SIGKILL after a grace period),
+also when the caller fails; each node's output goes to <root>/logs/<agency>.log so a
+failure can show what the nodes said.
 
     with Cluster(tmp_path, agencies=4) as cluster:   # started, a leader elected
         cluster.cli("submit-probe", agency="police")

@@ -1,0 +1,892 @@
+"""A deterministic simulation of a Raft cluster built from `exchange.raft.core.RaftNode`.
+
+One seed fixes everything: cluster shape, timing parameters, the network's behaviour
+(drops, duplicates, delays, reordering, symmetric and one-way partitions), the disks
+(writes are volatile until fsync; a crash keeps a random prefix of what was not yet
+fsynced, possibly cutting a batch of entries), crashes and restarts, client proposals,
+membership changes, leadership transfers, log compaction and the state transfers that
+snapshots require. The same seed and step count replay the same run exactly.
+
+The driver honours the Ready contract: a Ready's entries, snapshot and hard state are
+written, then (as a separate event, so the node keeps stepping and may crash in
+between) fsynced; only then are its messages sent and its committed entries applied.
+
+After every event the harness checks election safety, log matching, leader
+completeness, state machine safety and per-incarnation monotonic term and commit. At
+the end it heals everything, restarts every node, runs quietly and checks liveness: one
+leader that every member follows, every member applied everything, and every
+acknowledged proposal is in every member's state machine exactly once at the index it
+was acknowledged at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import random
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from exchange.raft.confchange import ConfChange, ConfChangeOp
+from exchange.raft.core import (
+    ConfChangeRejected,
+    NotLeader,
+    ProposalDropped,
+    RaftConfig,
+    RaftError,
+    RaftNode,
+    Ready,
+    Role,
+)
+from exchange.raft.messages import Message
+from exchange.raft.types import Entry, EntryKind, HardState, SnapshotMeta
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "NodeFactory",
+    "SimParams",
+    "SimResult",
+    "Simulation",
+    "Violation",
+    "replay_command",
+    "run_seed",
+]
+
+DEFAULT_STEPS = 4000
+UNIVERSE = ("n1", "n2", "n3", "n4", "n5")
+MEMBERS_MIN, MEMBERS_MAX = 3, 5
+
+NodeFactory = Callable[
+    [RaftConfig, HardState, SnapshotMeta, Sequence[Entry], random.Random, int], RaftNode
+]
+
+
+def default_node_factory(
+    config: RaftConfig,
+    hard_state: HardState,
+    snapshot: SnapshotMeta,
+    entries: Sequence[Entry],
+    rng: random.Random,
+    applied: int,
+) -> RaftNode:
+    return RaftNode(config, hard_state, snapshot, entries, rng, applied=applied)
+
+
+def replay_command(seed: int, steps: int) -> str:
+    return f".venv/bin/python -m tests.sim --seed {seed} --steps {steps}"
+
+
+class Violation(Exception):
+    """A safety or liveness property failed (or the core's own assertion fired)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Everything about a run that the seed chooses."""
+
+    members_initial: int
+    election_tick: int
+    heartbeat_tick: int
+    pre_vote: bool
+    check_quorum: bool
+    max_inflight_msgs: int
+    max_entries_per_msg: int
+    max_uncommitted_entries: int
+    drop_rate: float
+    dup_rate: float
+    long_delay_rate: float
+    compact_keep: int  # entries kept in memory behind the applied index
+    p_propose: float
+    p_fault: float
+    p_crash_new_leader: float  # chance a fresh leader crashes within a few ticks
+    p_isolate_new_leader: float  # chance a fresh leader is cut off within a few ticks
+    downtime_ticks_max: int  # a crashed node restarts by itself after at most this
+    p_crash_after_fsync: float  # crash between making a Ready durable and sending it
+    p_crash_before_fsync: float  # crash with a Ready written but not yet durable
+
+    @staticmethod
+    def from_rng(rng: random.Random) -> SimParams:
+        both = rng.random() < 0.7
+        return SimParams(
+            members_initial=rng.choice((3, 3, 4, 5)),
+            election_tick=rng.randint(5, 10),
+            heartbeat_tick=rng.randint(1, 2),
+            pre_vote=True if both else rng.random() < 0.5,
+            check_quorum=True if both else rng.random() < 0.5,
+            max_inflight_msgs=rng.choice((1, 1, 2, 4, 8)),
+            max_entries_per_msg=rng.choice((1, 1, 2, 4, 8)),
+            max_uncommitted_entries=rng.randint(8, 64),
+            drop_rate=rng.choice((0.0, 0.02, 0.1, 0.25)),
+            dup_rate=rng.choice((0.0, 0.02, 0.1)),
+            long_delay_rate=rng.choice((0.0, 0.02, 0.1)),
+            compact_keep=rng.randint(2, 40),
+            p_propose=rng.uniform(0.02, 0.15),
+            p_fault=rng.uniform(0.002, 0.02),
+            p_crash_new_leader=rng.choice((0.0, 0.05, 0.2, 0.5)),
+            p_isolate_new_leader=rng.choice((0.0, 0.05, 0.2, 0.5)),
+            downtime_ticks_max=rng.randint(5, 60),
+            p_crash_after_fsync=rng.choice((0.0, 0.0, 0.002, 0.01, 0.02)),
+            p_crash_before_fsync=rng.choice((0.0, 0.0, 0.002, 0.01, 0.02)),
+        )
+
+
+@dataclass
+class SimResult:
+    seed: int
+    steps: int
+    violation: Violation | None
+    trace: str = ""
+    proposals: int = 0
+    acknowledged: int = 0
+    terms_max: int = 0
+    crashes: int = 0
+    snapshots_installed: int = 0
+    conf_changes: int = 0
+    transfers: int = 0
+    sim_ticks: int = 0
+    events: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None
+
+    @property
+    def replay(self) -> str:
+        return replay_command(self.seed, self.steps)
+
+
+# ------------------------------------------------------------------------------ disk
+
+
+@dataclass
+class SimDisk:
+    """A node's durable log. Writes are pending until `fsync`; a crash keeps a random
+    prefix of the pending writes (possibly cutting a batch of entries)."""
+
+    snapshot: SnapshotMeta = field(default_factory=SnapshotMeta)
+    hard_state: HardState = field(default_factory=HardState)
+    entries: list[Entry] = field(default_factory=list)
+    pending: list[tuple[str, object]] = field(default_factory=list)
+
+    def write(self, rd: Ready) -> None:
+        if rd.snapshot is not None:
+            self.pending.append(("snapshot", rd.snapshot))
+        for entry in rd.entries_to_persist:
+            self.pending.append(("entry", entry))
+        if rd.hard_state is not None:
+            self.pending.append(("hard_state", rd.hard_state))
+
+    def fsync(self) -> None:
+        for op in self.pending:
+            self._apply(op)
+        self.pending.clear()
+
+    def crash(self, rng: random.Random) -> None:
+        keep = rng.randint(0, len(self.pending))
+        for op in self.pending[:keep]:
+            self._apply(op)
+        self.pending.clear()
+
+    def compact(self, meta: SnapshotMeta) -> None:
+        assert not self.pending
+        if meta.index <= self.snapshot.index:
+            return
+        drop = meta.index - self.snapshot.index
+        assert len(self.entries) >= drop and self.entries[drop - 1].term == meta.term
+        del self.entries[:drop]
+        self.snapshot = meta
+
+    def _apply(self, op: tuple[str, object]) -> None:
+        kind, value = op
+        if kind == "snapshot":
+            assert isinstance(value, SnapshotMeta)
+            self.snapshot = value
+            self.entries = []
+        elif kind == "entry":
+            assert isinstance(value, Entry)
+            position = value.index - self.snapshot.index - 1
+            assert 0 <= position <= len(self.entries), (value.index, self.snapshot.index)
+            del self.entries[position:]
+            self.entries.append(value)
+        else:
+            assert isinstance(value, HardState)
+            self.hard_state = value
+
+
+# ------------------------------------------------------------------------------ nodes
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    disk: SimDisk
+    rng_seed: int
+    node: RaftNode | None = None
+    incarnation: int = 0
+    state_machine: list[Entry] = field(default_factory=list)  # durable, index i at i - 1
+    outstanding: Ready | None = None
+    ready_scheduled: bool = False
+    proposals: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # index: term, data
+    seen_term: int = 0
+    seen_commit: int = 0
+    leader_checked_term: int = 0
+    restart_at: float = 0.0
+    log_signature: tuple[int, int, Entry | None] = (0, 0, None)
+
+
+# ------------------------------------------------------------------------------ simulation
+
+
+@dataclass(order=True)
+class _Event:
+    time: float
+    seq: int
+    kind: str = field(compare=False)
+    node_id: str = field(compare=False, default="")
+    incarnation: int = field(compare=False, default=0)
+    message: Message | None = field(compare=False, default=None)
+    snapshot: SnapshotMeta | None = field(compare=False, default=None)
+
+
+class Simulation:
+    """One seeded run. `run()` returns a SimResult; it never raises for a violation."""
+
+    def __init__(
+        self,
+        seed: int,
+        steps: int,
+        node_factory: NodeFactory = default_node_factory,
+        quiet_ticks_max: int = 400,
+        unsafe_send_before_fsync: bool = False,
+        params_override: dict[str, object] | None = None,
+    ) -> None:
+        """`unsafe_send_before_fsync` breaks the Ready contract on purpose (sends each
+        Ready's messages before its writes are durable), to show the checks notice."""
+        self.seed = seed
+        self.steps_max = steps
+        self.rng = random.Random(seed)
+        self.params = SimParams.from_rng(self.rng)
+        if params_override:
+            self.params = dataclasses.replace(self.params, **params_override)  # type: ignore[arg-type]
+        self.node_factory = node_factory
+        self.quiet_ticks_max = quiet_ticks_max
+        self.unsafe_send_before_fsync = unsafe_send_before_fsync
+        self.now = 0.0
+        self.seq = 0
+        self.events: list[_Event] = []
+        self.chaos = True
+        self.blocked: set[tuple[str, str]] = set()
+        self.initial_voters = UNIVERSE[: self.params.members_initial]
+        self.nodes = {
+            node_id: SimNode(node_id, SimDisk(), self.rng.getrandbits(64)) for node_id in UNIVERSE
+        }
+        # What the checks remember.
+        self.leader_of_term: dict[int, str] = {}
+        self.log_entries: dict[tuple[int, int], tuple[EntryKind, bytes, int]] = {}
+        self.committed: dict[int, Entry] = {}
+        self.commit_term: dict[int, int] = {}
+        self.commit_index_max = 0
+        self.applied: dict[int, Entry] = {}
+        self.acknowledged: dict[bytes, int] = {}
+        self.result = SimResult(seed=seed, steps=steps, violation=None)
+        self.proposal_counter = 0
+        self.touched: set[str] = set()
+
+    # ---------------------------------------------------------------- scheduling
+
+    def _schedule(self, delay: float, kind: str, **fields: object) -> None:
+        self.seq += 1
+        event = _Event(self.now + delay, self.seq, kind, **fields)  # type: ignore[arg-type]
+        heapq.heappush(self.events, event)
+
+    def _live(self) -> list[SimNode]:
+        return [sn for sn in self.nodes.values() if sn.node is not None]
+
+    # ---------------------------------------------------------------- running
+
+    def run(self) -> SimResult:
+        try:
+            self._run()
+        except Violation as violation:
+            self.result.violation = violation
+            self.result.trace = traceback.format_exc()
+        except AssertionError as exc:  # the core (or the driver) caught itself
+            self.result.violation = Violation("assertion", repr(exc))
+            self.result.trace = traceback.format_exc()
+        self.result.sim_ticks = int(self.now)
+        self.result.terms_max = max(
+            (sn.node.term for sn in self.nodes.values() if sn.node is not None), default=0
+        )
+        self.result.acknowledged = len(self.acknowledged)
+        return self.result
+
+    def _run(self) -> None:
+        for sn in self.nodes.values():
+            self._start(sn)
+        self._schedule(1.0, "tick")
+        steps = 0
+        while steps < self.steps_max:
+            self._process_next()
+            steps += 1
+            self._chaos()
+            self._check()
+        self._quiet()
+
+    def _process_next(self) -> None:
+        event = heapq.heappop(self.events)
+        self.now = event.time
+        self.result.events += 1
+        self.touched.clear()
+        kind = event.kind
+        if kind == "tick":
+            self._on_tick()
+            self._schedule(1.0, "tick")
+            return
+        if kind == "deliver":
+            assert event.message is not None
+            self._on_deliver(event.message)
+            return
+        sn = self.nodes[event.node_id]
+        if sn.node is None or sn.incarnation != event.incarnation:
+            return  # meant for an incarnation that crashed
+        self.touched.add(sn.node_id)
+        if kind == "ready":
+            self._on_ready(sn)
+        elif kind == "fsync":
+            self._on_fsync(sn)
+        elif kind == "transfer":
+            assert event.snapshot is not None
+            self._on_transfer(sn, event.snapshot)
+        elif kind == "crash":
+            if self.chaos:
+                self._crash(sn)
+        elif kind == "isolate":
+            if self.chaos:
+                self._isolate(sn.node_id)
+        else:
+            raise AssertionError(kind)
+
+    def _on_tick(self) -> None:
+        for sn in self.nodes.values():
+            if sn.node is None and self.chaos and self.now >= sn.restart_at:
+                self._start(sn)
+        live = self._live()
+        self.rng.shuffle(live)
+        for sn in live:
+            assert sn.node is not None
+            sn.node.tick()
+            self.touched.add(sn.node_id)
+            self._after_input(sn)
+
+    def _after_input(self, sn: SimNode) -> None:
+        node = sn.node
+        if node is None or sn.outstanding is not None or sn.ready_scheduled:
+            return
+        if node.has_ready():
+            sn.ready_scheduled = True
+            self._schedule(
+                self.rng.uniform(0.001, 0.05),
+                "ready",
+                node_id=sn.node_id,
+                incarnation=sn.incarnation,
+            )
+
+    def _on_ready(self, sn: SimNode) -> None:
+        node = sn.node
+        assert node is not None
+        sn.ready_scheduled = False
+        rd = node.ready()
+        if rd is None:
+            return
+        sn.disk.write(rd)
+        sn.outstanding = rd
+        if self.unsafe_send_before_fsync:
+            for message in rd.messages:
+                self._send(message)
+        delay = self.rng.uniform(0.001, 0.2)
+        if self.chaos and self.rng.random() < 0.05:
+            delay = self.rng.uniform(0.2, 3.0)  # a slow disk
+        self._schedule(delay, "fsync", node_id=sn.node_id, incarnation=sn.incarnation)
+
+    def _on_fsync(self, sn: SimNode) -> None:
+        node, rd = sn.node, sn.outstanding
+        assert node is not None and rd is not None
+        if self.chaos and self.rng.random() < self.params.p_crash_before_fsync:
+            self._crash(sn)  # a random prefix of the pending writes survives
+            return
+        sn.disk.fsync()
+        if self.chaos and self.rng.random() < self.params.p_crash_after_fsync:
+            self._crash(sn)  # durable, but nothing sent or applied
+            return
+        if not self.unsafe_send_before_fsync:
+            for message in rd.messages:
+                self._send(message)
+        if rd.snapshot is not None:
+            self._schedule_transfer(sn, rd.snapshot)
+        for entry in rd.committed_entries:
+            self._apply(sn, entry)
+        sn.outstanding = None
+        node.advance(rd)
+        self._maybe_compact(sn)
+        self._after_input(sn)
+
+    # ---------------------------------------------------------------- network
+
+    def _send(self, message: Message) -> None:
+        if self.chaos and self.rng.random() < self.params.drop_rate:
+            return
+        copies = 2 if self.chaos and self.rng.random() < self.params.dup_rate else 1
+        for _ in range(copies):
+            delay = self.rng.uniform(0.01, 0.5)
+            if self.chaos and self.rng.random() < self.params.long_delay_rate:
+                delay = self.rng.uniform(0.5, 3.0 * self.params.election_tick)
+            self._schedule(delay, "deliver", message=message)
+
+    def _on_deliver(self, message: Message) -> None:
+        if (message.from_id, message.to_id) in self.blocked:
+            return
+        sn = self.nodes[message.to_id]
+        if sn.node is None:
+            return
+        self.touched.add(sn.node_id)
+        sn.node.step(message)
+        self._after_input(sn)
+
+    # ---------------------------------------------------------------- state machine
+
+    def _apply(self, sn: SimNode, entry: Entry) -> None:
+        sm = sn.state_machine
+        if entry.index != len(sm) + 1:
+            raise Violation("apply order", f"{sn.node_id} applies {entry.index} after {len(sm)}")
+        self._check_applied(sn.node_id, entry)
+        sm.append(entry)
+        proposal = sn.proposals.pop(entry.index, None)
+        if proposal is not None:
+            term, data = proposal
+            if entry.term == term:
+                if entry.data != data:
+                    raise Violation(
+                        "acknowledgement", f"{sn.node_id} entry {entry.index} is not its proposal"
+                    )
+                if data in self.acknowledged:
+                    raise Violation("acknowledgement", f"{data!r} acknowledged twice")
+                self.acknowledged[data] = entry.index
+
+    def _check_applied(self, node_id: str, entry: Entry) -> None:
+        first = self.applied.setdefault(entry.index, entry)
+        if first != entry:
+            raise Violation(
+                "state machine safety",
+                f"{node_id} applied {entry} at {entry.index}, another node applied {first}",
+            )
+
+    def _maybe_compact(self, sn: SimNode) -> None:
+        node = sn.node
+        assert node is not None
+        if node.pending_snapshot is not None:
+            return
+        lag = node.applied_index - node.first_index + 1
+        if lag > self.params.compact_keep and self.rng.random() < 0.5:
+            index = node.applied_index - self.rng.randint(0, self.params.compact_keep // 2)
+            meta = node.compact(index)
+            sn.disk.compact(meta)
+
+    def _schedule_transfer(self, sn: SimNode, meta: SnapshotMeta) -> None:
+        delay = self.rng.uniform(0.1, 2.0 * self.params.election_tick if self.chaos else 2.0)
+        self._schedule(
+            delay, "transfer", node_id=sn.node_id, incarnation=sn.incarnation, snapshot=meta
+        )
+
+    def _on_transfer(self, sn: SimNode, meta: SnapshotMeta) -> None:
+        """Copy the state up to meta.index from a live peer that has applied it."""
+        node = sn.node
+        assert node is not None
+        if node.applied_index >= meta.index:
+            return
+        sources = [
+            peer
+            for peer in self._live()
+            if peer is not sn and len(peer.state_machine) >= meta.index
+        ]
+        if not sources:
+            self._schedule_transfer(sn, meta)  # try again later
+            return
+        source = self.rng.choice(sources)
+        sm = sn.state_machine
+        for entry in source.state_machine[len(sm) : meta.index]:
+            self._check_applied(sn.node_id, entry)
+            sm.append(entry)
+        if sm[meta.index - 1].term != meta.term:
+            raise Violation(
+                "snapshot", f"state at {meta.index} has term {sm[meta.index - 1].term}, not {meta}"
+            )
+        node.restore_snapshot_done(meta)
+        self.result.snapshots_installed += 1
+        self._after_input(sn)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _config(self, node_id: str) -> RaftConfig:
+        p = self.params
+        return RaftConfig(
+            node_id=node_id,
+            initial_voters=self.initial_voters,
+            election_tick=p.election_tick,
+            heartbeat_tick=p.heartbeat_tick,
+            pre_vote=p.pre_vote,
+            check_quorum=p.check_quorum,
+            max_inflight_msgs=p.max_inflight_msgs,
+            max_entries_per_msg=p.max_entries_per_msg,
+            max_bytes_per_msg=4096,
+            max_uncommitted_entries=p.max_uncommitted_entries,
+            max_committed_entries_per_ready=16,
+        )
+
+    def _start(self, sn: SimNode) -> None:
+        disk = sn.disk
+        sn.incarnation += 1
+        rng = random.Random(sn.rng_seed ^ sn.incarnation)
+        sn.node = self.node_factory(
+            self._config(sn.node_id),
+            disk.hard_state,
+            disk.snapshot,
+            list(disk.entries),
+            rng,
+            len(sn.state_machine),
+        )
+        sn.outstanding = None
+        sn.ready_scheduled = False
+        sn.proposals = {}
+        sn.seen_term = sn.node.term
+        sn.seen_commit = sn.node.commit_index
+        sn.leader_checked_term = 0
+        sn.log_signature = (0, 0, None)
+        self.touched.add(sn.node_id)
+        if sn.node.pending_snapshot is not None:
+            self._schedule_transfer(sn, sn.node.pending_snapshot)
+        self._after_input(sn)
+
+    def _crash(self, sn: SimNode) -> None:
+        sn.node = None
+        sn.incarnation += 1
+        sn.disk.crash(self.rng)
+        sn.outstanding = None
+        sn.ready_scheduled = False
+        sn.proposals = {}
+        sn.restart_at = self.now + self.rng.randint(1, self.params.downtime_ticks_max)
+        self.result.crashes += 1
+
+    # ---------------------------------------------------------------- chaos
+
+    def _leaders(self) -> list[SimNode]:
+        return [sn for sn in self._live() if sn.node is not None and sn.node.role is Role.LEADER]
+
+    def _chaos(self) -> None:
+        rng, p = self.rng, self.params
+        if rng.random() < p.p_propose:
+            self._propose()
+        if rng.random() >= p.p_fault:
+            return
+        action = rng.random()
+        live = self._live()
+        down = [sn for sn in self.nodes.values() if sn.node is None]
+        leaders = self._leaders()
+        if action < 0.15:
+            if leaders and rng.random() < 0.5:
+                self._crash(rng.choice(leaders))
+            elif live:
+                self._crash(rng.choice(live))
+        elif action < 0.35:
+            if down:
+                self._start(rng.choice(down))
+        elif action < 0.5:
+            self._partition()
+        elif action < 0.65:
+            self.blocked.clear()
+        elif action < 0.85:
+            self._change_membership()
+        else:
+            self._transfer_leadership()
+
+    def _propose(self) -> None:
+        leaders = self._leaders()
+        if not leaders:
+            return
+        sn = self.rng.choice(leaders)
+        node = sn.node
+        assert node is not None
+        self.proposal_counter += 1
+        data = f"{self.seed}:{self.proposal_counter}".encode()
+        try:
+            term, index = node.propose(data)
+        except (NotLeader, ProposalDropped):
+            return
+        self.result.proposals += 1
+        sn.proposals[index] = (term, data)
+        self.touched.add(sn.node_id)
+        self._after_input(sn)
+
+    def _partition(self) -> None:
+        ids = list(UNIVERSE)
+        if self.rng.random() < 0.5:  # symmetric split
+            self.rng.shuffle(ids)
+            cut = self.rng.randint(1, len(ids) - 1)
+            left, right = ids[:cut], ids[cut:]
+            for a in left:
+                for b in right:
+                    self.blocked.add((a, b))
+                    self.blocked.add((b, a))
+        else:  # one-way: a's messages do not reach b
+            a, b = self.rng.sample(ids, 2)
+            self.blocked.add((a, b))
+
+    def _isolate(self, node_id: str) -> None:
+        for other in UNIVERSE:
+            if other != node_id:
+                self.blocked.add((node_id, other))
+                self.blocked.add((other, node_id))
+
+    def _change_membership(self) -> None:
+        leaders = self._leaders()
+        if not leaders:
+            return
+        sn = self.rng.choice(leaders)
+        node = sn.node
+        assert node is not None
+        voters = node.voters
+        others = [n for n in UNIVERSE if n not in voters]
+        adding = bool(others) and (len(voters) <= MEMBERS_MIN or self.rng.random() < 0.5)
+        if adding:
+            change = ConfChange(ConfChangeOp.ADD_VOTER, self.rng.choice(others))
+        elif len(voters) > MEMBERS_MIN:
+            change = ConfChange(ConfChangeOp.REMOVE_VOTER, self.rng.choice(voters))
+        else:
+            return
+        try:
+            node.propose_conf_change(change)
+        except (NotLeader, ProposalDropped, ConfChangeRejected):
+            return
+        self.result.conf_changes += 1
+        self.touched.add(sn.node_id)
+        self._after_input(sn)
+
+    def _transfer_leadership(self) -> None:
+        leaders = self._leaders()
+        if not leaders:
+            return
+        sn = self.rng.choice(leaders)
+        node = sn.node
+        assert node is not None
+        targets = [v for v in node.voters if v != node.id]
+        if not targets:
+            return
+        try:
+            node.transfer_leadership(self.rng.choice(targets))
+        except RaftError:
+            return
+        self.result.transfers += 1
+        self.touched.add(sn.node_id)
+        self._after_input(sn)
+
+    # ---------------------------------------------------------------- checks
+
+    def _check(self) -> None:
+        for node_id in sorted(self.touched):
+            sn = self.nodes[node_id]
+            if sn.node is not None:
+                self._check_node(sn, sn.node)
+
+    def _check_node(self, sn: SimNode, node: RaftNode) -> None:
+        if node.term < sn.seen_term:
+            raise Violation("term monotonic", f"{sn.node_id} term {sn.seen_term} -> {node.term}")
+        sn.seen_term = node.term
+        commit = node.commit_index
+        if commit < sn.seen_commit:
+            raise Violation("commit monotonic", f"{sn.node_id} commit {sn.seen_commit} -> {commit}")
+        self._check_log_matching(sn, node)
+        if commit > sn.seen_commit:
+            self._record_commits(sn, node, sn.seen_commit + 1, commit)
+            sn.seen_commit = commit
+        if node.role is Role.LEADER:
+            holder = self.leader_of_term.setdefault(node.term, sn.node_id)
+            if holder != sn.node_id:
+                raise Violation(
+                    "election safety", f"{holder} and {sn.node_id} both lead term {node.term}"
+                )
+            if sn.leader_checked_term != node.term:
+                sn.leader_checked_term = node.term
+                self._check_leader_completeness(sn.node_id, node)
+                for kind, chance in (
+                    ("crash", self.params.p_crash_new_leader),
+                    ("isolate", self.params.p_isolate_new_leader),
+                ):
+                    if self.chaos and self.rng.random() < chance:
+                        self._schedule(
+                            self.rng.uniform(0.0, 3.0),
+                            kind,
+                            node_id=sn.node_id,
+                            incarnation=sn.incarnation,
+                        )
+
+    def _check_log_matching(self, sn: SimNode, node: RaftNode) -> None:
+        """Same (index, term) => same entry and same previous term; by induction the
+        whole prefixes are then equal (Log Matching). Rechecked whenever the log's
+        bounds or last entry change."""
+        held = node.last_index >= node.first_index
+        last = node.entries(node.last_index, node.last_index + 1) if held else ()
+        signature = (node.first_index, node.last_index, last[0] if last else None)
+        if signature[:2] == sn.log_signature[:2] and signature[2] is sn.log_signature[2]:
+            return
+        sn.log_signature = signature
+        prev_term = node.term_at(node.first_index - 1)
+        assert prev_term is not None
+        seen = self.log_entries
+        for entry in node.entries(node.first_index, node.last_index + 1):
+            value = (entry.kind, entry.data, prev_term)
+            known = seen.setdefault((entry.index, entry.term), value)
+            if known != value:
+                raise Violation(
+                    "log matching",
+                    f"{sn.node_id} holds ({entry.index}, {entry.term}) as {value}, "
+                    f"elsewhere {known}",
+                )
+            prev_term = entry.term
+
+    def _record_commits(self, sn: SimNode, node: RaftNode, lo: int, hi: int) -> None:
+        for index in range(max(lo, node.first_index), hi + 1):
+            term = node.term_at(index)
+            assert term is not None
+            entry = node.entries(index, index + 1)[0]
+            known = self.committed.setdefault(index, entry)
+            if known != entry:
+                raise Violation(
+                    "committed entry changed",
+                    f"{sn.node_id} committed {entry} at {index}, earlier {known}",
+                )
+            previous = self.commit_term.get(index)
+            if previous is None or node.term < previous:
+                self.commit_term[index] = node.term
+                for leader in self._leaders():
+                    assert leader.node is not None
+                    if leader.node.term > node.term:
+                        self._check_holds(leader.node_id, leader.node, index)
+        self.commit_index_max = max(self.commit_index_max, hi)
+
+    def _check_holds(self, node_id: str, leader: RaftNode, index: int) -> None:
+        entry = self.committed[index]
+        if index < leader.first_index - 1:
+            return  # compacted into its snapshot; state machine safety covers it
+        term = leader.term_at(index)
+        if term != entry.term:
+            raise Violation(
+                "leader completeness",
+                f"leader {node_id} of term {leader.term} has term {term} at {index}, "
+                f"but {entry} committed in term {self.commit_term[index]}",
+            )
+
+    def _check_leader_completeness(self, node_id: str, leader: RaftNode) -> None:
+        for index in range(max(1, leader.first_index - 1), self.commit_index_max + 1):
+            committed_in = self.commit_term.get(index)
+            if committed_in is not None and committed_in < leader.term:
+                self._check_holds(node_id, leader, index)
+
+    # ---------------------------------------------------------------- the end
+
+    def _quiet(self) -> None:
+        self.chaos = False
+        self.blocked.clear()
+        for sn in self.nodes.values():
+            if sn.node is None:
+                self._start(sn)
+        self._check()
+        ticks = 0
+        while True:
+            event = self.events[0]
+            self._process_next()
+            self._check()
+            if event.kind != "tick":
+                continue
+            ticks += 1
+            if self._settled():
+                break
+            if ticks > self.quiet_ticks_max:
+                raise Violation(
+                    "liveness", f"not settled after {ticks} quiet ticks: {self._describe()}"
+                )
+        self._check_final()
+
+    def _settled(self) -> bool:
+        leaders = [sn.node for sn in self._leaders() if sn.node is not None]
+        leaders = [node for node in leaders if node.id in node.voters]
+        if not leaders:
+            return False
+        leader = max(leaders, key=lambda node: node.term)
+        if leader.commit_index != leader.last_index:
+            return False
+        for member in leader.voters:
+            node = self.nodes[member].node
+            if (
+                node is None
+                or node.term != leader.term
+                or node.leader_id != leader.id
+                or node.applied_index != leader.commit_index
+                or node.pending_snapshot is not None
+            ):
+                return False
+        return True
+
+    def _check_final(self) -> None:
+        leader = max(
+            (sn.node for sn in self._leaders() if sn.node is not None), key=lambda n: n.term
+        )
+        for member in leader.voters:
+            sm = self.nodes[member].state_machine
+            seen: dict[bytes, int] = {}
+            for entry in sm:
+                if entry.kind is EntryKind.NORMAL:
+                    if entry.data in seen:
+                        raise Violation("exactly once", f"{member} applied {entry.data!r} twice")
+                    seen[entry.data] = entry.index
+            for data, index in self.acknowledged.items():
+                if seen.get(data) != index:
+                    raise Violation(
+                        "acknowledged lost",
+                        f"{member} has {data!r} at {seen.get(data)}, acknowledged at {index}",
+                    )
+
+    def _describe(self) -> str:
+        parts = []
+        for sn in self.nodes.values():
+            node = sn.node
+            if node is None:
+                parts.append(f"{sn.node_id}:down")
+                continue
+            parts.append(
+                f"{sn.node_id}:{node.role.value} t{node.term} lead={node.leader_id or '-'} "
+                f"c{node.commit_index} a{node.applied_index} last{node.last_index} "
+                f"voters={','.join(node.voters)}"
+                + (" pending-snap" if node.pending_snapshot else "")
+            )
+        return "; ".join(parts)
+
+
+def run_seed(
+    seed: int,
+    steps: int = DEFAULT_STEPS,
+    node_factory: NodeFactory = default_node_factory,
+    unsafe_send_before_fsync: bool = False,
+    params_override: dict[str, object] | None = None,
+) -> SimResult:
+    return Simulation(
+        seed,
+        steps,
+        node_factory,
+        unsafe_send_before_fsync=unsafe_send_before_fsync,
+        params_override=params_override,
+    ).run()
