@@ -46,8 +46,15 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-async def _client_loop(profile_path: Path, clients: int, duration_s: float, start_at: float,
-                       out: list[float], errs: list[str]) -> None:
+async def _client_loop(assignments: list[tuple[str, int]], duration_s: float,
+                       start_at: float, out: list[float], errs: list[str]) -> None:
+    """Run, for each (profile, count), `count` closed-loop clients of that profile."""
+    await asyncio.gather(*(_profile_clients(Path(p), n, duration_s, start_at, out, errs)
+                           for p, n in assignments if n))
+
+
+async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
+                           start_at: float, out: list[float], errs: list[str]) -> None:
     from exchange.identity.config import load_profile, read_signed_genesis
     from exchange.identity.keys import CachedSigner, read_signing_key
     from exchange.ledger.block import new_body, seal_envelope
@@ -87,12 +94,12 @@ async def _client_loop(profile_path: Path, clients: int, duration_s: float, star
     await channel.close()
 
 
-def _worker(profile_path: str, clients: int, duration_s: float, start_at: float,
+def _worker(assignments: list[tuple[str, int]], duration_s: float, start_at: float,
             queue: mp.Queue) -> None:  # type: ignore[type-arg]
     out: list[float] = []
     errs: list[str] = []
     try:
-        asyncio.run(_client_loop(Path(profile_path), clients, duration_s, start_at, out, errs))
+        asyncio.run(_client_loop(assignments, duration_s, start_at, out, errs))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         errs.append(repr(exc))
     queue.put((out, errs))
@@ -106,15 +113,17 @@ def run_load(profiles: list[Path], clients: int, duration_s: float,
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 2.0  # let every worker connect first
+    # client i talks to profile i mod n, and runs in process i mod processes
+    plan: list[dict[str, int]] = [{} for _ in range(processes)]
+    for i in range(clients):
+        profile = str(profiles[i % len(profiles)])
+        plan[i % processes][profile] = plan[i % processes].get(profile, 0) + 1
     workers = []
-    shares = [clients // processes + (1 if i < clients % processes else 0)
-              for i in range(processes)]
-    for i, share in enumerate(shares):
-        if share == 0:
+    for assignment in plan:
+        if not assignment:
             continue
-        profile = profiles[i % len(profiles)]
-        proc = ctx.Process(target=_worker, args=(str(profile), share, duration_s, start_at,
-                                                 queue))
+        proc = ctx.Process(target=_worker, args=(sorted(assignment.items()), duration_s,
+                                                 start_at, queue))
         proc.start()
         workers.append(proc)
     latencies: list[float] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import click
@@ -20,9 +19,6 @@ def node(config_path: Path) -> None:
     from exchange.node import logs
     from exchange.node.server import serve
 
-    # Hand the GIL over sooner than the default 5 ms: the event loop answers peers
-    # while worker threads verify and write.
-    sys.setswitchinterval(0.0005)
     config = load_node_config(config_path)
     logs.configure(config.log_level)
     asyncio.run(serve(config, ready=logs.bind_node))

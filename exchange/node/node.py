@@ -61,6 +61,7 @@ COMPACT_EVERY_ENTRIES = 2_000  # compact the Raft log when this much is applied 
 COMPACT_KEEP_ENTRIES = 500  # ...keeping this many for followers slightly behind
 RESUBMIT_AFTER_S = 3.0
 SUBMIT_TIMEOUT_S = 30.0
+FORWARD_BATCH_MAX = 1_000
 ATTEST_FLUSH_S = 0.05
 
 
@@ -118,6 +119,8 @@ class Node:
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
         self._unapplied_txs: set[bytes] = set()
+        self._forward_queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._forward_event = asyncio.Event()
         self._proposed_tip: tuple[int, bytes, int] | None = None
         self._attest_out: list[ledger_pb2.Attestation] = []
         self._attest_early: dict[int, list[ledger_pb2.Attestation]] = {}
@@ -146,7 +149,7 @@ class Node:
         self.links.start()
         loop = asyncio.get_running_loop()
         for coro, name in ((self._raft_loop(), "raft"), (self._ticker(), "tick"),
-                           (self._cutter(), "cutter"),
+                           (self._cutter(), "cutter"), (self._forwarder(), "forward"),
                            (self._attest_receiver(), "attest-in"),
                            (self._resubmitter(), "resubmit")):
             self._tasks.append(loop.create_task(coro, name=name))
@@ -511,7 +514,10 @@ class Node:
                 self.mempool[opened.tx_id] = opened
                 self._mempool_event.set()
         else:
-            await self._forward([raw])
+            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._forward_queue.append((raw, sent))
+            self._forward_event.set()
+            await sent
             p.last_sent = time.monotonic()
         if not wait:
             return node_pb2.SubmitResponse(tx_id=opened.tx_id, status="accepted")
@@ -531,6 +537,26 @@ class Node:
             except ExchangeError as exc:
                 return node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
         return list(await asyncio.gather(*(one(r) for r in raws)))
+
+    async def _forwarder(self) -> None:
+        """Forward what clients submit here to the leader in batches: whatever arrives
+        while one batch is on its way goes in the next."""
+        while True:
+            await self._forward_event.wait()
+            self._forward_event.clear()
+            while self._forward_queue:
+                batch = self._forward_queue[:FORWARD_BATCH_MAX]
+                del self._forward_queue[:FORWARD_BATCH_MAX]
+                try:
+                    await self._forward([raw for raw, _ in batch])
+                except ExchangeError as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
 
     async def _forward(self, raws: Sequence[bytes]) -> None:
         """Hand admitted envelopes to the leader (no wait: this node watches them)."""

@@ -24,6 +24,17 @@ Between `ready()` and `advance()` the driver may keep calling `tick`, `step` and
 `propose`; what they produce goes into the next Ready. `has_ready()` is False until the
 outstanding Ready is advanced.
 
+Snapshots carry no data through Raft. The application compacts when it likes:
+`compact(index)` (index <= applied_index) drops entries <= index from memory and returns
+the SnapshotMeta to record in the durable log. A follower that needs dropped entries is
+sent a SNAPSHOT message holding only that metadata; its core resets its log to the
+snapshot point, emits `Ready.snapshot` and answers the leader in the same Ready (the
+answer claims only the durable log, which is true once step 1 is done). Replication to
+it resumes at once; only the application of committed entries after the snapshot waits
+until the application has fetched the state (the node streams and verifies blocks from
+peers) and called `restore_snapshot_done(meta)`. After a restart whose state machine is
+behind the durable snapshot (pass `applied`), `pending_snapshot` names what to fetch.
+
 Beyond the Raft paper's figure 2 the core implements pre-vote, check-quorum with leader
 leases, randomized election timeouts in [election_tick, 2 * election_tick), pipelined
 and batched APPENDs with per-follower flow control, fast backtracking on conflict,
