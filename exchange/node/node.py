@@ -62,6 +62,7 @@ COMPACT_KEEP_ENTRIES = 500  # ...keeping this many for followers slightly behind
 RESUBMIT_AFTER_S = 3.0
 SUBMIT_TIMEOUT_S = 30.0
 FORWARD_BATCH_MAX = 1_000
+PEER_STATUS_EVERY_S = 2.0
 ATTEST_FLUSH_S = 0.05
 
 
@@ -133,6 +134,7 @@ class Node:
         self._leader_stubs: dict[str, node_pb2_grpc.ExchangeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self.final_height = 0
+        self.peer_heights: dict[str, int] = {}
         self.leader_changes = 0
         self.stopping = False
         self.last_apply_ms = 0.0
@@ -150,6 +152,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for coro, name in ((self._raft_loop(), "raft"), (self._ticker(), "tick"),
                            (self._cutter(), "cutter"), (self._forwarder(), "forward"),
+                           (self._peer_watch(), "peer-watch"),
                            (self._attest_receiver(), "attest-in"),
                            (self._resubmitter(), "resubmit")):
             self._tasks.append(loop.create_task(coro, name=name))
@@ -619,6 +622,19 @@ class Node:
                 if now - p.last_sent > RESUBMIT_AFTER_S:
                     p.last_sent = now
 
+    async def _peer_watch(self) -> None:
+        """Ask every peer for its height now and then, for status pages."""
+        while True:
+            await asyncio.sleep(PEER_STATUS_EVERY_S)
+            if self.links is None:
+                continue
+            for agency, link in self.links.links.items():
+                try:
+                    st = await link.stub.Status(peer_pb2.PeerStatusRequest(), timeout=1.0)
+                    self.peer_heights[agency] = st.height
+                except grpc.aio.AioRpcError:
+                    self.peer_heights.pop(agency, None)
+
     def _in_flight(self, p: Pending) -> bool:
         return p.opened.tx_id in self.mempool or p.last_sent > 0 and \
             time.monotonic() - p.last_sent < RESUBMIT_AFTER_S
@@ -753,6 +769,7 @@ class Node:
             pr = progress.get(agency)
             peers.append(node_pb2.PeerView(agency=agency, address=address,
                                            match_index=pr.match if pr else 0,
+                                           height=self.peer_heights.get(agency, 0),
                                            reachable=bool(link and link.connected)))
         return node_pb2.NodeStatus(
             agency=self.agency, chain_id=self.chain_id, role=self.core.role.value,
