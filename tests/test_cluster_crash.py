@@ -161,9 +161,15 @@ def test_kill_9_leader_and_follower_loses_nothing_acknowledged(tmp_path: Path) -
 def test_stopped_node_catches_up_after_compaction(tmp_path: Path) -> None:
     """A node stopped while the others commit far past the Raft log compaction point
     comes back and catches up by streaming and verifying final blocks."""
-    from exchange.node.node import COMPACT_EVERY_ENTRIES
-
-    with Cluster(tmp_path) as cluster:
+    compact_every = 100
+    cluster = Cluster(tmp_path)
+    cluster.init()
+    for agency in cluster.agencies:  # compact early so that the test stays short
+        path = cluster.node_config(agency)
+        path.write_text(path.read_text().replace(
+            "compact_every_entries = 2000", f"compact_every_entries = {compact_every}"
+        ).replace("compact_keep_entries = 500", "compact_keep_entries = 20"))
+    with cluster:
         leader = cluster.leader()
         away = next(a for a in cluster.agencies if a != leader)
         cluster.kill(away, signal.SIGTERM)
@@ -173,7 +179,7 @@ def test_stopped_node_catches_up_after_compaction(tmp_path: Path) -> None:
         signer = Signer.load(load_client_profile(cluster.profile(leader)), chain_id)
         with cluster.client(leader, deadline_s=30) as client:
             # one transaction per block (each waits for its commit) to grow the log
-            for _ in range(COMPACT_EVERY_ENTRIES + 200):
+            for _ in range(compact_every * 3):
                 client.submit(signer.make_envelope(
                     lambda body: setattr(body.probe, "payload", os.urandom(16))))
             top = client.status().height

@@ -59,6 +59,18 @@ class BlockCutting:
 
 
 @dataclass(frozen=True)
+class RaftSettings:
+    """Raft timing and log compaction. Ticks are `tick_ms` long; an election starts after
+    a random [election_ticks, 2 * election_ticks) ticks without a leader."""
+
+    tick_ms: int = 50
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    compact_every_entries: int = 2_000
+    compact_keep_entries: int = 500
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """One node. A single gRPC port serves the public API and the peer service (both
     mutual TLS); metrics are plain HTTP on their own port."""
@@ -71,6 +83,7 @@ class NodeConfig:
     block: BlockCutting
     peers: Mapping[str, str] = field(default_factory=dict)  # agency -> host:port
     log_level: str = "info"
+    raft: RaftSettings = field(default_factory=RaftSettings)
 
     def read_trust_bundle(self) -> bytes:
         """PEM of the CAs this node trusts: the bundle file, or genesis's member CAs."""
@@ -164,8 +177,10 @@ class _Table:
         assert value is not None
         return value
 
-    def integer(self, key: str, minimum: int, maximum: int) -> int:
-        value = self._get(key, True)
+    def integer(self, key: str, minimum: int, maximum: int, default: int | None = None) -> int:
+        value = self._get(key, default is None)
+        if value is None and default is not None:
+            return default
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.error(key, f"expected an integer, got {value!r}")
         if not minimum <= value <= maximum:
@@ -284,10 +299,28 @@ def load_node_config(path: Path) -> NodeConfig:
         interval_ms=b.integer("interval_ms", 1, BLOCK_INTERVAL_MS_LIMIT),
     )
     b.done()
+    raft = RaftSettings()
+    if "raft" in top.data:
+        r = top.table("raft")
+        raft = RaftSettings(
+            tick_ms=r.integer("tick_ms", 5, 10_000, default=raft.tick_ms),
+            election_ticks=r.integer("election_ticks", 2, 1_000, default=raft.election_ticks),
+            heartbeat_ticks=r.integer("heartbeat_ticks", 1, 1_000,
+                                      default=raft.heartbeat_ticks),
+            compact_every_entries=r.integer("compact_every_entries", 10, 10_000_000,
+                                            default=raft.compact_every_entries),
+            compact_keep_entries=r.integer("compact_keep_entries", 0, 10_000_000,
+                                           default=raft.compact_keep_entries),
+        )
+        r.done()
+        if raft.heartbeat_ticks >= raft.election_ticks:
+            raise r.error("heartbeat_ticks", "must be below election_ticks")
+    else:
+        top.used.add("raft")
     top.done()
     return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
                       listen_metrics=listen_metrics, block=block, peers=peers,
-                      log_level=log_level)
+                      log_level=log_level, raft=raft)
 
 
 def load_profile(path: Path) -> Profile:
@@ -346,6 +379,10 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
         "peers": dict(sorted(config.peers.items())),
         "block": {"tx_max": config.block.tx_max, "bytes_max": config.block.bytes_max,
                   "interval_ms": config.block.interval_ms},
+        "raft": {"tick_ms": config.raft.tick_ms, "election_ticks": config.raft.election_ticks,
+                 "heartbeat_ticks": config.raft.heartbeat_ticks,
+                 "compact_every_entries": config.raft.compact_every_entries,
+                 "compact_keep_entries": config.raft.compact_keep_entries},
     }
 
 

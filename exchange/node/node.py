@@ -51,14 +51,9 @@ from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_
 
 log = structlog.get_logger("exchange.node")
 
-TICK_S = 0.05  # one Raft tick
-ELECTION_TICKS = 10  # election timeout 0.5 s to 1 s
-HEARTBEAT_TICKS = 1
 INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
 PREVERIFIED_MAX = 256
-COMPACT_EVERY_ENTRIES = 2_000  # compact the Raft log when this much is applied past it
-COMPACT_KEEP_ENTRIES = 500  # ...keeping this many for followers slightly behind
 RESUBMIT_AFTER_S = 3.0
 SUBMIT_TIMEOUT_S = 30.0
 FORWARD_BATCH_MAX = 1_000
@@ -79,10 +74,10 @@ class Pending:
 class Node:
     """One agency's node."""
 
-    def __init__(self, config: NodeConfig, tick_s: float = TICK_S) -> None:
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.agency = config.agency
-        self.tick_s = tick_s
+        self.tick_s = config.raft.tick_ms / 1000
         genesis = read_signed_genesis(config.paths.genesis)
         data_dir = config.paths.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -104,7 +99,8 @@ class Node:
         last = recovered.entries[-1].index if recovered.entries else recovered.snapshot.index
         self.core = RaftNode(
             RaftConfig(node_id=self.agency, initial_voters=tuple(sorted(self.registry.members)),
-                       election_tick=ELECTION_TICKS, heartbeat_tick=HEARTBEAT_TICKS,
+                       election_tick=config.raft.election_ticks,
+                       heartbeat_tick=config.raft.heartbeat_ticks,
                        max_entries_per_msg=16, max_bytes_per_msg=32 << 20),
             recovered.hard_state, recovered.snapshot, recovered.entries, random.Random(),
             applied=min(max(applied, recovered.snapshot.index), last))
@@ -351,9 +347,11 @@ class Node:
     async def _maybe_compact(self) -> None:
         applied = self.core.applied_index
         first = self.core.snapshot_meta.index
-        if applied - first < COMPACT_EVERY_ENTRIES or self.core.pending_snapshot is not None:
+        settings = self.config.raft
+        if applied - first < settings.compact_every_entries or \
+                self.core.pending_snapshot is not None:
             return
-        meta = self.core.compact(applied - COMPACT_KEEP_ENTRIES)
+        meta = self.core.compact(max(first, applied - settings.compact_keep_entries))
         await asyncio.to_thread(self.wal.save_snapshot, meta)
 
     # -- catch-up by streaming blocks ----------------------------------------------
