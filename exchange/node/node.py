@@ -17,9 +17,10 @@ import contextlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -133,6 +134,8 @@ class Node:
         self.peer_heights: dict[str, int] = {}
         self.leader_changes = 0
         self.stopping = False
+        self.fatal_error = ""
+        self.fatal = asyncio.Event()
         self.last_apply_ms = 0.0
 
     # -- life cycle ----------------------------------------------------------------
@@ -151,12 +154,26 @@ class Node:
                            (self._peer_watch(), "peer-watch"),
                            (self._attest_receiver(), "attest-in"),
                            (self._resubmitter(), "resubmit")):
-            self._tasks.append(loop.create_task(coro, name=name))
+            self._tasks.append(loop.create_task(self._supervised(coro, name), name=name))
         if self.core.pending_snapshot is not None:
             self._start_catch_up(self.core.pending_snapshot)
         self._refresh_final_height()
         log.info("node started", chain=self.chain_id, height=self.store.height,
                  term=self.core.term, applied=self.core.applied_index)
+
+    async def _supervised(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Fail-stop: a part of the node that dies (a committed block that does not
+        apply, a disk that fails) stops the whole node, loudly, rather than leaving it
+        half alive."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported and turned into a stop
+            log.critical("node part failed; stopping", part=name, error=repr(exc),
+                         exc_info=True)
+            self.fatal_error = f"{name}: {exc!r}"
+            self.fatal.set()
 
     async def stop(self) -> None:
         self.stopping = True
@@ -648,6 +665,10 @@ class Node:
             await self._mempool_event.wait()
             if self.core.role is not Role.LEADER or not self.mempool:
                 self._mempool_event.clear()
+                continue
+            if self.core.pending_snapshot is not None:
+                # a leader still fetching blocks cannot extend the chain yet
+                await asyncio.sleep(0.05)
                 continue
             deadline = time.monotonic() + interval_s
             while (self._inflight_blocks >= INFLIGHT_BLOCKS_MAX

@@ -301,8 +301,14 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")
+    stopped = loop.create_task(stop.wait())
+    failed = loop.create_task(node.fatal.wait())
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
+    log.info("stopping", fatal=node.fatal_error or None)
     await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await node.stop()
+    if node.fatal_error:
+        raise SystemExit(f"node stopped: {node.fatal_error}")

@@ -3,7 +3,8 @@
 One seed fixes everything: cluster shape, timing parameters, the network's behaviour
 (drops, duplicates, delays, reordering, symmetric and one-way partitions), the disks
 (writes are volatile until fsync; a crash keeps a random prefix of what was not yet
-fsynced, possibly cutting a batch of entries), crashes and restarts, client proposals,
+fsynced, possibly cutting a batch of entries), crashes (also right before and right
+after an fsync) and restarts, drifting clocks, client proposals,
 membership changes, leadership transfers, log compaction and the state transfers that
 snapshots require. The same seed and step count replay the same run exactly.
 
@@ -12,7 +13,8 @@ written, then (as a separate event, so the node keeps stepping and may crash in
 between) fsynced; only then are its messages sent and its committed entries applied.
 
 After every event the harness checks election safety, log matching, leader
-completeness, state machine safety and per-incarnation monotonic term and commit. At
+completeness, state machine safety and per-incarnation monotonic term and commit (log
+matching is rechecked for a node whenever its log's bounds or last entry change). At
 the end it heals everything, restarts every node, runs quietly and checks liveness: one
 leader that every member follows, every member applied everything, and every
 acknowledged proposal is in every member's state machine exactly once at the index it
@@ -109,6 +111,7 @@ class SimParams:
     downtime_ticks_max: int  # a crashed node restarts by itself after at most this
     p_crash_after_fsync: float  # crash between making a Ready durable and sending it
     p_crash_before_fsync: float  # crash with a Ready written but not yet durable
+    clock_skew: float  # each node's clock runs at 1 +- up to this
 
     @staticmethod
     def from_rng(rng: random.Random) -> SimParams:
@@ -133,6 +136,7 @@ class SimParams:
             downtime_ticks_max=rng.randint(5, 60),
             p_crash_after_fsync=rng.choice((0.0, 0.0, 0.002, 0.01, 0.02)),
             p_crash_before_fsync=rng.choice((0.0, 0.0, 0.002, 0.01, 0.02)),
+            clock_skew=rng.choice((0.0, 0.0, 0.1, 0.3)),
         )
 
 
@@ -238,6 +242,8 @@ class SimNode:
     leader_checked_term: int = 0
     restart_at: float = 0.0
     log_signature: tuple[int, int, Entry | None] = (0, 0, None)
+    clock: float = 0.0
+    clock_rate: float = 1.0
 
 
 # ------------------------------------------------------------------------------ simulation
@@ -286,6 +292,9 @@ class Simulation:
         self.nodes = {
             node_id: SimNode(node_id, SimDisk(), self.rng.getrandbits(64)) for node_id in UNIVERSE
         }
+        for sn in self.nodes.values():
+            skew = self.params.clock_skew
+            sn.clock_rate = self.rng.uniform(1.0 - skew, 1.0 + skew)
         # What the checks remember.
         self.leader_of_term: dict[int, str] = {}
         self.log_entries: dict[tuple[int, int], tuple[EntryKind, bytes, int]] = {}
@@ -380,7 +389,11 @@ class Simulation:
         self.rng.shuffle(live)
         for sn in live:
             assert sn.node is not None
-            sn.node.tick()
+            # Clocks drift: a node ticks at its own rate (safety must not care).
+            sn.clock += sn.clock_rate
+            while sn.clock >= 1.0 and sn.node is not None:
+                sn.clock -= 1.0
+                sn.node.tick()
             self.touched.add(sn.node_id)
             self._after_input(sn)
 
