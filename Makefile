@@ -38,7 +38,7 @@ bench: install
 	$(PY) -m exchange.bench
 
 sim: install
-	$(PY) -m tests.sim --seeds $(SEEDS) $(if $(SEED),--start $(SEED) --seeds 1,)
+	$(PY) -m tests.sim $(if $(SEED),--seed $(SEED) --verbose,--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS),)
 
 demo: install
 	bash scripts/demo.sh
