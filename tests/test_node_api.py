@@ -223,3 +223,35 @@ def test_metrics_endpoint_is_valid_prometheus_text(cluster: Cluster, tmp_path: P
     result = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
                             capture_output=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_revoked_signer_is_refused_from_the_next_block(cluster: Cluster) -> None:
+    sup_profile = cluster.net / "tax" / "analysts" / "supervisor-1.toml"
+    chain_id = chain_id_for(cluster.profile("tax"))
+    supervisor = Signer.load(load_client_profile(sup_profile), chain_id)
+    assert _submit(cluster, "tax", _probe(supervisor)).result == "OK"
+    node_key = CachedSigner(read_signing_key(cluster.net / "tax" / "keys" / "node.key"))
+    body = new_body(chain_id, "tax", int(time.time() * 1000))
+    body.credential_revoke.key_id = CachedSigner(
+        read_signing_key(load_client_profile(sup_profile).signing_key)).key_id
+    body.credential_revoke.reason = "left the bureau"
+    revoked = _submit(cluster, "tax", seal_envelope(body, node_key))
+    assert revoked.result == "OK"
+    with pytest.raises(grpc.RpcError) as err:
+        _submit(cluster, "tax", _probe(supervisor))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.details().startswith("CREDENTIAL_INVALID"), err.value.details()
+    assert "revoked at height" in err.value.details()
+    # every node refuses it (asked here as the tax node, which may forward to any node)
+    cluster.wait_height(revoked.height)
+    tls_dir = cluster.net / "tax" / "tls"
+    for agency in cluster.agencies:
+        creds = grpc.ssl_channel_credentials(
+            (cluster.net / agency / "tls" / "ca.pem").read_bytes(),
+            (tls_dir / "node.key").read_bytes(), (tls_dir / "node.pem").read_bytes())
+        address = load_client_profile(cluster.profile(agency)).node
+        with grpc.secure_channel(address, creds) as ch, pytest.raises(grpc.RpcError) as err:
+            node_pb2_grpc.ExchangeStub(ch).Submit(
+                node_pb2.SubmitRequest(envelope=_probe(supervisor)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (agency, err.value)
+        assert err.value.details().startswith("CREDENTIAL_INVALID"), (agency, err.value)
