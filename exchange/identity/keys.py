@@ -60,16 +60,31 @@ def key_id(algorithm: str, public_key: bytes) -> bytes:
     return digest.digest()[:KEY_ID_BYTES]
 
 
+# Signatures this process has verified, so that the same bytes arriving again (an
+# envelope admitted here and later in a block, an attestation gossiped and then recorded
+# in a block) are not verified twice. Only successes are kept; the key covers the key,
+# the signature and a digest of the exact message, so a hit means these very bytes
+# verified before. Bounded: cleared when full.
+_VERIFIED: dict[bytes, None] = {}
+VERIFIED_CACHE_MAX = 100_000
+
+
 def verify(public_key: bytes, domain: Domain, chain_id: str, payload: bytes,
            signature: bytes) -> None:
     """Raise InvalidSignature unless `signature` is `public_key`'s over the message."""
     if len(signature) != SIGNATURE_BYTES or len(public_key) != PUBLIC_KEY_BYTES:
         raise InvalidSignature("signature or key has the wrong length")
+    message = signing_message(domain, chain_id, payload)
+    seen = bytes(public_key) + bytes(signature) + hashlib.sha256(message).digest()
+    if seen in _VERIFIED:
+        return
     try:
-        nacl.signing.VerifyKey(public_key).verify(
-            signing_message(domain, chain_id, payload), signature)
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
     except nacl.exceptions.BadSignatureError as exc:
         raise InvalidSignature(f"{domain.value} signature does not verify") from exc
+    if len(_VERIFIED) >= VERIFIED_CACHE_MAX:
+        _VERIFIED.clear()
+    _VERIFIED[seen] = None
 
 
 def is_valid(public_key: bytes, domain: Domain, chain_id: str, payload: bytes,

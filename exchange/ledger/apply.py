@@ -20,6 +20,7 @@ from exchange.ledger.block import (
     attest,
     build_block,
     check_block,
+    check_link,
     open_envelope,
     results_root,
 )
@@ -68,23 +69,23 @@ class LedgerApplier:
                     self.registry.apply(opened.body, signer, height)
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
-              prev_hash: bytes | None = None, prev_ts: int | None = None,
-              envelopes_verified: bool = False) -> CheckedBlock:
+              prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
         """Stateless checks of the next block (what a follower does before acking)."""
         return check_block(
             block, self.chain_id,
             self.store.height + 1 if height is None else height,
             self.store.tip_hash if prev_hash is None else prev_hash,
             self.store.tip_timestamp_ms if prev_ts is None else prev_ts,
-            self._proposer_key, lambda kid: self.registry.resolve(kid).public_key,
-            envelopes_verified)
+            self._proposer_key, lambda kid: self.registry.resolve(kid).public_key)
 
-    def apply(self, block: ledger_pb2.Block, envelopes_verified: bool = False) -> Applied:
-        """Check, judge, store and attest the next block. `envelopes_verified`: this
-        process has already verified the signatures of these exact envelopes."""
-        return self.apply_many([(block, envelopes_verified)])[0]
+    def apply(self, block: ledger_pb2.Block, prechecked: CheckedBlock | None = None) -> Applied:
+        """Check, judge, store and attest the next block. `prechecked`: the result of
+        `check` on these exact bytes earlier in this process (a follower checks every
+        block before it acknowledges it); only the link to the chain is checked again."""
+        return self.apply_many([(block, prechecked)])[0]
 
-    def apply_many(self, blocks: Sequence[tuple[ledger_pb2.Block, bool]]) -> list[Applied]:
+    def apply_many(self, blocks: Sequence[tuple[ledger_pb2.Block, CheckedBlock | None]]
+                   ) -> list[Applied]:
         """Apply consecutive blocks, storing them in one transaction (one fsync)."""
         height, prev_hash, prev_ts = (self.store.height, self.store.tip_hash,
                                       self.store.tip_timestamp_ms)
@@ -95,8 +96,12 @@ class LedgerApplier:
 
         rows: list[tuple[ledger_pb2.Block, Sequence[str] | None]] = []
         out: list[Applied] = []
-        for block, verified in blocks:
-            checked = self.check(block, height + 1, prev_hash, prev_ts, verified)
+        for block, prechecked in blocks:
+            if prechecked is not None and prechecked.block.header == block.header:
+                check_link(prechecked, self.chain_id, height + 1, prev_hash, prev_ts)
+                checked = prechecked
+            else:
+                checked = self.check(block, height + 1, prev_hash, prev_ts)
             codes = judge_block(self.registry, checked, seen)
             in_batch.update(env.tx_id for env in checked.envelopes)
             height = checked.header.height

@@ -163,13 +163,25 @@ def check_header(header_bytes: bytes, signature: bytes, chain_id: str, height: i
     return header
 
 
+def check_link(checked: CheckedBlock, chain_id: str, height: int, prev_hash: bytes,
+               prev_timestamp_ms: int) -> None:
+    """The link of an already checked block to the chain it is applied to."""
+    header = checked.header
+    if header.chain_id != chain_id:
+        raise BlockInvalid(height, f"header names chain {header.chain_id!r}")
+    if header.height != height:
+        raise BlockInvalid(height, f"header says height {header.height}")
+    if bytes(header.prev_hash) != prev_hash:
+        raise BlockInvalid(height, "previous block hash does not match the chain")
+    if header.timestamp_ms < prev_timestamp_ms:
+        raise BlockInvalid(height, "block timestamp goes back in time")
+
+
 def check_block(block: ledger_pb2.Block, chain_id: str, height: int, prev_hash: bytes,
                 prev_timestamp_ms: int, proposer_key: Callable[[str, bytes], bytes],
-                signer_key: PublicKeyLookup, envelopes_verified: bool = False) -> CheckedBlock:
+                signer_key: PublicKeyLookup) -> CheckedBlock:
     """Everything about a block that needs no ledger state beyond the signers' keys:
-    header link and signature, Merkle root, count, each envelope's form and signature.
-    `envelopes_verified` skips the envelope signatures when this process already checked
-    these exact bytes (the Merkle root binds them)."""
+    header link and signature, Merkle root, count, each envelope's form and signature."""
     header = check_header(block.header, block.proposer_signature, chain_id, height, prev_hash,
                           prev_timestamp_ms, proposer_key)
     leaves = list(block.envelopes)
@@ -184,8 +196,7 @@ def check_block(block: ledger_pb2.Block, chain_id: str, height: int, prev_hash: 
     for index, raw in enumerate(leaves):
         try:
             env = open_envelope(raw, chain_id)
-            if not envelopes_verified:
-                verify_envelope(env, signer_key(env.signer_key_id))
+            verify_envelope(env, signer_key(env.signer_key_id))
         except Exception as exc:
             raise BlockInvalid(height, f"envelope {index}: {exc}") from exc
         opened.append(env)

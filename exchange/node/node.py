@@ -30,11 +30,13 @@ from exchange.identity.config import NodeConfig, read_signed_genesis
 from exchange.identity.keys import CachedSigner, read_signing_key
 from exchange.ledger.apply import Applied, LedgerApplier
 from exchange.ledger.block import (
+    CheckedBlock,
     OpenedEnvelope,
     block_hash,
     build_block,
     check_block,
     new_body,
+    open_envelope,
     parse_header,
     seal_envelope,
     tx_id,
@@ -113,7 +115,7 @@ class Node:
         self._applied_event = asyncio.Event()
         self.mempool: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
         self.pending: dict[bytes, Pending] = {}
-        self._preverified: OrderedDict[bytes, None] = OrderedDict()
+        self._prechecked: OrderedDict[bytes, CheckedBlock] = OrderedDict()
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
         self._unapplied_txs: set[bytes] = set()
@@ -240,22 +242,22 @@ class Node:
     def _check_entry_block(self, entry: Entry) -> None:
         block = ledger_pb2.Block.FromString(entry.data)
         hash_ = block_hash(block.header)
-        if hash_ in self._preverified:
+        if hash_ in self._prechecked:
             return
         header = parse_header(block.header)
         # Link and height are checked at apply time against the stored chain; here the
         # header is checked against itself (its claimed parent) and the signatures.
-        check_block(block, self.chain_id, header.height, bytes(header.prev_hash), 0,
-                    proposer_key_lookup(self.registry),
-                    lambda kid: self.registry.resolve(kid).public_key)
+        checked = check_block(block, self.chain_id, header.height, bytes(header.prev_hash), 0,
+                              proposer_key_lookup(self.registry),
+                              lambda kid: self.registry.resolve(kid).public_key)
         if header.raft_index != entry.index or header.raft_term != entry.term:
             raise ExchangeError("block's Raft position does not match its entry")
-        self._remember_verified(hash_)
+        self._remember_checked(checked)
 
-    def _remember_verified(self, hash_: bytes) -> None:
-        self._preverified[hash_] = None
-        while len(self._preverified) > PREVERIFIED_MAX:
-            self._preverified.popitem(last=False)
+    def _remember_checked(self, checked: CheckedBlock) -> None:
+        self._prechecked[checked.hash] = checked
+        while len(self._prechecked) > PREVERIFIED_MAX:
+            self._prechecked.popitem(last=False)
 
     async def _raft_loop(self) -> None:
         while True:
@@ -298,7 +300,7 @@ class Node:
                 self._mempool_event.set()
 
     async def _apply_entries(self, entries: Sequence[Entry]) -> None:
-        batch: list[tuple[ledger_pb2.Block, bool]] = []
+        batch: list[tuple[ledger_pb2.Block, CheckedBlock | None]] = []
         hashes: list[bytes] = []
         for entry in entries:
             if entry.kind is not EntryKind.NORMAL:
@@ -307,7 +309,7 @@ class Node:
             if parse_header(block.header).height <= self.store.height:
                 continue  # already applied (replay after restart)
             hash_ = block_hash(block.header)
-            batch.append((block, hash_ in self._preverified))
+            batch.append((block, self._prechecked.pop(hash_, None)))
             hashes.append(hash_)
         if not batch:
             return
@@ -686,25 +688,27 @@ class Node:
                     self._inflight_blocks = 0  # nothing really in flight (term changed)
             if self.core.role is not Role.LEADER:
                 continue
-            envelopes: list[bytes] = []
+            chosen: list[OpenedEnvelope] = []
             size = 0
-            while self.mempool and len(envelopes) < tx_max:
+            while self.mempool and len(chosen) < tx_max:
                 tx, opened = next(iter(self.mempool.items()))
-                if size + len(opened.raw) > bytes_max and envelopes:
+                if size + len(opened.raw) > bytes_max and chosen:
                     break
                 del self.mempool[tx]
                 if tx in self._unapplied_txs or self.store.has_tx(tx):
                     continue
-                envelopes.append(opened.raw)
+                chosen.append(opened)
                 size += len(opened.raw)
             if not self.mempool:
                 self._mempool_event.clear()
-            if envelopes:
-                self._propose_block(envelopes)
+            if chosen:
+                self._propose_block(chosen)
             await asyncio.sleep(0)
 
-    def _propose_block(self, envelopes: list[bytes]) -> None:
-        envelopes = self._with_attestation_record(envelopes)
+    def _propose_block(self, chosen: list[OpenedEnvelope]) -> None:
+        """Cut the next block from admitted envelopes (each already verified here) and
+        propose it as a Raft entry."""
+        envelopes = self._with_attestation_record([o.raw for o in chosen])
         height, prev_hash, prev_ts = self._proposed_tip or self._tip_from_log()
         term, index = self.core.term, self.core.last_index + 1
         block = build_block(self.chain_id, height + 1, prev_hash, envelopes,
@@ -717,9 +721,11 @@ class Node:
             return
         assert (got_term, got_index) == (term, index)
         hash_ = block_hash(block.header)
-        self._remember_verified(hash_)
-        self._unapplied_txs.update(tx_id(ledger_pb2.Envelope.FromString(raw).body)
-                                   for raw in envelopes)
+        opened = chosen + [open_envelope(raw, self.chain_id)
+                           for raw in envelopes[len(chosen):]]
+        self._remember_checked(CheckedBlock(block, parse_header(block.header), hash_,
+                                            tuple(opened)))
+        self._unapplied_txs.update(o.tx_id for o in opened)
         self._proposed_at[hash_] = time.perf_counter()
         if len(self._proposed_at) > 64:
             self._proposed_at.pop(next(iter(self._proposed_at)))
