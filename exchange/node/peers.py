@@ -26,6 +26,7 @@ ENTRIES_PER_MESSAGE_MAX = 10_000
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
+ATTESTATION_LINGER_S = 0.1
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -93,8 +94,8 @@ class PeerLink:
         self.peer_id = peer_id
         self.address = address
         self._credentials = credentials
-        self._queue: asyncio.Queue[peer_pb2.RaftMessage | ledger_pb2.Attestation] = \
-            asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._queue: asyncio.Queue[peer_pb2.RaftMessage] = asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._attestations: list[ledger_pb2.Attestation] = []
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
         self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
@@ -105,7 +106,14 @@ class PeerLink:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"peer-{self.peer_id}")
 
-    def send(self, m: peer_pb2.RaftMessage | ledger_pb2.Attestation) -> None:
+    def send_attestation(self, att: ledger_pb2.Attestation) -> None:
+        """Attestations ride along with the next Raft messages to this peer, or go on
+        their own after ATTESTATION_LINGER_S: countersigning adds no write of its own
+        while blocks flow."""
+        if len(self._attestations) < QUEUE_MESSAGES_MAX:
+            self._attestations.append(att)
+
+    def send(self, m: peer_pb2.RaftMessage) -> None:
         while True:
             try:
                 self._queue.put_nowait(m)
@@ -117,13 +125,16 @@ class PeerLink:
 
     async def _batches(self) -> AsyncIterator[peer_pb2.RaftBatch]:
         while True:
-            first = await self._queue.get()
-            batch = [first]
+            batch: list[peer_pb2.RaftMessage] = []
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), ATTESTATION_LINGER_S))
+            except TimeoutError:
+                if not self._attestations:
+                    continue
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            yield peer_pb2.RaftBatch(
-                messages=[m for m in batch if isinstance(m, peer_pb2.RaftMessage)],
-                attestations=[a for a in batch if isinstance(a, ledger_pb2.Attestation)])
+            atts, self._attestations = self._attestations, []
+            yield peer_pb2.RaftBatch(messages=batch, attestations=atts)
 
     async def _run(self) -> None:
         delay = RECONNECT_DELAY_S_MIN
@@ -184,7 +195,7 @@ class PeerLinks:
     def send_attestations(self, attestations: Iterable[ledger_pb2.Attestation]) -> None:
         for att in attestations:
             for link in self.links.values():
-                link.send(att)
+                link.send_attestation(att)
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links.values()))
