@@ -136,7 +136,7 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
     closed-loop clients spread over the four nodes; and a plain gRPC echo, measured the
     same way, for comparison."""
     from exchange.localnet import Cluster
-    from exchange.perf import echo_baseline, run_load
+    from exchange.perf import echo_baseline, run_bulk, run_load
 
     out: list[Result] = []
     for clients in levels:
@@ -152,6 +152,11 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
                         "value": r.tx_per_s, "unit": "tx/s", "p50_ms": r.latency_p50_ms,
                         "p99_ms": r.latency_p99_ms, "max_ms": r.latency_max_ms,
                         "errors": r.errors})
+        r = run_bulk(profiles, 500, duration_s)
+        out.append({"name": "4-node cluster, bulk SubmitBatch of 500 signed 1 KiB tx, "
+                            "one caller per node", "value": r.tx_per_s, "unit": "tx/s",
+                    "batch_p50_ms": r.latency_p50_ms, "batch_p99_ms": r.latency_p99_ms,
+                    "errors": r.errors})
     return out
 
 

@@ -227,3 +227,68 @@ def summary_line(r: LoadResult) -> str:
 
 
 __all__ = ["LoadResult", "echo_baseline", "run_load", "summary_line"]
+
+
+async def _bulk_loop(profile_path: Path, batch: int, duration_s: float,
+                     out: list[tuple[int, float]]) -> None:
+    from exchange.identity.config import load_profile, read_signed_genesis
+    from exchange.identity.keys import CachedSigner, read_signing_key
+    from exchange.ledger.block import new_body, seal_envelope
+    from exchange.v1 import identity_pb2, node_pb2, node_pb2_grpc
+
+    profile = load_profile(profile_path)
+    signer = CachedSigner(read_signing_key(profile.signing_key, profile.passphrase()))
+    genesis = read_signed_genesis(profile_path.parent.parent / "genesis.pb")
+    chain_id = identity_pb2.Genesis.FromString(genesis.genesis).chain_id
+    creds = grpc.ssl_channel_credentials(profile.ca_bundle.read_bytes(),
+                                         profile.tls_key.read_bytes(),
+                                         profile.tls_cert.read_bytes())
+    async with grpc.aio.secure_channel(profile.node, creds, options=[
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub = node_pb2_grpc.ExchangeStub(channel)
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            envelopes = []
+            for _ in range(batch):
+                body = new_body(chain_id, profile.agency, int(time.time() * 1000))
+                body.probe.payload = os.urandom(_PAYLOAD_BYTES)
+                envelopes.append(seal_envelope(body, signer))
+            started = time.perf_counter()
+            res = await stub.SubmitBatch(node_pb2.SubmitBatchRequest(envelopes=envelopes),
+                                         timeout=120)
+            out.append((sum(1 for r in res.results if r.status == "committed"),
+                        time.perf_counter() - started))
+
+
+def _bulk_worker(profile_path: str, batch: int, duration_s: float,
+                 queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    out: list[tuple[int, float]] = []
+    asyncio.run(_bulk_loop(Path(profile_path), batch, duration_s, out))
+    queue.put(out)
+
+
+def run_bulk(profiles: list[Path], batch: int, duration_s: float) -> LoadResult:
+    """One bulk caller per profile, each submitting `batch` envelopes per SubmitBatch
+    call and waiting for them all to commit (as a comparison job does)."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    workers = [ctx.Process(target=_bulk_worker, args=(str(p), batch, duration_s, queue))
+               for p in profiles]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    calls: list[tuple[int, float]] = []
+    for _ in workers:
+        calls.extend(queue.get(timeout=duration_s + 300))
+    elapsed = time.perf_counter() - started
+    for w in workers:
+        w.join(timeout=10)
+    committed = sum(c for c, _ in calls)
+    latencies = sorted(t for _, t in calls)
+    return LoadResult(
+        clients=len(profiles), duration_s=round(elapsed, 1), committed=committed,
+        errors=sum(batch - c for c, _ in calls), tx_per_s=round(committed / elapsed, 1),
+        latency_p50_ms=round(_percentile(latencies, 0.5) * 1000, 1),
+        latency_p99_ms=round(_percentile(latencies, 0.99) * 1000, 1),
+        latency_max_ms=round((latencies[-1] if latencies else 0) * 1000, 1))

@@ -119,7 +119,7 @@ class Node:
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
         self._unapplied_txs: set[bytes] = set()
-        self._forward_queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._forward_queue: list[tuple[list[bytes], asyncio.Future[None]]] = []
         self._forward_event = asyncio.Event()
         self._proposed_tip: tuple[int, bytes, int] | None = None
         self._attest_out: list[ledger_pb2.Attestation] = []
@@ -516,47 +516,87 @@ class Node:
 
     async def submit(self, raw: bytes, wait: bool,
                      timeout_s: float = SUBMIT_TIMEOUT_S) -> node_pb2.SubmitResponse:
+        """Admit one envelope and (unless `wait` is false) wait for its block."""
         opened = await asyncio.to_thread(self.admit, raw)
-        stored = self.store.tx(opened.tx_id)
-        if stored is not None:
-            return node_pb2.SubmitResponse(tx_id=opened.tx_id, status="committed",
-                                           height=stored.height, index=stored.index,
-                                           result=stored.result, duplicate=True)
-        p = self.pending.get(opened.tx_id)
-        if p is None:
-            if len(self.pending) >= MEMPOOL_TX_MAX:
-                raise Unavailable("the node's queue is full; retry shortly")
-            p = self.pending[opened.tx_id] = Pending(opened, time.monotonic())
-        fut: asyncio.Future[tuple[int, int, str]] = asyncio.get_running_loop().create_future()
-        p.futures.append(fut)
-        if self.core.role is Role.LEADER:
-            if opened.tx_id not in self.mempool and opened.tx_id not in self._unapplied_txs:
-                self.mempool[opened.tx_id] = opened
-                self._mempool_event.set()
-        else:
-            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._forward_queue.append((raw, sent))
+        return (await self._enter([opened], wait, timeout_s))[0]
+
+    async def submit_batch(self, raws: Sequence[bytes], wait: bool,
+                           timeout_s: float = SUBMIT_TIMEOUT_S
+                           ) -> list[node_pb2.SubmitResponse]:
+        """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+        def admit_all() -> list[OpenedEnvelope | ExchangeError]:
+            out: list[OpenedEnvelope | ExchangeError] = []
+            for raw in raws:
+                try:
+                    out.append(self.admit(raw))
+                except ExchangeError as exc:
+                    out.append(exc)
+            return out
+
+        admitted = await asyncio.to_thread(admit_all)
+        good = [a for a in admitted if isinstance(a, OpenedEnvelope)]
+        try:
+            entered = iter(await self._enter(good, wait, timeout_s))
+        except ExchangeError as exc:
+            return [node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
+                    for _ in raws]
+        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a))
+                if isinstance(a, ExchangeError) else next(entered) for a in admitted]
+
+    async def _enter(self, envelopes: Sequence[OpenedEnvelope], wait: bool,
+                     timeout_s: float) -> list[node_pb2.SubmitResponse]:
+        """Put admitted envelopes on their way into a block (this node's mempool when it
+        leads, else the leader's) and, if asked, wait for each to be applied here."""
+        loop = asyncio.get_running_loop()
+        answers: list[node_pb2.SubmitResponse | asyncio.Future[tuple[int, int, str]]] = []
+        to_forward: list[bytes] = []
+        leading = self.core.role is Role.LEADER
+        for opened in envelopes:
+            stored = self.store.tx(opened.tx_id)
+            if stored is not None:  # the same envelope again: its original outcome
+                answers.append(node_pb2.SubmitResponse(
+                    tx_id=opened.tx_id, status="committed", height=stored.height,
+                    index=stored.index, result=stored.result, duplicate=True))
+                continue
+            p = self.pending.get(opened.tx_id)
+            if p is None:
+                if len(self.pending) >= MEMPOOL_TX_MAX:
+                    raise Unavailable("the node's queue is full; retry shortly")
+                p = self.pending[opened.tx_id] = Pending(opened, time.monotonic())
+            fut: asyncio.Future[tuple[int, int, str]] = loop.create_future()
+            p.futures.append(fut)
+            answers.append(fut)
+            if leading:
+                if opened.tx_id not in self.mempool and opened.tx_id not in self._unapplied_txs:
+                    self.mempool[opened.tx_id] = opened
+            else:
+                to_forward.append(opened.raw)
+                p.last_sent = time.monotonic()
+        if leading:
+            self._mempool_event.set()
+        elif to_forward:
+            sent: asyncio.Future[None] = loop.create_future()
+            self._forward_queue.append((to_forward, sent))
             self._forward_event.set()
             await sent
-            p.last_sent = time.monotonic()
-        if not wait:
-            return node_pb2.SubmitResponse(tx_id=opened.tx_id, status="accepted")
-        try:
-            height, index, result = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except TimeoutError as exc:
-            raise Unavailable("not committed in time; the transaction may still commit "
-                              "(query it by id)") from exc
-        return node_pb2.SubmitResponse(tx_id=opened.tx_id, status="committed", height=height,
-                                       index=index, result=result)
-
-    async def submit_batch(self, raws: Sequence[bytes], wait: bool
-                           ) -> list[node_pb2.SubmitResponse]:
-        async def one(raw: bytes) -> node_pb2.SubmitResponse:
-            try:
-                return await self.submit(raw, wait)
-            except ExchangeError as exc:
-                return node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
-        return list(await asyncio.gather(*(one(r) for r in raws)))
+        results: list[node_pb2.SubmitResponse] = []
+        deadline = time.monotonic() + timeout_s
+        for opened, answer in zip((o for o in envelopes), answers, strict=True):
+            if isinstance(answer, node_pb2.SubmitResponse):
+                results.append(answer)
+            elif not wait:
+                results.append(node_pb2.SubmitResponse(tx_id=opened.tx_id, status="accepted"))
+            else:
+                try:
+                    height, index, result = await asyncio.wait_for(
+                        asyncio.shield(answer), max(0.0, deadline - time.monotonic()))
+                except TimeoutError as exc:
+                    raise Unavailable("not committed in time; the transaction may still "
+                                      "commit (query it by id)") from exc
+                results.append(node_pb2.SubmitResponse(
+                    tx_id=opened.tx_id, status="committed", height=height, index=index,
+                    result=result))
+        return results
 
     async def _forwarder(self) -> None:
         """Forward what clients submit here to the leader in batches: whatever arrives
@@ -565,10 +605,15 @@ class Node:
             await self._forward_event.wait()
             self._forward_event.clear()
             while self._forward_queue:
-                batch = self._forward_queue[:FORWARD_BATCH_MAX]
-                del self._forward_queue[:FORWARD_BATCH_MAX]
+                batch: list[tuple[list[bytes], asyncio.Future[None]]] = []
+                size = 0
+                while self._forward_queue and (not batch or size + len(
+                        self._forward_queue[0][0]) <= FORWARD_BATCH_MAX):
+                    item = self._forward_queue.pop(0)
+                    batch.append(item)
+                    size += len(item[0])
                 try:
-                    await self._forward([raw for raw, _ in batch])
+                    await self._forward([raw for raws, _ in batch for raw in raws])
                 except ExchangeError as exc:
                     for _, fut in batch:
                         if not fut.done():
