@@ -20,6 +20,7 @@ from exchange.ledger import merkle
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.store import BlockStore
+from exchange.localnet import Cluster
 from exchange.v1 import identity_pb2
 
 Result = dict[str, object]
@@ -135,7 +136,6 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
     every node verifying every signature, fsyncing its Raft log and block store), with
     closed-loop clients spread over the four nodes; and a plain gRPC echo, measured the
     same way, for comparison."""
-    from exchange.localnet import Cluster
     from exchange.perf import echo_baseline, run_bulk, run_load
 
     out: list[Result] = []
@@ -147,17 +147,30 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
         profiles = [cluster.profile(a) for a in cluster.agencies]
         run_load(profiles, 4, 2.0)  # warm up connections and caches
         for clients in levels:
+            before = _node_cpu_s(cluster)
             r = run_load(profiles, clients, duration_s)
+            used = _node_cpu_s(cluster) - before
             out.append({"name": f"4-node cluster, signed 1 KiB tx, {clients} clients",
                         "value": r.tx_per_s, "unit": "tx/s", "p50_ms": r.latency_p50_ms,
                         "p99_ms": r.latency_p99_ms, "max_ms": r.latency_max_ms,
-                        "errors": r.errors})
+                        "errors": r.errors,
+                        "node_cpu_ms_per_tx": round(used / max(1, r.committed) * 1000, 2)})
         r = run_bulk(profiles, 500, duration_s)
         out.append({"name": "4-node cluster, bulk SubmitBatch of 500 signed 1 KiB tx, "
                             "one caller per node", "value": r.tx_per_s, "unit": "tx/s",
                     "batch_p50_ms": r.latency_p50_ms, "batch_p99_ms": r.latency_p99_ms,
                     "errors": r.errors})
     return out
+
+
+def _node_cpu_s(cluster: Cluster) -> float:
+    """CPU seconds (user + system) used so far by the cluster's node processes."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for proc in cluster.procs.values():
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def bench_sim(seeds: int = 200) -> list[Result]:
