@@ -43,8 +43,8 @@ from exchange.ledger.block import (
     parse_header,
     seal_envelope,
     tx_id,
-    verify_attestation,
 )
+from exchange.ledger.judge import signed_by_its_node
 from exchange.ledger.merkle import verify_inclusion
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2, node_pb2_grpc
 
@@ -442,14 +442,7 @@ def signer_name(registry: KeyRegistry | None, kid: bytes) -> str:
 
 def attestation_valid(registry: KeyRegistry, att: ledger_pb2.Attestation) -> bool:
     """Whether `att` is signed by its agency's node key (as genesis names it)."""
-    try:
-        node = registry.node_key(att.agency)
-        if node.key_id != bytes(att.signer_key_id):
-            return False
-        verify_attestation(att, registry.chain_id, node.public_key)
-    except ExchangeError:
-        return False
-    return True
+    return signed_by_its_node(registry, att)
 
 
 def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import grpc
 
+from exchange.identity.config import Profile
+from exchange.identity.keys import CachedSigner
+
 ENVELOPE_BYTES = 1024
 # probe payload size that makes the whole serialized envelope 1 KiB
 _PAYLOAD_BYTES = ENVELOPE_BYTES - 155
@@ -46,6 +49,24 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
+def _open_profile(profile_path: Path) -> tuple[Profile, CachedSigner, str,
+                                               grpc.ChannelCredentials]:
+    """What a load client needs from an analyst profile laid out as `exchange init`
+    writes it: the profile, its signer, the chain id and TLS credentials."""
+    from exchange.identity.config import load_profile, read_signed_genesis
+    from exchange.identity.keys import read_signing_key
+    from exchange.v1 import identity_pb2
+
+    profile = load_profile(profile_path)
+    signer = CachedSigner(read_signing_key(profile.signing_key, profile.passphrase()))
+    genesis = read_signed_genesis(profile_path.parent.parent / "genesis.pb")
+    chain_id = identity_pb2.Genesis.FromString(genesis.genesis).chain_id
+    creds = grpc.ssl_channel_credentials(profile.ca_bundle.read_bytes(),
+                                         profile.tls_key.read_bytes(),
+                                         profile.tls_cert.read_bytes())
+    return profile, signer, chain_id, creds
+
+
 async def _client_loop(assignments: list[tuple[str, int]], duration_s: float,
                        start_at: float, out: list[float], errs: list[str]) -> None:
     """Run, for each (profile, count), `count` closed-loop clients of that profile."""
@@ -55,18 +76,10 @@ async def _client_loop(assignments: list[tuple[str, int]], duration_s: float,
 
 async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
                            start_at: float, out: list[float], errs: list[str]) -> None:
-    from exchange.identity.config import load_profile, read_signed_genesis
-    from exchange.identity.keys import CachedSigner, read_signing_key
     from exchange.ledger.block import new_body, seal_envelope
-    from exchange.v1 import identity_pb2, node_pb2, node_pb2_grpc
+    from exchange.v1 import node_pb2, node_pb2_grpc
 
-    profile = load_profile(profile_path)
-    signer = CachedSigner(read_signing_key(profile.signing_key, profile.passphrase()))
-    genesis = read_signed_genesis(profile_path.parent.parent / "genesis.pb")
-    chain_id = identity_pb2.Genesis.FromString(genesis.genesis).chain_id
-    creds = grpc.ssl_channel_credentials(profile.ca_bundle.read_bytes(),
-                                         profile.tls_key.read_bytes(),
-                                         profile.tls_cert.read_bytes())
+    profile, signer, chain_id, creds = _open_profile(profile_path)
     options = [("grpc.ssl_target_name_override", profile.server_name)] \
         if profile.server_name else []
     channel = grpc.aio.secure_channel(profile.node, creds, options=options)
@@ -231,18 +244,10 @@ __all__ = ["LoadResult", "echo_baseline", "run_load", "summary_line"]
 
 async def _bulk_loop(profile_path: Path, batch: int, duration_s: float,
                      out: list[tuple[int, float]]) -> None:
-    from exchange.identity.config import load_profile, read_signed_genesis
-    from exchange.identity.keys import CachedSigner, read_signing_key
     from exchange.ledger.block import new_body, seal_envelope
-    from exchange.v1 import identity_pb2, node_pb2, node_pb2_grpc
+    from exchange.v1 import node_pb2, node_pb2_grpc
 
-    profile = load_profile(profile_path)
-    signer = CachedSigner(read_signing_key(profile.signing_key, profile.passphrase()))
-    genesis = read_signed_genesis(profile_path.parent.parent / "genesis.pb")
-    chain_id = identity_pb2.Genesis.FromString(genesis.genesis).chain_id
-    creds = grpc.ssl_channel_credentials(profile.ca_bundle.read_bytes(),
-                                         profile.tls_key.read_bytes(),
-                                         profile.tls_cert.read_bytes())
+    profile, signer, chain_id, creds = _open_profile(profile_path)
     async with grpc.aio.secure_channel(profile.node, creds, options=[
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20)]) as channel:

@@ -145,14 +145,7 @@ def check_header(header_bytes: bytes, signature: bytes, chain_id: str, height: i
                  proposer_key: Callable[[str, bytes], bytes]) -> ledger_pb2.BlockHeader:
     """Check a header's link to its parent and its proposer signature."""
     header = parse_header(header_bytes, height)
-    if header.chain_id != chain_id:
-        raise BlockInvalid(height, f"header names chain {header.chain_id!r}")
-    if header.height != height:
-        raise BlockInvalid(height, f"header says height {header.height}")
-    if bytes(header.prev_hash) != prev_hash:
-        raise BlockInvalid(height, "previous block hash does not match the chain")
-    if header.timestamp_ms < prev_timestamp_ms:
-        raise BlockInvalid(height, "block timestamp goes back in time")
+    _check_header_link(header, chain_id, height, prev_hash, prev_timestamp_ms)
     try:
         key = proposer_key(header.proposer, bytes(header.proposer_key_id))
         verify(key, Domain.BLOCK, chain_id, header_bytes, signature)
@@ -166,7 +159,11 @@ def check_header(header_bytes: bytes, signature: bytes, chain_id: str, height: i
 def check_link(checked: CheckedBlock, chain_id: str, height: int, prev_hash: bytes,
                prev_timestamp_ms: int) -> None:
     """The link of an already checked block to the chain it is applied to."""
-    header = checked.header
+    _check_header_link(checked.header, chain_id, height, prev_hash, prev_timestamp_ms)
+
+
+def _check_header_link(header: ledger_pb2.BlockHeader, chain_id: str, height: int,
+                       prev_hash: bytes, prev_timestamp_ms: int) -> None:
     if header.chain_id != chain_id:
         raise BlockInvalid(height, f"header names chain {header.chain_id!r}")
     if header.height != height:

@@ -67,14 +67,17 @@ def _valid_record(registry: KeyRegistry, body: ledger_pb2.TxBody, signer: KeyInf
     attestations of earlier blocks, each by the attesting member's node key."""
     if signer.subject != ROLE_NODE:
         return False
-    for att in body.attestation_record.attestations:
-        if not 1 <= att.height < height:
+    return all(1 <= att.height < height and signed_by_its_node(registry, att)
+               for att in body.attestation_record.attestations)
+
+
+def signed_by_its_node(registry: KeyRegistry, att: ledger_pb2.Attestation) -> bool:
+    """Whether `att` carries a valid signature of its agency's node key."""
+    try:
+        node = registry.node_key(att.agency)
+        if node.key_id != bytes(att.signer_key_id):
             return False
-        try:
-            node = registry.node_key(att.agency)
-            if node.key_id != bytes(att.signer_key_id):
-                return False
-            verify_attestation(att, registry.chain_id, node.public_key)
-        except ExchangeError:
-            return False
+        verify_attestation(att, registry.chain_id, node.public_key)
+    except ExchangeError:
+        return False
     return True
