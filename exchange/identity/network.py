@@ -466,8 +466,11 @@ def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, h
                        format_address(host, grpc_port + METRICS_PORT_OFFSET)))
     identities = [issue_identities(m, chain_id, now_ms) for m in materials]
     credentials = [i.credential for ids in identities for i in ids]
+    from exchange.ledger.policy import default_policies
+
     genesis_bytes = build_genesis(chain_id, now_ms, [m.member for m in materials],
-                                  credentials, params=DEFAULT_PARAMS)
+                                  credentials, params=DEFAULT_PARAMS,
+                                  policies=default_policies([m.agency for m in materials]))
     signed = assemble_genesis(genesis_bytes, chain_id, {m.agency: m.root for m in materials})
     genesis = verify_genesis(signed)
     genesis_path = work / GENESIS_FILE

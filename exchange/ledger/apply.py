@@ -8,15 +8,18 @@ codes, and signs this node's attestation. The verification here is the same code
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from exchange.errors import ExchangeError
 from exchange.identity.keys import CachedSigner
 from exchange.identity.registry import REGISTRY_KINDS, KeyRegistry
 from exchange.ledger.block import (
     RESULT_OK,
     CheckedBlock,
+    OpenedEnvelope,
     attest,
     build_block,
     check_block,
@@ -25,6 +28,7 @@ from exchange.ledger.block import (
     results_root,
 )
 from exchange.ledger.judge import judge_block
+from exchange.ledger.policy import PolicyBook
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.v1 import ledger_pb2
@@ -50,6 +54,7 @@ class LedgerApplier:
         self.agency = agency
         self.node_signer = node_signer
         self.registry = KeyRegistry(store.signed_genesis)
+        self.policies = PolicyBook.from_genesis(self.registry.genesis.policies)
         self.chain_id = self.registry.chain_id
         self._roots: OrderedDict[int, bytes] = OrderedDict()
         self._proposer_key = proposer_key_lookup(self.registry)
@@ -67,6 +72,8 @@ class LedgerApplier:
                 if opened.kind in REGISTRY_KINDS:
                     signer = self.registry.resolve(opened.signer_key_id)
                     self.registry.apply(opened.body, signer, height)
+                elif opened.kind == "policy":
+                    self._take_policy(opened)
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
               prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
@@ -104,6 +111,9 @@ class LedgerApplier:
                 checked = self.check(block, height + 1, prev_hash, prev_ts)
             codes = judge_block(self.registry, checked, seen)
             in_batch.update(env.tx_id for env in checked.envelopes)
+            for env, code in zip(checked.envelopes, codes, strict=True):
+                if code == RESULT_OK and env.kind == "policy":
+                    self._take_policy(env)
             height = checked.header.height
             attestation = None
             if self.node_signer is not None and self.agency is not None:
@@ -120,6 +130,12 @@ class LedgerApplier:
         for applied in out:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))
         return out
+
+    def _take_policy(self, opened: OpenedEnvelope) -> None:
+        """A valid policy transaction (signed by the dataset's owner) takes effect if it
+        is newer than the one in force; an older version changes nothing."""
+        with contextlib.suppress(ExchangeError):
+            self.policies.apply(opened.body.policy, opened.body.agency)
 
     def _remember_root(self, height: int, root: bytes) -> None:
         self._roots[height] = root

@@ -51,6 +51,8 @@ def judge_block(registry: KeyRegistry, checked: CheckedBlock,
                 elif env.kind == "attestation_record" and not _valid_record(
                         registry, env.body, signer, height):
                     code = CODE_REJECTED
+                elif env.kind == "policy" and env.body.policy.owner_agency != signer.agency:
+                    code = CODE_REJECTED  # a dataset's policy is its owner's alone
                 else:
                     try:
                         registry.apply(env.body, signer, height)

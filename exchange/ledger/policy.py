@@ -1,0 +1,241 @@
+"""Data owners' policies and their deterministic evaluation (design decision 7).
+
+A policy belongs to the agency that owns the dataset: it takes effect only in a
+transaction signed by that agency (or from genesis), and a later version of the same
+policy id replaces an earlier one. Evaluation is a pure function of the policies in
+force at the query's block and the query's metadata, so every node, and an offline
+verifier, reaches the same decision for the same query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from exchange.errors import MalformedInput, PermissionDenied
+from exchange.v1 import ledger_pb2
+
+SHAPE = ledger_pb2.QueryShape
+
+# Reason codes of a refusal (stable: they appear on the ledger).
+NO_POLICY = "NO_POLICY"
+NOT_GRANTED = "NOT_GRANTED"
+ROLE_NOT_GRANTED = "ROLE_NOT_GRANTED"
+FIELD_NOT_GRANTED = "FIELD_NOT_GRANTED"
+LEGAL_BASIS_NOT_GRANTED = "LEGAL_BASIS_NOT_GRANTED"
+CASE_REQUIRED = "CASE_REQUIRED"
+SHAPE_NOT_GRANTED = "SHAPE_NOT_GRANTED"
+COSIGNATURE_REQUIRED = "COSIGNATURE_REQUIRED"
+RATE_LIMITED = "RATE_LIMITED"
+
+LEGAL_BASIS_TAX_CRIME = "tax-crime-investigation"
+LEGAL_BASIS_AML = "anti-money-laundering"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFacts:
+    """What a policy decision depends on, all in clear on the ledger."""
+
+    requester_agency: str
+    requester_roles: frozenset[str]
+    target_agency: str
+    dataset: str
+    fields: tuple[str, ...]
+    case_id: str
+    legal_basis: str
+    shape: int
+    supervisor_cosigned: bool = False
+    queries_last_hour: int = 0  # by the same analyst, before this one
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    code: str = ""
+    reason: str = ""
+    fields: tuple[str, ...] = ()
+    row_limit: int = 0
+    policy_id: str = ""
+    policy_version: int = 0
+
+
+@dataclass
+class PolicyBook:
+    """The policies in force: (owner agency, dataset) -> the latest version."""
+
+    policies: dict[tuple[str, str], ledger_pb2.Policy] = field(default_factory=dict)
+
+    @classmethod
+    def from_genesis(cls, policies: Iterable[ledger_pb2.Policy]) -> PolicyBook:
+        book = cls()
+        for policy in policies:
+            book.apply(policy, signer_agency=policy.owner_agency)
+        return book
+
+    def apply(self, policy: ledger_pb2.Policy, signer_agency: str) -> None:
+        """Put a policy in force; raise unless its owner signed it and it is newer."""
+        if not policy.policy_id or not policy.dataset or not policy.owner_agency:
+            raise MalformedInput("a policy needs an id, an owner and a dataset")
+        if signer_agency != policy.owner_agency:
+            raise PermissionDenied(f"{signer_agency} may not set the policy of "
+                                   f"{policy.owner_agency}'s dataset {policy.dataset}")
+        key = (policy.owner_agency, policy.dataset)
+        current = self.policies.get(key)
+        if current is not None and policy.version <= current.version:
+            raise MalformedInput(f"policy {policy.policy_id} version {policy.version} is not "
+                                 f"newer than version {current.version}")
+        self.policies[key] = policy
+
+    def get(self, owner: str, dataset: str) -> ledger_pb2.Policy | None:
+        return self.policies.get((owner, dataset))
+
+    def evaluate(self, q: QueryFacts) -> Decision:
+        """Allow or refuse a query, with the first reason that refuses it."""
+        policy = self.get(q.target_agency, q.dataset)
+        if policy is None:
+            return Decision(False, NO_POLICY,
+                            f"{q.target_agency} publishes no policy for {q.dataset}")
+        grants = [g for g in policy.grants if g.requester_agency == q.requester_agency]
+        if not grants:
+            return _refuse(policy, NOT_GRANTED, f"{q.dataset} of {q.target_agency} is not "
+                                                f"open to {q.requester_agency}")
+        best: Decision | None = None
+        for grant in grants:
+            decision = _evaluate_grant(policy, grant, q)
+            if decision.allowed:
+                return decision
+            best = best or decision
+        assert best is not None
+        return best
+
+
+def _refuse(policy: ledger_pb2.Policy, code: str, reason: str) -> Decision:
+    return Decision(False, code, reason, policy_id=policy.policy_id,
+                    policy_version=policy.version)
+
+
+def _evaluate_grant(policy: ledger_pb2.Policy, grant: ledger_pb2.PolicyGrant,
+                    q: QueryFacts) -> Decision:
+    if grant.roles and not q.requester_roles & set(grant.roles):
+        return _refuse(policy, ROLE_NOT_GRANTED,
+                       f"needs one of the roles {', '.join(grant.roles)}")
+    if grant.shapes and q.shape not in grant.shapes:
+        return _refuse(policy, SHAPE_NOT_GRANTED,
+                       f"{SHAPE.Name(q.shape)} queries are not granted on {q.dataset}")
+    if grant.legal_bases and q.legal_basis not in grant.legal_bases:
+        return _refuse(policy, LEGAL_BASIS_NOT_GRANTED,
+                       f"legal basis {q.legal_basis!r} is not one of "
+                       f"{', '.join(grant.legal_bases)}")
+    if grant.case_required and not q.case_id:
+        return _refuse(policy, CASE_REQUIRED, f"queries on {q.dataset} must name a case")
+    granted = tuple(grant.fields)
+    fields = q.fields or granted
+    if granted:
+        missing = [f for f in fields if f not in granted]
+        if missing:
+            return _refuse(policy, FIELD_NOT_GRANTED,
+                           f"fields not granted: {', '.join(missing)}")
+    if grant.supervisor_cosign_required and not q.supervisor_cosigned:
+        return _refuse(policy, COSIGNATURE_REQUIRED,
+                       "a supervisor of the requesting agency must co-sign this query")
+    if grant.rate_per_hour and q.queries_last_hour >= grant.rate_per_hour:
+        return _refuse(policy, RATE_LIMITED,
+                       f"at most {grant.rate_per_hour} queries per analyst per hour")
+    return Decision(True, fields=tuple(fields), row_limit=grant.row_limit,
+                    policy_id=policy.policy_id, policy_version=policy.version)
+
+
+# -- the default policies of a new network ------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DatasetOffer:
+    """One dataset as its owner offers it by default."""
+
+    owner: str
+    dataset: str
+    fields: tuple[str, ...]
+    aggregate: bool = False  # a catalog view the comparison jobs read period-wide
+    about_persons: bool = False
+
+
+# The datasets and views of the data contract (../shared/DATA_CONTRACT.md).
+CONTRACT_OFFERS: tuple[DatasetOffer, ...] = (
+    DatasetOffer("tax", "taxpayers", ("uscc", "name", "legal_rep_id", "status",
+                                      "registered_on")),
+    DatasetOffer("tax", "vat_invoices", ("invoice_no", "issuer_uscc", "buyer_uscc",
+                                         "amount_cny", "tax_cny", "issued_on", "kind")),
+    DatasetOffer("tax", "revenue_declarations", ("uscc", "period", "declared_revenue_cny")),
+    DatasetOffer("tax", "export_rebates", ("claim_no", "uscc", "period",
+                                           "claimed_export_value_cny", "rebate_cny")),
+    DatasetOffer("tax", "active_legal_reps", ("uscc", "legal_rep_id"), aggregate=True),
+    DatasetOffer("customs", "declarations", ("decl_no", "uscc", "direction", "hs_code",
+                                             "declared_value_cny", "declared_on", "port")),
+    DatasetOffer("customs", "company_trade", ("uscc", "period", "export_value_cny",
+                                              "import_value_cny", "import_declarations"),
+                 aggregate=True),
+    DatasetOffer("pboc", "accounts", ("account_no", "holder_kind", "holder_id", "bank",
+                                      "opened_on")),
+    DatasetOffer("pboc", "transactions", ("txn_id", "account_no", "counterparty_account",
+                                          "amount_cny", "direction", "cross_border",
+                                          "booked_on")),
+    DatasetOffer("pboc", "company_flows", ("uscc", "period", "inflows_cny",
+                                           "outbound_cross_border_cny"), aggregate=True),
+    DatasetOffer("police", "persons", ("person_id", "name"), about_persons=True),
+    DatasetOffer("police", "records", ("record_id", "person_id", "kind", "case_no",
+                                       "recorded_on"), about_persons=True),
+)
+
+ROW_LIMIT_RECORDS = 10_000
+ROW_LIMIT_AGGREGATE = 1_000_000
+RATE_PER_HOUR_ANALYST = 600
+
+
+def default_policies(members: Sequence[str],
+                     offers: Sequence[DatasetOffer] = CONTRACT_OFFERS
+                     ) -> list[ledger_pb2.Policy]:
+    """A sensible starting point for a network of `members` (each owner may change its
+    own later): every member may ask every other member's datasets for a tax-crime or
+    anti-money-laundering investigation, record-level data only within a case; the
+    catalog views are open to automations without a case (the comparison jobs ask them
+    period-wide); and queries to the police about persons need a supervisor's
+    co-signature (decision 7)."""
+    present = set(members)
+    out = []
+    for offer in offers:
+        if offer.owner not in present:
+            continue
+        grants = []
+        for requester in sorted(present - {offer.owner}):
+            grants.append(ledger_pb2.PolicyGrant(
+                requester_agency=requester, roles=["analyst", "supervisor"],
+                fields=list(offer.fields),
+                legal_bases=[LEGAL_BASIS_TAX_CRIME, LEGAL_BASIS_AML], case_required=True,
+                row_limit=ROW_LIMIT_RECORDS, rate_per_hour=RATE_PER_HOUR_ANALYST,
+                supervisor_cosign_required=offer.about_persons,
+                shapes=[SHAPE.QUERY_SHAPE_SUBJECT, SHAPE.QUERY_SHAPE_SUBJECT_SET]))
+            if offer.aggregate:
+                grants.append(ledger_pb2.PolicyGrant(
+                    requester_agency=requester, roles=["automation"],
+                    fields=list(offer.fields), legal_bases=[LEGAL_BASIS_TAX_CRIME],
+                    case_required=False, row_limit=ROW_LIMIT_AGGREGATE,
+                    shapes=[SHAPE.QUERY_SHAPE_AGGREGATE, SHAPE.QUERY_SHAPE_SUBJECT_SET]))
+        out.append(ledger_pb2.Policy(policy_id=f"{offer.owner}/{offer.dataset}",
+                                     owner_agency=offer.owner, dataset=offer.dataset,
+                                     grants=grants, version=1))
+    return out
+
+
+def describe(policy: ledger_pb2.Policy) -> Mapping[str, object]:
+    """A policy as plain data, for `exchange policy show`."""
+    return {
+        "policy_id": policy.policy_id, "owner": policy.owner_agency,
+        "dataset": policy.dataset, "version": policy.version,
+        "grants": [{
+            "to": g.requester_agency, "roles": list(g.roles), "fields": list(g.fields),
+            "legal_bases": list(g.legal_bases), "case_required": g.case_required,
+            "row_limit": g.row_limit, "rate_per_hour": g.rate_per_hour,
+            "supervisor_cosign": g.supervisor_cosign_required,
+            "shapes": [SHAPE.Name(s) for s in g.shapes]} for g in policy.grants],
+    }
+
+
