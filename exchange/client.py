@@ -319,6 +319,11 @@ class ExchangeClient:
         return cast(node_pb2.NodeStatus,
                     self._unary(self._stub.Status, node_pb2.StatusRequest()))
 
+    def list_policies(self, owner: str = "", dataset: str = "") -> node_pb2.PolicyList:
+        return cast(node_pb2.PolicyList, self._unary(
+            self._stub.ListPolicies,
+            node_pb2.ListPoliciesRequest(owner_agency=owner, dataset=dataset)))
+
     def follow_blocks(self, from_height: int = 0) -> Iterator[ledger_pb2.Block]:
         """Blocks as the node applies them, from `from_height` on (0: the next one). No
         deadline; closing the iterator cancels the stream."""

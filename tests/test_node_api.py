@@ -255,3 +255,15 @@ def test_revoked_signer_is_refused_from_the_next_block(cluster: Cluster) -> None
                 node_pb2.SubmitRequest(envelope=_probe(supervisor)), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (agency, err.value)
         assert err.value.details().startswith("CREDENTIAL_INVALID"), (agency, err.value)
+
+
+def test_policy_show_lists_the_genesis_defaults(cluster: Cluster) -> None:
+    out = cluster.cli_json("policy", "show", "--owner", "police", agency="customs")
+    assert isinstance(out, dict)
+    ids = {p["policy_id"] for p in out["policies"]}
+    assert ids == {"police/persons", "police/records"}
+    records = next(p for p in out["policies"] if p["policy_id"] == "police/records")
+    to_customs = next(g for g in records["grants"] if g["to"] == "customs")
+    assert to_customs["case_required"] and to_customs["supervisor_cosign"]
+    human = cluster.cli("policy", "show", "--dataset", "company_flows", agency="tax")
+    assert human.returncode == 0 and "pboc/company_flows" in human.stdout

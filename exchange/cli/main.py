@@ -34,19 +34,19 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from exchange.cli import chain_cmd, evidence_cmd, init_cmd, node_cmd
+    from exchange.cli import (
+        chain_cmd,
+        evidence_cmd,
+        init_cmd,
+        node_cmd,
+        node_cmds,
+        policy_cmd,
+    )
 
-    cli.add_command(init_cmd.init)
-    cli.add_command(node_cmd.node)
-    cli.add_command(chain_cmd.chain)
-    cli.add_command(evidence_cmd.evidence)
-
-    from exchange.cli import node_cmds
-
-    cli.add_command(node_cmds.status)
-    cli.add_command(node_cmds.tx)
-    cli.add_command(node_cmds.block)
-    cli.add_command(node_cmds.submit_probe)
+    for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
+                    node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
+                    evidence_cmd.evidence, policy_cmd.policy):
+        cli.add_command(command)
 
 
 def main() -> None:

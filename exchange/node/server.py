@@ -202,6 +202,16 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return self.node.status()
 
 
+    @_mapped
+    async def ListPolicies(self, request: node_pb2.ListPoliciesRequest,
+                           context: grpc.aio.ServicerContext) -> node_pb2.PolicyList:
+        self.auth.own_agency_or_node(context)
+        book = self.node.applier.policies
+        chosen = [p for (owner, dataset), p in sorted(book.policies.items())
+                  if request.owner_agency in ("", owner) and request.dataset in ("", dataset)]
+        return node_pb2.PolicyList(policies=chosen, height=self.node.store.height)
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
     """What member nodes offer each other."""
 
