@@ -485,3 +485,27 @@ def test_cli_rejects_bad_agency_list(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "Police" in result.output
     assert not (tmp_path / "n").exists()
+
+
+def test_passphrase_env_encrypts_identity_keys_and_profiles_name_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exchange.client import Signer, load_client_profile
+    from exchange.errors import MalformedInput as Malformed
+    from exchange.identity.config import load_profile
+    from exchange.identity.keys import read_signing_key
+
+    monkeypatch.setenv("EXCHANGE_TEST_PASSPHRASE", "correct horse battery")
+    layout = init_network(tmp_path / "net", ("tax", "customs"),
+                          passphrase_env="EXCHANGE_TEST_PASSPHRASE")
+    profile = load_profile(layout.agencies[0].profile)
+    assert profile.passphrase_env == "EXCHANGE_TEST_PASSPHRASE"
+    pem = profile.signing_key.read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+    with pytest.raises(Malformed):
+        read_signing_key(profile.signing_key)  # no passphrase, no key
+    key = read_signing_key(profile.signing_key, profile.passphrase())
+    assert Signer.load(load_client_profile(layout.agencies[0].profile), layout.chain_id)
+    assert key.public_key
+    monkeypatch.setenv("EXCHANGE_TEST_PASSPHRASE", "short")
+    with pytest.raises(Malformed, match="8 characters"):
+        init_network(tmp_path / "other", passphrase_env="EXCHANGE_TEST_PASSPHRASE")

@@ -27,13 +27,17 @@ def _agency_list(text: str) -> list[str]:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Host the nodes listen on and peers dial (also put in node certificates).")
 @click.option("--force", is_flag=True, help="Replace an existing network in --out.")
+@click.option("--passphrase-env", default=None, metavar="VAR",
+              help="Encrypt the analysts' and automations' signing keys with the passphrase "
+                   "in this environment variable; their profiles name it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def init(out_dir: Path, agencies: str, chain_id: str | None, base_port: int, host: str,
-         force: bool, as_json: bool) -> None:
+         force: bool, passphrase_env: str | None, as_json: bool) -> None:
     """Write a local network: genesis signed by every member, and per agency its keys,
     TLS CA and certificates, analyst credentials, node.toml and profile.toml."""
     layout = init_network(out_dir, _agency_list(agencies), chain_id=chain_id,
-                          base_port=base_port, host=host, overwrite=force)
+                          base_port=base_port, host=host, overwrite=force,
+                          passphrase_env=passphrase_env)
     if as_json:
         emit_json({
             "chain_id": layout.chain_id,

@@ -303,9 +303,11 @@ def make_agency(dir: Path, agency: str, host: str, port: int, *,
 
 def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
                      specs: Sequence[IdentitySpec] = DEFAULT_IDENTITIES,
-                     validity_ms: int = CREDENTIAL_VALIDITY_MS) -> tuple[IdentityMaterial, ...]:
-    """Make each identity's signing key, its credential (signed by the agency root, valid
-    `validity_ms` from `now_ms`) and its TLS client certificate, under analysts/."""
+                     validity_ms: int = CREDENTIAL_VALIDITY_MS,
+                     passphrase: bytes | None = None) -> tuple[IdentityMaterial, ...]:
+    """Make each identity's signing key (encrypted with `passphrase` when given), its
+    credential (signed by the agency root, valid `validity_ms` from `now_ms`) and its TLS
+    client certificate, under analysts/."""
     paths = material.paths
     if not paths.analysts_dir.exists():
         _mkdir(paths.analysts_dir)
@@ -317,7 +319,7 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
                                       spec.roles, now_ms, now_ms + validity_ms, material.root)
         client = tls.issue_client_certificate(material.tls_ca, material.agency, spec.subject,
                                               _datetime(now_ms), validity_days)
-        write_private(paths.signing_key(spec.subject), key.to_pem())
+        write_private(paths.signing_key(spec.subject), key.to_pem(passphrase))
         _write_public(paths.credential(spec.subject),
                       credential.SerializeToString(deterministic=True))
         tls.write_identity(client, paths.client_cert(spec.subject),
@@ -329,7 +331,8 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
 def write_agency_configs(material: AgencyMaterial, identities: Sequence[IdentityMaterial],
                          genesis: identity_pb2.Genesis, genesis_path: Path,
                          listen_grpc: str, listen_metrics: str,
-                         log_level: str = "info") -> NodeConfig:
+                         log_level: str = "info",
+                         passphrase_env: str | None = None) -> NodeConfig:
     """Write node.toml, profile.toml (for analyst-1, or the first identity) and a profile
     per identity under analysts/, and create the empty data folder."""
     paths = material.paths
@@ -361,7 +364,7 @@ def write_agency_configs(material: AgencyMaterial, identities: Sequence[Identity
             tls_cert=paths.client_cert(identity.subject),
             tls_key=paths.client_key(identity.subject),
             ca_bundle=paths.ca_cert, signing_key=paths.signing_key(identity.subject),
-            credential=paths.credential(identity.subject))
+            credential=paths.credential(identity.subject), passphrase_env=passphrase_env)
         write_profile(paths.subject_profile(identity.subject), profile)
         if identity.subject == default_subject:
             write_profile(paths.profile, profile)
@@ -456,7 +459,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, host: str,
-           now_ms: int) -> tuple[identity_pb2.SignedGenesis, list[tuple[str, str]]]:
+           now_ms: int, passphrase_env: str | None
+           ) -> tuple[identity_pb2.SignedGenesis, list[tuple[str, str]]]:
     materials: list[AgencyMaterial] = []
     listen: list[tuple[str, str]] = []
     for i, agency in enumerate(agencies):
@@ -464,7 +468,9 @@ def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, h
         materials.append(make_agency(work / agency, agency, host, grpc_port, now_ms=now_ms))
         listen.append((format_address(host, grpc_port),
                        format_address(host, grpc_port + METRICS_PORT_OFFSET)))
-    identities = [issue_identities(m, chain_id, now_ms) for m in materials]
+    passphrase = _passphrase(passphrase_env)
+    identities = [issue_identities(m, chain_id, now_ms, passphrase=passphrase)
+                  for m in materials]
     credentials = [i.credential for ids in identities for i in ids]
     from exchange.ledger.policy import default_policies
 
@@ -479,14 +485,27 @@ def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, h
     _write_public(work / GENESIS_JSON_FILE, (description + "\n").encode())
     for material, ids, (grpc_addr, metrics_addr) in zip(materials, identities, listen,
                                                          strict=True):
-        write_agency_configs(material, ids, genesis, genesis_path, grpc_addr, metrics_addr)
+        write_agency_configs(material, ids, genesis, genesis_path, grpc_addr, metrics_addr,
+                             passphrase_env=passphrase_env)
     return signed, listen
+
+
+def _passphrase(env_var: str | None) -> bytes | None:
+    """The identities' key passphrase from the environment variable named, if any."""
+    if env_var is None:
+        return None
+    value = os.environ.get(env_var, "")
+    if len(value) < 8:
+        raise MalformedInput(f"environment variable {env_var} must hold the key passphrase "
+                             "(8 characters at least)")
+    return value.encode()
 
 
 def init_network(out_dir: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
                  chain_id: str | None = None, base_port: int = 7100,
                  host: str = "127.0.0.1", overwrite: bool = False,
-                 now_ms: int | None = None) -> NetworkLayout:
+                 now_ms: int | None = None,
+                 passphrase_env: str | None = None) -> NetworkLayout:
     """Write a whole local network under `out_dir`: genesis signed by every member,
     each agency's keys, TLS material, credentials, node config and profile.
 
@@ -494,6 +513,11 @@ def init_network(out_dir: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
     a folder holding a genesis is replaced. Everything is written into a temporary
     folder beside out_dir and renamed into place at the end, so a failure leaves
     out_dir as it was.
+
+    With `passphrase_env`, every analyst, supervisor and automation signing key is
+    written encrypted with the passphrase held in that environment variable, and the
+    profiles name the variable (decision 5); without it they are written in clear, which
+    suits only a local test network.
     """
     names = validate_agencies(agencies)
     chain = validate_chain_id(chain_id if chain_id is not None else new_chain_id())
@@ -509,7 +533,8 @@ def init_network(out_dir: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.init-", dir=out_dir.parent))
     try:
         os.chmod(work, DIR_MODE)
-        signed, listen = _build(work, names, chain, base_port, host, created_ms)
+        signed, listen = _build(work, names, chain, base_port, host, created_ms,
+                                passphrase_env)
         _fsync_tree(work)
         _swap_into_place(work, out_dir, replace)
     except BaseException:
