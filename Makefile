@@ -32,7 +32,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy exchange
+	$(VENV)/bin/mypy exchange agents
 
 bench: install
 	$(PY) -m exchange.bench

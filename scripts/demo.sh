@@ -17,28 +17,35 @@ as() { local agency=$1; shift; "$EXCHANGE" "$@" --profile "$NET/$agency/profile.
 step "1. Key ceremony for four agencies, then the four nodes (exchange init, exchange node)"
 bash scripts/cluster.sh start
 
-step "2. Cluster status as the tax bureau's analyst sees it (exchange status)"
+step "2. Sample data for 2,000 companies, each agency's part loaded into its own store"
+$EXCHANGE data generate --seed 7 --companies 2000 --out var/demo/data
+for agency in tax police customs pboc; do
+  $EXCHANGE data load --config "$NET/$agency/node.toml" "var/demo/data/$agency" --json \
+    | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%-8s %s" % (sys.argv[1], ", ".join("%s %d rows" % (f["dataset"], f["rows_after"]) for f in r["files"])))' "$agency"
+done
+
+step "3. Cluster status as the tax bureau's analyst sees it (exchange status)"
 as tax status
 
-step "3. Analysts of every agency submit signed transactions to their own node"
+step "4. Analysts of every agency submit signed transactions to their own node"
 for agency in tax police customs pboc; do
   as "$agency" submit-probe --count 2
 done
 TX=$(as police submit-probe --count 1 --json | $PY -c 'import json,sys; print(json.loads(sys.stdin.readline())["tx_id"])')
 sleep 0.5
 
-step "4. The police transaction seen from the customs node, its proofs checked locally"
+step "5. The police transaction seen from the customs node, its proofs checked locally"
 as customs tx show "$TX"
 
-step "5. The tip block, with every member's attestation (exchange block show tip)"
+step "6. The tip block, with every member's attestation (exchange block show tip)"
 as pboc block show tip
 
-step "6. Every node's chain fetched and verified from genesis (exchange chain verify)"
+step "7. Every node's chain fetched and verified from genesis (exchange chain verify)"
 for agency in tax police customs pboc; do
   as "$agency" chain verify --json | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%-8s ok=%s blocks=%s final=%s" % (sys.argv[1], r["ok"], r["height"], r["final_height"]))' "$agency"
 done
 
-step "7. The leader is killed (kill -9); the others elect a new one and go on"
+step "8. The leader is killed (kill -9); the others elect a new one and go on"
 LEADER=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 kill -9 "$(cat var/demo/run/$LEADER.pid)"
 echo "killed $LEADER's node"
@@ -47,11 +54,11 @@ OTHER=$(for a in tax police customs pboc; do [ "$a" != "$LEADER" ] && echo "$a" 
 as "$OTHER" submit-probe --count 2 --retry 10
 as "$OTHER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("new leader %s in term %s" % (s["leader"], s["term"]))'
 
-step "8. The killed node restarts and catches up"
+step "9. The killed node restarts and catches up"
 bash scripts/cluster.sh start >/dev/null
 as "$LEADER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("%s: height %s, role %s" % (s["agency"], s["height"], s["role"]))'
 
-step "9. Evidence bundle of two transactions, from the customs node's store (exchange evidence export)"
+step "10. Evidence bundle of two transactions, from the customs node's store (exchange evidence export)"
 IDS=$($PY - "$NET/customs/data/blocks.db" <<'PYEOF'
 import sys
 from exchange.ledger.store import BlockStore
@@ -64,10 +71,10 @@ PYEOF
 )
 $EXCHANGE evidence export --store "$NET/customs/data/blocks.db" $IDS --out var/demo/case.evidence
 
-step "10. Offline verification, as a court would run it (exchange evidence verify)"
+step "11. Offline verification, as a court would run it (exchange evidence verify)"
 $EXCHANGE evidence verify var/demo/case.evidence
 
-step "11. One altered byte is detected and named"
+step "12. One altered byte is detected and named"
 $PY - var/demo/case.evidence <<'PYEOF'
 import sys
 data = bytearray(open(sys.argv[1], "rb").read())
@@ -79,7 +86,7 @@ if $EXCHANGE evidence verify var/demo/case.evidence.tampered; then
 fi
 echo "(refused, as it must be)"
 
-step "12. Stopping the cluster"
+step "13. Stopping the cluster"
 bash scripts/cluster.sh stop
 printf '\nDemo complete. Cross-queries, comparison jobs and playbooks join this walk-through\n'
 printf 'as their issues land (README.md, "Status").\n'

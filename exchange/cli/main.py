@@ -36,6 +36,7 @@ def cli() -> None:
 def _register() -> None:
     from exchange.cli import (
         chain_cmd,
+        data_cmd,
         evidence_cmd,
         init_cmd,
         node_cmd,
@@ -45,7 +46,7 @@ def _register() -> None:
 
     for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
                     node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
-                    evidence_cmd.evidence, policy_cmd.policy):
+                    evidence_cmd.evidence, policy_cmd.policy, data_cmd.data):
         cli.add_command(command)
 
 

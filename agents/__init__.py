@@ -1,0 +1,69 @@
+"""The four agencies' own datasets (DATA_CONTRACT.md): schemas, the loader into each
+agency's store, the catalog views each computes on its store, and the sample data
+generator (agents.generate).
+
+    store = open_store("pboc", Path("data/agency.db"))
+    load_dataset_dir("pboc", Path("extract/pboc"), store)
+    rows = views_of("pboc")["company_flows"].rows(store, "2026-09")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from agents import customs, pboc, police, tax
+from agents.common.loader import FileLoad, LoadReport, load_datasets
+from agents.common.schema import Dataset
+from agents.common.store import AgencyStore, SqliteAgencyStore
+from agents.common.view import View
+from agents.customs import views as customs_views
+from agents.pboc import views as pboc_views
+from agents.police import views as police_views
+from agents.tax import views as tax_views
+
+AGENCIES = ("tax", "police", "customs", "pboc")
+
+_MODULES: dict[str, tuple[ModuleType, ModuleType]] = {
+    "tax": (tax, tax_views),
+    "police": (police, police_views),
+    "customs": (customs, customs_views),
+    "pboc": (pboc, pboc_views),
+}
+
+__all__ = ["AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadReport", "View",
+           "datasets_of", "load_dataset_dir", "open_store", "views_of"]
+
+
+def _modules(agency: str) -> tuple[ModuleType, ModuleType]:
+    try:
+        return _MODULES[agency]
+    except KeyError:
+        raise ValueError(f"unknown agency {agency!r} (one of {', '.join(AGENCIES)})") from None
+
+
+def datasets_of(agency: str) -> tuple[Dataset, ...]:
+    """The agency's datasets, in load order (targets of references first)."""
+    datasets: tuple[Dataset, ...] = _modules(agency)[0].DATASETS
+    return datasets
+
+
+def views_of(agency: str) -> dict[str, View[Any]]:
+    """The catalog views the agency offers, by name."""
+    views: dict[str, View[Any]] = _modules(agency)[1].VIEWS
+    return dict(views)
+
+
+def open_store(agency: str, path: Path) -> SqliteAgencyStore:
+    """The agency's SQLite store at `path`, created with its tables if absent."""
+    return SqliteAgencyStore(path, agency, datasets_of(agency))
+
+
+def load_dataset_dir(agency: str, folder: Path, store: AgencyStore,
+                     replace: bool = False) -> LoadReport:
+    """Load every dataset file in `folder` (one CSV per dataset, named after it) into
+    the agency's store in one transaction: all of it, or nothing and a DataFileError
+    naming file, line and column. With `replace` each dataset loaded becomes exactly
+    its file."""
+    return load_datasets(agency, datasets_of(agency), Path(folder), store, replace)

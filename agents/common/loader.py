@@ -1,0 +1,191 @@
+"""Loading an agency's import folder into its store, all or nothing.
+
+One load is one transaction over every dataset file in the folder:
+
+1. each file is read and staged row by row; its first problem (malformed CSV, a
+   missing column, a bad value or check digit, a key repeated in the file) rejects it;
+   the other files are still read, so that one run reports every rejected file;
+2. references are resolved against the rows of this load and the rows already stored
+   (with `replace`, the target's stored rows do not count: they are being replaced);
+3. staged rows are merged: a row replaces the stored row with its key; with `replace`
+   the dataset becomes exactly the file;
+4. with `replace`, stored rows of other datasets must not be left referring to a
+   removed row.
+
+Any problem rolls the whole load back and raises DataFileError; nothing is written.
+Dataset files absent from the folder leave their datasets as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.common.csvread import DataFileError, DatasetFileReader, FileProblem, ProblemFound
+from agents.common.schema import Dataset
+from agents.common.store import AgencyStore, LoadSession
+from exchange.errors import MalformedInput
+
+
+@dataclass(frozen=True)
+class FileLoad:
+    """What one file did to its dataset."""
+
+    dataset: str
+    file: str
+    rows: int  # data rows in the file
+    rows_before: int  # rows the dataset held before
+    rows_after: int  # rows it holds now
+    sha256: str  # of the file's bytes
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    agency: str
+    folder: str
+    replace: bool
+    files: tuple[FileLoad, ...]
+
+
+def _display(folder: Path, name: str) -> str:
+    return str(folder / name)
+
+
+def dataset_files(datasets: Sequence[Dataset], folder: Path) -> dict[str, Path]:
+    """The dataset files present in `folder`, by dataset name. A CSV file that is no
+    dataset of the agency is an error (a misnamed extract must not go unnoticed)."""
+    if not folder.is_dir():
+        raise MalformedInput(f"{folder}: not a folder")
+    by_file = {d.file_name: d for d in datasets}
+    found: dict[str, Path] = {}
+    unknown: list[str] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() != ".csv":
+            continue
+        dataset = by_file.get(path.name)
+        if dataset is None:
+            unknown.append(path.name)
+        else:
+            found[dataset.name] = path
+    expected = ", ".join(d.file_name for d in datasets)
+    if unknown:
+        raise MalformedInput(f"{folder}: {', '.join(unknown)} "
+                             f"{'is no dataset' if len(unknown) == 1 else 'are no datasets'}"
+                             f" of this agency (expected {expected})")
+    if not found:
+        raise MalformedInput(f"{folder}: no dataset file (expected one or more of {expected})")
+    return found
+
+
+def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
+                  store: AgencyStore, replace: bool = False) -> LoadReport:
+    """Load the dataset files of `folder` into `store`, atomically (see the module)."""
+    if store.agency != agency:
+        raise MalformedInput(f"the store holds {store.agency!r} data, not {agency!r}")
+    files = dataset_files(datasets, folder)
+    present = [d for d in datasets if d.name in files]
+    by_name = {d.name: d for d in datasets}
+    problems: list[FileProblem] = []
+    readers: dict[str, DatasetFileReader] = {}
+    loads: list[FileLoad] = []
+    try:
+        with store.load_session() as session:
+            for dataset in present:
+                reader = DatasetFileReader(files[dataset.name], dataset,
+                                           _display(folder, dataset.file_name))
+                readers[dataset.name] = reader
+                problem = _stage_file(session, reader)
+                if problem is not None:
+                    problems.append(problem)
+            if problems:
+                raise DataFileError(problems)
+
+            for dataset in present:
+                problem = _check_references(session, readers[dataset.name], by_name, files,
+                                            replace)
+                if problem is not None:
+                    problems.append(problem)
+            if problems:
+                raise DataFileError(problems)
+
+            for dataset in present:
+                counts = session.merge(dataset, replace)
+                reader = readers[dataset.name]
+                loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
+                                      counts.rows_before, counts.rows_after, reader.sha256))
+
+            if replace:
+                problems.extend(_check_orphans(session, datasets, files, folder))
+                if problems:
+                    raise DataFileError(problems)
+
+            for dataset, load in zip(present, loads, strict=True):
+                session.log_file(dataset, dataset.file_name, load.sha256, load.rows, replace)
+    except OSError as exc:
+        raise MalformedInput(f"{exc.filename}: {exc.strerror} (nothing was loaded)") from exc
+    return LoadReport(agency=agency, folder=str(folder), replace=replace, files=tuple(loads))
+
+
+def _stage_file(session: LoadSession, reader: DatasetFileReader) -> FileProblem | None:
+    """Stage every row of one file; its first problem, or None."""
+    dataset = reader.dataset
+    try:
+        for batch in reader.batches():
+            duplicate = session.stage(dataset, batch)
+            if duplicate is not None:
+                key_text = ", ".join(f"{k}={v!r}" for k, v in
+                                     zip(dataset.key, duplicate.key, strict=True))
+                return FileProblem(
+                    reader.display_name,
+                    f"key {key_text} repeats line {duplicate.first_line}",
+                    duplicate.line)
+    except ProblemFound as found:
+        return found.problem
+    return None
+
+
+def _check_references(session: LoadSession, reader: DatasetFileReader,
+                      by_name: dict[str, Dataset], files: dict[str, Path], replace: bool
+                      ) -> FileProblem | None:
+    dataset = reader.dataset
+    for ref in dataset.references:
+        target = by_name[ref.target]
+        target_staged = target.name in files
+        target_stored = not (replace and target_staged)
+        found = session.first_unresolved(dataset, ref, target, target_staged, target_stored)
+        if found is None:
+            continue
+        where = []
+        if target_staged:
+            where.append(target.file_name)
+        if target_stored:
+            where.append(f"the stored {target.name}")
+        message = f"{ref.column} {found.value!r} is not in {' or '.join(where)}"
+        return reader.problem(message, found.line, ref.column).problem
+    return None
+
+
+def _check_orphans(session: LoadSession, datasets: Sequence[Dataset],
+                   files: dict[str, Path], folder: Path) -> list[FileProblem]:
+    """With replace: stored rows left referring to a row the load removed."""
+    by_name = {d.name: d for d in datasets}
+    problems = []
+    for dataset in datasets:
+        if dataset.name in files:
+            continue  # replaced too, and checked against the new target rows
+        for ref in dataset.references:
+            if ref.target not in files:
+                continue
+            target = by_name[ref.target]
+            orphan = session.first_orphan(dataset, ref, target)
+            if orphan is None:
+                continue
+            key_text = ", ".join(f"{k}={v!r}" for k, v in
+                                 zip(dataset.key, orphan.key, strict=True))
+            problems.append(FileProblem(
+                _display(folder, target.file_name),
+                f"replacing {target.name} would remove {target.key[0]} {orphan.value!r}, "
+                f"which the stored {dataset.name} row {key_text} refers to (load "
+                f"{dataset.file_name} with --replace in the same folder, or keep the row)"))
+    return problems

@@ -1,0 +1,384 @@
+"""An agency's own store of its datasets, behind a small adapter interface.
+
+`AgencyStore` is what the loader and the views need; `SqliteAgencyStore` is the default
+adapter (one SQLite file per agency, WAL, synchronous=FULL). Another adapter (an agency
+whose records live in PostgreSQL) implements the same two protocols:
+
+- a load runs in one `LoadSession`, one database transaction: rows are staged with their
+  line numbers, checked (repeated keys, unresolved references) where the data is, merged
+  into the tables, and the whole load commits or nothing does;
+- the views run read-only SQL through `fetch`, written in portable SQL with `:name`
+  parameters (an adapter translates the placeholders to its driver's style).
+
+Tables are named after the datasets, columns after the contract's columns, except that
+amounts are integer fen in a column named ``*_fen`` (``amount_cny`` -> ``amount_fen``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Protocol
+
+from agents.common.schema import Dataset, Reference
+from exchange.errors import MalformedInput
+
+SCHEMA_VERSION = 1
+STORE_FILE_NAME = "agency.db"
+BUSY_TIMEOUT_MS = 10_000
+# Page cache per connection (main and temp schemas): large loads build big indexes.
+CACHE_KIB = 262_144
+
+
+@dataclass(frozen=True)
+class DuplicateKey:
+    """A key met twice in one file."""
+
+    key: tuple[object, ...]
+    first_line: int
+    line: int
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """A staged row whose reference is neither staged nor stored."""
+
+    line: int
+    value: object
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A stored row whose reference the load would remove."""
+
+    key: tuple[object, ...]
+    value: object
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    rows_before: int
+    rows_after: int
+
+
+class LoadSession(Protocol):
+    """One atomic load: everything staged and merged in it commits together or not at
+    all (an exception leaving the session rolls it back)."""
+
+    def stage(self, dataset: Dataset, rows: Sequence[tuple[object, ...]]) -> DuplicateKey | None:
+        """Append rows ``(line, *values in dataset column order)`` to the dataset's
+        staging area. Returns the first repeated key (the rows before it are staged)."""
+        ...
+
+    def first_unresolved(self, dataset: Dataset, ref: Reference, target: Dataset,
+                         target_staged: bool, target_stored: bool) -> Unresolved | None:
+        """The lowest-line staged row of `dataset` whose `ref.column` is not a key of
+        `target` among its staged rows (if `target_staged`) or its stored rows (if
+        `target_stored`)."""
+        ...
+
+    def merge(self, dataset: Dataset, replace: bool) -> MergeCounts:
+        """Write the staged rows into the dataset's table: a staged row replaces a stored
+        row with its key; with `replace`, stored rows not staged are deleted."""
+        ...
+
+    def first_orphan(self, dataset: Dataset, ref: Reference, target: Dataset) -> Orphan | None:
+        """After merging: a stored row of `dataset` whose reference has no target row."""
+        ...
+
+    def log_file(self, dataset: Dataset, file_name: str, file_sha256: str, rows: int,
+                 replace: bool) -> None:
+        """Record in the store's load log that this file was loaded."""
+        ...
+
+
+class AgencyStore(Protocol):
+    """An agency's store of its own datasets."""
+
+    @property
+    def agency(self) -> str: ...
+
+    def load_session(self) -> contextlib.AbstractContextManager[LoadSession]: ...
+
+    def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
+        """Rows of a read-only query (portable SQL, `:name` parameters)."""
+        ...
+
+    def row_count(self, dataset: Dataset) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _quote(name: str) -> str:
+    assert name.replace("_", "").isalnum(), name
+    return f'"{name}"'
+
+
+def _columns(names: Sequence[str]) -> str:
+    return ", ".join(_quote(n) for n in names)
+
+
+def _stage_table(dataset: Dataset) -> str:
+    return f'temp."stage_{dataset.name}"'
+
+
+def _main_table(dataset: Dataset) -> str:
+    return f'main."{dataset.name}"'
+
+
+def create_table_sql(dataset: Dataset) -> list[str]:
+    """The DDL of one dataset's table and its indexes."""
+    cols = []
+    for c in dataset.columns:
+        null = "" if c.optional else " NOT NULL"
+        cols.append(f"{_quote(c.stored_name)} {c.sql_type}{null}")
+    key = _columns([dataset.stored(k) for k in dataset.key])
+    statements = [f'CREATE TABLE IF NOT EXISTS "{dataset.name}" '
+                  f'({", ".join(cols)}, PRIMARY KEY ({key}))']
+    for index in dataset.indexes:
+        name = f"{dataset.name}_by_{'_'.join(index)}"
+        statements.append(f'CREATE INDEX IF NOT EXISTS "{name}" '
+                          f'ON "{dataset.name}" ({_columns(index)})')
+    return statements
+
+
+_META = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS load_log (
+    entry INTEGER PRIMARY KEY,
+    loaded_at_ms INTEGER NOT NULL,
+    dataset TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    file_sha256 TEXT NOT NULL,
+    row_count INTEGER NOT NULL,
+    replace INTEGER NOT NULL
+);
+"""
+
+
+class SqliteAgencyStore:
+    """The default adapter: one SQLite file holding one agency's datasets."""
+
+    def __init__(self, path: Path, agency: str, datasets: Sequence[Dataset]) -> None:
+        self.path = path
+        self._agency = agency
+        self.datasets = tuple(datasets)
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self._db.execute("PRAGMA temp_store=FILE")
+            self._init_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def agency(self) -> str:
+        return self._agency
+
+    def _init_schema(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _META.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                               [("agency", self._agency),
+                                ("schema_version", str(SCHEMA_VERSION))])
+            elif meta.get("agency") != self._agency:
+                raise MalformedInput(f"{self.path}: this store holds the datasets of "
+                                     f"{meta.get('agency')!r}, not {self._agency!r}")
+            elif meta.get("schema_version") != str(SCHEMA_VERSION):
+                raise MalformedInput(f"{self.path}: store schema version "
+                                     f"{meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+            for dataset in self.datasets:
+                for statement in create_table_sql(dataset):
+                    db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def load_session(self) -> Iterator[LoadSession]:
+        with self._lock:
+            session = _SqliteLoadSession(self._db)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield session
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                session.drop_staging()
+                raise
+            self._db.execute("COMMIT")
+            session.drop_staging()
+
+    def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql, dict(params)).fetchall()]
+
+    def row_count(self, dataset: Dataset) -> int:
+        with self._lock:
+            (n,) = self._db.execute(f"SELECT COUNT(*) FROM {_main_table(dataset)}").fetchone()
+        return int(n)
+
+    def load_log(self) -> list[tuple[object, ...]]:
+        """Every file loaded, oldest first: (time ms, dataset, file, sha256, rows, replace)."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT loaded_at_ms, dataset, file_name, file_sha256, row_count, replace "
+                "FROM load_log ORDER BY entry").fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteAgencyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SqliteLoadSession:
+    """Staging tables in SQLite's temp schema, inside the load's transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._staged: dict[str, Dataset] = {}
+        self._insert_sql: dict[str, str] = {}
+
+    def _ensure_stage(self, dataset: Dataset) -> str:
+        sql = self._insert_sql.get(dataset.name)
+        if sql is not None:
+            return sql
+        assert dataset.name not in self._staged, dataset.name
+        table = _stage_table(dataset)
+        cols = ", ".join(f"{_quote(c.stored_name)} {c.sql_type}" for c in dataset.columns)
+        key = _columns([dataset.stored(k) for k in dataset.key])
+        self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        self._db.execute(f"CREATE TABLE {table} (line INTEGER PRIMARY KEY, {cols}, "
+                         f"UNIQUE ({key}))")
+        self._staged[dataset.name] = dataset
+        placeholders = ", ".join("?" * (len(dataset.columns) + 1))
+        sql = (f"INSERT INTO {table} (line, {_columns(dataset.stored_names)}) "
+               f"VALUES ({placeholders})")
+        self._insert_sql[dataset.name] = sql
+        return sql
+
+    def stage(self, dataset: Dataset, rows: Sequence[tuple[object, ...]]) -> DuplicateKey | None:
+        sql = self._ensure_stage(dataset)
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.IntegrityError:
+            return self._find_duplicate(dataset, rows)
+        return None
+
+    def _find_duplicate(self, dataset: Dataset, rows: Sequence[tuple[object, ...]]
+                        ) -> DuplicateKey:
+        # executemany stopped at the first row whose key was already staged: the rows
+        # before it are in, so the first row whose key is staged under another line is it.
+        key_at = [1 + dataset.position(k) for k in dataset.key]
+        where = " AND ".join(f"{_quote(dataset.stored(k))} = ?" for k in dataset.key)
+        query = f"SELECT line FROM {_stage_table(dataset)} WHERE {where}"
+        for row in rows:
+            key = tuple(row[i] for i in key_at)
+            found = self._db.execute(query, key).fetchone()
+            assert found is not None, (dataset.name, row[0])
+            line = row[0]
+            assert isinstance(line, int)
+            if found[0] != line:
+                return DuplicateKey(key=key, first_line=int(found[0]), line=line)
+        raise AssertionError(f"{dataset.name}: no repeated key in the failing batch")
+
+    def first_unresolved(self, dataset: Dataset, ref: Reference, target: Dataset,
+                         target_staged: bool, target_stored: bool) -> Unresolved | None:
+        self._ensure_stage(dataset)  # a file of a header alone stages nothing
+        if target_staged:
+            self._ensure_stage(target)
+        assert len(target.key) == 1, target.name
+        col = _quote(dataset.stored(ref.column))
+        target_key = _quote(target.stored(target.key[0]))
+        conditions = ["1"]
+        if target_staged:
+            conditions.append(f"NOT EXISTS (SELECT 1 FROM {_stage_table(target)} t "
+                              f"WHERE t.{target_key} = s.{col})")
+        if target_stored:
+            conditions.append(f"NOT EXISTS (SELECT 1 FROM {_main_table(target)} t "
+                              f"WHERE t.{target_key} = s.{col})")
+        row = self._db.execute(
+            f"SELECT s.line, s.{col} FROM {_stage_table(dataset)} s "
+            f"WHERE {' AND '.join(conditions)} ORDER BY s.line LIMIT 1").fetchone()
+        return None if row is None else Unresolved(line=int(row[0]), value=row[1])
+
+    def merge(self, dataset: Dataset, replace: bool) -> MergeCounts:
+        self._ensure_stage(dataset)  # an empty file stages nothing but still merges
+        main = _main_table(dataset)
+        (before,) = self._db.execute(f"SELECT COUNT(*) FROM {main}").fetchone()
+        cols = _columns(dataset.stored_names)
+        select = f"SELECT {cols} FROM {_stage_table(dataset)} WHERE 1 ORDER BY line"
+        if replace:
+            self._db.execute(f"DELETE FROM {main}")
+            self._db.execute(f"INSERT INTO {main} ({cols}) {select}")
+        else:
+            key = _columns([dataset.stored(k) for k in dataset.key])
+            updates = ", ".join(f"{_quote(n)} = excluded.{_quote(n)}"
+                                for n in dataset.stored_names
+                                if n not in {dataset.stored(k) for k in dataset.key})
+            self._db.execute(f"INSERT INTO {main} ({cols}) {select} "
+                             f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
+        (after,) = self._db.execute(f"SELECT COUNT(*) FROM {main}").fetchone()
+        return MergeCounts(rows_before=int(before), rows_after=int(after))
+
+    def first_orphan(self, dataset: Dataset, ref: Reference, target: Dataset) -> Orphan | None:
+        assert len(target.key) == 1, target.name
+        col = _quote(dataset.stored(ref.column))
+        target_key = _quote(target.stored(target.key[0]))
+        keys = _columns([dataset.stored(k) for k in dataset.key])
+        row = self._db.execute(
+            f"SELECT s.{col}, {keys} FROM {_main_table(dataset)} s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {_main_table(target)} t "
+            f"WHERE t.{target_key} = s.{col}) LIMIT 1").fetchone()
+        return None if row is None else Orphan(key=tuple(row[1:]), value=row[0])
+
+    def log_file(self, dataset: Dataset, file_name: str, file_sha256: str, rows: int,
+                 replace: bool) -> None:
+        self._db.execute(
+            "INSERT INTO load_log (loaded_at_ms, dataset, file_name, file_sha256, "
+            "row_count, replace) VALUES (?, ?, ?, ?, ?, ?)",
+            (int(time.time() * 1000), dataset.name, file_name, file_sha256, rows,
+             int(replace)))
+
+    def drop_staging(self) -> None:
+        for dataset in self._staged.values():
+            self._db.execute(f"DROP TABLE IF EXISTS {_stage_table(dataset)}")
+        self._staged.clear()
+        self._insert_sql.clear()
+
+
+def sqlite_store_path(data_dir: Path) -> Path:
+    """Where a node keeps its agency's store by default."""
+    return data_dir / STORE_FILE_NAME
+
+
+def to_int(value: object) -> int:
+    """An integer a query returned (drivers give int, or Decimal for SUM of bigint)."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise TypeError(f"expected an integer from the store, got {value!r}")
+    result = int(value)
+    assert result == value, value
+    return result

@@ -1,0 +1,979 @@
+"""The sample data generator: the four agencies' import folders for a seed and a size,
+and ground_truth.csv, the findings the reference rules must produce on that data.
+
+The data is shaped like the real thing at a small scale: every company holds one to
+three accounts at Shenzhen banks; money comes in from other companies' accounts (both
+legs booked), from accounts at banks outside the data set, from persons and, for
+exporters, from abroad; companies move money between their own accounts, pay suppliers
+and staff, and (importers mostly) pay abroad. Taxpayers issue many VAT invoices a month
+and declare their revenue; exporters and importers file customs declarations; exporters
+claim rebates. The police know every person and hold records about a few.
+
+On top of that, chosen companies and months are *planted*: cases each reference rule
+must find, and decoys that it must not, on both sides of every threshold (exactly at a
+threshold is no finding, one fen beyond it is). The generator keeps its own books of
+what it wrote (per company and month: inflows as the contract defines them, outbound
+cross-border payments, declared values, claims, declared revenue) and derives
+ground_truth.csv from them; it asserts that every planted case came out as planned.
+
+Everything is drawn from one `random.Random(seed)` in a fixed order, so a seed and a
+size always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import TextIO
+
+from agents.common.checks import (
+    USCC_ALPHABET,
+    check_period,
+    org_code_check_char,
+    pair_subject,
+    period_bounds,
+    person_id_check_char,
+    shift_period,
+    uscc_check_char,
+)
+from exchange.errors import AlreadyExists, MalformedInput
+
+RULE_EXPORT_REBATE = "export-rebate-without-exports"
+RULE_REVENUE = "revenue-below-bank-inflows"
+RULE_IMPORT_UNDERVALUATION = "import-undervaluation"
+RULE_PAYMENTS_WITHOUT_IMPORTS = "payments-without-imports"
+RULE_OFFICER_RECORD = "officer-with-police-record"
+RULE_IDS = (RULE_EXPORT_REBATE, RULE_REVENUE, RULE_IMPORT_UNDERVALUATION,
+            RULE_PAYMENTS_WITHOUT_IMPORTS, RULE_OFFICER_RECORD)
+
+COMPANIES_MIN = 100
+COMPANIES_MAX = 2_000_000
+MONTHS_MAX = 24
+DEFAULT_END_PERIOD = "2026-09"
+DEFAULT_MONTHS = 3
+FLUSH_LINES = 20_000
+
+CNY = 100  # fen
+# The reference rules' thresholds, in fen.
+R2_EXCESS_MIN = 1_000_000 * CNY
+R3_EXCESS_MIN = 500_000 * CNY
+R4_PAYMENTS_MIN = 200_000 * CNY
+FLAGGING_KINDS = ("wanted", "fraud_conviction", "lost_id_report")
+RECORD_KINDS = FLAGGING_KINDS + ("under_investigation",)
+
+FILES = {
+    "tax": {
+        "taxpayers": "uscc,name,legal_rep_id,status,registered_on",
+        "vat_invoices": "invoice_no,issuer_uscc,buyer_uscc,amount_cny,tax_cny,issued_on,kind",
+        "revenue_declarations": "uscc,period,declared_revenue_cny",
+        "export_rebates": "claim_no,uscc,period,claimed_export_value_cny,rebate_cny",
+    },
+    "customs": {
+        "declarations": "decl_no,uscc,direction,hs_code,declared_value_cny,declared_on,port",
+    },
+    "pboc": {
+        "accounts": "account_no,holder_kind,holder_id,bank,opened_on",
+        "transactions":
+            "txn_id,account_no,counterparty_account,amount_cny,direction,cross_border,booked_on",
+    },
+    "police": {
+        "persons": "person_id,name",
+        "records": "record_id,person_id,kind,case_no,recorded_on",
+    },
+}
+
+SHENZHEN_DISTRICTS = ("440303", "440304", "440305", "440306", "440307", "440308",
+                      "440309", "440310", "440311", "440300")
+OTHER_REGIONS = ("440100", "441900", "440600", "310115", "110105", "330106", "320505",
+                 "510107", "420106", "350203")
+BANKS = (("中国工商银行深圳市分行", "622202"), ("中国建设银行深圳市分行", "621700"),
+         ("中国银行深圳市分行", "621661"), ("中国农业银行深圳市分行", "622848"),
+         ("交通银行深圳分行", "622262"), ("招商银行深圳分行", "621483"),
+         ("平安银行深圳分行", "623058"), ("中信银行深圳分行", "622690"),
+         ("浦发银行深圳分行", "622521"), ("兴业银行深圳分行", "622909"))
+# Banks outside the data set: their accounts appear only as counterparties.
+OUTSIDE_BANK_PREFIXES = ("955880", "622700", "621226", "603367", "622155")
+# Second accounts opened for planted companies (a prefix no other account uses).
+EXTRA_ACCOUNT_PREFIX = "622203"
+FOREIGN_PREFIXES = ("HK", "SG", "US", "AE", "DE", "VN", "MY")
+HS_CODES = ("8471300000", "8517130000", "8542310000", "6204430000", "9503008900",
+            "8504401400", "3926909090", "8528721000", "6110200090", "9405420000",
+            "8443321000", "8507600090")
+PORTS = ("盐田港", "蛇口港", "皇岗口岸", "文锦渡口岸", "深圳湾口岸", "宝安国际机场", "大铲湾港",
+         "前海湾保税港")
+SURNAMES = ("王李张刘陈杨黄赵吴周徐孙马朱胡郭何林罗高郑梁谢宋唐许韩冯邓曹彭曾肖田董潘袁蔡蒋余于杜叶"
+            "程魏苏吕丁任卢姚沈钟姜崔谭陆范汪廖石金韦贾夏付方邹熊白孟秦邱侯江尹薛段雷龙黎史陶贺")
+GIVEN = ("伟芳娜敏静丽强磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉萍红建文辉力斌宇浩凯健俊帆鹏"
+         "林立新海波晨欣怡佳琪子轩梓涵雨博嘉")
+WORDS = ("华信", "鹏程", "创维", "前海", "海川", "星辰", "金桥", "宏达", "恒通", "中联", "智汇",
+         "天宇", "百川", "瑞丰", "新锐", "博远", "嘉禾", "永盛", "东升", "南山")
+TRADES = ("科技", "电子", "贸易", "进出口", "供应链", "实业", "物流", "信息技术", "精密制造",
+          "医疗器械", "新能源", "服装")
+LATIN_WORDS = ("Bright", "Pearl", "Harbour", "Orient", "Delta", "Summit", "Crown", "Vista")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    seed: int
+    companies: int
+    end_period: str = DEFAULT_END_PERIOD
+    months: int = DEFAULT_MONTHS
+
+    def __post_init__(self) -> None:
+        if not COMPANIES_MIN <= self.companies <= COMPANIES_MAX:
+            raise MalformedInput(f"companies must be between {COMPANIES_MIN} and "
+                                 f"{COMPANIES_MAX}, got {self.companies}")
+        if not 1 <= self.months <= MONTHS_MAX:
+            raise MalformedInput(f"months must be between 1 and {MONTHS_MAX}, "
+                                 f"got {self.months}")
+        try:
+            check_period(self.end_period)
+        except ValueError as exc:
+            raise MalformedInput(f"end period: {exc}") from None
+
+    @property
+    def periods(self) -> tuple[str, ...]:
+        return tuple(shift_period(self.end_period, -k) for k in range(self.months - 1, -1, -1))
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    out: str
+    config: GeneratorConfig
+    rows: dict[str, int]  # "agency/dataset" -> data rows written
+    findings: dict[str, int]  # rule id -> findings in ground_truth.csv
+    planted: int  # planted cases and decoys
+    seconds: float
+
+
+# -- small helpers --------------------------------------------------------------------
+
+def fmt_fen(fen: int) -> str:
+    return f"{fen // 100}.{fen % 100:02d}"
+
+
+def _csv_text(text: str) -> str:
+    """A CSV field, quoted as RFC 4180 asks when it must be."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _uscc(region: str, org8: str) -> str:
+    body = "91" + region + org8 + org_code_check_char(org8)
+    return body + uscc_check_char(body)
+
+
+def _base31(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        value, digit = divmod(value, 31)
+        chars.append(USCC_ALPHABET[digit])
+    return "".join(reversed(chars))
+
+
+def _org8(index: int) -> str:
+    """A distinct organization code body per index: new-style 'MA' codes and old
+    all-digit ones, spread out by multiplying with numbers coprime to the modulus."""
+    half, form = divmod(index, 2)
+    if form == 0:
+        return "MA" + _base31((half * 7_919 + 104_729) % 31**6, 6)
+    return f"{(half * 7_919 + 3_141_592) % 10**8:08d}"
+
+
+_BIRTH_START = date(1951, 1, 1).toordinal()
+_BIRTH_DAYS = 20_000
+
+
+def _person_id(index: int, region: str) -> str:
+    """A distinct resident identity number per index (birth date and sequence)."""
+    q, m = divmod(index, _BIRTH_DAYS)
+    assert q < 1000, index
+    birth = date.fromordinal(_BIRTH_START + (m * 7_919) % _BIRTH_DAYS)
+    body = f"{region}{birth.year:04d}{birth.month:02d}{birth.day:02d}{(q * 37 + 11) % 1000:03d}"
+    return body + person_id_check_char(body)
+
+
+def _split(total: int, parts: int, r: Callable[[], float]) -> list[int]:
+    """`total` fen in `parts` positive amounts summing to it exactly."""
+    assert total > 0
+    if parts <= 1 or total < 100 * parts:
+        return [total]
+    weights = [0.25 + r() for _ in range(parts)]
+    scale = total / sum(weights)
+    amounts = [max(1, int(w * scale)) for w in weights[:-1]]
+    last = total - sum(amounts)
+    if last < 1:
+        return [total]
+    amounts.append(last)
+    return amounts
+
+
+class _Writer:
+    """Buffered writers of the output files, counting rows."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.buffers: dict[str, list[str]] = {}
+        self.rows: dict[str, int] = {}
+        self._handles: dict[str, TextIO] = {}
+        for agency, datasets in FILES.items():
+            (out / agency).mkdir(parents=True)
+            for name, header in datasets.items():
+                key = f"{agency}/{name}"
+                handle = open(out / agency / f"{name}.csv", "w", encoding="utf-8",  # noqa: SIM115
+                              newline="")
+                handle.write(header + "\n")
+                self._handles[key] = handle
+                self.buffers[key] = []
+                self.rows[key] = 0
+
+    def buffer(self, key: str) -> list[str]:
+        return self.buffers[key]
+
+    def flush(self, key: str) -> None:
+        lines = self.buffers[key]
+        if lines:
+            self._handles[key].write("".join(lines))
+            self.rows[key] += len(lines)
+            lines.clear()
+
+    def close(self) -> None:
+        for key in self._handles:
+            self.flush(key)
+            self._handles[key].close()
+
+
+# -- the plan of one company and month ------------------------------------------------
+
+@dataclass(slots=True)
+class MonthPlan:
+    """What one company does in one month; amounts in fen."""
+
+    declared: int | None = None  # revenue declared (None: no declaration)
+    inflow: int = 0  # inflows as the contract counts them
+    inflow_cross_border_share: float = 0.0  # of `inflow`, from abroad
+    internal: int = 0  # moved between its own accounts (no inflow)
+    out_domestic: int = 0
+    outbound_cb: int = 0  # outbound cross-border payments
+    outbound_cb_day: int | None = None  # 0-based day of the month, None: random
+    imports: list[tuple[int, int | None]] = field(default_factory=list)  # (fen, day)
+    exports: list[tuple[int, int | None]] = field(default_factory=list)
+    claims: list[int] = field(default_factory=list)
+    invoices: bool = True  # issues VAT invoices (taxpayers only)
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A planted case or decoy: what `rule` must find (or not) for subject in period."""
+
+    scenario: str
+    rule: str
+    subject: str
+    period: str
+    finding: bool
+
+
+# (name, rule, company pool, needs the month before, expected finding)
+_SCENARIOS: tuple[tuple[str, str, str, bool, bool], ...] = (
+    ("r1_no_exports", RULE_EXPORT_REBATE, "domestic", False, True),
+    ("r1_low_exports", RULE_EXPORT_REBATE, "domestic", False, True),
+    ("r1_below_80", RULE_EXPORT_REBATE, "domestic", False, True),
+    ("r1_at_80", RULE_EXPORT_REBATE, "domestic", False, False),
+    ("r1_above_80", RULE_EXPORT_REBATE, "domestic", False, False),
+    ("r1_exports_month_before", RULE_EXPORT_REBATE, "domestic", True, True),
+    ("r2_big", RULE_REVENUE, "domestic", False, True),
+    ("r2_no_declaration", RULE_REVENUE, "domestic", False, True),
+    ("r2_ratio_below", RULE_REVENUE, "domestic", False, False),
+    ("r2_ratio_at", RULE_REVENUE, "domestic", False, False),
+    ("r2_ratio_above", RULE_REVENUE, "domestic", False, True),
+    ("r2_excess_below", RULE_REVENUE, "domestic", False, False),
+    ("r2_excess_at", RULE_REVENUE, "domestic", False, False),
+    ("r2_excess_above", RULE_REVENUE, "domestic", False, True),
+    ("r2_no_declaration_at", RULE_REVENUE, "domestic", False, False),
+    ("r2_no_declaration_above", RULE_REVENUE, "domestic", False, True),
+    ("r2_internal_transfers", RULE_REVENUE, "domestic", False, False),
+    ("r2_inbound_cross_border", RULE_REVENUE, "domestic", False, True),
+    ("r3_big", RULE_IMPORT_UNDERVALUATION, "domestic", False, True),
+    ("r3_ratio_below", RULE_IMPORT_UNDERVALUATION, "domestic", False, False),
+    ("r3_ratio_at", RULE_IMPORT_UNDERVALUATION, "domestic", False, False),
+    ("r3_ratio_above", RULE_IMPORT_UNDERVALUATION, "domestic", False, True),
+    ("r3_excess_at", RULE_IMPORT_UNDERVALUATION, "domestic", False, False),
+    ("r3_excess_above", RULE_IMPORT_UNDERVALUATION, "domestic", False, True),
+    ("r3_exports_only", RULE_IMPORT_UNDERVALUATION, "domestic", False, False),
+    ("r4_big", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, True),
+    ("r4_below", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, False),
+    ("r4_at", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, False),
+    ("r4_above", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, True),
+    ("r4_with_import", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, False),
+    ("r4_import_month_before", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", True, True),
+    ("r4_exports_only", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, True),
+    ("r4_not_a_taxpayer", RULE_PAYMENTS_WITHOUT_IMPORTS, "non_taxpayer", False, True),
+    ("r4_inbound_only", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, False),
+    ("r4_domestic_out", RULE_PAYMENTS_WITHOUT_IMPORTS, "domestic", False, False),
+)
+# (name, expected finding); planted on legal representatives of chosen taxpayers
+_PERSON_SCENARIOS: tuple[tuple[str, bool], ...] = (
+    ("r5_wanted", True),
+    ("r5_fraud_conviction", True),
+    ("r5_lost_id_report", True),
+    ("r5_two_companies", True),
+    ("r5_also_under_investigation", True),
+    ("r5_under_investigation", False),
+    ("r5_deregistered", False),
+    ("r5_abnormal", False),
+)
+
+
+class _Generator:
+    def __init__(self, config: GeneratorConfig, out: Path) -> None:
+        self.config = config
+        self.out = out
+        self.rng = random.Random(config.seed)
+        self.periods = config.periods
+        self.month_days: list[list[str]] = []
+        for period in self.periods:
+            start, end = period_bounds(period)
+            first = date.fromisoformat(start).toordinal()
+            last = date.fromisoformat(end).toordinal()
+            self.month_days.append([date.fromordinal(o).isoformat()
+                                    for o in range(first, last)])
+        self.planted: list[Planted] = []
+
+    # -- the population ---------------------------------------------------------------
+
+    def people_and_companies(self) -> None:
+        rng, r = self.rng, self.rng.random
+        n = self.config.companies
+        n_holders = n // 2
+        self.n_persons = n + n_holders
+        self.person_ids = [_person_id(i, SHENZHEN_DISTRICTS[int(r() * 10)] if r() < 0.6
+                                      else OTHER_REGIONS[int(r() * 10)])
+                           for i in range(self.n_persons)]
+        self.person_names = [SURNAMES[int(r() * len(SURNAMES))]
+                             + "".join(GIVEN[int(r() * len(GIVEN))]
+                                       for _ in range(1 + (r() < 0.7)))
+                             for _ in range(self.n_persons)]
+
+        self.uscc: list[str] = []
+        self.company_names: list[str] = []
+        self.taxpayer: list[bool] = []
+        self.status: list[str] = []
+        self.exporter: list[bool] = []
+        self.importer: list[bool] = []
+        self.size: list[int] = []  # typical monthly revenue, fen
+        self.rep: list[int] = []
+        for c in range(n):
+            is_taxpayer = r() >= 0.05
+            region = (SHENZHEN_DISTRICTS[int(r() * 10)] if is_taxpayer
+                      else OTHER_REGIONS[int(r() * 10)])
+            self.uscc.append(_uscc(region, _org8(c)))
+            if r() < 0.02:
+                name = (f'Shenzhen {LATIN_WORDS[int(r() * 8)]} "{LATIN_WORDS[int(r() * 8)]}" '
+                        "Trading Co., Ltd.")
+            else:
+                city = "深圳市" if is_taxpayer else ""
+                name = (f"{city}{WORDS[int(r() * 20)]}{TRADES[int(r() * 12)]}"
+                        f"{'股份' if r() < 0.1 else ''}有限公司")
+            self.company_names.append(_csv_text(name))
+            self.taxpayer.append(is_taxpayer)
+            u = r()
+            self.status.append("active" if u < 0.92 else "abnormal" if u < 0.97
+                               else "deregistered")
+            self.exporter.append(r() < 0.08)
+            self.importer.append(r() < 0.08)
+            # lognormal monthly revenue: median 300,000 CNY
+            self.size.append(min(200_000_000 * CNY,
+                                 int(300_000 * CNY * math.exp(rng.gauss(0.0, 1.1)))) + CNY)
+            # 3 in 100 companies share a legal representative with an earlier one
+            self.rep.append(self.rep[int(r() * c)] if c and r() < 0.03 else c)
+        assert len(set(self.uscc)) == n
+        assert len(set(self.person_ids)) == self.n_persons
+
+    def assign_scenarios(self) -> None:
+        """Choose the planted companies, months and persons; set their attributes."""
+        r = self.rng.random
+        n = self.config.companies
+        per = max(1, n // 2_500)
+        domestic = [c for c in range(n)
+                    if self.taxpayer[c] and self.status[c] == "active" and self.rep[c] == c
+                    and not self.exporter[c] and not self.importer[c]]
+        non_taxpayers = [c for c in range(n) if not self.taxpayer[c]
+                         and not self.exporter[c] and not self.importer[c]]
+        self.rng.shuffle(domestic)
+        self.rng.shuffle(non_taxpayers)
+        pools = {"domestic": domestic, "non_taxpayer": non_taxpayers}
+        months = len(self.periods)
+        self.scenario_of: dict[tuple[int, int], str] = {}
+        for name, _rule, pool_name, needs_before, _finding in _SCENARIOS:
+            if needs_before and months < 2:
+                continue
+            pool = pools[pool_name]
+            for _ in range(per):
+                if not pool and pool_name == "non_taxpayer" and domestic:
+                    # a small population may lack one: make a company unknown to tax
+                    self.taxpayer[domestic[-1]] = False
+                    pool.append(domestic.pop())
+                if not pool:
+                    raise MalformedInput(f"too few companies to plant every case; "
+                                         f"use at least {COMPANIES_MIN}")
+                c = pool.pop()
+                p = (1 if needs_before else 0) + int(r() * (months - (1 if needs_before else 0)))
+                self.scenario_of[(c, p)] = name
+        self.person_scenarios: list[tuple[str, int, int | None]] = []  # (name, c, c2)
+        for name, _finding in _PERSON_SCENARIOS:
+            for _ in range(per):
+                if len(domestic) < 2:
+                    raise MalformedInput(f"too few companies to plant every case; "
+                                         f"use at least {COMPANIES_MIN}")
+                c = domestic.pop()
+                c2 = None
+                if name == "r5_two_companies":
+                    c2 = domestic.pop()
+                    self.rep[c2] = self.rep[c]
+                elif name == "r5_deregistered":
+                    self.status[c] = "deregistered"
+                elif name == "r5_abnormal":
+                    self.status[c] = "abnormal"
+                self.person_scenarios.append((name, c, c2))
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_all(self) -> None:
+        self.w = _Writer(self.out)
+        try:
+            self.write_persons_and_records()
+            self.write_taxpayers()
+            self.write_accounts()
+            self.write_activity()
+        finally:
+            self.w.close()
+        self.write_ground_truth()
+
+    def write_persons_and_records(self) -> None:
+        r = self.rng.random
+        w = self.w
+        persons = w.buffer("police/persons")
+        for i in range(self.n_persons):
+            persons.append(f"{self.person_ids[i]},{self.person_names[i]}\n")
+            if len(persons) >= FLUSH_LINES:
+                w.flush("police/persons")
+        records = w.buffer("police/records")
+        self.record_kinds: dict[int, set[str]] = {}
+        planted_persons = {self.rep[c] for _, c, _ in self.person_scenarios}
+        n_records = [0]
+
+        def record(person: int, kind: str) -> None:
+            n_records[0] += 1
+            year = 2012 + int(r() * 14)
+            recorded_on = f"{year}-{1 + int(r() * 12):02d}-{1 + int(r() * 28):02d}"
+            case_no = ("" if kind == "lost_id_report" and r() < 0.7
+                       else f"深公经〔{year}〕{1 + int(r() * 9999)}号")
+            records.append(f"R{n_records[0]:09d},{self.person_ids[person]},{kind},{case_no},"
+                           f"{recorded_on}\n")
+            self.record_kinds.setdefault(person, set()).add(kind)
+
+        for i in range(self.n_persons):
+            if i not in planted_persons and r() < 0.01:
+                record(i, RECORD_KINDS[int(r() * 4)])
+                if r() < 0.2:
+                    record(i, RECORD_KINDS[int(r() * 4)])
+        for name, c, _c2 in self.person_scenarios:
+            person = self.rep[c]
+            if name == "r5_fraud_conviction" or name == "r5_two_companies":
+                record(person, "fraud_conviction")
+            elif name == "r5_lost_id_report":
+                record(person, "lost_id_report")
+            elif name == "r5_under_investigation":
+                record(person, "under_investigation")
+            elif name == "r5_also_under_investigation":
+                record(person, "under_investigation")
+                record(person, "wanted")
+            else:  # r5_wanted and the inactive taxpayers' representatives
+                record(person, "wanted")
+        w.flush("police/persons")
+        w.flush("police/records")
+
+    def write_taxpayers(self) -> None:
+        r = self.rng.random
+        w = self.w
+        lines = w.buffer("tax/taxpayers")
+        start = date(1995, 1, 1).toordinal()
+        span = date.fromisoformat(period_bounds(self.periods[0])[0]).toordinal() - start - 30
+        for c in range(self.config.companies):
+            if not self.taxpayer[c]:
+                continue
+            registered_on = date.fromordinal(start + int(r() * span)).isoformat()
+            lines.append(f"{self.uscc[c]},{self.company_names[c]},"
+                         f"{self.person_ids[self.rep[c]]},{self.status[c]},{registered_on}\n")
+            if len(lines) >= FLUSH_LINES:
+                w.flush("tax/taxpayers")
+        w.flush("tax/taxpayers")
+
+    def write_accounts(self) -> None:
+        r = self.rng.random
+        w = self.w
+        lines = w.buffer("pboc/accounts")
+        start = date(2003, 1, 1).toordinal()
+        span = date.fromisoformat(period_bounds(self.periods[0])[0]).toordinal() - start - 1
+        n = self.config.companies
+        self.company_accounts: list[list[str]] = []
+        self.account_owner: dict[str, int] = {}  # company accounts only
+        seq = 0
+
+        def open_account(holder_kind: str, holder_id: str) -> str:
+            nonlocal seq
+            seq += 1
+            bank, prefix = BANKS[int(r() * len(BANKS))]
+            account_no = f"{prefix}{(seq * 7_919) % 10**13:013d}"
+            opened_on = date.fromordinal(start + int(r() * span)).isoformat()
+            lines.append(f"{account_no},{holder_kind},{holder_id},{bank},{opened_on}\n")
+            if len(lines) >= FLUSH_LINES:
+                w.flush("pboc/accounts")
+            return account_no
+
+        for c in range(n):
+            u = r()
+            count = 1 if u < 0.5 else 2 if u < 0.85 else 3
+            if self.size[c] > 3_000_000 * CNY:
+                count += 1
+            accounts = [open_account("company", self.uscc[c]) for _ in range(count)]
+            self.company_accounts.append(accounts)
+            for a in accounts:
+                self.account_owner[a] = c
+        self.person_accounts: list[str] = []
+        for i in range(self.n_persons):
+            if i >= n or r() < 0.3:
+                self.person_accounts.append(open_account("person", self.person_ids[i]))
+        w.flush("pboc/accounts")
+        assert len(self.account_owner) == sum(len(a) for a in self.company_accounts)
+
+    # -- the monthly activity -------------------------------------------------------------
+
+    def base_plan(self, c: int) -> MonthPlan:
+        r = self.rng.random
+        revenue = max(10_000 * CNY, int(self.size[c] * (0.8 + 0.4 * r())))
+        plan = MonthPlan()
+        if self.taxpayer[c] and self.status[c] == "deregistered":
+            plan.invoices = False
+            return plan  # a dormant company: its accounts stay quiet
+        plan.inflow = int(revenue * (0.75 + 0.5 * r()))
+        if not self.taxpayer[c]:
+            plan.inflow = min(plan.inflow, 900_000 * CNY)  # declares its revenue elsewhere
+            plan.invoices = False
+        elif self.status[c] == "abnormal":
+            plan.invoices = False  # an abnormal taxpayer has stopped declaring;
+            if r() < 0.9:  # most have also stopped trading
+                plan.inflow = min(plan.inflow, int(900_000 * CNY * r()) + CNY)
+        elif r() < 0.02:
+            plan.inflow = min(plan.inflow, 900_000 * CNY)  # a month not declared
+        else:
+            plan.declared = revenue
+        if len(self.company_accounts[c]) > 1 and r() < 0.3:
+            plan.internal = int(revenue * (0.1 + 0.4 * r())) + CNY
+        plan.out_domestic = int(revenue * (0.6 + 0.35 * r())) + CNY
+        if self.exporter[c]:
+            exports = int(revenue * (0.3 + 0.6 * r())) + CNY
+            plan.exports = [(v, None) for v in _split(exports, 1 + int(r() * 4), r)]
+            plan.inflow_cross_border_share = 0.5 + 0.4 * r()
+            if self.taxpayer[c] and r() < 0.85:
+                claimed = int(exports * (0.85 + 0.35 * r())) + CNY
+                plan.claims = _split(claimed, 1 + int(r() * 2), r)
+        if self.importer[c]:
+            imports = int(revenue * (0.2 + 0.5 * r())) + CNY
+            plan.imports = [(v, None) for v in _split(imports, 1 + int(r() * 4), r)]
+            plan.outbound_cb = int(imports * (0.85 + 0.3 * r())) + CNY
+        elif r() < 0.15:
+            plan.outbound_cb = int((5_000 + 145_000 * r()) * CNY)  # services from abroad
+        return plan
+
+    def scenario_plan(self, name: str, c: int, p: int, plans: list[MonthPlan]) -> MonthPlan:
+        """The plan of a planted company-month (may also touch the month before)."""
+        r = self.rng.random
+        plan = self.base_plan(c)
+        plan.outbound_cb = 0
+        last_day = len(self.month_days[p - 1]) - 1 if p else 0
+
+        def amount(low_cny: int, high_cny: int, multiple: int = 1) -> int:
+            fen = int((low_cny + (high_cny - low_cny) * r()) * CNY)
+            return max(multiple, fen - fen % multiple)
+
+        if name.startswith("r1_"):
+            claimed = amount(200_000, 5_000_000, multiple=5)
+            plan.claims = _split(claimed, 1 + int(r() * 3), r)
+            exports = {"r1_no_exports": 0, "r1_low_exports": claimed // 2,
+                       "r1_below_80": claimed * 4 // 5 - 1, "r1_at_80": claimed * 4 // 5,
+                       "r1_above_80": claimed * 4 // 5 + 1,
+                       "r1_exports_month_before": 0}[name]
+            if exports:
+                plan.exports = [(v, None) for v in _split(exports, 1 + int(r() * 3), r)]
+            if name == "r1_exports_month_before":
+                plans[p - 1].exports.append((claimed, last_day))
+        elif name.startswith("r2_"):
+            declared = None
+            if name == "r2_big":
+                declared = amount(100_000, 3_000_000)
+                inflow = declared * 3 + R2_EXCESS_MIN * 2
+            elif name == "r2_no_declaration":
+                inflow = amount(1_500_000, 6_000_000)
+            elif name.startswith("r2_ratio_"):
+                declared = amount(4_000_000, 20_000_000, multiple=2)  # excess > 1M anyway
+                inflow = declared * 3 // 2 + {"r2_ratio_below": -1, "r2_ratio_at": 0,
+                                              "r2_ratio_above": 1}[name]
+            elif name.startswith("r2_excess_"):
+                declared = amount(100_000, 1_500_000)  # 50% of it is below 1M
+                inflow = declared + R2_EXCESS_MIN + {"r2_excess_below": -1, "r2_excess_at": 0,
+                                                     "r2_excess_above": 1}[name]
+            elif name.startswith("r2_no_declaration_"):
+                inflow = R2_EXCESS_MIN + (1 if name.endswith("above") else 0)
+            elif name == "r2_internal_transfers":
+                declared = amount(500_000, 2_000_000)
+                inflow = declared * 11 // 10
+                plan.internal = declared * 5 + R2_EXCESS_MIN * 5
+                if len(self.company_accounts[c]) < 2:
+                    self.company_accounts[c].append(self.extra_account(c))
+            else:  # r2_inbound_cross_border: receipts from abroad count as inflows
+                declared = amount(200_000, 1_000_000)
+                inflow = declared * 2 + R2_EXCESS_MIN
+                plan.inflow_cross_border_share = 1.0
+            plan.declared = declared
+            plan.inflow = inflow
+            plan.out_domestic = min(plan.out_domestic, inflow)
+        elif name.startswith("r3_"):
+            if name == "r3_big":
+                imports = amount(500_000, 3_000_000)
+                plan.outbound_cb = imports * 2 + R3_EXCESS_MIN * 2
+            elif name.startswith("r3_ratio_"):
+                imports = amount(2_000_000, 10_000_000, multiple=10)  # 30% of it > 500k
+                plan.outbound_cb = imports * 13 // 10 + {"r3_ratio_below": -1, "r3_ratio_at": 0,
+                                                         "r3_ratio_above": 1}[name]
+            elif name.startswith("r3_excess_"):
+                imports = amount(300_000, 1_600_000)  # 30% of it is below 500k
+                plan.outbound_cb = imports + R3_EXCESS_MIN + (1 if name.endswith("above")
+                                                             else 0)
+            else:  # r3_exports_only: no import declaration, so no undervaluation
+                imports = 0
+                plan.exports = [(amount(100_000, 1_000_000), None)]
+                plan.outbound_cb = amount(1_000_000, 3_000_000)
+            if imports:
+                plan.imports = [(v, None) for v in _split(imports, 1 + int(r() * 3), r)]
+        elif name.startswith("r4_"):
+            if name in ("r4_big", "r4_not_a_taxpayer"):
+                plan.outbound_cb = amount(300_000, 3_000_000)
+            elif name in ("r4_below", "r4_at", "r4_above"):
+                plan.outbound_cb = R4_PAYMENTS_MIN + {"r4_below": -1, "r4_at": 0,
+                                                      "r4_above": 1}[name]
+            elif name == "r4_with_import":
+                imports = amount(200_000, 400_000)
+                plan.imports = [(imports, None)]
+                plan.outbound_cb = imports * 11 // 10
+            elif name == "r4_import_month_before":
+                imports = amount(300_000, 2_000_000)
+                plans[p - 1].imports.append((imports, last_day))
+                plans[p - 1].outbound_cb = 0
+                plan.outbound_cb = imports
+                plan.outbound_cb_day = 0
+            elif name == "r4_exports_only":
+                plan.exports = [(amount(100_000, 1_000_000), None)]
+                plan.outbound_cb = amount(300_000, 2_000_000)
+            elif name == "r4_inbound_only":
+                plan.declared = amount(3_000_000, 8_000_000)
+                plan.inflow = plan.declared
+                plan.inflow_cross_border_share = 1.0
+            else:  # r4_domestic_out: large payments, but not abroad
+                plan.out_domestic = amount(1_000_000, 5_000_000)
+        else:
+            raise AssertionError(name)
+        return plan
+
+    def extra_account(self, c: int) -> str:
+        """A second account for a planted company that moves money between its own."""
+        self.extra_accounts.append(c)
+        account_no = f"{EXTRA_ACCOUNT_PREFIX}{len(self.extra_accounts):013d}"
+        self.account_owner[account_no] = c
+        self.w.buffer("pboc/accounts").append(
+            f"{account_no},company,{self.uscc[c]},{BANKS[0][0]},2020-01-02\n")
+        return account_no
+
+    def write_activity(self) -> None:
+        n = self.config.companies
+        months = len(self.periods)
+        self.extra_accounts: list[int] = []
+        # The books: per company and month (index c * months + p), in fen.
+        self.book_inflow = [0] * (n * months)
+        self.book_outbound_cb = [0] * (n * months)
+        self.book_imports = [0] * (n * months)
+        self.book_import_count = [0] * (n * months)
+        self.book_exports = [0] * (n * months)
+        self.book_claimed = [0] * (n * months)
+        self.book_claims = [0] * (n * months)
+        self.book_declared: list[int | None] = [None] * (n * months)
+        self.seq = {"txn": 0, "invoice": 0, "decl": 0, "claim": 0}
+
+        plans_of: dict[int, list[MonthPlan]] = {}
+        for (c, p), name in sorted(self.scenario_of.items()):
+            plans = plans_of.setdefault(c, [self.base_plan(c) for _ in range(months)])
+            plans[p] = self.scenario_plan(name, c, p, plans)
+        for c in range(n):
+            plans = plans_of.get(c) or [self.base_plan(c) for _ in range(months)]
+            for p in range(months):
+                self.emit_month(c, p, plans[p])
+        self.rich_persons()
+        for key in self.w.buffers:
+            self.w.flush(key)
+
+    def emit_month(self, c: int, p: int, plan: MonthPlan) -> None:
+        r = self.rng.random
+        w = self.w
+        days = self.month_days[p]
+        n_days = len(days)
+        period = self.periods[p]
+        uscc = self.uscc[c]
+        at = c * len(self.periods) + p
+        accounts = self.company_accounts[c]
+        txns = w.buffer("pboc/transactions")
+        txn = self.txn
+
+        if plan.declared is not None:
+            w.buffer("tax/revenue_declarations").append(
+                f"{uscc},{period},{fmt_fen(plan.declared)}\n")
+            self.book_declared[at] = plan.declared
+
+        # inflows, from other companies (their leg booked too), banks outside the data
+        # set, persons, and abroad
+        if plan.inflow:
+            parts = _split(plan.inflow, 1 + min(6, int(r() * 3 + plan.inflow / 5e8)), r)
+            for amount in parts:
+                account = accounts[int(r() * len(accounts))]
+                day = days[int(r() * n_days)]
+                u = r()
+                if u < plan.inflow_cross_border_share:
+                    txn(account, self.foreign_account(), amount, "in", 1, day, p)
+                    continue
+                u = r()
+                if u < 0.35:
+                    payer = int(r() * (self.config.companies - 1))
+                    payer += payer >= c
+                    payer_accounts = self.company_accounts[payer]
+                    other = payer_accounts[int(r() * len(payer_accounts))]
+                    txn(other, account, amount, "out", 0, day, p)
+                    txn(account, other, amount, "in", 0, day, p)
+                elif u < 0.5:
+                    person = self.person_accounts[int(r() * len(self.person_accounts))]
+                    txn(person, account, amount, "out", 0, day, p)
+                    txn(account, person, amount, "in", 0, day, p)
+                else:
+                    txn(account, self.outside_account(), amount, "in", 0, day, p)
+        if plan.internal:
+            for amount in _split(plan.internal, 1 + int(r() * 2), r):
+                i = int(r() * len(accounts))
+                j = (i + 1 + int(r() * (len(accounts) - 1))) % len(accounts)
+                day = days[int(r() * n_days)]
+                txn(accounts[i], accounts[j], amount, "out", 0, day, p)
+                txn(accounts[j], accounts[i], amount, "in", 0, day, p)
+        if plan.out_domestic:
+            for amount in _split(plan.out_domestic, 1 + int(r() * 3), r):
+                account = accounts[int(r() * len(accounts))]
+                day = days[int(r() * n_days)]
+                if r() < 0.3:  # wages
+                    person = self.person_accounts[int(r() * len(self.person_accounts))]
+                    txn(account, person, amount, "out", 0, day, p)
+                    txn(person, account, amount, "in", 0, day, p)
+                else:
+                    txn(account, self.outside_account(), amount, "out", 0, day, p)
+        if plan.outbound_cb:
+            for amount in _split(plan.outbound_cb, 1 + int(r() * 3), r):
+                day_index = (plan.outbound_cb_day if plan.outbound_cb_day is not None
+                             else int(r() * n_days))
+                txn(accounts[int(r() * len(accounts))], self.foreign_account(), amount, "out",
+                    1, days[day_index], p)
+        if len(txns) >= FLUSH_LINES:
+            w.flush("pboc/transactions")
+
+        # customs
+        decls = w.buffer("customs/declarations")
+        for direction, items in (("import", plan.imports), ("export", plan.exports)):
+            for amount, decl_day in items:
+                self.seq["decl"] += 1
+                day = days[decl_day if decl_day is not None else int(r() * n_days)]
+                decls.append(f"5316{period[:4]}{self.seq['decl']:010d},{uscc},{direction},"
+                             f"{HS_CODES[int(r() * len(HS_CODES))]},{fmt_fen(amount)},{day},"
+                             f"{PORTS[int(r() * len(PORTS))]}\n")
+                if direction == "import":
+                    self.book_imports[at] += amount
+                    self.book_import_count[at] += 1
+                else:
+                    self.book_exports[at] += amount
+        if len(decls) >= FLUSH_LINES:
+            w.flush("customs/declarations")
+
+        # rebate claims
+        for claimed in plan.claims:
+            self.seq["claim"] += 1
+            rebate = (claimed * (13 if r() < 0.7 else 9) + 50) // 100
+            w.buffer("tax/export_rebates").append(
+                f"TS{period.replace('-', '')}{self.seq['claim']:08d},{uscc},{period},"
+                f"{fmt_fen(claimed)},{fmt_fen(rebate)}\n")
+            self.book_claimed[at] += claimed
+            self.book_claims[at] += 1
+
+        # VAT invoices: most of the revenue, in many invoices; exporters' part as export
+        if plan.invoices and self.taxpayer[c]:
+            invoices = w.buffer("tax/vat_invoices")
+            revenue = plan.declared or plan.inflow or self.size[c]
+            count = 1 + int(r() * r() * 12) + int(revenue > 2_000_000 * CNY) * 3
+            export_value = sum(v for v, _ in plan.exports)
+            n_export = min(count - 1, len(plan.exports)) if export_value else 0
+            domestic = max(revenue - export_value, count * CNY)
+            amounts = (_split(domestic, count - n_export, r)
+                       + (_split(export_value, n_export, r) if n_export else []))
+            n = self.config.companies
+            for k, amount in enumerate(amounts):
+                self.seq["invoice"] += 1
+                kind = "export" if k >= count - n_export else "domestic"
+                rate = 13 if r() < 0.7 else 9 if r() < 0.5 else 6
+                amount = max(amount, CNY)
+                buyer = int(r() * (n - 1))
+                buyer += buyer >= c
+                invoices.append(
+                    f"{period[2:4]}442000{self.seq['invoice']:012d},{uscc},{self.uscc[buyer]},"
+                    f"{fmt_fen(amount)},{fmt_fen((amount * rate + 50) // 100)},"
+                    f"{days[int(r() * n_days)]},{kind}\n")
+            if len(invoices) >= FLUSH_LINES:
+                w.flush("tax/vat_invoices")
+
+    def txn(self, account: str, counterparty: str, amount: int, direction: str,
+            cross_border: int, day: str, p: int) -> None:
+        """Write one transaction and keep the books, as the contract counts."""
+        self.seq["txn"] += 1
+        self.w.buffers["pboc/transactions"].append(
+            f"T{day[:4]}{self.seq['txn']:011d},{account},{counterparty},{fmt_fen(amount)},"
+            f"{direction},{cross_border},{day}\n")
+        owner = self.account_owner.get(account)
+        if owner is None:
+            return  # a person's account: no subject
+        at = owner * len(self.periods) + p
+        if direction == "in":
+            if self.account_owner.get(counterparty) != owner:
+                self.book_inflow[at] += amount
+        elif cross_border:
+            self.book_outbound_cb[at] += amount
+
+    def outside_account(self) -> str:
+        r = self.rng.random
+        return (f"{OUTSIDE_BANK_PREFIXES[int(r() * len(OUTSIDE_BANK_PREFIXES))]}"
+                f"{int(r() * 10**13):013d}")
+
+    def foreign_account(self) -> str:
+        r = self.rng.random
+        return f"{FOREIGN_PREFIXES[int(r() * len(FOREIGN_PREFIXES))]}{int(r() * 10**16):016d}"
+
+    def rich_persons(self) -> None:
+        """Decoys: persons with large inflows and payments abroad make no subject."""
+        r = self.rng.random
+        count = max(1, self.config.companies // 2_500) * 3
+        for _ in range(count):
+            account = self.person_accounts[int(r() * len(self.person_accounts))]
+            p = int(r() * len(self.periods))
+            days = self.month_days[p]
+            self.txn(account, self.outside_account(), int((2_000_000 + 8_000_000 * r()) * CNY),
+                     "in", 0, days[int(r() * len(days))], p)
+            self.txn(account, self.foreign_account(), int((300_000 + 2_000_000 * r()) * CNY),
+                     "out", 1, days[int(r() * len(days))], p)
+
+    # -- ground truth ---------------------------------------------------------------------
+
+    def findings(self) -> list[tuple[str, str, str]]:
+        """(rule_id, subject, period) for every finding, from the books."""
+        found: list[tuple[str, str, str]] = []
+        months = len(self.periods)
+        for c in range(self.config.companies):
+            uscc = self.uscc[c]
+            for p, period in enumerate(self.periods):
+                at = c * months + p
+                claimed, exports = self.book_claimed[at], self.book_exports[at]
+                if self.book_claims[at] and 5 * exports < 4 * claimed:
+                    found.append((RULE_EXPORT_REBATE, uscc, period))
+                inflow, declared = self.book_inflow[at], self.book_declared[at] or 0
+                excess = inflow - declared
+                if 2 * excess > declared and excess > R2_EXCESS_MIN:
+                    found.append((RULE_REVENUE, uscc, period))
+                payments, imports = self.book_outbound_cb[at], self.book_imports[at]
+                excess = payments - imports
+                if (self.book_import_count[at] and 10 * excess > 3 * imports
+                        and excess > R3_EXCESS_MIN):
+                    found.append((RULE_IMPORT_UNDERVALUATION, uscc, period))
+                if payments > R4_PAYMENTS_MIN and not self.book_import_count[at]:
+                    found.append((RULE_PAYMENTS_WITHOUT_IMPORTS, uscc, period))
+            if self.taxpayer[c] and self.status[c] == "active":
+                kinds = self.record_kinds.get(self.rep[c], set())
+                if any(k in kinds for k in FLAGGING_KINDS):
+                    found.append((RULE_OFFICER_RECORD,
+                                  pair_subject(uscc, self.person_ids[self.rep[c]]), ""))
+        return sorted(found)
+
+    def write_ground_truth(self) -> None:
+        found = self.findings()
+        self.check_planted(set(found))
+        lines = ["rule_id,subject,period\n"]
+        lines.extend(f"{rule},{subject},{period}\n" for rule, subject, period in found)
+        (self.out / "ground_truth.csv").write_text("".join(lines), encoding="utf-8")
+        self.found = found
+
+    def check_planted(self, found: set[tuple[str, str, str]]) -> None:
+        """Every planted case must be found and every decoy must not: a generator bug
+        otherwise."""
+        rules = {name: (rule, finding) for name, rule, _, _, finding in _SCENARIOS}
+        for (c, p), name in sorted(self.scenario_of.items()):
+            rule, finding = rules[name]
+            item = Planted(name, rule, self.uscc[c], self.periods[p], finding)
+            self.planted.append(item)
+            assert ((rule, item.subject, item.period) in found) == finding, item
+        expected = dict(_PERSON_SCENARIOS)
+        for name, c, c2 in self.person_scenarios:
+            for company in (c,) if c2 is None else (c, c2):
+                subject = pair_subject(self.uscc[company], self.person_ids[self.rep[company]])
+                item = Planted(name, RULE_OFFICER_RECORD, subject, "", expected[name])
+                self.planted.append(item)
+                assert ((RULE_OFFICER_RECORD, subject, "") in found) == expected[name], item
+
+
+def generate(config: GeneratorConfig, out: Path, overwrite: bool = False) -> GenerationReport:
+    """Write tax/, police/, customs/, pboc/ and ground_truth.csv under `out`.
+
+    The folder is written beside `out` and renamed into place when complete, so `out`
+    never holds half a data set. An existing `out` is an error unless `overwrite`.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise AlreadyExists(f"{out} already exists (use overwrite to replace it)")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        g = _Generator(config, partial)
+        g.people_and_companies()
+        g.assign_scenarios()
+        g.write_all()
+        rows = dict(g.w.rows)
+        findings = {rule: 0 for rule in RULE_IDS}
+        for rule, _subject, _period in g.found:
+            findings[rule] += 1
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return GenerationReport(out=str(out), config=config, rows=rows, findings=findings,
+                            planted=len(g.planted),
+                            seconds=round(time.perf_counter() - started, 3))
