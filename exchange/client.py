@@ -319,6 +319,10 @@ class ExchangeClient:
         return cast(node_pb2.NodeStatus,
                     self._unary(self._stub.Status, node_pb2.StatusRequest()))
 
+    def list_catalog(self, agency: str = "") -> node_pb2.Catalog:
+        return cast(node_pb2.Catalog, self._unary(
+            self._stub.ListCatalog, node_pb2.ListCatalogRequest(agency=agency)))
+
     def list_policies(self, owner: str = "", dataset: str = "") -> node_pb2.PolicyList:
         return cast(node_pb2.PolicyList, self._unary(
             self._stub.ListPolicies,

@@ -33,9 +33,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("api"))
     try:
         c.start()
+        _wait_for_catalogs(c)  # the nodes' own start-up transactions, before any test
         yield c
     finally:
         c.stop()
+
+
+def _wait_for_catalogs(cluster: Cluster, timeout_s: float = 60) -> None:
+    from agents.catalog import catalog_entries
+
+    wanted = sum(len(catalog_entries(a)) for a in cluster.agencies)
+    deadline = time.monotonic() + timeout_s
+    with cluster.client("tax") as client:
+        while len(client.list_catalog().entries) < wanted:
+            assert time.monotonic() < deadline, "catalogs were not published"
+            time.sleep(0.2)
+    for agency in cluster.agencies:
+        cluster.wait_height(cluster.status("tax").height, agencies=[agency])  # type: ignore[union-attr]
 
 
 def _channel(cluster: Cluster, agency: str, cert_agency: str | None = None,
@@ -267,3 +281,27 @@ def test_policy_show_lists_the_genesis_defaults(cluster: Cluster) -> None:
     assert to_customs["case_required"] and to_customs["supervisor_cosign"]
     human = cluster.cli("policy", "show", "--dataset", "company_flows", agency="tax")
     assert human.returncode == 0 and "pboc/company_flows" in human.stdout
+
+
+def test_every_agency_publishes_its_catalog_on_the_ledger(cluster: Cluster) -> None:
+    from agents.catalog import catalog_entries
+
+    deadline = time.monotonic() + 30
+    while True:
+        out = cluster.cli_json("catalog", agency="tax")
+        assert isinstance(out, dict)
+        published = {(e["agency"], e["dataset"]) for e in out["entries"]}
+        wanted = {(a, e.dataset) for a in cluster.agencies for e in catalog_entries(a)}
+        if published == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert published == wanted
+    flows = next(e for e in out["entries"] if e["dataset"] == "company_flows")
+    assert flows["agency"] == "pboc" and flows["lookup_keys"] == ["uscc"]
+    assert "QUERY_SHAPE_AGGREGATE" in flows["shapes"]
+    records = next(e for e in out["entries"] if e["dataset"] == "records")
+    assert "person_id" in records["lookup_keys"]
+    # the same catalog, read from another agency's node
+    again = cluster.cli_json("catalog", "--agency", "police", agency="pboc")
+    assert isinstance(again, dict)
+    assert {e["dataset"] for e in again["entries"]} == {"persons", "records"}

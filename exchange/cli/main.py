@@ -35,6 +35,7 @@ def cli() -> None:
 
 def _register() -> None:
     from exchange.cli import (
+        catalog_cmd,
         chain_cmd,
         data_cmd,
         evidence_cmd,
@@ -46,7 +47,8 @@ def _register() -> None:
 
     for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
                     node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
-                    evidence_cmd.evidence, policy_cmd.policy, data_cmd.data):
+                    evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
+                    catalog_cmd.catalog):
         cli.add_command(command)
 
 

@@ -55,14 +55,16 @@ class LedgerApplier:
         self.node_signer = node_signer
         self.registry = KeyRegistry(store.signed_genesis)
         self.policies = PolicyBook.from_genesis(self.registry.genesis.policies)
+        # (agency, dataset) -> the latest catalog entry the agency published
+        self.catalog: dict[tuple[str, str], ledger_pb2.CatalogEntry] = {}
         self.chain_id = self.registry.chain_id
         self._roots: OrderedDict[int, bytes] = OrderedDict()
         self._proposer_key = proposer_key_lookup(self.registry)
         self._replay()
 
     def _replay(self) -> None:
-        """Rebuild the registry from the store's own (already verified) blocks: only the
-        transactions that change keys, as judged when they were applied."""
+        """Rebuild the registry, policies and catalog from the store's own (already
+        verified) blocks, as the transactions were judged when they were applied."""
         for height in range(1, self.store.height + 1):
             for raw, code in zip(self.store.envelopes(height), self.store.results(height),
                                  strict=True):
@@ -72,8 +74,8 @@ class LedgerApplier:
                 if opened.kind in REGISTRY_KINDS:
                     signer = self.registry.resolve(opened.signer_key_id)
                     self.registry.apply(opened.body, signer, height)
-                elif opened.kind == "policy":
-                    self._take_policy(opened)
+                else:
+                    self._take_state(opened)
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
               prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
@@ -112,8 +114,8 @@ class LedgerApplier:
             codes = judge_block(self.registry, checked, seen)
             in_batch.update(env.tx_id for env in checked.envelopes)
             for env, code in zip(checked.envelopes, codes, strict=True):
-                if code == RESULT_OK and env.kind == "policy":
-                    self._take_policy(env)
+                if code == RESULT_OK:
+                    self._take_state(env)
             height = checked.header.height
             attestation = None
             if self.node_signer is not None and self.agency is not None:
@@ -131,11 +133,16 @@ class LedgerApplier:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))
         return out
 
-    def _take_policy(self, opened: OpenedEnvelope) -> None:
-        """A valid policy transaction (signed by the dataset's owner) takes effect if it
-        is newer than the one in force; an older version changes nothing."""
-        with contextlib.suppress(ExchangeError):
-            self.policies.apply(opened.body.policy, opened.body.agency)
+    def _take_state(self, opened: OpenedEnvelope) -> None:
+        """Follow a valid transaction that changes what the ledger says is offered or
+        allowed. A policy (signed by the dataset's owner) takes effect if it is newer
+        than the one in force; a catalog entry is the publishing agency's own."""
+        if opened.kind == "policy":
+            with contextlib.suppress(ExchangeError):
+                self.policies.apply(opened.body.policy, opened.body.agency)
+        elif opened.kind == "catalog_entry":
+            entry = opened.body.catalog_entry
+            self.catalog[(opened.body.agency, entry.dataset)] = entry
 
     def _remember_root(self, height: int, root: bytes) -> None:
         self._roots[height] = root

@@ -154,6 +154,7 @@ class Node:
         for coro, name in ((self._raft_loop(), "raft"), (self._ticker(), "tick"),
                            (self._cutter(), "cutter"), (self._forwarder(), "forward"),
                            (self._peer_watch(), "peer-watch"),
+                           (self._publish_catalog(), "catalog"),
                            (self._attest_receiver(), "attest-in"),
                            (self._resubmitter(), "resubmit")):
             self._tasks.append(loop.create_task(self._supervised(coro, name), name=name))
@@ -683,6 +684,34 @@ class Node:
             for p in self.pending.values():
                 if now - p.last_sent > RESUBMIT_AFTER_S:
                     p.last_sent = now
+
+    async def _publish_catalog(self) -> None:
+        """Publish this agency's catalog on the ledger (signed by its node) wherever the
+        ledger does not already say exactly that, then stop."""
+        from agents import AGENCIES
+        from agents.catalog import catalog_entries
+
+        if self.agency not in AGENCIES:
+            return  # a member without data-contract datasets publishes nothing
+        wanted = catalog_entries(self.agency)
+        while True:
+            await asyncio.sleep(1.0)
+            missing = [e for e in wanted
+                       if self.applier.catalog.get((self.agency, e.dataset)) != e]
+            if not missing:
+                log.info("catalog published", entries=len(wanted))
+                return
+            if not self.core.leader_id:
+                continue
+            envelopes = []
+            for entry in missing:
+                body = new_body(self.chain_id, self.agency, int(time.time() * 1000))
+                body.catalog_entry.CopyFrom(entry)
+                envelopes.append(seal_envelope(body, self.signer))
+            results = await self.submit_batch(envelopes, wait=True)
+            errors = [r.error for r in results if r.error_code]
+            if errors:
+                log.warning("catalog not published yet", error=errors[0])
 
     async def _peer_watch(self) -> None:
         """Ask every peer for its height now and then, for status pages."""

@@ -212,6 +212,17 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return node_pb2.PolicyList(policies=chosen, height=self.node.store.height)
 
 
+    @_mapped
+    async def ListCatalog(self, request: node_pb2.ListCatalogRequest,
+                          context: grpc.aio.ServicerContext) -> node_pb2.Catalog:
+        self.auth.own_agency_or_node(context)
+        return node_pb2.Catalog(
+            entries=[node_pb2.PublishedEntry(agency=agency, entry=entry)
+                     for (agency, _), entry in sorted(self.node.applier.catalog.items())
+                     if request.agency in ("", agency)],
+            height=self.node.store.height)
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
     """What member nodes offer each other."""
 
