@@ -26,6 +26,10 @@ done
 
 step "3. Cluster status as the tax bureau's analyst sees it (exchange status)"
 as tax status
+sleep 2  # each node publishes its agency's catalog on the ledger as it starts
+echo
+as customs catalog
+as customs policy show --owner police
 
 step "4. Analysts of every agency submit signed transactions to their own node"
 for agency in tax police customs pboc; do
