@@ -708,7 +708,11 @@ class Node:
                 body = new_body(self.chain_id, self.agency, int(time.time() * 1000))
                 body.catalog_entry.CopyFrom(entry)
                 envelopes.append(seal_envelope(body, self.signer))
-            results = await self.submit_batch(envelopes, wait=True)
+            try:
+                results = await self.submit_batch(envelopes, wait=True, timeout_s=10.0)
+            except ExchangeError as exc:  # no leader yet, a leader change: try again
+                log.info("catalog not published yet", error=str(exc))
+                continue
             errors = [r.error for r in results if r.error_code]
             if errors:
                 log.warning("catalog not published yet", error=errors[0])
