@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -134,11 +133,8 @@ class Node:
         self._channels: list[grpc.aio.Channel] = []
         self.final_height = 0
         self.peer_heights: dict[str, int] = {}
-        self.leader_changes = 0
-        self.stopping = False
         self.fatal_error = ""
         self.fatal = asyncio.Event()
-        self.last_apply_ms = 0.0
 
     # -- life cycle ----------------------------------------------------------------
     def _applied_raft_index(self) -> int:
@@ -179,7 +175,6 @@ class Node:
             self.fatal.set()
 
     async def stop(self) -> None:
-        self.stopping = True
         for task in self._tasks + ([self._catching_up] if self._catching_up else []):
             task.cancel()
         for task in self._tasks:
@@ -284,7 +279,6 @@ class Node:
                 await self._maybe_compact()
 
     def _on_soft_state(self, role: Role, leader: str) -> None:
-        self.leader_changes += 1
         m.LEADER_CHANGES.inc()
         m.IS_LEADER.set(1 if role is Role.LEADER else 0)
         m.RAFT_TERM.set(self.core.term)
@@ -317,7 +311,6 @@ class Node:
         started = time.perf_counter()
         applied = await asyncio.to_thread(self.applier.apply_many, batch)
         elapsed = time.perf_counter() - started
-        self.last_apply_ms = elapsed * 1000
         m.APPLY_SECONDS.observe(elapsed)
         now = time.perf_counter()
         for hash_, one in zip(hashes, applied, strict=True):
@@ -882,6 +875,3 @@ class Node:
             final_height=self.final_height, peers=peers, mempool_size=len(self.mempool),
             members=sorted(self.registry.members), quorum=self.registry.quorum)
 
-
-def data_dir_of(config: NodeConfig) -> Path:
-    return config.paths.data_dir
