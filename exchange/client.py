@@ -328,6 +328,19 @@ class ExchangeClient:
             self._stub.ListPolicies,
             node_pb2.ListPoliciesRequest(owner_agency=owner, dataset=dataset)))
 
+    def get_answer(self, query_tx_id: bytes, wait_ms: int = 0) -> node_pb2.AnswerView:
+        """A query's status and, for the requesting agency, its rows (opened by the node);
+        waits up to `wait_ms` for the answer or refusal to commit."""
+        if len(query_tx_id) != TX_ID_BYTES:
+            raise MalformedInput(f"a query id is {TX_ID_BYTES} bytes, got {len(query_tx_id)}")
+        return cast(node_pb2.AnswerView, self._unary(
+            self._stub.GetAnswer,
+            node_pb2.GetAnswerRequest(query_tx_id=query_tx_id, wait_ms=wait_ms),
+            max(self.deadline_s, wait_ms / 1000 + 5.0)))
+
+    def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
+        return cast(node_pb2.AuditReply, self._unary(self._stub.Audit, request))
+
     def follow_blocks(self, from_height: int = 0) -> Iterator[ledger_pb2.Block]:
         """Blocks as the node applies them, from `from_height` on (0: the next one). No
         deadline; closing the iterator cancels the stream."""

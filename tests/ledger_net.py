@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exchange.identity.genesis import assemble_genesis, build_genesis, issue_credential
-from exchange.identity.keys import CachedSigner, SigningKey
+from exchange.identity.keys import CachedSigner, DataKey, SigningKey
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import attest, new_body, seal_envelope
 from exchange.ledger.store import BlockStore
@@ -26,10 +26,14 @@ class Net:
     nodes: dict[str, CachedSigner]
     analysts: dict[str, CachedSigner]
     credentials: dict[str, identity_pb2.SignedCredential] = field(default_factory=dict)
+    data_keys: dict[str, DataKey] = field(default_factory=dict)
+    supervisors: dict[str, CachedSigner] = field(default_factory=dict)
+    automations: dict[str, CachedSigner] = field(default_factory=dict)
 
 
 def make_net(agencies: tuple[str, ...] = AGENCIES, chain_id: str = "test-chain",
-             seed: int | None = None) -> Net:
+             seed: int | None = None,
+             policies: list[ledger_pb2.Policy] | None = None) -> Net:
     """A network with fresh keys; with a seed, the same network every time."""
     rng = random.Random(seed)
 
@@ -40,15 +44,25 @@ def make_net(agencies: tuple[str, ...] = AGENCIES, chain_id: str = "test-chain",
     roots = {a: key() for a in agencies}
     nodes = {a: CachedSigner(key()) for a in agencies}
     analysts = {a: CachedSigner(key()) for a in agencies}
+    supervisors = {a: CachedSigner(key()) for a in agencies}
+    automations = {a: CachedSigner(key()) for a in agencies}
+    data_keys = {a: DataKey(key().seed) for a in agencies}
     members = [identity_pb2.Member(
         agency=a, display_name=a.upper(), root_public_key=roots[a].public_key,
-        node_public_key=nodes[a].public_key, data_public_key=key().public_key,
+        node_public_key=nodes[a].public_key, data_public_key=data_keys[a].public_key,
         tls_ca_certificate=b"", address=f"127.0.0.1:{7100 + i}") for i, a in enumerate(agencies)]
     creds = {a: issue_credential(chain_id, a, "analyst-1", analysts[a].public_key, ["analyst"],
                                  now - 3_600_000, now + 20 * 365 * 86_400_000, roots[a])
              for a in agencies}
-    raw = build_genesis(chain_id, now, members, credentials=creds.values())
-    return Net(chain_id, assemble_genesis(raw, chain_id, roots), roots, nodes, analysts, creds)
+    others = [issue_credential(chain_id, a, subject, signer.public_key, [role],
+                               now - 3_600_000, now + 20 * 365 * 86_400_000, roots[a])
+              for a in agencies
+              for subject, signer, role in (("supervisor-1", supervisors[a], "supervisor"),
+                                            ("automation", automations[a], "automation"))]
+    raw = build_genesis(chain_id, now, members, credentials=[*creds.values(), *others],
+                        policies=policies or ())
+    return Net(chain_id, assemble_genesis(raw, chain_id, roots), roots, nodes, analysts, creds,
+               data_keys, supervisors, automations)
 
 
 def probe(net: Net, agency: str, payload: bytes = b"x" * 900, at_ms: int | None = None,

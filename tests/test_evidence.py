@@ -185,7 +185,7 @@ def test_bundle_carries_key_history_for_credentials_issued_on_chain(tmp_path: Pa
     revoke.credential_revoke.key_id = newcomer.key_id
     blocks = [[seal_envelope(issue, net.nodes["customs"])],
               [probe(net, "customs", signer=newcomer)],
-              [seal_envelope(revoke, net.nodes["customs"])],
+              [seal_envelope(revoke, net.supervisors["customs"])],
               [probe(net, "customs", signer=newcomer)]]
     for i, envs in enumerate(blocks):
         applied = applier.apply(applier.cut(envs, now + i, net.nodes["tax"], "tax"))

@@ -103,7 +103,12 @@ def test_revoked_credential_is_refused_from_the_next_block(net, tmp_path: Path) 
     revoke.credential_revoke.key_id = net.analysts["tax"].key_id
     revoke.credential_revoke.reason = "left the bureau"
     same_block = probe(net, "tax")
-    applied = applier.apply(applier.cut([seal_envelope(revoke, net.nodes["tax"]), same_block],
+    refused = seal_envelope(revoke, net.analysts["tax"])  # an analyst may not revoke
+    applied = applier.apply(applier.cut([refused], now, net.nodes["tax"], "tax"))
+    assert applied.codes == ("REJECTED",)
+    revoke.nonce = b"n" * 16
+    root = CachedSigner(net.roots["tax"])
+    applied = applier.apply(applier.cut([seal_envelope(revoke, root), same_block],
                                         now, net.nodes["tax"], "tax"))
     assert applied.codes == ("OK", "OK")
     later = applier.apply(applier.cut([probe(net, "tax")], now + 1, net.nodes["tax"], "tax"))
@@ -120,7 +125,7 @@ def test_another_agency_cannot_revoke_a_credential(net, tmp_path: Path) -> None:
     now = int(time.time() * 1000)
     revoke = new_body(net.chain_id, "police", now)
     revoke.credential_revoke.key_id = net.analysts["tax"].key_id
-    applied = applier.apply(applier.cut([seal_envelope(revoke, net.nodes["police"])], now,
+    applied = applier.apply(applier.cut([seal_envelope(revoke, net.supervisors["police"])], now,
                                         net.nodes["tax"], "tax"))
     assert applied.codes == ("REJECTED",)
     assert applier.apply(applier.cut([probe(net, "tax")], now + 1, net.nodes["tax"],

@@ -244,12 +244,12 @@ def test_revoked_signer_is_refused_from_the_next_block(cluster: Cluster) -> None
     chain_id = chain_id_for(cluster.profile("tax"))
     supervisor = Signer.load(load_client_profile(sup_profile), chain_id)
     assert _submit(cluster, "tax", _probe(supervisor)).result == "OK"
-    node_key = CachedSigner(read_signing_key(cluster.net / "tax" / "keys" / "node.key"))
+    root_key = CachedSigner(read_signing_key(cluster.net / "tax" / "keys" / "root.key"))
     body = new_body(chain_id, "tax", int(time.time() * 1000))
     body.credential_revoke.key_id = CachedSigner(
         read_signing_key(load_client_profile(sup_profile).signing_key)).key_id
     body.credential_revoke.reason = "left the bureau"
-    revoked = _submit(cluster, "tax", seal_envelope(body, node_key))
+    revoked = _submit(cluster, "tax", seal_envelope(body, root_key))
     assert revoked.result == "OK"
     with pytest.raises(grpc.RpcError) as err:
         _submit(cluster, "tax", _probe(supervisor))

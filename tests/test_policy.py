@@ -96,11 +96,17 @@ def test_policy_transactions_take_effect_on_the_ledger_only_from_their_owner(
             policy_id="customs/declarations", owner_agency="customs",
             dataset="declarations", version=version, grants=[ledger_pb2.PolicyGrant(
                 requester_agency="tax", roles=["analyst"], case_required=False)]))
-        return seal_envelope(body, net.nodes[signer_agency])
+        return seal_envelope(body, net.supervisors[signer_agency])
 
-    applied = applier.apply(applier.cut([policy_tx("tax", 5), policy_tx("customs", 1)], now,
-                                        net.nodes["tax"], "tax"))
-    assert applied.codes == ("REJECTED", "OK")
+    by_analyst = new_body(net.chain_id, "customs", now)
+    by_analyst.policy.CopyFrom(ledger_pb2.Policy(policy_id="customs/declarations",
+                                                 owner_agency="customs",
+                                                 dataset="declarations", version=9))
+    applied = applier.apply(applier.cut(
+        [policy_tx("tax", 5), seal_envelope(by_analyst, net.analysts["customs"]),
+         policy_tx("customs", 1), policy_tx("customs", 1)], now, net.nodes["tax"], "tax"))
+    # not the owner; an analyst of the owner; in force; a version not newer
+    assert applied.codes == ("REJECTED", "REJECTED", "OK", "REJECTED")
     in_force = applier.policies.get("customs", "declarations")
     assert in_force is not None and in_force.version == 1
     # a restarted node rebuilds the same book from its store

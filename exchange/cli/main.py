@@ -43,12 +43,14 @@ def _register() -> None:
         node_cmd,
         node_cmds,
         policy_cmd,
+        query_cmd,
     )
 
     for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
                     node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
                     evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
-                    catalog_cmd.catalog):
+                    catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
+                    query_cmd.audit):
         cli.add_command(command)
 
 

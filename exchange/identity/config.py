@@ -84,6 +84,9 @@ class NodeConfig:
     peers: Mapping[str, str] = field(default_factory=dict)  # agency -> host:port
     log_level: str = "info"
     raft: RaftSettings = field(default_factory=RaftSettings)
+    # Where the agency's own records are: a PostgreSQL URL, or "" for the SQLite store
+    # <data_dir>/agency.db (agents.open_agency_store).
+    agency_store: str = ""
 
     def read_trust_bundle(self) -> bytes:
         """PEM of the CAs this node trusts: the bundle file, or genesis's member CAs."""
@@ -317,10 +320,17 @@ def load_node_config(path: Path) -> NodeConfig:
             raise r.error("heartbeat_ticks", "must be below election_ticks")
     else:
         top.used.add("raft")
+    agency_store = ""
+    if "data" in top.data:
+        d = top.table("data")
+        agency_store = d.string("agency_store", required=False) or ""
+        d.done()
+    else:
+        top.used.add("data")
     top.done()
     return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
                       listen_metrics=listen_metrics, block=block, peers=peers,
-                      log_level=log_level, raft=raft)
+                      log_level=log_level, raft=raft, agency_store=agency_store)
 
 
 def load_profile(path: Path) -> Profile:
@@ -383,6 +393,7 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
                  "heartbeat_ticks": config.raft.heartbeat_ticks,
                  "compact_every_entries": config.raft.compact_every_entries,
                  "compact_keep_entries": config.raft.compact_keep_entries},
+        **({"data": {"agency_store": config.agency_store}} if config.agency_store else {}),
     }
 
 

@@ -8,18 +8,14 @@ codes, and signs this node's attestation. The verification here is the same code
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from exchange.errors import ExchangeError
 from exchange.identity.keys import CachedSigner
-from exchange.identity.registry import REGISTRY_KINDS, KeyRegistry
 from exchange.ledger.block import (
     RESULT_OK,
     CheckedBlock,
-    OpenedEnvelope,
     attest,
     build_block,
     check_block,
@@ -28,7 +24,7 @@ from exchange.ledger.block import (
     results_root,
 )
 from exchange.ledger.judge import judge_block
-from exchange.ledger.policy import PolicyBook
+from exchange.ledger.state import LedgerState
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.v1 import ledger_pb2
@@ -53,29 +49,25 @@ class LedgerApplier:
         self.store = store
         self.agency = agency
         self.node_signer = node_signer
-        self.registry = KeyRegistry(store.signed_genesis)
-        self.policies = PolicyBook.from_genesis(self.registry.genesis.policies)
-        # (agency, dataset) -> the latest catalog entry the agency published
-        self.catalog: dict[tuple[str, str], ledger_pb2.CatalogEntry] = {}
+        self.state = LedgerState(store.signed_genesis)
+        self.registry = self.state.registry
+        self.policies = self.state.policies
+        self.catalog = self.state.catalog
+        self.queries = self.state.queries
         self.chain_id = self.registry.chain_id
         self._roots: OrderedDict[int, bytes] = OrderedDict()
         self._proposer_key = proposer_key_lookup(self.registry)
         self._replay()
 
     def _replay(self) -> None:
-        """Rebuild the registry, policies and catalog from the store's own (already
-        verified) blocks, as the transactions were judged when they were applied."""
+        """Rebuild the ledger state from the store's own (already verified) blocks: every
+        transaction stored as valid is judged again and must still be valid."""
         for height in range(1, self.store.height + 1):
+            _, timestamp_ms, _ = self.store.index_columns(height)
             for raw, code in zip(self.store.envelopes(height), self.store.results(height),
                                  strict=True):
-                if code != RESULT_OK:
-                    continue
-                opened = open_envelope(raw, self.chain_id)
-                if opened.kind in REGISTRY_KINDS:
-                    signer = self.registry.resolve(opened.signer_key_id)
-                    self.registry.apply(opened.body, signer, height)
-                else:
-                    self._take_state(opened)
+                if code == RESULT_OK:
+                    self.state.replay(open_envelope(raw, self.chain_id), height, timestamp_ms)
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
               prev_hash: bytes | None = None, prev_ts: int | None = None) -> CheckedBlock:
@@ -111,11 +103,8 @@ class LedgerApplier:
                 checked = prechecked
             else:
                 checked = self.check(block, height + 1, prev_hash, prev_ts)
-            codes = judge_block(self.registry, checked, seen)
+            codes = judge_block(self.state, checked, seen)
             in_batch.update(env.tx_id for env in checked.envelopes)
-            for env, code in zip(checked.envelopes, codes, strict=True):
-                if code == RESULT_OK:
-                    self._take_state(env)
             height = checked.header.height
             attestation = None
             if self.node_signer is not None and self.agency is not None:
@@ -132,17 +121,6 @@ class LedgerApplier:
         for applied in out:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))
         return out
-
-    def _take_state(self, opened: OpenedEnvelope) -> None:
-        """Follow a valid transaction that changes what the ledger says is offered or
-        allowed. A policy (signed by the dataset's owner) takes effect if it is newer
-        than the one in force; a catalog entry is the publishing agency's own."""
-        if opened.kind == "policy":
-            with contextlib.suppress(ExchangeError):
-                self.policies.apply(opened.body.policy, opened.body.agency)
-        elif opened.kind == "catalog_entry":
-            entry = opened.body.catalog_entry
-            self.catalog[(opened.body.agency, entry.dataset)] = entry
 
     def _remember_root(self, height: int, root: bytes) -> None:
         self._roots[height] = root

@@ -12,10 +12,11 @@ sign.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from exchange.errors import ExchangeError
 from exchange.identity.registry import ROLE_NODE, KeyInfo, KeyRegistry
-from exchange.ledger.block import RESULT_OK, CheckedBlock, verify_attestation
+from exchange.ledger.block import RESULT_OK, CheckedBlock, OpenedEnvelope, verify_attestation
 from exchange.v1 import ledger_pb2
 
 CODE_DUPLICATE = "DUPLICATE_TX"
@@ -25,10 +26,20 @@ CODE_TIME = "TIME_OUT_OF_WINDOW"
 CODE_REJECTED = "REJECTED"
 
 
-def judge_block(registry: KeyRegistry, checked: CheckedBlock,
+class StateJudge(Protocol):
+    """The ledger state a block's transactions are judged against (LedgerState)."""
+
+    registry: KeyRegistry
+
+    def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int,
+              time_ms: int) -> str: ...
+
+
+def judge_block(state: StateJudge, checked: CheckedBlock,
                 seen: Callable[[bytes], bool]) -> list[str]:
-    """Result code of every transaction of `checked`, advancing `registry` by the valid
+    """Result code of every transaction of `checked`, advancing `state` by the valid
     ones. `seen(tx_id)` says whether an earlier block holds the tx id."""
+    registry = state.registry
     height = checked.header.height
     timestamp_ms = checked.header.timestamp_ms
     window_ms = registry.genesis.params.admission_window_ms
@@ -48,22 +59,14 @@ def judge_block(registry: KeyRegistry, checked: CheckedBlock,
                     code = CODE_AGENCY
                 elif window_ms and abs(env.body.created_at_ms - timestamp_ms) > window_ms:
                     code = CODE_TIME
-                elif env.kind == "attestation_record" and not _valid_record(
-                        registry, env.body, signer, height):
-                    code = CODE_REJECTED
-                elif env.kind == "policy" and env.body.policy.owner_agency != signer.agency:
-                    code = CODE_REJECTED  # a dataset's policy is its owner's alone
                 else:
-                    try:
-                        registry.apply(env.body, signer, height)
-                    except ExchangeError:
-                        code = CODE_REJECTED
+                    code = state.judge(env, signer, height, timestamp_ms)
         in_block.add(env.tx_id)
         codes.append(code)
     return codes
 
 
-def _valid_record(registry: KeyRegistry, body: ledger_pb2.TxBody, signer: KeyInfo,
+def valid_attestation_record(registry: KeyRegistry, body: ledger_pb2.TxBody, signer: KeyInfo,
                   height: int) -> bool:
     """An attestation record is put in by a member node and holds only valid
     attestations of earlier blocks, each by the attesting member's node key."""

@@ -22,6 +22,7 @@ from exchange.ledger.block import (
     verify_attestation,
 )
 from exchange.ledger.judge import judge_block
+from exchange.ledger.state import LedgerState
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2
 
@@ -82,7 +83,8 @@ def check_attestations(registry: KeyRegistry, height: int, hash_: bytes, results
 def verify_store(store: BlockStore) -> ChainReport:
     """Verify every block of `store`; never raises for a bad chain, reports it."""
     try:
-        registry = KeyRegistry(store.signed_genesis)
+        state = LedgerState(store.signed_genesis)
+        registry = state.registry
     except ExchangeError as exc:
         return ChainReport(chain_id="?", ok=False, bad_height=0, error=f"genesis: {exc}")
     report = ChainReport(chain_id=registry.chain_id, members=sorted(registry.members))
@@ -102,7 +104,7 @@ def verify_store(store: BlockStore) -> ChainReport:
                 if stored_ids[index] != env.tx_id:
                     raise BlockInvalid(height, f"envelope {index}: indexed tx id does not "
                                                "match the envelope")
-            codes = judge_block(registry, checked, lambda t: t in seen)
+            codes = judge_block(state, checked, lambda t: t in seen)
             stored_codes = store.results(height)
             if any(stored_codes) and stored_codes != codes:
                 bad = next(i for i, (a, b) in enumerate(zip(stored_codes, codes, strict=True))

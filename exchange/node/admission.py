@@ -13,14 +13,18 @@ import time
 from exchange.errors import (
     AgencyMismatch,
     Oversize,
+    PermissionDenied,
     TimeOutOfWindow,
 )
-from exchange.identity.registry import KeyRegistry
+from exchange.identity.registry import ROLE_NODE, KeyRegistry
 from exchange.ledger.block import OpenedEnvelope, open_envelope, verify_envelope
+from exchange.ledger.queries import QueryBook
+
+ANSWER_KINDS = frozenset({"answer_manifest", "answer_chunk", "refusal"})
 
 
 def admit(raw: bytes, registry: KeyRegistry, next_height: int,
-          now_ms: int | None = None) -> OpenedEnvelope:
+          now_ms: int | None = None, queries: QueryBook | None = None) -> OpenedEnvelope:
     """Check an envelope for admission; raise an ExchangeError saying why not."""
     params = registry.genesis.params
     if params.envelope_bytes_max and len(raw) > params.envelope_bytes_max:
@@ -38,4 +42,9 @@ def admit(raw: bytes, registry: KeyRegistry, next_height: int,
         when = "in the future" if skew > 0 else "old"
         raise TimeOutOfWindow(f"body created {abs(skew) / 1000:.1f} s {when}; the window "
                               f"is {window / 1000:.0f} s (check the signer's clock)")
+    if opened.kind in ANSWER_KINDS and signer.subject != ROLE_NODE:
+        raise PermissionDenied(f"only a node answers queries, not {signer.agency}/"
+                               f"{signer.subject}")
+    if opened.kind == "query" and queries is not None:
+        queries.check_query_form(opened.body, signer, now)
     return opened

@@ -46,6 +46,14 @@ PEER_DROPPED = Counter("exchange_peer_messages_dropped", "Raft messages dropped 
 RESUBMITTED = Counter("exchange_transactions_reforwarded",
                       "Transactions re-forwarded because the leader left them out",
                       registry=REGISTRY)
+ANSWERS = Counter("exchange_answers_committed",
+                  "Queries to this agency answered or refused by its responder", ["outcome"],
+                  registry=REGISTRY)
+ANSWER_SECONDS = Histogram("exchange_answer_seconds",
+                           "Responder: from taking a committed query to its answer committing",
+                           buckets=_LATENCY, registry=REGISTRY)
+ANSWER_READS = Counter("exchange_answer_reads", "Answers decrypted for this agency's analysts",
+                       registry=REGISTRY)
 
 
 def serve_metrics(address: str) -> None:

@@ -26,7 +26,7 @@ import structlog
 
 from exchange.errors import ExchangeError, Unavailable
 from exchange.identity.config import NodeConfig, read_signed_genesis
-from exchange.identity.keys import CachedSigner, read_signing_key
+from exchange.identity.keys import CachedSigner, read_data_key, read_signing_key
 from exchange.ledger.apply import Applied, LedgerApplier
 from exchange.ledger.block import (
     CheckedBlock,
@@ -44,7 +44,9 @@ from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.node import metrics as m
 from exchange.node.admission import admit
+from exchange.node.answers import QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
+from exchange.node.responder import Responder, close_quietly
 from exchange.raft.core import NotLeader, RaftConfig, RaftError, RaftNode, Role
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind, SnapshotMeta
@@ -135,6 +137,14 @@ class Node:
         self.peer_heights: dict[str, int] = {}
         self.fatal_error = ""
         self.fatal = asyncio.Event()
+        data_key = read_data_key(config.paths.data_key)
+        if bytes(member.data_public_key) != data_key.public_key:
+            raise ExchangeError(f"genesis names {self.agency}'s data key with another key "
+                                f"than {config.paths.data_key}")
+        self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
+                                  data_key)
+        self.responder = Responder(self, data_key)
+        self._answer_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
 
     # -- life cycle ----------------------------------------------------------------
     def _applied_raft_index(self) -> int:
@@ -152,6 +162,7 @@ class Node:
                            (self._peer_watch(), "peer-watch"),
                            (self._publish_catalog(), "catalog"),
                            (self._attest_receiver(), "attest-in"),
+                           (self.responder.run(), "responder"),
                            (self._resubmitter(), "resubmit")):
             self._tasks.append(loop.create_task(self._supervised(coro, name), name=name))
         if self.core.pending_snapshot is not None:
@@ -188,6 +199,7 @@ class Node:
             for fut in p.futures:
                 if not fut.done():
                     fut.set_exception(Unavailable("node is shutting down"))
+        close_quietly(self.responder)
         self.wal.close()
         self.store.close()
 
@@ -341,6 +353,9 @@ class Node:
         if applied.attestation is not None:
             self._attest_out.append(applied.attestation)
             self._attested.setdefault(height, set()).add(self.agency)
+        for env, code in zip(applied.checked.envelopes, applied.codes, strict=True):
+            if code == "OK":
+                self._follow_query(env)
         recorded = [att for env, code in zip(applied.checked.envelopes, applied.codes,
                                              strict=True)
                     if code == "OK" and env.kind == "attestation_record"
@@ -356,6 +371,41 @@ class Node:
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(block)
         log.debug("block applied", height=height, txs=len(applied.codes))
+
+    def _follow_query(self, env: OpenedEnvelope) -> None:
+        """Hand a committed query to this agency to the responder; wake whoever waits
+        for the answer to a query that has just been answered or refused."""
+        if env.kind == "query":
+            if env.body.query.target_agency == self.agency:
+                self.responder.notify(env.tx_id)
+        elif env.kind in ("answer_manifest", "refusal"):
+            qid = bytes(getattr(env.body, env.kind).query_tx_id)
+            for fut in self._answer_waiters.pop(qid, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def get_answer(self, query_tx_id: bytes, wait_ms: int,
+                         reader: str) -> node_pb2.AnswerView:
+        """A query's status and, once answered, its rows opened with this agency's data
+        key, waiting up to `wait_ms` for the outcome to commit. Each read is logged."""
+        rec = self.applier.queries.get(query_tx_id)
+        if rec is not None and rec.status == "open" and wait_ms > 0:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._answer_waiters.setdefault(bytes(query_tx_id), []).append(fut)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, wait_ms / 1000)
+        view = await asyncio.to_thread(self.reader.answer, bytes(query_tx_id),
+                                       self.store.tip_timestamp_ms)
+        if view.chunks:
+            m.ANSWER_READS.inc()
+            log.info("answer read", reader=reader, query=query_tx_id.hex(),
+                     requester=view.query.requester_agency, target=view.query.target_agency,
+                     case=view.query.case_id, rows=view.query.row_count)
+        return view
+
+    async def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
+        return await asyncio.to_thread(self.reader.audit, request,
+                                       self.store.tip_timestamp_ms)
 
     async def _maybe_compact(self) -> None:
         applied = self.core.applied_index
@@ -501,7 +551,8 @@ class Node:
     def admit(self, raw: bytes) -> OpenedEnvelope:
         started = time.perf_counter()
         try:
-            return admit(raw, self.registry, self.store.height + 1)
+            return admit(raw, self.registry, self.store.height + 1,
+                         queries=self.applier.queries)
         except ExchangeError as exc:
             m.REFUSED.labels(exc.code).inc()
             raise

@@ -116,12 +116,38 @@ class _Auth:
         return who
 
 
+def _own_person(auth: _Auth, context: grpc.aio.ServicerContext) -> PeerIdentity:
+    """An identity of the node's own agency that is not a node (an analyst, a
+    supervisor, an automation): only they read their agency's answers and audit trail."""
+    who = auth.identify(context)
+    if who.agency != auth.node.agency or who.is_node:
+        raise errors.PermissionDenied(f"{who} is not an analyst of {auth.node.agency}")
+    return who
+
+
 class ExchangeService(node_pb2_grpc.ExchangeServicer):
     """The public API."""
 
     def __init__(self, node: Node, auth: _Auth) -> None:
         self.node = node
         self.auth = auth
+
+    @_mapped
+    async def GetAnswer(self, request: node_pb2.GetAnswerRequest,
+                        context: grpc.aio.ServicerContext) -> node_pb2.AnswerView:
+        who = _own_person(self.auth, context)
+        if len(request.query_tx_id) != 32:
+            raise errors.MalformedInput("a query tx id is 32 bytes")
+        if request.wait_ms > 60_000:
+            raise errors.MalformedInput("wait_ms is at most 60,000")
+        return await self.node.get_answer(bytes(request.query_tx_id), request.wait_ms,
+                                          str(who))
+
+    @_mapped
+    async def Audit(self, request: node_pb2.AuditRequest,
+                    context: grpc.aio.ServicerContext) -> node_pb2.AuditReply:
+        _own_person(self.auth, context)
+        return await self.node.audit(request)
 
     @_mapped
     async def Submit(self, request: node_pb2.SubmitRequest,

@@ -1,0 +1,72 @@
+"""What the ledger says at a point of the chain, and the judgement of each transaction
+against it (decision 3): keys and credentials, policies, the catalog, queries and their
+answers.
+
+`LedgerState.judge` is the one place a valid, signed transaction is held against the
+state before it. Every node runs it on apply, `exchange chain verify` runs it again, and
+a node restarting replays its stored chain through it and must get the stored result
+codes back. Pure: nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from exchange.errors import ExchangeError, StoreCorrupted
+from exchange.identity.registry import REGISTRY_KINDS, ROLE_ROOT, KeyInfo, KeyRegistry
+from exchange.ledger.block import RESULT_OK, OpenedEnvelope
+from exchange.ledger.judge import CODE_REJECTED, valid_attestation_record
+from exchange.ledger.policy import PolicyBook
+from exchange.ledger.queries import QUERY_KINDS, QueryBook
+from exchange.v1 import identity_pb2, ledger_pb2
+
+POLICY_ROLES = frozenset({"supervisor"})
+
+
+class LedgerState:
+    """Registry, policies, catalog and queries, advanced one valid transaction at a time."""
+
+    def __init__(self, signed_genesis: identity_pb2.SignedGenesis) -> None:
+        self.registry = KeyRegistry(signed_genesis)
+        self.chain_id = self.registry.chain_id
+        self.policies = PolicyBook.from_genesis(self.registry.genesis.policies)
+        # (agency, dataset) -> the latest catalog entry the agency published
+        self.catalog: dict[tuple[str, str], ledger_pb2.CatalogEntry] = {}
+        self.queries = QueryBook(self.registry, self.policies)
+
+    def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
+        """Result code of `env`, signed by `signer` (valid at this height) in a block at
+        `height` stamped `time_ms`; the state follows it if the code is OK."""
+        kind = env.kind
+        body = env.body
+        if kind in REGISTRY_KINDS:
+            if kind == "credential_revoke" and not (
+                    signer.subject == ROLE_ROOT or POLICY_ROLES & set(signer.roles)):
+                return CODE_REJECTED  # revoked by the agency's root or a supervisor
+            try:
+                self.registry.apply(body, signer, height)
+            except ExchangeError:
+                return CODE_REJECTED
+        elif kind == "attestation_record":
+            if not valid_attestation_record(self.registry, body, signer, height):
+                return CODE_REJECTED
+        elif kind == "policy":
+            # A dataset's policy is its owner's alone, set by its root or a supervisor.
+            if body.policy.owner_agency != signer.agency or not (
+                    signer.subject == ROLE_ROOT or POLICY_ROLES & set(signer.roles)):
+                return CODE_REJECTED
+            try:
+                self.policies.apply(body.policy, signer.agency)
+            except ExchangeError:
+                return CODE_REJECTED
+        elif kind == "catalog_entry":
+            self.catalog[(body.agency, body.catalog_entry.dataset)] = body.catalog_entry
+        elif kind in QUERY_KINDS:
+            return self.queries.judge(env, signer, height, time_ms)
+        return RESULT_OK
+
+    def replay(self, env: OpenedEnvelope, height: int, time_ms: int) -> None:
+        """Follow a transaction the stored chain marks valid; the judgement must agree."""
+        signer = self.registry.resolve(env.signer_key_id)
+        code = self.judge(env, signer, height, time_ms)
+        if code != RESULT_OK:
+            raise StoreCorrupted(f"height {height}: stored as valid, judged {code} on replay "
+                                 f"(tx {env.tx_id.hex()})")

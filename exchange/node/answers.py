@@ -1,0 +1,189 @@
+"""Reading queries and answers at a node: the answer view an analyst of the requesting
+agency gets (decrypted by the node with its agency's data key), and the audit trail.
+
+Every query's metadata is in clear on the ledger, so any node lists every query; the
+subjects and the rows are sealed, so only the requester's and the target's nodes can
+show them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from exchange.errors import ExchangeError, MalformedInput, PermissionDenied
+from exchange.identity.keys import DataKey
+from exchange.ledger.block import open_envelope
+from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, QueryRecord
+from exchange.ledger.sealing import open_sealed
+from exchange.ledger.store import BlockStore
+from exchange.v1 import ledger_pb2, node_pb2
+
+AUDIT_LIMIT_DEFAULT = 1_000
+AUDIT_LIMIT_MAX = 100_000
+SUBJECT_CACHE_MAX = 100_000
+
+
+def parse_subject_text(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise MalformedInput(f"subject {text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
+class QueryReader:
+    """One node's view of the queries on its ledger."""
+
+    def __init__(self, agency: str, chain_id: str, store: BlockStore, queries: QueryBook,
+                 data_key: DataKey) -> None:
+        self.agency = agency
+        self.chain_id = chain_id
+        self.store = store
+        self.queries = queries
+        self.data_key = data_key
+        self._requests: OrderedDict[bytes, tuple[tuple[tuple[str, str], ...], str]] = \
+            OrderedDict()
+
+    def can_open(self, rec: QueryRecord) -> bool:
+        return self.agency in (rec.requester, rec.target)
+
+    def request_of(self, rec: QueryRecord) -> tuple[tuple[tuple[str, str], ...], str]:
+        """The subjects ((key, value), ...) and the period of a query this agency can
+        open; ((), "") for the others."""
+        if not self.can_open(rec):
+            return (("sealed", "not readable by " + self.agency),), ""
+        cached = self._requests.get(rec.tx_id)
+        if cached is not None:
+            return cached
+        stored = self.store.tx(rec.tx_id)
+        if stored is None:
+            return (), ""
+        query = open_envelope(stored.envelope, self.chain_id).body.query
+        try:
+            plaintext, _ = open_sealed(query.sealed_request, self.data_key,
+                                       chain_id=self.chain_id, context_tx_id=b"", chunk=0,
+                                       requester_agency=rec.requester,
+                                       target_agency=rec.target)
+            from agents.lookup import request_from_json
+
+            request = request_from_json(json.loads(plaintext))
+            subjects = tuple((str(k), str(v)) for k, v in request.subjects)
+            period = request.period or ""
+        except (ExchangeError, ValueError, TypeError):
+            subjects, period = (("?", "unreadable request"),), ""
+        self._requests[rec.tx_id] = (subjects, period)
+        while len(self._requests) > SUBJECT_CACHE_MAX:
+            self._requests.popitem(last=False)
+        return subjects, period
+
+    def view(self, rec: QueryRecord, time_ms: int) -> node_pb2.QueryView:
+        subjects, period = self.request_of(rec)
+        return node_pb2.QueryView(
+            tx_id=rec.tx_id, height=rec.height, time_ms=rec.time_ms,
+            requester_agency=rec.requester, analyst=rec.analyst, target_agency=rec.target,
+            dataset=rec.dataset, case_id=rec.case_id, purpose=rec.purpose,
+            legal_basis=rec.legal_basis, fields=list(rec.fields),
+            shape=ledger_pb2.QueryShape.Name(rec.shape), deadline_ms=rec.deadline_ms,
+            on_behalf_of=rec.on_behalf_of, cosigners=list(rec.cosigners),
+            status=rec.status_at(time_ms), decision_code=rec.decision_code,
+            decision_reason=rec.decision_reason, policy_id=rec.policy_id,
+            policy_version=rec.policy_version, outcome_tx_id=rec.outcome_tx_id,
+            outcome_height=rec.outcome_height, outcome_time_ms=rec.outcome_time_ms,
+            refusal_code=rec.refusal_code, refusal_reason=rec.refusal_reason,
+            row_count=rec.row_count, chunk_count=rec.chunk_count,
+            subjects=[f"{k}={v}" if k != "sealed" else "(sealed)" for k, v in subjects],
+            period=period)
+
+    # -- answers ------------------------------------------------------------------------
+    def answer(self, query_tx_id: bytes, time_ms: int) -> node_pb2.AnswerView:
+        rec = self.queries.get(query_tx_id)
+        if rec is None:
+            raise MalformedInput(f"no valid query {query_tx_id.hex()} on the ledger")
+        if not self.can_open(rec):
+            raise PermissionDenied(f"the answer to this query is sealed to {rec.requester}, "
+                                   f"not {self.agency}")
+        out = node_pb2.AnswerView(query=self.view(rec, time_ms))
+        if rec.status != STATUS_ANSWERED:
+            return out
+        stored = self.store.tx(rec.outcome_tx_id)
+        assert stored is not None, "an answered query's manifest is stored"
+        manifest = open_envelope(stored.envelope, self.chain_id).body.answer_manifest
+        out.commitment = manifest.commitment
+        if manifest.HasField("inline_chunk"):
+            parts = [(rec.outcome_tx_id, 0, manifest.inline_chunk)]
+        else:
+            parts = []
+            for index, digest in enumerate(manifest.chunk_digests):
+                chunk_tx = self.store.tx(bytes(digest))
+                assert chunk_tx is not None, "a manifest's chunks are stored"
+                chunk = open_envelope(chunk_tx.envelope, self.chain_id).body.answer_chunk
+                parts.append((bytes(digest), index, chunk.sealed))
+        for tx_id, index, sealed in parts:
+            plaintext, salt = open_sealed(sealed, self.data_key, chain_id=self.chain_id,
+                                          context_tx_id=rec.tx_id, chunk=index)
+            out.chunks.append(node_pb2.OpenedChunk(tx_id=tx_id, index=index,
+                                                   plaintext=plaintext, salt=salt,
+                                                   commitment=sealed.commitment))
+        return out
+
+    # -- the audit trail ----------------------------------------------------------------
+    def audit(self, request: node_pb2.AuditRequest, time_ms: int) -> node_pb2.AuditReply:
+        limit = request.limit or AUDIT_LIMIT_DEFAULT
+        if limit > AUDIT_LIMIT_MAX:
+            raise MalformedInput(f"at most {AUDIT_LIMIT_MAX} queries per audit")
+        subject = parse_subject_text(request.subject) if request.subject else None
+        chosen: list[QueryRecord] = []
+        for rec in self._matching(request, subject):
+            chosen.append(rec)
+        chosen = chosen[-limit:]
+        reply = node_pb2.AuditReply(height=self.store.height)
+        for rec in chosen:
+            view = self.view(rec, time_ms)
+            reply.entries.append(node_pb2.AuditEntry(kind="query", tx_id=rec.tx_id,
+                                                     height=rec.height, time_ms=rec.time_ms,
+                                                     query=view))
+            if rec.outcome_tx_id:
+                kind = "answer" if rec.status == STATUS_ANSWERED else "refusal"
+                reply.entries.append(node_pb2.AuditEntry(
+                    kind=kind, tx_id=rec.outcome_tx_id, height=rec.outcome_height,
+                    time_ms=rec.outcome_time_ms, query=view))
+        return reply
+
+    def _matching(self, request: node_pb2.AuditRequest,
+                  subject: tuple[str, str] | None) -> Iterable[QueryRecord]:
+        for rec in self.queries.queries.values():
+            if request.since_ms and rec.time_ms < request.since_ms and not (
+                    rec.outcome_time_ms >= request.since_ms):
+                continue
+            if request.case_id and rec.case_id != request.case_id:
+                continue
+            if request.agency and request.agency not in (rec.requester, rec.target):
+                continue
+            if request.analyst and rec.analyst != request.analyst:
+                continue
+            if subject is not None and not any(
+                    _same_subject(subject, asked) for asked in self.request_of(rec)[0]):
+                continue
+            yield rec
+
+
+def _same_subject(wanted: tuple[str, str], asked: tuple[str, str]) -> bool:
+    """`uscc=X` matches a query about `uscc=X`, `issuer_uscc=X` or `holder_id=X`: the
+    same value under the same key, a key of that kind, or a holder id."""
+    if wanted[1] != asked[1]:
+        return False
+    a, b = wanted[0], asked[0]
+    return a == b or a.endswith("_" + b) or b.endswith("_" + a) or "holder_id" in (a, b)
+
+
+def parse_since(text: str) -> int:
+    """`--since` as Unix ms: a date (YYYY-MM-DD, UTC midnight) or an ISO 8601 time."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise MalformedInput(f"--since {text!r} is not a date (YYYY-MM-DD) or ISO time") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)

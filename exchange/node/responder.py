@@ -1,0 +1,383 @@
+"""The automatic responder: every committed query to this agency gets exactly one signed
+answer or refusal (design decision 8).
+
+When a query naming this agency commits, the node opens its sealed request with the
+agency's data key, takes the policy's decision recorded with the query (the same on
+every node), looks the subject up in its own store with a parameterized query
+(agents.lookup; never SQL from another agency), seals the rows to the requester (and to
+itself, so it can reveal them later), and commits the answer: one manifest with the rows
+inline, or chunks first and then the manifest that names them. A query the policy
+refuses, or that cannot be answered (a bad subject, too many rows), gets a signed
+refusal with its reason code instead.
+
+Exactly once, across restarts: the prepared answer (sealed payloads, commitment) is
+written to a local spool, fsynced, before anything is submitted. A restart finds every
+query the ledger still shows open, takes the spooled answer if there is one, and
+submits what is not committed yet; the ledger itself refuses a second answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from exchange.errors import ExchangeError, MalformedInput, Unavailable
+from exchange.identity.keys import DataKey
+from exchange.ledger.block import new_body, open_envelope, seal_envelope
+from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
+from exchange.ledger.sealing import (
+    canonical_json,
+    open_sealed,
+    seal,
+)
+from exchange.node import metrics as m
+from exchange.v1 import ledger_pb2
+
+if TYPE_CHECKING:
+    from exchange.node.node import Node
+
+log = structlog.get_logger("exchange.responder")
+
+# Plaintext bytes per chunk: a sealed chunk stays far below the 1 MiB envelope limit.
+CHUNK_PLAINTEXT_BYTES = 512 * 1024
+WORKERS = 8
+RETRY_S = 1.0
+# An envelope built for a submission is reused while this fresh (the same tx id then
+# dedupes a resubmission); older, a new one is signed.
+ENVELOPE_REUSE_MS = 60_000
+ROWS_DEFAULT_MAX = 10_000
+
+SHAPE = ledger_pb2.QueryShape
+REFUSE_BAD_REQUEST = "BAD_REQUEST"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What this node will answer to one query."""
+
+    refusal: tuple[str, str] | None  # (code, reason)
+    chunks: tuple[ledger_pb2.SealedPayload, ...] = ()
+    row_count: int = 0
+
+
+class AnswerSpool:
+    """Prepared answers and the last envelope sent for each, durable before submission."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS prepared (
+                query_tx_id BLOB PRIMARY KEY, refusal_code TEXT, refusal_reason TEXT,
+                row_count INTEGER NOT NULL, chunk_count INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS chunks (
+                query_tx_id BLOB NOT NULL, idx INTEGER NOT NULL, sealed BLOB NOT NULL,
+                PRIMARY KEY (query_tx_id, idx));
+            CREATE TABLE IF NOT EXISTS sent (
+                query_tx_id BLOB NOT NULL, slot TEXT NOT NULL, envelope BLOB NOT NULL,
+                created_ms INTEGER NOT NULL, PRIMARY KEY (query_tx_id, slot));
+        """)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get(self, query_tx_id: bytes) -> Prepared | None:
+        with self._lock:
+            row = self._db.execute("SELECT refusal_code, refusal_reason, row_count, chunk_count "
+                                   "FROM prepared WHERE query_tx_id=?", (query_tx_id,)).fetchone()
+            if row is None:
+                return None
+            sealed = [ledger_pb2.SealedPayload.FromString(r[0]) for r in self._db.execute(
+                "SELECT sealed FROM chunks WHERE query_tx_id=? ORDER BY idx", (query_tx_id,))]
+        if len(sealed) != row[3]:
+            raise ExchangeError(f"answer spool: query {query_tx_id.hex()} lacks chunks")
+        refusal = (str(row[0]), str(row[1])) if row[0] is not None else None
+        return Prepared(refusal, tuple(sealed), int(row[2]))
+
+    def put(self, query_tx_id: bytes, prepared: Prepared) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            refusal = prepared.refusal or (None, None)
+            self._db.execute("INSERT OR REPLACE INTO prepared VALUES (?, ?, ?, ?, ?)",
+                             (query_tx_id, refusal[0], refusal[1], prepared.row_count,
+                              len(prepared.chunks)))
+            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)",
+                                 [(query_tx_id, i, c.SerializeToString(deterministic=True))
+                                  for i, c in enumerate(prepared.chunks)])
+            self._db.execute("COMMIT")
+
+    def sent(self, query_tx_id: bytes, slot: str) -> tuple[bytes, int] | None:
+        with self._lock:
+            row = self._db.execute("SELECT envelope, created_ms FROM sent WHERE "
+                                   "query_tx_id=? AND slot=?", (query_tx_id, slot)).fetchone()
+        return (bytes(row[0]), int(row[1])) if row else None
+
+    def remember_sent(self, query_tx_id: bytes, slot: str, envelope: bytes,
+                      created_ms: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?)",
+                             (query_tx_id, slot, envelope, created_ms))
+
+    def drop(self, query_tx_id: bytes) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            for table in ("prepared", "chunks", "sent"):
+                self._db.execute(f"DELETE FROM {table} WHERE query_tx_id=?",  # noqa: S608
+                                 (query_tx_id,))
+            self._db.execute("COMMIT")
+
+    def query_ids(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(r[0]) for r in self._db.execute("SELECT query_tx_id FROM prepared")]
+
+
+def split_rows(rows: Sequence[bytes], chunk_bytes: int = CHUNK_PLAINTEXT_BYTES) -> list[bytes]:
+    """Canonical row lines grouped into chunk plaintexts of at most `chunk_bytes` (a row
+    is never split; a single larger row makes a chunk of its own). No rows: one empty
+    chunk."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in rows:
+        if current and size + len(line) > chunk_bytes:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    chunks.append(b"".join(current))
+    return chunks
+
+
+class Responder:
+    """Answers the queries the ledger sends this node's agency."""
+
+    def __init__(self, node: Node, data_key: DataKey) -> None:
+        self.node = node
+        self.data_key = data_key
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.spool = AnswerSpool(node.config.paths.data_dir / "answers.db")
+        self._busy: set[bytes] = set()
+        self._store: Any = None
+        self._store_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.spool.close()
+        if self._store is not None:
+            self._store.close()
+
+    def notify(self, query_tx_id: bytes) -> None:
+        self.queue.put_nowait(query_tx_id)
+
+    async def run(self) -> None:
+        queries = self.node.applier.queries
+        tip_ms = self.node.store.tip_timestamp_ms
+        for rec in list(queries.open_for(self.node.agency, tip_ms)):
+            self.notify(rec.tx_id)
+        for qid in self.spool.query_ids():  # answered or expired while we were down
+            known = queries.get(qid)
+            if known is None or known.status_at(tip_ms) != STATUS_OPEN:
+                await asyncio.to_thread(self.spool.drop, qid)
+        workers = [asyncio.create_task(self._worker()) for _ in range(WORKERS)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            qid = await self.queue.get()
+            if qid in self._busy:
+                continue
+            self._busy.add(qid)
+            try:
+                await self._answer(qid)
+            except ExchangeError as exc:
+                log.info("answer not committed yet; retrying", query=qid.hex(), error=str(exc))
+                asyncio.get_running_loop().call_later(RETRY_S, self.notify, qid)
+            finally:
+                self._busy.discard(qid)
+
+    def _is_open(self, qid: bytes) -> QueryRecord | None:
+        rec = self.node.applier.queries.get(qid)
+        if rec is None or rec.status_at(self.node.store.tip_timestamp_ms) != STATUS_OPEN:
+            return None
+        return rec
+
+    async def _answer(self, qid: bytes) -> None:
+        rec = self._is_open(qid)
+        if rec is None:
+            await asyncio.to_thread(self.spool.drop, qid)
+            return
+        started = time.perf_counter()
+        prepared = await asyncio.to_thread(self.spool.get, qid)
+        if prepared is None:
+            prepared = await asyncio.to_thread(self.prepare, rec)
+            await asyncio.to_thread(self.spool.put, qid, prepared)
+        if prepared.refusal is None and len(prepared.chunks) > 1:
+            await self._submit_chunks(rec, prepared)
+            still_open = self._is_open(qid)
+            if still_open is None:
+                return
+            rec = still_open
+        outcome = await self._submit_slot(rec, "outcome", lambda: self._outcome_body(rec,
+                                                                                    prepared))
+        if outcome.result not in ("OK", ""):
+            log.warning("answer judged invalid", query=qid.hex(), result=outcome.result)
+        m.ANSWERS.labels("refusal" if prepared.refusal else "answer").inc()
+        m.ANSWER_SECONDS.observe(time.perf_counter() - started)
+        log.info("query answered", query=qid.hex(), requester=rec.requester,
+                 dataset=rec.dataset, refusal=prepared.refusal[0] if prepared.refusal else "",
+                 rows=prepared.row_count, chunks=len(prepared.chunks))
+        await asyncio.to_thread(self.spool.drop, qid)
+
+    async def _submit_chunks(self, rec: QueryRecord, prepared: Prepared) -> None:
+        missing = [i for i in range(len(prepared.chunks)) if i not in rec.chunks]
+        for start in range(0, len(missing), 8):
+            batch = missing[start:start + 8]
+            await asyncio.gather(*(self._submit_slot(
+                rec, f"chunk-{i}", lambda i=i: self._chunk_body(rec, i, prepared.chunks[i]))
+                for i in batch))
+
+    async def _submit_slot(self, rec: QueryRecord, slot: str,
+                           make_body: Any) -> Any:
+        """Submit the envelope for one slot of an answer and wait for its block; reuse the
+        envelope sent before while it is fresh, so a retry is the same transaction."""
+        now = int(time.time() * 1000)
+        earlier = await asyncio.to_thread(self.spool.sent, rec.tx_id, slot)
+        if earlier is not None and now - earlier[1] < ENVELOPE_REUSE_MS:
+            envelope = earlier[0]
+        else:
+            body: ledger_pb2.TxBody = make_body()
+            envelope = seal_envelope(body, self.node.signer)
+            await asyncio.to_thread(self.spool.remember_sent, rec.tx_id, slot, envelope,
+                                    body.created_at_ms)
+        result = (await self.node.submit_batch([envelope], wait=True))[0]
+        if result.error_code:
+            raise ExchangeError(f"{result.error_code}: {result.error}")
+        return result
+
+    def _body(self) -> ledger_pb2.TxBody:
+        return new_body(self.node.chain_id, self.node.agency, int(time.time() * 1000))
+
+    def _chunk_body(self, rec: QueryRecord, index: int,
+                    sealed: ledger_pb2.SealedPayload) -> ledger_pb2.TxBody:
+        body = self._body()
+        body.answer_chunk.CopyFrom(ledger_pb2.AnswerChunk(query_tx_id=rec.tx_id, index=index,
+                                                          sealed=sealed))
+        return body
+
+    def _outcome_body(self, rec: QueryRecord, prepared: Prepared) -> ledger_pb2.TxBody:
+        body = self._body()
+        if prepared.refusal is not None:
+            code, reason = prepared.refusal
+            body.refusal.CopyFrom(ledger_pb2.Refusal(query_tx_id=rec.tx_id, code=code,
+                                                     reason=reason))
+            return body
+        manifest = ledger_pb2.AnswerManifest(query_tx_id=rec.tx_id,
+                                             chunk_count=len(prepared.chunks),
+                                             row_count=prepared.row_count)
+        if len(prepared.chunks) == 1:
+            manifest.inline_chunk.CopyFrom(prepared.chunks[0])
+            manifest.commitment = prepared.chunks[0].commitment
+        else:
+            digests = []
+            for i, sealed in enumerate(prepared.chunks):
+                tx_id, commitment = rec.chunks[i]
+                assert commitment == bytes(sealed.commitment), "spooled chunk differs"
+                digests.append(tx_id)
+            manifest.chunk_digests.extend(digests)
+            manifest.commitment = chunks_commitment(bytes(c.commitment)
+                                                    for c in prepared.chunks)
+        body.answer_manifest.CopyFrom(manifest)
+        return body
+
+    # -- preparing (worker thread) ------------------------------------------------------
+    def prepare(self, rec: QueryRecord) -> Prepared:
+        """The answer or refusal to `rec`, sealed; raises only for an unavailable store."""
+        if not rec.allowed:
+            return Prepared((rec.decision_code, rec.decision_reason))
+        try:
+            request = self.open_request(rec)
+        except ExchangeError as exc:
+            return Prepared((REFUSE_BAD_REQUEST, str(exc)))
+        from agents.lookup import LookupRefused, LookupRequest, lookup
+
+        subjects = request.subjects
+        shape_ok = {int(SHAPE.QUERY_SHAPE_SUBJECT): len(subjects) == 1,
+                    int(SHAPE.QUERY_SHAPE_SUBJECT_SET): len(subjects) >= 1,
+                    int(SHAPE.QUERY_SHAPE_AGGREGATE): True}.get(rec.shape, False)
+        if not shape_ok:
+            return Prepared((REFUSE_BAD_REQUEST, f"{SHAPE.Name(rec.shape)} with "
+                                                 f"{len(subjects)} subjects"))
+        if request.dataset != rec.dataset:
+            return Prepared((REFUSE_BAD_REQUEST, "the sealed request names another dataset "
+                                                 "than the query"))
+        asked = LookupRequest(dataset=rec.dataset, subjects=subjects, period=request.period,
+                              fields=rec.fields)
+        try:
+            with self._store_lock:
+                rows = lookup(self._agency_store(), asked, rec.row_limit or ROWS_DEFAULT_MAX)
+        except LookupRefused as exc:
+            return Prepared((exc.code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a store that is down: try again later
+            raise Unavailable(f"{self.node.agency}'s store: {exc}") from exc
+        lines = [canonical_json(row) + b"\n" for row in rows]
+        recipients = [bytes(self.node.registry.members[rec.requester].data_public_key),
+                      self.data_key.public_key]
+        chunks = []
+        for index, plaintext in enumerate(split_rows(lines)):
+            sealed, _ = seal(plaintext, recipients, chain_id=self.node.chain_id,
+                             context_tx_id=rec.tx_id, chunk=index)
+            chunks.append(sealed)
+        return Prepared(None, tuple(chunks), len(rows))
+
+    def open_request(self, rec: QueryRecord) -> Any:
+        """The LookupRequest sealed in the query (MalformedInput if it is not one)."""
+        from agents.lookup import request_from_json
+
+        stored = self.node.store.tx(rec.tx_id)
+        if stored is None:
+            raise MalformedInput(f"query {rec.tx_id.hex()} is not in the store")
+        query = open_envelope(stored.envelope, self.node.chain_id).body.query
+        plaintext, _ = open_sealed(query.sealed_request, self.data_key,
+                                   chain_id=self.node.chain_id, context_tx_id=b"", chunk=0,
+                                   requester_agency=rec.requester, target_agency=rec.target)
+        import json
+        try:
+            obj = json.loads(plaintext)
+        except ValueError as exc:
+            raise MalformedInput(f"the sealed request is not JSON: {exc}") from exc
+        return request_from_json(obj)
+
+    def _agency_store(self) -> Any:
+        if self._store is None:
+            import agents
+            from agents.common.store import sqlite_store_path
+
+            location = self.node.config.agency_store or sqlite_store_path(
+                self.node.config.paths.data_dir)
+            opener = getattr(agents, "open_agency_store", None)
+            if opener is not None:
+                self._store = opener(self.node.agency, location)
+            else:
+                self._store = agents.open_store(self.node.agency, Path(location))
+        return self._store
+
+
+def close_quietly(responder: Responder | None) -> None:
+    if responder is not None:
+        with contextlib.suppress(Exception):
+            responder.close()
