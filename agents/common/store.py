@@ -26,7 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
-from agents.common.schema import Dataset, Reference
+from agents.common.schema import Dataset, Kind, Reference
 from exchange.errors import MalformedInput
 
 SCHEMA_VERSION = 1
@@ -132,6 +132,20 @@ def _main_table(dataset: Dataset) -> str:
     return f'main."{dataset.name}"'
 
 
+def store_indexes(dataset: Dataset) -> list[tuple[str, ...]]:
+    """The dataset's indexes (stored column names) besides its primary key: those its
+    schema lists, and one for each lookup column (a key column or a uscc, person_id or
+    holder_id column, as agents.lookup matches subjects) that no index starts with."""
+    indexes = list(dataset.indexes)
+    leading = {dataset.stored(dataset.key[0])} | {index[0] for index in indexes}
+    for c in dataset.columns:
+        if ((c.name in dataset.key or c.kind in (Kind.USCC, Kind.PERSON_ID, Kind.HOLDER_ID))
+                and c.stored_name not in leading):
+            indexes.append((c.stored_name,))
+            leading.add(c.stored_name)
+    return indexes
+
+
 def create_table_sql(dataset: Dataset) -> list[str]:
     """The DDL of one dataset's table and its indexes."""
     cols = []
@@ -141,7 +155,7 @@ def create_table_sql(dataset: Dataset) -> list[str]:
     key = _columns([dataset.stored(k) for k in dataset.key])
     statements = [f'CREATE TABLE IF NOT EXISTS "{dataset.name}" '
                   f'({", ".join(cols)}, PRIMARY KEY ({key}))']
-    for index in dataset.indexes:
+    for index in store_indexes(dataset):
         name = f"{dataset.name}_by_{'_'.join(index)}"
         statements.append(f'CREATE INDEX IF NOT EXISTS "{name}" '
                           f'ON "{dataset.name}" ({_columns(index)})')
