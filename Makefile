@@ -28,7 +28,7 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 proto: $(GEN_STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -25,7 +25,7 @@ from exchange.ledger.block import new_body, seal_envelope
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("node_api")]
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,8 @@ class NodeConfig:
     # Where the agency's own records are: a PostgreSQL URL, or "" for the SQLite store
     # <data_dir>/agency.db (agents.open_agency_store).
     agency_store: str = ""
+    # Plaintext bytes per sealed answer chunk (larger answers are split).
+    answer_chunk_bytes: int = 512 * 1024
 
     def read_trust_bundle(self) -> bytes:
         """PEM of the CAs this node trusts: the bundle file, or genesis's member CAs."""
@@ -321,16 +323,20 @@ def load_node_config(path: Path) -> NodeConfig:
     else:
         top.used.add("raft")
     agency_store = ""
+    answer_chunk_bytes = NodeConfig.answer_chunk_bytes
     if "data" in top.data:
         d = top.table("data")
         agency_store = d.string("agency_store", required=False) or ""
+        answer_chunk_bytes = d.integer("answer_chunk_bytes", 256, 768 * 1024,
+                                       default=answer_chunk_bytes)
         d.done()
     else:
         top.used.add("data")
     top.done()
     return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
                       listen_metrics=listen_metrics, block=block, peers=peers,
-                      log_level=log_level, raft=raft, agency_store=agency_store)
+                      log_level=log_level, raft=raft, agency_store=agency_store,
+                      answer_chunk_bytes=answer_chunk_bytes)
 
 
 def load_profile(path: Path) -> Profile:
@@ -393,7 +399,8 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
                  "heartbeat_ticks": config.raft.heartbeat_ticks,
                  "compact_every_entries": config.raft.compact_every_entries,
                  "compact_keep_entries": config.raft.compact_keep_entries},
-        **({"data": {"agency_store": config.agency_store}} if config.agency_store else {}),
+        "data": {"answer_chunk_bytes": config.answer_chunk_bytes,
+                 **({"agency_store": config.agency_store} if config.agency_store else {})},
     }
 
 

@@ -239,3 +239,74 @@ def describe(policy: ledger_pb2.Policy) -> Mapping[str, object]:
     }
 
 
+
+
+_POLICY_KEYS = {"policy_id", "owner", "dataset", "version", "grants"}
+_GRANT_KEYS = {"to", "roles", "fields", "legal_bases", "case_required", "row_limit",
+               "rate_per_hour", "supervisor_cosign", "shapes"}
+
+
+def policy_from_dict(obj: object) -> ledger_pb2.Policy:
+    """The inverse of `describe`: a policy from plain data (a file an owner edits).
+    Strict: an unknown key or a value of the wrong type raises MalformedInput. A
+    missing version is 0 (the caller sets the next one)."""
+    if not isinstance(obj, Mapping):
+        raise MalformedInput("a policy is an object")
+    unknown = set(obj) - _POLICY_KEYS
+    if unknown:
+        raise MalformedInput(f"policy: unknown key(s) {', '.join(sorted(unknown))}")
+    owner, dataset = obj.get("owner"), obj.get("dataset")
+    if not isinstance(owner, str) or not owner or not isinstance(dataset, str) or not dataset:
+        raise MalformedInput("policy: owner and dataset are required strings")
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise MalformedInput("policy: version is a non-negative integer")
+    grants = obj.get("grants", [])
+    if not isinstance(grants, list):
+        raise MalformedInput("policy: grants is a list")
+    policy = ledger_pb2.Policy(policy_id=str(obj.get("policy_id") or f"{owner}/{dataset}"),
+                               owner_agency=owner, dataset=dataset, version=version)
+    for i, g in enumerate(grants):
+        policy.grants.append(_grant_from_dict(g, f"policy: grant {i}"))
+    return policy
+
+
+def _grant_from_dict(g: object, where: str) -> ledger_pb2.PolicyGrant:
+    if not isinstance(g, Mapping):
+        raise MalformedInput(f"{where} is not an object")
+    unknown = set(g) - _GRANT_KEYS
+    if unknown:
+        raise MalformedInput(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+
+    def strings(key: str) -> list[str]:
+        value = g.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MalformedInput(f"{where}: {key} is a list of strings")
+        return list(value)
+
+    def number(key: str) -> int:
+        value = g.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+            raise MalformedInput(f"{where}: {key} is a non-negative integer")
+        return value
+
+    def flag(key: str) -> bool:
+        value = g.get(key, False)
+        if not isinstance(value, bool):
+            raise MalformedInput(f"{where}: {key} is true or false")
+        return value
+
+    to = g.get("to")
+    if not isinstance(to, str) or not to:
+        raise MalformedInput(f"{where}: 'to' (the requesting agency) is required")
+    shapes: list[ledger_pb2.QueryShape] = []
+    for name in strings("shapes"):
+        full = name if name.startswith("QUERY_SHAPE_") else "QUERY_SHAPE_" + name.upper()
+        if full not in SHAPE.keys() or full == "QUERY_SHAPE_UNSPECIFIED":  # noqa: SIM118
+            raise MalformedInput(f"{where}: unknown shape {name!r}")
+        shapes.append(SHAPE.Value(full))  # type: ignore[arg-type]
+    return ledger_pb2.PolicyGrant(
+        requester_agency=to, roles=strings("roles"), fields=strings("fields"),
+        legal_bases=strings("legal_bases"), case_required=flag("case_required"),
+        row_limit=number("row_limit"), rate_per_hour=number("rate_per_hour"),
+        supervisor_cosign_required=flag("supervisor_cosign"), shapes=shapes)

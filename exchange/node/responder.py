@@ -338,7 +338,8 @@ class Responder:
         recipients = [bytes(self.node.registry.members[rec.requester].data_public_key),
                       self.data_key.public_key]
         chunks = []
-        for index, plaintext in enumerate(split_rows(lines)):
+        for index, plaintext in enumerate(split_rows(lines,
+                                                    self.node.config.answer_chunk_bytes)):
             sealed, _ = seal(plaintext, recipients, chain_id=self.node.chain_id,
                              context_tx_id=rec.tx_id, chunk=index)
             chunks.append(sealed)
