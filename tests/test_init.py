@@ -398,7 +398,7 @@ def test_rewritten_node_config_round_trips(net: NetworkLayout, tmp_path: Path) -
     (lambda t: t.replace('log_level = "info"', 'log_level = "loud"'), "key 'log_level'"),
     (lambda t: t.replace('data_dir = "data"\n', ""), "key 'paths.data_dir': missing"),
     (lambda t: "surprise = 1\n" + t, "key 'surprise': unknown key"),
-    (lambda t: t + "\nsurprise = 1\n", "key 'raft.surprise': unknown key"),
+    (lambda t: t + "\nsurprise = 1\n", "key 'data.surprise': unknown key"),
     (lambda t: t.replace('police = "127.0.0.1:7110"', 'tax = "127.0.0.1:7110"'),
      "key 'peers.tax'"),
     (lambda t: t.replace("[listen]", "[listen"), "node.toml"),

@@ -5,7 +5,6 @@ restarted or verifying offline, reaching the same records from the same blocks."
 from __future__ import annotations
 
 import hashlib
-import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -370,12 +369,6 @@ def _shape(shape: int, cosigned: bool) -> Callable[[Ledger], Callable[[ledger_pb
     return make
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, struct.error), reason=(
-    "bug: exchange/ledger/queries.py check_query_form (line ~236) only refuses "
-    "QUERY_SHAPE_UNSPECIFIED, so a signed query with a shape outside the QueryShape enum "
-    "passes admission and crashes LedgerApplier.apply instead of being QUERY_INVALID: "
-    "policy.py:124 SHAPE.Name(q.shape) raises ValueError, and with any co-signature "
-    "queries.py:95 cosign_message struct.pack('>I', -1) raises struct.error"))
 @pytest.mark.parametrize(("shape", "cosigned"), [(99, False), (-1, False), (-1, True)],
                          ids=["shape_99", "shape_minus_1", "shape_minus_1_cosigned"])
 def test_query_with_a_shape_outside_the_enum_is_query_invalid(
@@ -672,12 +665,6 @@ def test_manifest_not_matching_the_committed_chunks_is_answer_invalid(
     assert ledger.one(manifest_for(ledger, txid, chunks, 5)) == RESULT_OK
 
 
-@pytest.mark.xfail(strict=True, raises=ProofInvalid, reason=(
-    "bug: exchange/ledger/queries.py _manifest accepts chunk_count=1 with no inline chunk "
-    "and one chunk digest when its commitment is chunks_commitment([c]), but "
-    "exchange/crossquery.py read_answer (and ledger.proto: 'One chunk: the inline chunk's "
-    "commitment') expects a one-chunk answer's commitment to be the chunk's own, so the "
-    "requester can never read an answer the ledger holds as its only valid one"))
 def test_one_chunk_manifest_the_ledger_accepts_is_readable_by_the_requester(
         ledger: Ledger) -> None:
     txid = committed_query(ledger)

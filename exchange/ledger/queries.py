@@ -48,6 +48,8 @@ CODE_QUERY_EXPIRED = "QUERY_EXPIRED"
 CODE_ANSWER_NOT_ALLOWED = "ANSWER_NOT_ALLOWED"
 CODE_ANSWER_INVALID = "ANSWER_INVALID"
 
+QUERY_SHAPES = frozenset({ledger_pb2.QUERY_SHAPE_SUBJECT, ledger_pb2.QUERY_SHAPE_SUBJECT_SET,
+                          ledger_pb2.QUERY_SHAPE_AGGREGATE})
 QUERY_ROLES = frozenset({"analyst", "supervisor", "automation"})
 SUPERVISOR_ROLE = "supervisor"
 DEADLINE_MS_MAX = 7 * 24 * 3600 * 1000
@@ -233,8 +235,9 @@ class QueryBook:
             raise MalformedInput("an agency does not query itself")
         if not q.dataset:
             raise MalformedInput("a query names a dataset")
-        if q.shape == ledger_pb2.QUERY_SHAPE_UNSPECIFIED:
-            raise MalformedInput("a query names its shape")
+        if q.shape not in QUERY_SHAPES:
+            raise MalformedInput(f"a query names its shape (one of {sorted(QUERY_SHAPES)}, "
+                                 f"not {q.shape})")
         if not time_ms < q.deadline_ms <= time_ms + DEADLINE_MS_MAX:
             raise MalformedInput(f"deadline {q.deadline_ms} is not within "
                                  f"{DEADLINE_MS_MAX // 3_600_000} h after {time_ms}")
@@ -325,7 +328,9 @@ class QueryBook:
                                                 f"limit of {rec.row_limit}")
         if not 1 <= m.chunk_count <= CHUNKS_MAX:
             raise Rejected(CODE_ANSWER_INVALID, f"chunk count {m.chunk_count}")
-        if m.chunk_count == 1 and m.HasField("inline_chunk"):
+        if m.chunk_count == 1:
+            if not m.HasField("inline_chunk"):
+                raise Rejected(CODE_ANSWER_INVALID, "an answer in one chunk carries it inline")
             if m.chunk_digests:
                 raise Rejected(CODE_ANSWER_INVALID, "an inline answer lists no chunks")
             self._check_sealed_to(rec, m.inline_chunk)
