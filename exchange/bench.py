@@ -21,7 +21,7 @@ from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.store import BlockStore
 from exchange.localnet import Cluster
-from exchange.v1 import identity_pb2
+from exchange.v1 import identity_pb2, ledger_pb2
 
 Result = dict[str, object]
 
@@ -163,6 +163,112 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
     return out
 
 
+CROSSQUERY_COMPANIES = 20_000
+CROSSQUERY_SECONDS = 15.0
+
+
+def bench_crossquery() -> list[Result]:
+    """End-to-end cross-queries on a local cluster holding generated data: from building
+    a signed query to holding its decrypted, commitment-checked rows at the requester."""
+    import csv
+
+    import agents
+    from agents.generate import GeneratorConfig, generate
+    from exchange.perf import QueryPlan, run_crossqueries
+
+    out: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-xq-") as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            cluster.init()
+            data = Path(tmp) / "data"
+            generate(GeneratorConfig(seed=5, companies=CROSSQUERY_COMPANIES), data)
+            for agency in cluster.agencies:
+                with agents.open_store(agency, cluster.net / agency / "data" /
+                                       "agency.db") as store:
+                    agents.load_dataset_dir(agency, data / agency, store)
+            cluster.start()
+            _lift_rate_limits(cluster)
+
+            def column(agency: str, dataset: str, name: str, where: str = "") -> list[str]:
+                with open(data / agency / f"{dataset}.csv", encoding="utf-8") as f:
+                    rows = list(csv.DictReader(f))
+                return sorted({r[name] for r in rows
+                               if not where or r.get("holder_kind") == where})[:2000]
+
+            asked = {
+                "tax": ("taxpayers", "uscc", column("tax", "taxpayers", "uscc")),
+                "customs": ("declarations", "uscc", column("customs", "declarations", "uscc")),
+                "pboc": ("accounts", "uscc", column("pboc", "accounts", "holder_id",
+                                                   "company")),
+                "police": ("records", "person_id", column("police", "records", "person_id")),
+            }
+            plans = [QueryPlan(str(cluster.profile(a)),
+                               str(cluster.net / a / "analysts" / "supervisor-1.toml"),
+                               [(t, *asked[t]) for t in cluster.agencies if t != a])
+                     for a in cluster.agencies]
+            for clients in (1, 16):
+                r = run_crossqueries(plans, clients, CROSSQUERY_SECONDS)
+                out.append({"name": f"cross-query, submit to decrypted rows, {clients} "
+                                    f"analysts ({CROSSQUERY_COMPANIES:,} companies)",
+                            "value": r.latency_p50_ms, "unit": "ms p50",
+                            "p99_ms": r.latency_p99_ms, "max_ms": r.latency_max_ms,
+                            "queries_per_s": r.tx_per_s, "errors": r.errors,
+                            "error_samples": r.error_samples})
+            out.append(_bulk_answers(cluster))
+        finally:
+            cluster.stop()
+    return out
+
+
+def _lift_rate_limits(cluster: Cluster) -> None:
+    """The owners raise their per-analyst hourly limits for the benchmark's analysts, as
+    an owner would with `exchange policy propose` (signed by its supervisor)."""
+    from exchange.client import ExchangeClient, Signer, chain_id_for, load_client_profile
+
+    for owner in cluster.agencies:
+        sup = cluster.net / owner / "analysts" / "supervisor-1.toml"
+        with ExchangeClient(load_client_profile(sup)) as client:
+            signer = Signer.load(client.profile, chain_id_for(sup, client))
+            for policy in client.list_policies(owner).policies:
+                policy.version += 1
+                for grant in policy.grants:
+                    grant.rate_per_hour = 0
+                def fill(body: ledger_pb2.TxBody, p: ledger_pb2.Policy = policy) -> None:
+                    body.policy.CopyFrom(p)
+
+                envelope = signer.make_envelope(fill)
+                result = client.submit(envelope)
+                assert result.result == "OK", result
+
+
+def _bulk_answers(cluster: Cluster) -> Result:
+    """Period-wide views asked by an automation, one at a time: rows per second from
+    submission to decrypted, checked rows."""
+    from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
+    from exchange.crossquery import QuerySpec, build_query, read_answer
+
+    profile_path = cluster.net / "tax" / "analysts" / "automation.toml"
+    _, _, genesis = load_genesis(profile_path)
+    rows = chunks = 0
+    started = time.perf_counter()
+    with ExchangeClient(load_client_profile(profile_path), deadline_s=60) as client:
+        signer = Signer.load(client.profile, genesis.chain_id)
+        for target, view in (("pboc", "company_flows"), ("customs", "company_trade")):
+            for period in ("2026-07", "2026-08", "2026-09"):
+                envelope, qid = build_query(QuerySpec(target, view, period=period,
+                                                      purpose="benchmark"), signer, genesis)
+                assert client.submit(envelope).result == "OK"
+                answer = read_answer(client.get_answer(qid, wait_ms=60_000))
+                assert answer.status == "answered", answer.query
+                rows += len(answer.rows)
+                chunks += answer.query.chunk_count
+    elapsed = time.perf_counter() - started
+    return {"name": "bulk answers: period-wide views (company_flows, company_trade), "
+                    "6 queries", "value": round(rows / elapsed), "unit": "rows/s",
+            "rows": rows, "chunks": chunks, "seconds": round(elapsed, 1)}
+
+
 def _node_cpu_s(cluster: Cluster) -> float:
     """CPU seconds (user + system) used so far by the cluster's node processes."""
     total = 0.0
@@ -195,6 +301,7 @@ PARTS: dict[str, Callable[[], list[Result]]] = {
     "wal": bench_wal,
     "sim": bench_sim,
     "cluster": bench_cluster,
+    "crossquery": bench_crossquery,
 }
 
 

@@ -297,3 +297,123 @@ def run_bulk(profiles: list[Path], batch: int, duration_s: float) -> LoadResult:
         latency_p50_ms=round(_percentile(latencies, 0.5) * 1000, 1),
         latency_p99_ms=round(_percentile(latencies, 0.99) * 1000, 1),
         latency_max_ms=round((latencies[-1] if latencies else 0) * 1000, 1))
+
+
+# -- cross-queries ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """What one closed-loop analyst asks, round robin: (target, dataset, key, values)."""
+
+    profile: str
+    cosigner_profile: str
+    targets: list[tuple[str, str, str, list[str]]]
+
+
+async def _query_clients(plan: QueryPlan, clients: int, duration_s: float, start_at: float,
+                         out: list[float], errs: list[str]) -> None:
+    import random
+
+    from exchange.client import Signer
+    from exchange.crossquery import QuerySpec, build_query, read_answer
+    from exchange.identity.config import load_profile, read_signed_genesis
+    from exchange.identity.genesis import verify_genesis
+    from exchange.identity.keys import read_signing_key
+    from exchange.v1 import node_pb2, node_pb2_grpc
+
+    profile_path = Path(plan.profile)
+    profile, key, chain_id, creds = _open_profile(profile_path)
+    genesis = verify_genesis(read_signed_genesis(profile_path.parent.parent / "genesis.pb"))
+    signer = Signer(profile.agency, profile.subject, chain_id, key)
+    supervisor = load_profile(Path(plan.cosigner_profile))
+    cosigner = CachedSigner(read_signing_key(supervisor.signing_key, supervisor.passphrase()))
+    channel = grpc.aio.secure_channel(profile.node, creds)
+    stub = node_pb2_grpc.ExchangeStub(channel)
+    rng = random.Random(os.getpid())
+    while time.time() < start_at:
+        await asyncio.sleep(0.01)
+    deadline = time.monotonic() + duration_s
+
+    async def one_client(offset: int) -> None:
+        n = offset
+        while time.monotonic() < deadline:
+            target, dataset, key_name, values = plan.targets[n % len(plan.targets)]
+            n += 1
+            spec = QuerySpec(target, dataset, ((key_name, rng.choice(values)),),
+                             case_id="BENCH-1", purpose="benchmark")
+            started = time.perf_counter()
+            envelope, qid = build_query(spec, signer, genesis,
+                                        [cosigner] if target == "police" else [])
+            try:
+                r = await stub.Submit(node_pb2.SubmitRequest(envelope=envelope), timeout=30)
+                if r.result != "OK":
+                    raise RuntimeError(f"query judged {r.result}")
+                view = await stub.GetAnswer(node_pb2.GetAnswerRequest(
+                    query_tx_id=qid, wait_ms=20_000), timeout=30)
+                answer = read_answer(view)
+                if answer.status != "answered":
+                    raise RuntimeError(f"{answer.status} {view.query.refusal_code} "
+                                       f"{view.query.refusal_reason}")
+            except (grpc.aio.AioRpcError, RuntimeError) as exc:
+                if len(errs) < 1000:
+                    errs.append(str(exc)[:200])
+                await asyncio.sleep(0.05)
+                continue
+            out.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    await channel.close()
+
+
+def _query_worker(plans: list[tuple[QueryPlan, int]], duration_s: float, start_at: float,
+                  queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    out: list[float] = []
+    errs: list[str] = []
+
+    async def main() -> None:
+        await asyncio.gather(*(_query_clients(p, n, duration_s, start_at, out, errs)
+                               for p, n in plans if n))
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        errs.append(repr(exc))
+    queue.put((out, errs))
+
+
+def run_crossqueries(plans: list[QueryPlan], clients: int, duration_s: float,
+                     processes: int | None = None) -> LoadResult:
+    """`clients` closed-loop analysts (spread over the plans, one per requesting agency)
+    each asking a single-subject query, waiting for the answer and decrypting it; the
+    latency counted is from building the query to holding the checked rows."""
+    processes = processes or min(clients, max(1, (os.cpu_count() or 2)))
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    start_at = time.time() + 2.0
+    assignment: list[dict[int, int]] = [{} for _ in range(processes)]
+    for i in range(clients):
+        slot = assignment[i % processes]
+        slot[i % len(plans)] = slot.get(i % len(plans), 0) + 1
+    workers = []
+    for slot in assignment:
+        if not slot:
+            continue
+        proc = ctx.Process(target=_query_worker, args=(
+            [(plans[p], n) for p, n in sorted(slot.items())], duration_s, start_at, queue))
+        proc.start()
+        workers.append(proc)
+    latencies: list[float] = []
+    errors: list[str] = []
+    for _ in workers:
+        out, errs = queue.get(timeout=duration_s + 120)
+        latencies.extend(out)
+        errors.extend(errs)
+    for proc in workers:
+        proc.join(timeout=10)
+    latencies.sort()
+    return LoadResult(
+        clients=clients, duration_s=duration_s, committed=len(latencies), errors=len(errors),
+        tx_per_s=round(len(latencies) / duration_s, 1),
+        latency_p50_ms=round(_percentile(latencies, 0.50) * 1000, 1),
+        latency_p99_ms=round(_percentile(latencies, 0.99) * 1000, 1),
+        latency_max_ms=round((latencies[-1] if latencies else 0) * 1000, 1),
+        error_samples=sorted(set(errors))[:5])
