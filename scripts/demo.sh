@@ -31,25 +31,67 @@ echo
 as customs catalog
 as customs policy show --owner police
 
-step "4. Analysts of every agency submit signed transactions to their own node"
+step "4. Cross-queries: each agency asks another; the target's node answers on its own"
+GT=var/demo/data/ground_truth.csv
+REBATE=$(grep '^export-rebate-without-exports,' $GT | head -1 | cut -d, -f2)
+PAIR=$(grep '^officer-with-police-record,' $GT | head -1 | cut -d, -f2)
+OFFICER_CO=${PAIR%%/*}; OFFICER=${PAIR##*/}
+CASE=SZ-2026-001
+echo "tax asks customs what $REBATE declared (it claimed export rebates):"
+as tax query --to customs --dataset declarations --subject "uscc=$REBATE" --case $CASE \
+  --purpose "export rebate claimed; exports declared?" --wait
+echo; echo "customs asks tax who the company is:"
+as customs query --to tax --dataset taxpayers --subject "uscc=$OFFICER_CO" --case $CASE \
+  --purpose "company behind a shipment" --wait
+echo; echo "pboc asks customs for that company's monthly trade (a catalog view):"
+as pboc query --to customs --dataset company_trade --subject "uscc=$REBATE" --period 2026-09 \
+  --case $CASE --purpose "payments against imports" --wait
+
+step "5. Policies at work: a refusal with its reason, then the same query co-signed"
+set +e
+as tax query --to police --dataset records --subject "person_id=$OFFICER" --case $CASE \
+  --purpose "legal representative's record" --wait
+CODE=$?
+set -e
+[ "$CODE" = 3 ] || { echo "expected a refusal (exit 3), got $CODE" >&2; exit 1; }
+echo "(refused by the police's policy: a supervisor must co-sign queries about persons)"
+echo
+QJSON=$(as tax query --to police --dataset records --subject "person_id=$OFFICER" --case $CASE \
+  --purpose "legal representative's record" --cosign "$NET/tax/analysts/supervisor-1.toml" \
+  --wait --json)
+QID=$(echo "$QJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["query"])')
+echo "answered: query $QID; the tax analyst reads it again later:"
+as tax answer "$QID"
+
+step "6. A comparison job's bulk question: every company's bank flows for a month"
+"$EXCHANGE" query --to pboc --dataset company_flows --period 2026-09 --purpose "revenue vs inflows" \
+  --wait --json --profile "$NET/tax/analysts/automation.toml" \
+  | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%s rows in %s sealed chunk(s), commitments checked, %s ms" % (r["rows"], r["chunks"], r["latency_ms"]))'
+
+step "7. The audit trail of the case, each line checked against the ledger"
+as tax audit --case $CASE --verify
+echo; echo "the same trail at the customs node: metadata in clear, other agencies' subjects sealed"
+as customs audit --case $CASE --agency police
+
+step "8. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
   as "$agency" submit-probe --count 2
 done
 TX=$(as police submit-probe --count 1 --json | $PY -c 'import json,sys; print(json.loads(sys.stdin.readline())["tx_id"])')
 sleep 0.5
 
-step "5. The police transaction seen from the customs node, its proofs checked locally"
+step "9. The police transaction seen from the customs node, its proofs checked locally"
 as customs tx show "$TX"
 
-step "6. The tip block, with every member's attestation (exchange block show tip)"
+step "10. The tip block, with every member's attestation (exchange block show tip)"
 as pboc block show tip
 
-step "7. Every node's chain fetched and verified from genesis (exchange chain verify)"
+step "11. Every node's chain fetched and verified from genesis (exchange chain verify)"
 for agency in tax police customs pboc; do
   as "$agency" chain verify --json | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%-8s ok=%s blocks=%s final=%s" % (sys.argv[1], r["ok"], r["height"], r["final_height"]))' "$agency"
 done
 
-step "8. The leader is killed (kill -9); the others elect a new one and go on"
+step "12. The leader is killed (kill -9); the others elect a new one and go on"
 LEADER=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 kill -9 "$(cat var/demo/run/$LEADER.pid)"
 echo "killed $LEADER's node"
@@ -58,27 +100,20 @@ OTHER=$(for a in tax police customs pboc; do [ "$a" != "$LEADER" ] && echo "$a" 
 as "$OTHER" submit-probe --count 2 --retry 10
 as "$OTHER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("new leader %s in term %s" % (s["leader"], s["term"]))'
 
-step "9. The killed node restarts and catches up"
+step "13. The killed node restarts and catches up"
 bash scripts/cluster.sh start >/dev/null
 as "$LEADER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("%s: height %s, role %s" % (s["agency"], s["height"], s["role"]))'
 
-step "10. Evidence bundle of two transactions, from the customs node's store (exchange evidence export)"
-IDS=$($PY - "$NET/customs/data/blocks.db" <<'PYEOF'
-import sys
-from exchange.ledger.store import BlockStore
-from exchange.ledger.block import open_envelope
-with BlockStore.open(__import__("pathlib").Path(sys.argv[1])) as store:
-    chain = store.signed_genesis_chain_id()
-    picks = [open_envelope(store.envelopes(h)[0], chain).tx_id.hex() for h in (2, 5)]
-print(" ".join(f"--tx {p}" for p in picks))
-PYEOF
-)
-$EXCHANGE evidence export --store "$NET/customs/data/blocks.db" $IDS --out var/demo/case.evidence
+step "14. Evidence bundle of the co-signed police query and its answer, from the customs node's store"
+ANSWER=$(echo "$QJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["outcome_tx"])')
+echo "(customs holds the answer only as ciphertext; the bundle proves who asked what, and that and when it was answered)"
+$EXCHANGE evidence export --store "$NET/customs/data/blocks.db" --tx "$QID" --tx "$ANSWER" \
+  --out var/demo/case.evidence
 
-step "11. Offline verification, as a court would run it (exchange evidence verify)"
+step "15. Offline verification, as a court would run it (exchange evidence verify)"
 $EXCHANGE evidence verify var/demo/case.evidence
 
-step "12. One altered byte is detected and named"
+step "16. One altered byte is detected and named"
 $PY - var/demo/case.evidence <<'PYEOF'
 import sys
 data = bytearray(open(sys.argv[1], "rb").read())
@@ -90,7 +125,7 @@ if $EXCHANGE evidence verify var/demo/case.evidence.tampered; then
 fi
 echo "(refused, as it must be)"
 
-step "13. Stopping the cluster"
+step "17. Stopping the cluster"
 bash scripts/cluster.sh stop
-printf '\nDemo complete. Cross-queries, comparison jobs and playbooks join this walk-through\n'
-printf 'as their issues land (README.md, "Status").\n'
+printf '\nDemo complete. Comparison jobs and playbooks join this walk-through as their\n'
+printf 'issues land (README.md, "Status").\n'
