@@ -15,7 +15,8 @@ stable code.
 Pure apart from `store.fetch`: portable SQL with ``:name`` parameters, at most
 `PARAMETERS_PER_STATEMENT_MAX` parameters a statement, each statement limited to one
 row more than the caller's row limit; ordering is done here, on Python strings, so that
-two adapters (whatever their collation) give the same bytes.
+two adapters (whatever their collation) give the same bytes. A view asked for subjects
+is computed for those subjects only (the view's SQL filters on them), never whole.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from typing import Any
 
 from agents import datasets_of, views_of
 from agents.common import checks
+from agents.common import view as view_module
 from agents.common.schema import Column, Dataset, Kind
 from agents.common.store import AgencyStore, to_int
 from agents.common.view import View
 from exchange.errors import ExchangeError, MalformedInput
 
 SUBJECTS_MAX = 100_000
-# Bound parameters in one statement, subject values and the period's together: far
-# below every driver's limit (SQLite 999 in old builds, PostgreSQL 65535).
-PARAMETERS_PER_STATEMENT_MAX = 500
+# Bound parameters in one statement, subject values and the period's together, for
+# datasets as for views (far below every driver's limit).
+PARAMETERS_PER_STATEMENT_MAX = view_module.PARAMETERS_PER_STATEMENT_MAX
 SUBJECT_KINDS = ("uscc", "person_id")
 # A dataset with several date columns filters a period on the first of these it has.
 PRINCIPAL_DATES = ("issued_on", "declared_on", "booked_on", "recorded_on",
@@ -427,15 +429,15 @@ def _lookup_view(store: AgencyStore, view: View[Any], request: LookupRequest,
     keys = _view_keys(view)
     values = _check_subjects(view.name, request.subjects,
                              {k: kind for k, (kind, _cols) in keys.items()})
-    wanted: dict[str, set[str]] = {}
+    # Values by view column (a kind matches every column of it); none: period-wide.
+    wanted: dict[str, dict[str, None]] = {}
     for key, vs in values.items():
         for column in keys[key][1]:
-            wanted.setdefault(column, set()).update(vs)
+            wanted.setdefault(column, {}).update(dict.fromkeys(vs))
     types = {c.name: c.type for c in view.columns}
     out: list[dict[str, object]] = []
-    for row in view.rows(store, request.period):
-        if wanted and not any(getattr(row, c) in vs for c, vs in wanted.items()):
-            continue
+    for row in view.rows(store, request.period, wanted or None):
+        assert not wanted or any(getattr(row, c) in vs for c, vs in wanted.items()), row
         if len(out) == row_limit:
             raise _row_limit_refusal(view.name, row_limit)
         out.append({name: _view_value(types[name], getattr(row, name)) for name in fields})

@@ -3,8 +3,8 @@
     python -m agents.lookup_bench [--companies 20000] [--lookups 2000] [--dir DIR]
 
 Generates the four agencies' data (or reuses DIR/data), loads it into SQLite stores,
-then prints per-dataset subject-lookup latency (p50, p99, ms) and aggregate throughput
-(rows/s) of subject sets and of period-wide views.
+then prints per-dataset and per-view subject-lookup latency (p50, p99, ms) and aggregate
+throughput (rows/s) of subject sets and of period-wide views.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ SUBJECT_CASES = (
     ("pboc", "transactions", "txn_id", "txn_id"),
     ("police", "records", "person_id", "person_id"),
 )
+# (agency, view, subject key, period-bound, tax CSV column the subject values come from)
+VIEW_CASES = (
+    ("pboc", "company_flows", "uscc", True, "uscc"),
+    ("customs", "company_trade", "uscc", True, "uscc"),
+    ("tax", "active_legal_reps", "uscc", False, "uscc"),
+    ("tax", "active_legal_reps", "person_id", False, "legal_rep_id"),
+)
 
 
 def _column_values(path: Path, column: str, n_max: int, rng: random.Random) -> list[str]:
@@ -53,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--lookups", type=int, default=2_000,
                         help="single-subject lookups per dataset")
+    parser.add_argument("--view-lookups", type=int, default=200,
+                        help="single-subject lookups per catalog view")
     parser.add_argument("--dir", type=Path, default=None,
                         help="keep data and stores here (reused if present)")
     args = parser.parse_args()
@@ -88,20 +97,37 @@ def main() -> None:
                 timings.append(time.perf_counter() - started)
             print(f"{dataset + ' by ' + key:34} {_percentile_ms(timings, 0.5):8.3f} "
                   f"{_percentile_ms(timings, 0.99):8.3f} {rows / len(values):12.1f}")
+        period = config.periods[-1]
+        for agency, view, key, period_bound, column in VIEW_CASES:
+            values = _column_values(data / "tax" / "taxpayers.csv", column,
+                                    args.view_lookups, rng)
+            store = stores[agency]
+            timings = []
+            rows = 0
+            for value in values:
+                request = LookupRequest(view, ((key, value),),
+                                        period if period_bound else None)
+                started = time.perf_counter()
+                rows += len(lookup(store, request, ROW_LIMIT))
+                timings.append(time.perf_counter() - started)
+            print(f"{view + ' by ' + key:34} {_percentile_ms(timings, 0.5):8.3f} "
+                  f"{_percentile_ms(timings, 0.99):8.3f} {rows / len(values):12.1f}")
         print(f"{'aggregate':34} {'rows':>8} {'seconds':>8} {'rows/s':>12}")
         usccs = _column_values(data / "tax" / "taxpayers.csv", "uscc", 10 * SUBJECT_SET_SIZE,
                                rng)
-        for agency, dataset in (("tax", "vat_invoices"), ("customs", "declarations")):
+        for agency, dataset, set_period in (("tax", "vat_invoices", None),
+                                            ("customs", "declarations", None),
+                                            ("pboc", "company_flows", period),
+                                            ("tax", "active_legal_reps", None)):
             started = time.perf_counter()
             rows = 0
             for first in range(0, len(usccs), SUBJECT_SET_SIZE):
                 subjects = tuple(("uscc", u) for u in usccs[first:first + SUBJECT_SET_SIZE])
-                rows += len(lookup(stores[agency], LookupRequest(dataset, subjects),
-                                   ROW_LIMIT))
+                rows += len(lookup(stores[agency],
+                                   LookupRequest(dataset, subjects, set_period), ROW_LIMIT))
             seconds = time.perf_counter() - started
             label = f"{dataset} sets of {SUBJECT_SET_SIZE} uscc"
             print(f"{label:34} {rows:8d} {seconds:8.3f} {rows / seconds:12.0f}")
-        period = config.periods[-1]
         for agency, view, view_period in (("pboc", "company_flows", period),
                                           ("customs", "company_trade", period),
                                           ("tax", "active_legal_reps", None)):

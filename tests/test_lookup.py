@@ -430,6 +430,175 @@ def test_view_by_subjects_and_fields(sample: Sample, view: str) -> None:
                     [{f: r[f] for f in fields} for r in expected])
 
 
+# -- views computed for their subjects only ----------------------------------------------
+
+VIEW_PERIODS = {"company_flows": PERIODS, "company_trade": PERIODS,
+                "active_legal_reps": [None]}
+# The index each subject column of a view is read through: (table alias, stored column).
+VIEW_SUBJECT_INDEXES = {("company_flows", "uscc"): ("a", "holder_id"),
+                        ("company_trade", "uscc"): ("declarations", "uscc"),
+                        ("active_legal_reps", "uscc"): ("taxpayers", "uscc"),
+                        ("active_legal_reps", "legal_rep_id"): ("taxpayers", "legal_rep_id")}
+
+
+def view_of(name: str) -> agents.View[object]:
+    return agents.views_of(AGENCY_OF[name])[name]
+
+
+def exact(rows: object) -> str:
+    """The rows with every Decimal's places (equal Decimals may differ in them)."""
+    return repr(rows)
+
+
+def whole_then_filtered(sample: Sample, name: str, period: str | None,
+                        subjects: Mapping[str, list[str]]) -> list[object]:
+    rows = view_of(name).rows(sample.stores[AGENCY_OF[name]], period)
+    return [r for r in rows if any(getattr(r, c) in vs for c, vs in subjects.items())]
+
+
+def view_subject_values(sample: Sample, column: str) -> list[str]:
+    """Values a view subject column could be asked for, sorted: those of every taxpayer,
+    declarant and account-holding company (so some without a row in a given month or
+    view)."""
+    if column == "legal_rep_id":
+        return sorted({r["legal_rep_id"] for r in sample.csv_rows["taxpayers"]})
+    assert column == "uscc", column
+    return sorted({r["uscc"] for r in sample.csv_rows["taxpayers"]}
+                  | {r["uscc"] for r in sample.csv_rows["declarations"]}
+                  | {r["holder_id"] for r in sample.csv_rows["accounts"]
+                     if r["holder_kind"] == "company"})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_view_for_subjects_is_the_whole_view_filtered(sample: Sample,
+                                                      data: st.DataObject) -> None:
+    name = data.draw(st.sampled_from(sorted(VIEW_SUBJECTS)))
+    view = view_of(name)
+    period = data.draw(st.sampled_from(VIEW_PERIODS[name]))
+    columns = data.draw(st.lists(st.sampled_from(view.subject_columns), min_size=1,
+                                 unique=True))
+    subjects = {}
+    for column in columns:
+        universe = view_subject_values(sample, column)
+        absent = absent_uscc() if column == "uscc" else absent_person_id()
+        subjects[column] = data.draw(st.lists(st.sampled_from([*universe, absent]),
+                                              max_size=30))
+    filtered = view.rows(sample.stores[AGENCY_OF[name]], period, subjects)
+    expected = whole_then_filtered(sample, name, period, subjects)
+    assert exact(filtered) == exact(expected)
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_SUBJECTS))
+def test_view_for_a_seeded_subject_sample_is_the_whole_view_filtered(
+        sample: Sample, name: str) -> None:
+    view = view_of(name)
+    rng = random.Random(f"view-subjects/{name}")
+    for period in VIEW_PERIODS[name]:
+        for column in view.subject_columns:
+            universe = view_subject_values(sample, column)
+            for size in (1, 2, 17, len(universe) // 3, len(universe)):
+                subjects = {column: rng.sample(universe, size)}
+                expected = whole_then_filtered(sample, name, period, subjects)
+                filtered = view.rows(sample.stores[AGENCY_OF[name]], period, subjects)
+                assert exact(filtered) == exact(expected), (period, column, size)
+            if len(view.subject_columns) > 1:  # a row matched on two columns comes once
+                everything = view.rows(sample.stores[AGENCY_OF[name]], period)
+                both = {c: [str(getattr(r, c)) for r in everything[:20]]
+                        for c in view.subject_columns}
+                rows = view.rows(sample.stores[AGENCY_OF[name]], period, both)
+                assert exact(rows) == exact(whole_then_filtered(sample, name, period, both))
+                assert len(set(rows)) == len(rows) and set(everything[:20]) <= set(rows)
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_SUBJECTS))
+def test_view_for_more_subjects_than_one_statement_holds(sample: Sample,
+                                                         name: str) -> None:
+    view = view_of(name)
+    column = view.subject_columns[0]
+    universe = view_subject_values(sample, column)
+    body = "91440300"
+    padding = [f"{body}{i:09d}" for i in range(1, 2 * lk.PARAMETERS_PER_STATEMENT_MAX)]
+    padding = [p + checks.uscc_check_char(p) for p in padding]
+    subjects = {column: [*universe, *padding, *universe[:50]]}  # some named twice
+    period = VIEW_PERIODS[name][-1]
+    recording = RecordingStore(sample.stores[AGENCY_OF[name]])
+    rows = view.rows(recording, period, subjects)  # type: ignore[arg-type]
+    assert len(recording.statements) >= 3
+    assert all(len(params) <= lk.PARAMETERS_PER_STATEMENT_MAX
+               for _sql, params, _n in recording.statements)
+    expected = view.rows(sample.stores[AGENCY_OF[name]], period)
+    assert exact(rows) == exact(expected)
+
+
+def test_company_flows_for_one_company_still_excludes_its_own_accounts(
+        sample: Sample) -> None:
+    company_of = {a["account_no"]: a["holder_id"] for a in sample.csv_rows["accounts"]
+                  if a["holder_kind"] == "company"}
+    internal = [(company_of[t["account_no"]], t["booked_on"][:7])
+                for t in sample.csv_rows["transactions"]
+                if t["direction"] == "in" and t["account_no"] in company_of
+                and company_of.get(t["counterparty_account"]) == company_of[t["account_no"]]]
+    assert internal, "the sample has no transfer between a company's own accounts"
+    for uscc, period in sorted(set(internal))[:10]:
+        rows = view_of("company_flows").rows(sample.stores["pboc"], period,
+                                            {"uscc": [uscc]})
+        expected = [{"uscc": r.uscc, "period": r.period, "inflows_cny": r.inflows_cny,
+                     "outbound_cross_border_cny": r.outbound_cross_border_cny}
+                    for r in rows]
+        assert_same(expected, [r for r in expected_view(sample, "company_flows", period)
+                               if r["uscc"] == uscc])
+
+
+def test_view_subject_filter_edges(sample: Sample) -> None:
+    view = view_of("active_legal_reps")
+    store = sample.stores["tax"]
+    assert view.rows(store, None, {}) == []
+    assert view.rows(store, None, {"uscc": []}) == []
+    with pytest.raises(ValueError, match="status"):
+        view.rows(store, None, {"status": ["active"]})
+    with pytest.raises(TypeError):
+        view.rows(store, None, {"uscc": absent_uscc()})  # a string, not a collection
+
+
+@pytest.mark.parametrize("name,column", sorted(VIEW_SUBJECT_INDEXES))
+def test_view_lookup_for_subjects_reads_the_subjects_by_index(
+        sample: Sample, name: str, column: str) -> None:
+    table, stored = VIEW_SUBJECT_INDEXES[(name, column)]
+    key = "person_id" if column == "legal_rep_id" else column
+    store = sample.stores[AGENCY_OF[name]]
+    values = view_subject_values(sample, column)
+    db = sqlite3.connect(store.path)
+    try:
+        for subjects in (values[:1], values[:lk.PARAMETERS_PER_STATEMENT_MAX + 1]):
+            recording = RecordingStore(store)
+            request = LookupRequest(name, tuple((key, v) for v in subjects),
+                                    VIEW_PERIODS[name][-1])
+            lk.lookup(recording, request, BIG_LIMIT)  # type: ignore[arg-type]
+            assert recording.statements
+            for sql, params, _n in recording.statements:
+                assert " IN (" in sql  # never the whole view, filtered afterwards
+                plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+                assert not [p for p in plan if p.startswith("SCAN")], (sql, plan)
+                assert any(p.startswith(f"SEARCH {table} USING ") and f"{stored}=?" in p
+                           for p in plan), (sql, plan)
+    finally:
+        db.close()
+
+
+def test_view_lookup_by_uscc_and_person_id_together(sample: Sample) -> None:
+    everything = expected_view(sample, "active_legal_reps", None)
+    usccs = [str(r["uscc"]) for r in everything[:5]]
+    reps = [str(r["legal_rep_id"]) for r in everything[3:9]]
+    subjects = tuple([("uscc", u) for u in usccs] + [("person_id", p) for p in reps])
+    expected = [r for r in everything if r["uscc"] in usccs or r["legal_rep_id"] in reps]
+    assert_same(run(sample, LookupRequest("active_legal_reps", subjects)), expected)
+    assert len(run(sample, LookupRequest("active_legal_reps", subjects),
+                   len(expected))) == len(expected)
+    assert refusal(sample, "tax", LookupRequest("active_legal_reps", subjects),
+                   len(expected) - 1).code == "ROW_LIMIT"
+
+
 # -- order, row limit -------------------------------------------------------------------
 
 def test_answer_bytes_do_not_depend_on_load_order(sample: Sample, tmp_path: Path) -> None:

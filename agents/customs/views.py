@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from agents.common.checks import fen_to_decimal, period_bounds
 from agents.common.store import AgencyStore, to_int
-from agents.common.view import View, ViewColumn
+from agents.common.view import SubjectFilter, View, ViewColumn, fetch_filtered
 
 
 @dataclass(frozen=True, order=True)
@@ -25,24 +25,28 @@ SELECT uscc,
        SUM(CASE WHEN direction = 'import' THEN declared_value_fen ELSE 0 END),
        SUM(CASE WHEN direction = 'import' THEN 1 ELSE 0 END)
 FROM declarations
-WHERE declared_on >= :start AND declared_on < :end
+WHERE declared_on >= :start AND declared_on < :end{subjects}
 GROUP BY uscc
 """
 
 
-def company_trade(store: AgencyStore, period: str) -> list[CompanyTrade]:
+def company_trade(store: AgencyStore, period: str, subjects: SubjectFilter | None = None
+                  ) -> list[CompanyTrade]:
     """uscc, period, export_value_cny, import_value_cny, import_declarations for every
-    company with a declaration in `period`, sorted by uscc."""
+    company with a declaration in `period` (with `subjects`, of those companies), sorted
+    by uscc."""
     start, end = period_bounds(period)
-    rows = store.fetch(COMPANY_TRADE_SQL, {"start": start, "end": end})
+    rows = fetch_filtered(store, COMPANY_TRADE_SQL, {"start": start, "end": end},
+                          {"uscc": "uscc"}, subjects)
     return sorted(CompanyTrade(str(uscc), period, fen_to_decimal(to_int(exports)),
                                fen_to_decimal(to_int(imports)), to_int(count))
                   for uscc, exports, imports, count in rows)
 
 
-def _compute(store: AgencyStore, period: str | None) -> list[CompanyTrade]:
+def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
+             ) -> list[CompanyTrade]:
     assert period is not None
-    return company_trade(store, period)
+    return company_trade(store, period, subjects)
 
 
 COMPANY_TRADE = View[CompanyTrade](

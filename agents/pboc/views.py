@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from agents.common.checks import fen_to_decimal, period_bounds
 from agents.common.store import AgencyStore, to_int
-from agents.common.view import View, ViewColumn
+from agents.common.view import SubjectFilter, View, ViewColumn, fetch_filtered
 
 
 @dataclass(frozen=True, order=True)
@@ -20,7 +20,9 @@ class CompanyFlow:
 
 # Per company (accounts with holder_kind company, grouped by holder_id) with at least
 # one transaction booked in the period: the `in` amounts whose counterparty account is
-# not held by the same company, and the `out` amounts with cross_border = 1.
+# not held by the same company, and the `out` amounts with cross_border = 1. `{subjects}`
+# narrows the companies (a.holder_id) and nothing else: the counterparty accounts are
+# still looked up among all accounts.
 COMPANY_FLOWS_SQL = """
 SELECT a.holder_id,
        SUM(CASE WHEN t.direction = 'in' AND NOT EXISTS (
@@ -34,24 +36,27 @@ SELECT a.holder_id,
 FROM transactions t
 JOIN accounts a ON a.account_no = t.account_no
 WHERE a.holder_kind = 'company'
-  AND t.booked_on >= :start AND t.booked_on < :end
+  AND t.booked_on >= :start AND t.booked_on < :end{subjects}
 GROUP BY a.holder_id
 """
 
 
-def company_flows(store: AgencyStore, period: str) -> list[CompanyFlow]:
+def company_flows(store: AgencyStore, period: str, subjects: SubjectFilter | None = None
+                  ) -> list[CompanyFlow]:
     """uscc, period, inflows_cny, outbound_cross_border_cny for every company with a
-    transaction in `period`, sorted by uscc."""
+    transaction in `period` (with `subjects`, of those companies), sorted by uscc."""
     start, end = period_bounds(period)
-    rows = store.fetch(COMPANY_FLOWS_SQL, {"start": start, "end": end})
+    rows = fetch_filtered(store, COMPANY_FLOWS_SQL, {"start": start, "end": end},
+                          {"uscc": "a.holder_id"}, subjects)
     return sorted(CompanyFlow(str(uscc), period, fen_to_decimal(to_int(inflows)),
                               fen_to_decimal(to_int(outbound)))
                   for uscc, inflows, outbound in rows)
 
 
-def _compute(store: AgencyStore, period: str | None) -> list[CompanyFlow]:
+def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
+             ) -> list[CompanyFlow]:
     assert period is not None
-    return company_flows(store, period)
+    return company_flows(store, period, subjects)
 
 
 COMPANY_FLOWS = View[CompanyFlow](

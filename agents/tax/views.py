@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.common.store import AgencyStore
-from agents.common.view import View, ViewColumn
+from agents.common.view import SubjectFilter, View, ViewColumn, fetch_filtered
 
 
 @dataclass(frozen=True, order=True)
@@ -17,17 +17,31 @@ class ActiveLegalRep:
 ACTIVE_LEGAL_REPS_SQL = """
 SELECT uscc, legal_rep_id FROM taxpayers WHERE status = 'active'
 """
+# For given subjects: the status is tested on their rows, which are read by the subject
+# column's index. (COALESCE of a NOT NULL column changes no value; it keeps a planner
+# without statistics, SQLite's, from reading every active taxpayer through the status
+# index instead, which it does from five subjects on.)
+ACTIVE_LEGAL_REPS_FOR_SUBJECTS_SQL = """
+SELECT uscc, legal_rep_id FROM taxpayers WHERE COALESCE(status, '') = 'active'{subjects}
+"""
 
 
-def active_legal_reps(store: AgencyStore) -> list[ActiveLegalRep]:
-    """uscc, legal_rep_id of every taxpayer whose status is active now, sorted."""
-    rows = store.fetch(ACTIVE_LEGAL_REPS_SQL, {})
+def active_legal_reps(store: AgencyStore, subjects: SubjectFilter | None = None
+                      ) -> list[ActiveLegalRep]:
+    """uscc, legal_rep_id of every taxpayer whose status is active now (with `subjects`,
+    whose uscc or legal_rep_id is one named), sorted."""
+    if subjects is None:
+        rows = store.fetch(ACTIVE_LEGAL_REPS_SQL, {})
+    else:
+        rows = fetch_filtered(store, ACTIVE_LEGAL_REPS_FOR_SUBJECTS_SQL, {},
+                              {"uscc": "uscc", "legal_rep_id": "legal_rep_id"}, subjects)
     return sorted(ActiveLegalRep(str(uscc), str(rep)) for uscc, rep in rows)
 
 
-def _compute(store: AgencyStore, period: str | None) -> list[ActiveLegalRep]:
+def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
+             ) -> list[ActiveLegalRep]:
     assert period is None
-    return active_legal_reps(store)
+    return active_legal_reps(store, subjects)
 
 
 ACTIVE_LEGAL_REPS = View[ActiveLegalRep](
