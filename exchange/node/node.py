@@ -17,9 +17,10 @@ import contextlib
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -54,6 +55,7 @@ from exchange.raft.wal import WriteAheadLog
 from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.node")
+T = TypeVar("T")
 
 INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
@@ -144,7 +146,16 @@ class Node:
         self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
                                   data_key)
         self.responder = Responder(self, data_key)
+        # The Raft log's writes and the block applies each have a thread of their own, so
+        # that reads, admissions and answers never queue the critical path behind them.
+        self._wal_thread = ThreadPoolExecutor(1, thread_name_prefix="raft-log")
+        self._apply_thread = ThreadPoolExecutor(1, thread_name_prefix="apply")
+        self._check_thread = ThreadPoolExecutor(1, thread_name_prefix="block-check")
         self._answer_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+
+    @staticmethod
+    async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     # -- life cycle ----------------------------------------------------------------
     def _applied_raft_index(self) -> int:
@@ -200,6 +211,9 @@ class Node:
                 if not fut.done():
                     fut.set_exception(Unavailable("node is shutting down"))
         close_quietly(self.responder)
+        self._wal_thread.shutdown(wait=True)
+        self._apply_thread.shutdown(wait=True)
+        self._check_thread.shutdown(wait=True)
         self.wal.close()
         self.store.close()
 
@@ -216,7 +230,7 @@ class Node:
     async def receive(self, m: Message) -> None:
         """A message from a peer. APPENDs are checked before Raft may append them."""
         if m.type is MessageType.APPEND and m.entries:
-            good = await asyncio.to_thread(self._valid_prefix, m.entries)
+            good = await self._on(self._check_thread, self._valid_prefix, m.entries)
             if len(good) < len(m.entries):
                 if not good:
                     return
@@ -275,10 +289,10 @@ class Node:
                 if rd.soft_state is not None:
                     self._on_soft_state(rd.soft_state.role, rd.soft_state.leader_id)
                 if rd.snapshot is not None:
-                    await asyncio.to_thread(self.wal.save_snapshot, rd.snapshot)
+                    await self._on(self._wal_thread, self.wal.save_snapshot, rd.snapshot)
                 if rd.entries_to_persist or rd.hard_state is not None:
                     with m.WAL_SECONDS.time():
-                        await asyncio.to_thread(self.wal.save, rd.hard_state,
+                        await self._on(self._wal_thread, self.wal.save, rd.hard_state,
                                                 list(rd.entries_to_persist))
                 if self.links is not None:
                     self.links.send(rd.messages)
@@ -321,7 +335,7 @@ class Node:
         if not batch:
             return
         started = time.perf_counter()
-        applied = await asyncio.to_thread(self.applier.apply_many, batch)
+        applied = await self._on(self._apply_thread, self.applier.apply_many, batch)
         elapsed = time.perf_counter() - started
         m.APPLY_SECONDS.observe(elapsed)
         now = time.perf_counter()
@@ -415,7 +429,7 @@ class Node:
                 self.core.pending_snapshot is not None:
             return
         meta = self.core.compact(max(first, applied - settings.compact_keep_entries))
-        await asyncio.to_thread(self.wal.save_snapshot, meta)
+        await self._on(self._wal_thread, self.wal.save_snapshot, meta)
 
     # -- catch-up by streaming blocks ----------------------------------------------
     def _start_catch_up(self, meta: SnapshotMeta) -> None:
@@ -462,7 +476,7 @@ class Node:
                 stream.cancel()
                 return
             self._check_final(block, header.height)
-            applied = await asyncio.to_thread(self.applier.apply, block)
+            applied = await self._on(self._apply_thread, self.applier.apply, block)
             self._after_apply(applied)
             self._send_own_attestations()
             self.receive_attestations(list(block.attestations))

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,10 @@ RETRY_S = 1.0
 # dedupes a resubmission); older, a new one is signed.
 ENVELOPE_REUSE_MS = 60_000
 ROWS_DEFAULT_MAX = 10_000
+DROPS_BATCH = 64
+# The responder's own threads (lookups, sealing, the spool's fsyncs), so that answering
+# never queues the node's Raft log writes and block applies behind it.
+THREADS = 2
 
 SHAPE = ledger_pb2.QueryShape
 REFUSE_BAD_REQUEST = "BAD_REQUEST"
@@ -74,6 +79,7 @@ class AnswerSpool:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self._drops: list[bytes] = []
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -106,9 +112,17 @@ class AnswerSpool:
         refusal = (str(row[0]), str(row[1])) if row[0] is not None else None
         return Prepared(refusal, tuple(sealed), int(row[2]))
 
-    def put(self, query_tx_id: bytes, prepared: Prepared) -> None:
+    def put(self, query_tx_id: bytes, prepared: Prepared,
+            sent: tuple[str, bytes, int] | None = None) -> None:
+        """Store a prepared answer (and the envelope about to be sent for it, as slot,
+        envelope, created_ms) in one fsynced transaction, which also carries out the
+        drops asked for since the last one."""
         with self._lock:
             self._db.execute("BEGIN")
+            self._drop_pending()
+            if sent is not None:
+                self._db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?)",
+                                 (query_tx_id, *sent))
             refusal = prepared.refusal or (None, None)
             self._db.execute("INSERT OR REPLACE INTO prepared VALUES (?, ?, ?, ?, ?)",
                              (query_tx_id, refusal[0], refusal[1], prepared.row_count,
@@ -131,12 +145,20 @@ class AnswerSpool:
                              (query_tx_id, slot, envelope, created_ms))
 
     def drop(self, query_tx_id: bytes) -> None:
+        """Forget a query that is answered: done with the next write (a drop lost in a
+        crash is harmless, the restart sees the query answered and drops it again)."""
         with self._lock:
-            self._db.execute("BEGIN")
-            for table in ("prepared", "chunks", "sent"):
-                self._db.execute(f"DELETE FROM {table} WHERE query_tx_id=?",  # noqa: S608
-                                 (query_tx_id,))
-            self._db.execute("COMMIT")
+            self._drops.append(query_tx_id)
+            if len(self._drops) >= DROPS_BATCH:
+                self._db.execute("BEGIN")
+                self._drop_pending()
+                self._db.execute("COMMIT")
+
+    def _drop_pending(self) -> None:
+        for table in ("prepared", "chunks", "sent"):
+            self._db.executemany(f"DELETE FROM {table} WHERE query_tx_id=?",  # noqa: S608
+                                 [(q,) for q in self._drops])
+        self._drops.clear()
 
     def query_ids(self) -> list[bytes]:
         with self._lock:
@@ -171,8 +193,10 @@ class Responder:
         self._busy: set[bytes] = set()
         self._store: Any = None
         self._store_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="responder")
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
         self.spool.close()
         if self._store is not None:
             self._store.close()
@@ -188,7 +212,7 @@ class Responder:
         for qid in self.spool.query_ids():  # answered or expired while we were down
             known = queries.get(qid)
             if known is None or known.status_at(tip_ms) != STATUS_OPEN:
-                await asyncio.to_thread(self.spool.drop, qid)
+                await self._run(self.spool.drop, qid)
         workers = [asyncio.create_task(self._worker()) for _ in range(WORKERS)]
         try:
             await asyncio.gather(*workers)
@@ -219,13 +243,19 @@ class Responder:
     async def _answer(self, qid: bytes) -> None:
         rec = self._is_open(qid)
         if rec is None:
-            await asyncio.to_thread(self.spool.drop, qid)
+            await self._run(self.spool.drop, qid)
             return
         started = time.perf_counter()
-        prepared = await asyncio.to_thread(self.spool.get, qid)
+        prepared = await self._run(self.spool.get, qid)
+        fresh: bytes | None = None
         if prepared is None:
-            prepared = await asyncio.to_thread(self.prepare, rec)
-            await asyncio.to_thread(self.spool.put, qid, prepared)
+            prepared = await self._run(self.prepare, rec)
+            sent = None
+            if prepared.refusal is not None or len(prepared.chunks) == 1:
+                body = self._outcome_body(rec, prepared)
+                fresh = seal_envelope(body, self.node.signer)
+                sent = ("outcome", fresh, body.created_at_ms)
+            await self._run(self.spool.put, qid, prepared, sent)
         if prepared.refusal is None and len(prepared.chunks) > 1:
             await self._submit_chunks(rec, prepared)
             still_open = self._is_open(qid)
@@ -233,7 +263,8 @@ class Responder:
                 return
             rec = still_open
         outcome = await self._submit_slot(rec, "outcome", lambda: self._outcome_body(rec,
-                                                                                    prepared))
+                                                                                    prepared),
+                                          fresh)
         if outcome.result not in ("OK", ""):
             log.warning("answer judged invalid", query=qid.hex(), result=outcome.result)
         m.ANSWERS.labels("refusal" if prepared.refusal else "answer").inc()
@@ -241,7 +272,10 @@ class Responder:
         log.info("query answered", query=qid.hex(), requester=rec.requester,
                  dataset=rec.dataset, refusal=prepared.refusal[0] if prepared.refusal else "",
                  rows=prepared.row_count, chunks=len(prepared.chunks))
-        await asyncio.to_thread(self.spool.drop, qid)
+        await self._run(self.spool.drop, qid)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _submit_chunks(self, rec: QueryRecord, prepared: Prepared) -> None:
         missing = [i for i in range(len(prepared.chunks)) if i not in rec.chunks]
@@ -251,19 +285,21 @@ class Responder:
                 rec, f"chunk-{i}", lambda i=i: self._chunk_body(rec, i, prepared.chunks[i]))
                 for i in batch))
 
-    async def _submit_slot(self, rec: QueryRecord, slot: str,
-                           make_body: Any) -> Any:
+    async def _submit_slot(self, rec: QueryRecord, slot: str, make_body: Any,
+                           envelope: bytes | None = None) -> Any:
         """Submit the envelope for one slot of an answer and wait for its block; reuse the
-        envelope sent before while it is fresh, so a retry is the same transaction."""
-        now = int(time.time() * 1000)
-        earlier = await asyncio.to_thread(self.spool.sent, rec.tx_id, slot)
-        if earlier is not None and now - earlier[1] < ENVELOPE_REUSE_MS:
-            envelope = earlier[0]
-        else:
-            body: ledger_pb2.TxBody = make_body()
-            envelope = seal_envelope(body, self.node.signer)
-            await asyncio.to_thread(self.spool.remember_sent, rec.tx_id, slot, envelope,
-                                    body.created_at_ms)
+        envelope sent before while it is fresh, so a retry is the same transaction.
+        `envelope`: one just made and spooled."""
+        if envelope is None:
+            now = int(time.time() * 1000)
+            earlier = await self._run(self.spool.sent, rec.tx_id, slot)
+            if earlier is not None and now - earlier[1] < ENVELOPE_REUSE_MS:
+                envelope = earlier[0]
+            else:
+                body: ledger_pb2.TxBody = make_body()
+                envelope = seal_envelope(body, self.node.signer)
+                await self._run(self.spool.remember_sent, rec.tx_id, slot, envelope,
+                                body.created_at_ms)
         result = (await self.node.submit_batch([envelope], wait=True))[0]
         if result.error_code:
             raise ExchangeError(f"{result.error_code}: {result.error}")
