@@ -172,6 +172,11 @@ def test_other_agencies_hold_the_answer_only_as_ciphertext(cluster: Cluster) -> 
     assert [json.loads(line) for line in plaintext.splitlines()] == out["data"]
     assert not verify_reveal(manifest.commitment, salt,
                              plaintext.replace(person.encode(), b"x"))
+    # later, `exchange answer` gives tax's analysts the rows again; customs' get nothing
+    again = cluster.cli_json("answer", out["query"], agency="tax")
+    assert again["data"] == out["data"] and again["status"] == "answered"
+    denied = cluster.cli("answer", out["query"], agency="customs")
+    assert denied.returncode == 1 and "sealed to tax" in denied.stderr, denied.stderr
 
 
 def test_period_wide_answer_is_chunked_and_reassembled(cluster: Cluster) -> None:
