@@ -71,8 +71,9 @@ def build_query(spec: QuerySpec, signer: Signer, genesis: identity_pb2.Genesis,
     target = _member(genesis, spec.target)
     request = LookupRequest(dataset=spec.dataset, subjects=tuple(spec.subjects),
                             period=spec.period, fields=tuple(spec.fields))
-    sealed, _ = seal(canonical_json(request_to_json(request)),
-                     [bytes(requester.data_public_key), bytes(target.data_public_key)],
+    recipients = list(dict.fromkeys([bytes(requester.data_public_key),
+                                     bytes(target.data_public_key)]))
+    sealed, _ = seal(canonical_json(request_to_json(request)), recipients,
                      chain_id=signer.chain_id, context_tx_id=b"", chunk=0,
                      requester_agency=signer.agency, target_agency=spec.target)
     created = int(time.time() * 1000) if now_ms is None else now_ms

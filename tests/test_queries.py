@@ -313,7 +313,7 @@ INVALID_QUERIES: dict[str, tuple[Callable[[Ledger], dict[str, object]], str]] = 
     "target_not_a_member": (lambda led: dict(mutate=_set("target_agency", "interpol")),
                             "is not a member"),
     "target_is_own_agency": (lambda led: dict(mutate=_set("target_agency", "tax")),
-                             "does not query itself"),
+                             "asks itself only for a rule"),
     "deadline_in_the_past": (lambda led: dict(mutate=_deadline(-1)(led)), "deadline"),
     "deadline_at_the_block_time": (lambda led: dict(mutate=_deadline(0)(led)), "deadline"),
     "deadline_beyond_seven_days": (

@@ -33,7 +33,7 @@ from exchange.errors import ExchangeError, MalformedInput
 from exchange.identity.keys import Domain, key_id, verify
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
-from exchange.ledger.policy import PolicyBook, QueryFacts
+from exchange.ledger.policy import Decision, PolicyBook, QueryFacts
 from exchange.ledger.sealing import check_sealed_form
 from exchange.v1 import ledger_pb2
 
@@ -52,6 +52,8 @@ QUERY_SHAPES = frozenset({ledger_pb2.QUERY_SHAPE_SUBJECT, ledger_pb2.QUERY_SHAPE
                           ledger_pb2.QUERY_SHAPE_AGGREGATE})
 QUERY_ROLES = frozenset({"analyst", "supervisor", "automation"})
 SUPERVISOR_ROLE = "supervisor"
+AUTOMATION_ROLE = "automation"
+OWN_DATA = "(own data)"
 DEADLINE_MS_MAX = 7 * 24 * 3600 * 1000
 CHUNKS_MAX = 4096
 RATE_WINDOW_MS = 3600 * 1000
@@ -204,11 +206,14 @@ class QueryBook:
         recent = self._recent.setdefault((env.signer_key_id, q.target_agency), deque())
         while recent and recent[0] <= time_ms - RATE_WINDOW_MS:
             recent.popleft()
-        decision = self.policies.evaluate(QueryFacts(
-            requester_agency=body.agency, requester_roles=frozenset(signer.roles),
-            target_agency=q.target_agency, dataset=q.dataset, fields=tuple(q.fields),
-            case_id=q.case_id, legal_basis=q.legal_basis, shape=q.shape,
-            supervisor_cosigned=bool(cosigners), queries_last_hour=len(recent)))
+        if q.target_agency == body.agency:  # a rule's own inputs: the owner's own data
+            decision = Decision(True, fields=tuple(q.fields), policy_id=OWN_DATA)
+        else:
+            decision = self.policies.evaluate(QueryFacts(
+                requester_agency=body.agency, requester_roles=frozenset(signer.roles),
+                target_agency=q.target_agency, dataset=q.dataset, fields=tuple(q.fields),
+                case_id=q.case_id, legal_basis=q.legal_basis, shape=q.shape,
+                supervisor_cosigned=bool(cosigners), queries_last_hour=len(recent)))
         recent.append(time_ms)
         self.queries[env.tx_id] = QueryRecord(
             tx_id=env.tx_id, height=height, time_ms=time_ms, requester=body.agency,
@@ -231,8 +236,10 @@ class QueryBook:
                                  f"query ({', '.join(sorted(QUERY_ROLES))})")
         if q.target_agency not in self.registry.members:
             raise MalformedInput(f"{q.target_agency!r} is not a member")
-        if q.target_agency == body.agency:
-            raise MalformedInput("an agency does not query itself")
+        if q.target_agency == body.agency and not (
+                AUTOMATION_ROLE in signer.roles and q.on_behalf_of):
+            raise MalformedInput("an agency asks itself only for a rule's own inputs (an "
+                                 "automation, on behalf of a rule)")
         if not q.dataset:
             raise MalformedInput("a query names a dataset")
         if q.shape not in QUERY_SHAPES:

@@ -371,8 +371,9 @@ class Responder:
         except Exception as exc:  # noqa: BLE001 - a store that is down: try again later
             raise Unavailable(f"{self.node.agency}'s store: {exc}") from exc
         lines = [canonical_json(row) + b"\n" for row in rows]
-        recipients = [bytes(self.node.registry.members[rec.requester].data_public_key),
-                      self.data_key.public_key]
+        recipients = list(dict.fromkeys([
+            bytes(self.node.registry.members[rec.requester].data_public_key),
+            self.data_key.public_key]))
         chunks = []
         for index, plaintext in enumerate(split_rows(lines,
                                                     self.node.config.answer_chunk_bytes)):
