@@ -33,7 +33,7 @@ _MODULES: dict[str, tuple[ModuleType, ModuleType]] = {
 }
 
 __all__ = ["AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadReport", "View",
-           "datasets_of", "load_dataset_dir", "open_store", "views_of"]
+           "datasets_of", "load_dataset_dir", "open_agency_store", "open_store", "views_of"]
 
 
 def _modules(agency: str) -> tuple[ModuleType, ModuleType]:
@@ -58,6 +58,17 @@ def views_of(agency: str) -> dict[str, View[Any]]:
 def open_store(agency: str, path: Path) -> SqliteAgencyStore:
     """The agency's SQLite store at `path`, created with its tables if absent."""
     return SqliteAgencyStore(path, agency, datasets_of(agency))
+
+
+def open_agency_store(agency: str, location: str | Path) -> AgencyStore:
+    """The agency's store at `location`: a ``postgresql://`` (or ``postgres://``) URL
+    opens it in PostgreSQL, anything else is the path of a SQLite file."""
+    from agents.common.pgstore import PostgresAgencyStore, is_postgres_url
+
+    if is_postgres_url(location):
+        assert isinstance(location, str)
+        return PostgresAgencyStore(location, agency, datasets_of(agency))
+    return open_store(agency, Path(location))
 
 
 def load_dataset_dir(agency: str, folder: Path, store: AgencyStore,

@@ -3,6 +3,7 @@ data (DATA_CONTRACT.md, docs/data.md)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -18,10 +19,13 @@ def data() -> None:
     """Agencies' own datasets: load extracts, generate sample data."""
 
 
-def _store_path(agency: str | None, store: Path | None, config: Path | None
-                ) -> tuple[str, Path]:
+def _store_location(agency: str | None, store: str | None, config: Path | None
+                    ) -> tuple[str, str | Path]:
+    """The agency and its store: a PostgreSQL URL or a SQLite file path."""
     if (store is None) == (config is None):
         raise click.UsageError("give exactly one of --store and --config")
+    from agents.common.pgstore import is_postgres_url
+
     if config is not None:
         from agents.common.store import sqlite_store_path
         from exchange.identity.config import load_node_config
@@ -30,41 +34,59 @@ def _store_path(agency: str | None, store: Path | None, config: Path | None
         if agency is not None and agency != node.agency:
             raise MalformedInput(f"{config} is the node config of {node.agency!r}, "
                                  f"not {agency!r}")
+        # [data] agency_store (a PostgreSQL URL), as the node itself opens it
+        configured = getattr(node, "agency_store", "")
+        if isinstance(configured, str) and configured:
+            return node.agency, configured if is_postgres_url(configured) else Path(configured)
         return node.agency, sqlite_store_path(node.paths.data_dir)
     if agency is None:
         raise click.UsageError("--agency is required with --store")
     assert store is not None
-    return agency, store
+    if is_postgres_url(store):
+        return agency, store
+    if Path(store).is_dir():
+        raise click.BadParameter(f"{store} is a folder, not a store file", param_hint="--store")
+    return agency, Path(store)
+
+
+def _display(location: str | Path) -> str:
+    """The store as it may be printed: a URL without its password."""
+    from agents.common.pgstore import redact_url
+
+    return redact_url(location) if isinstance(location, str) else str(location)
 
 
 @data.command("load")
 @click.option("--agency", type=click.Choice(_AGENCIES), default=None,
               help="Whose datasets these are (default with --config: the node's agency).")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--store", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="The agency's SQLite store (created if absent).")
+@click.option("--store", default=None, metavar="PATH|URL",
+              help="The agency's store: a SQLite file (created if absent) or a "
+                   "postgresql://user@host/db URL.")
 @click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              default=None, help="A node.toml: load into <data_dir>/agency.db of that node.")
+              default=None, help="A node.toml: load into that node's store (its "
+                                 "[data] agency_store, else <data_dir>/agency.db).")
 @click.option("--replace", is_flag=True,
               help="Each dataset loaded becomes exactly its file (rows not in it are "
                    "deleted); without it, rows are added or replace the rows of their key.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def load(agency: str | None, folder: Path, store: Path | None, config: Path | None,
+def load(agency: str | None, folder: Path, store: str | None, config: Path | None,
          replace: bool, as_json: bool) -> None:
     """Load FOLDER (one CSV per dataset, named after it) into the agency's store, in one
     transaction: every file, or nothing and an error naming file, line and column."""
     import agents
 
-    agency, path = _store_path(agency, store, config)
-    with agents.open_store(agency, path) as agency_store:
+    agency, location = _store_location(agency, store, config)
+    shown = _display(location)
+    with contextlib.closing(agents.open_agency_store(agency, location)) as agency_store:
         report = agents.load_dataset_dir(agency, folder, agency_store, replace=replace)
     if as_json:
-        emit_json({"agency": report.agency, "store": str(path), "replace": report.replace,
+        emit_json({"agency": report.agency, "store": shown, "replace": report.replace,
                    "files": [{"dataset": f.dataset, "file": f.file, "rows": f.rows,
                               "rows_before": f.rows_before, "rows_after": f.rows_after,
                               "sha256": f.sha256} for f in report.files]})
         return
-    click.echo(f"{agency}: loaded {folder} into {path}" + (" (replace)" if replace else ""))
+    click.echo(f"{agency}: loaded {folder} into {shown}" + (" (replace)" if replace else ""))
     table("", ("dataset", "file rows", "stored before", "stored now", "sha256"),
           [(f.dataset, f.rows, f.rows_before, f.rows_after, f.sha256[:16])
            for f in report.files])
