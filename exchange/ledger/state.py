@@ -1,6 +1,6 @@
 """What the ledger says at a point of the chain, and the judgement of each transaction
 against it (decision 3): keys and credentials, policies, the catalog, queries and their
-answers.
+answers, registered rules and findings.
 
 `LedgerState.judge` is the one place a valid, signed transaction is held against the
 state before it. Every node runs it on apply, `exchange chain verify` runs it again, and
@@ -13,9 +13,10 @@ from __future__ import annotations
 from exchange.errors import ExchangeError, StoreCorrupted
 from exchange.identity.registry import REGISTRY_KINDS, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
+from exchange.ledger.findings import FindingsBook
 from exchange.ledger.judge import CODE_REJECTED, valid_attestation_record
 from exchange.ledger.policy import PolicyBook
-from exchange.ledger.queries import QUERY_KINDS, QueryBook
+from exchange.ledger.queries import QUERY_KINDS, QueryBook, Rejected
 from exchange.v1 import identity_pb2, ledger_pb2
 
 POLICY_ROLES = frozenset({"supervisor"})
@@ -31,6 +32,7 @@ class LedgerState:
         # (agency, dataset) -> the latest catalog entry the agency published
         self.catalog: dict[tuple[str, str], ledger_pb2.CatalogEntry] = {}
         self.queries = QueryBook(self.registry, self.policies)
+        self.findings = FindingsBook(self.queries)
 
     def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
         """Result code of `env`, signed by `signer` (valid at this height) in a block at
@@ -61,6 +63,14 @@ class LedgerState:
             self.catalog[(body.agency, body.catalog_entry.dataset)] = body.catalog_entry
         elif kind in QUERY_KINDS:
             return self.queries.judge(env, signer, height, time_ms)
+        elif kind in ("rule_registration", "findings"):
+            try:
+                if kind == "rule_registration":
+                    self.findings.register(env, signer, height)
+                else:
+                    self.findings.record(env, signer, height, time_ms)
+            except Rejected as exc:
+                return exc.result_code
         return RESULT_OK
 
     def replay(self, env: OpenedEnvelope, height: int, time_ms: int) -> None:

@@ -1,0 +1,151 @@
+"""Registered rules and the findings of their runs, as ledger state (design decision 9).
+
+A rule is registered by its owner (a supervisor or the root of the agency): the
+registration carries the rule's canonical bytes and their digest, which must match. A
+findings transaction is valid when it is signed by the owner's automation or node,
+names a rule the owner registered, and every input it names is a query of the owner's,
+made on behalf of that rule and answered, before the findings. A run is keyed by (rule
+digest, period, digest of the inputs): the same run twice is invalid; a later run of the
+same rule and period supersedes the earlier ones, by name.
+
+Pure: nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo
+from exchange.ledger.block import OpenedEnvelope
+from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, Rejected
+from exchange.ledger.sealing import check_sealed_form
+from exchange.v1 import ledger_pb2
+
+CODE_RULE_INVALID = "RULE_INVALID"
+CODE_FINDINGS_INVALID = "FINDINGS_INVALID"
+RULE_BYTES_MAX = 256 * 1024
+INPUTS_MAX = 1_000
+FINDINGS_MAX = 1_000_000
+REGISTER_ROLES = frozenset({"supervisor"})
+RUN_ROLES = frozenset({"automation"})
+
+
+def inputs_digest(input_tx_ids: list[bytes]) -> bytes:
+    """The digest a run is keyed by: its inputs' tx ids, in the order named."""
+    h = hashlib.sha256(b"exchange/v1/run-inputs\0")
+    for tx in input_tx_ids:
+        h.update(tx)
+    return h.digest()
+
+
+@dataclass
+class RuleRecord:
+    owner: str
+    rule_id: str
+    version: int
+    digest: bytes
+    canonical: bytes
+    tx_id: bytes
+    height: int
+
+
+@dataclass
+class FindingsRecord:
+    tx_id: bytes
+    height: int
+    time_ms: int
+    owner: str
+    rule_id: str
+    rule_digest: bytes
+    period: str
+    output_digest: bytes
+    finding_count: int
+    input_tx_ids: tuple[bytes, ...]
+    summaries: tuple[tuple[str, str, bytes], ...]  # (finding id, severity, digest)
+    superseded_by: bytes = b""
+
+
+@dataclass
+class FindingsBook:
+    queries: QueryBook
+    rules: dict[bytes, RuleRecord] = field(default_factory=dict)  # by digest
+    runs: dict[bytes, FindingsRecord] = field(default_factory=dict)  # by tx id
+    _keys: set[tuple[bytes, str, bytes]] = field(default_factory=set)
+    _latest: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+
+    def rule(self, digest: bytes) -> RuleRecord | None:
+        return self.rules.get(bytes(digest))
+
+    def register(self, env: OpenedEnvelope, signer: KeyInfo, height: int) -> None:
+        reg = env.body.rule_registration
+        if not (signer.subject == ROLE_ROOT or REGISTER_ROLES & set(signer.roles)):
+            raise Rejected(CODE_RULE_INVALID, "a rule is registered by a supervisor or the "
+                                              "root of its owner")
+        if not reg.rule_id or not reg.canonical or len(reg.canonical) > RULE_BYTES_MAX:
+            raise Rejected(CODE_RULE_INVALID, "a rule has an id and canonical bytes "
+                                              f"(at most {RULE_BYTES_MAX})")
+        digest = hashlib.sha256(bytes(reg.canonical)).digest()
+        if bytes(reg.digest) != digest:
+            raise Rejected(CODE_RULE_INVALID, "digest is not SHA-256 of the canonical bytes")
+        if digest in self.rules:
+            raise Rejected(CODE_RULE_INVALID, "this rule is already registered")
+        for other in self.rules.values():
+            if (other.owner, other.rule_id, other.version) == (env.body.agency, reg.rule_id,
+                                                               reg.version):
+                raise Rejected(CODE_RULE_INVALID, f"{reg.rule_id} version {reg.version} is "
+                                                  "registered with other content")
+        self.rules[digest] = RuleRecord(env.body.agency, reg.rule_id, reg.version, digest,
+                                        bytes(reg.canonical), env.tx_id, height)
+
+    def record(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> None:
+        f = env.body.findings
+        owner = env.body.agency
+        if not (signer.subject == ROLE_NODE or RUN_ROLES & set(signer.roles)):
+            raise Rejected(CODE_FINDINGS_INVALID, "findings are signed by the owner's "
+                                                  "automation or node")
+        rule = self.rules.get(bytes(f.rule_digest))
+        if rule is None or rule.owner != owner or rule.rule_id != f.rule_id:
+            raise Rejected(CODE_FINDINGS_INVALID, f"{owner} registered no rule "
+                                                  f"{f.rule_id} with that digest")
+        if len(f.output_digest) != 32 or len(f.input_tx_ids) > INPUTS_MAX:
+            raise Rejected(CODE_FINDINGS_INVALID, "output digest or inputs malformed")
+        if f.finding_count != len(f.findings) or f.finding_count > FINDINGS_MAX:
+            raise Rejected(CODE_FINDINGS_INVALID, "finding count differs from the summaries")
+        inputs = [bytes(t) for t in f.input_tx_ids]
+        for qid in inputs:
+            rec = self.queries.get(qid)
+            if rec is None or rec.requester != owner or rec.status != STATUS_ANSWERED or \
+                    rec.on_behalf_of != f.rule_digest.hex():
+                raise Rejected(CODE_FINDINGS_INVALID, f"input {qid.hex()} is not an answered "
+                                                      f"query of {owner} for this rule")
+        if f.HasField("sealed_output"):
+            try:
+                check_sealed_form(f.sealed_output)
+            except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
+                raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
+        key = (bytes(f.rule_digest), f.period, inputs_digest(inputs))
+        if key in self._keys:
+            raise Rejected(CODE_FINDINGS_INVALID, "this run (rule, period, inputs) is "
+                                                  "already on the ledger")
+        self._keys.add(key)
+        run = FindingsRecord(env.tx_id, height, time_ms, owner, f.rule_id,
+                             bytes(f.rule_digest), f.period, bytes(f.output_digest),
+                             f.finding_count, tuple(inputs),
+                             tuple((s.finding_id, s.severity, bytes(s.digest))
+                                   for s in f.findings))
+        named = (owner, f.rule_id, f.period)
+        earlier = self._latest.get(named)
+        if earlier is not None:
+            self.runs[earlier].superseded_by = env.tx_id
+        self._latest[named] = env.tx_id
+        self.runs[env.tx_id] = run
+
+    def latest(self) -> list[FindingsRecord]:
+        """The runs in force (not superseded), oldest first."""
+        return [self.runs[tx] for tx in self._latest.values()]
+
+
+def summary_of(finding_id: str, severity: str, line: bytes) -> ledger_pb2.FindingSummary:
+    return ledger_pb2.FindingSummary(finding_id=finding_id, severity=severity,
+                                     digest=hashlib.sha256(line).digest())
