@@ -341,6 +341,13 @@ class ExchangeClient:
     def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
         return cast(node_pb2.AuditReply, self._unary(self._stub.Audit, request))
 
+    def list_rules(self, owner: str = "") -> node_pb2.RuleList:
+        return cast(node_pb2.RuleList, self._unary(
+            self._stub.ListRules, node_pb2.ListRulesRequest(owner_agency=owner)))
+
+    def list_findings(self, request: node_pb2.ListFindingsRequest) -> node_pb2.FindingsList:
+        return cast(node_pb2.FindingsList, self._unary(self._stub.ListFindings, request))
+
     def follow_blocks(self, from_height: int = 0) -> Iterator[ledger_pb2.Block]:
         """Blocks as the node applies them, from `from_height` on (0: the next one). No
         deadline; closing the iterator cancels the stream."""

@@ -363,9 +363,16 @@ class Responder:
                                                  "than the query"))
         asked = LookupRequest(dataset=rec.dataset, subjects=subjects, period=request.period,
                               fields=rec.fields)
+        own_period_wide = rec.requester == rec.target and not subjects
         try:
             with self._store_lock:
-                rows = lookup(self._agency_store(), asked, rec.row_limit or ROWS_DEFAULT_MAX)
+                if own_period_wide:  # a rule's own inputs: the owner reads its own data
+                    from agents.own_inputs import read_own
+
+                    rows = read_own(self._agency_store(), rec.dataset, request.period)
+                else:
+                    rows = lookup(self._agency_store(), asked,
+                                  rec.row_limit or ROWS_DEFAULT_MAX)
         except LookupRefused as exc:
             return Prepared((exc.code, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a store that is down: try again later

@@ -248,6 +248,40 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                      if request.agency in ("", agency)],
             height=self.node.store.height)
 
+    @_mapped
+    async def ListRules(self, request: node_pb2.ListRulesRequest,
+                        context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
+        self.auth.own_agency_or_node(context)
+        book = self.node.applier.state.findings
+        return node_pb2.RuleList(
+            rules=[node_pb2.RegisteredRule(owner_agency=r.owner, rule_id=r.rule_id,
+                                           version=r.version, digest=r.digest,
+                                           canonical=r.canonical, tx_id=r.tx_id,
+                                           height=r.height)
+                   for r in book.rules.values()
+                   if request.owner_agency in ("", r.owner)],
+            height=self.node.store.height)
+
+    @_mapped
+    async def ListFindings(self, request: node_pb2.ListFindingsRequest,
+                           context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
+        self.auth.own_agency_or_node(context)
+        book = self.node.applier.state.findings
+        runs = book.runs.values() if request.all_runs else book.latest()
+        return node_pb2.FindingsList(
+            runs=[node_pb2.FindingsRun(
+                tx_id=r.tx_id, height=r.height, time_ms=r.time_ms, owner_agency=r.owner,
+                rule_id=r.rule_id, rule_digest=r.rule_digest, period=r.period,
+                output_digest=r.output_digest, finding_count=r.finding_count,
+                input_tx_ids=list(r.input_tx_ids), superseded_by=r.superseded_by,
+                findings=[ledger_pb2.FindingSummary(finding_id=f, severity=sev, digest=d)
+                          for f, sev, d in r.summaries])
+                for r in runs
+                if request.owner_agency in ("", r.owner)
+                and request.rule_id in ("", r.rule_id)
+                and request.period in ("", r.period)],
+            height=self.node.store.height)
+
 
 class PeerService(peer_pb2_grpc.PeerServicer):
     """What member nodes offer each other."""
