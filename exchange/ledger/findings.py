@@ -143,7 +143,7 @@ class FindingsBook:
 
     def latest(self) -> list[FindingsRecord]:
         """The runs in force (not superseded), oldest first."""
-        return [self.runs[tx] for tx in self._latest.values()]
+        return [self.runs[tx] for tx in list(self._latest.values())]
 
 
 def summary_of(finding_id: str, severity: str, line: bytes) -> ledger_pb2.FindingSummary:

@@ -167,7 +167,7 @@ class QueryBook:
 
     def open_for(self, target: str, time_ms: int) -> Iterator[QueryRecord]:
         """Queries to `target` still waiting for an answer at `time_ms`, oldest first."""
-        for rec in self.queries.values():
+        for rec in list(self.queries.values()):  # a copy: applies may run meanwhile
             if rec.target == target and rec.status_at(time_ms) == STATUS_OPEN:
                 yield rec
 

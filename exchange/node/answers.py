@@ -33,6 +33,10 @@ def parse_subject_text(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+class AnswerPending(Exception):  # noqa: N818 - a state, not a failure
+    """The ledger state already shows the answer; its block is still being written."""
+
+
 class QueryReader:
     """One node's view of the queries on its ledger."""
 
@@ -108,7 +112,8 @@ class QueryReader:
         if rec.status != STATUS_ANSWERED:
             return out
         stored = self.store.tx(rec.outcome_tx_id)
-        assert stored is not None, "an answered query's manifest is stored"
+        if stored is None:
+            raise AnswerPending("the answer's block is being stored")
         manifest = open_envelope(stored.envelope, self.chain_id).body.answer_manifest
         out.commitment = manifest.commitment
         if manifest.HasField("inline_chunk"):
@@ -153,7 +158,7 @@ class QueryReader:
 
     def _matching(self, request: node_pb2.AuditRequest,
                   subject: tuple[str, str] | None) -> Iterable[QueryRecord]:
-        for rec in self.queries.queries.values():
+        for rec in list(self.queries.queries.values()):  # a copy: applies run meanwhile
             if request.since_ms and rec.time_ms < request.since_ms and not (
                     rec.outcome_time_ms >= request.since_ms):
                 continue

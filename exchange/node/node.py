@@ -45,7 +45,7 @@ from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.node import metrics as m
 from exchange.node.admission import admit
-from exchange.node.answers import QueryReader
+from exchange.node.answers import AnswerPending, QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
 from exchange.node.responder import Responder, close_quietly
 from exchange.raft.core import NotLeader, RaftConfig, RaftError, RaftNode, Role
@@ -65,6 +65,7 @@ SUBMIT_TIMEOUT_S = 30.0
 FORWARD_BATCH_MAX = 1_000
 PEER_STATUS_EVERY_S = 2.0
 ATTEST_FLUSH_S = 0.05
+ANSWER_PENDING_RETRIES = 200
 
 
 @dataclass
@@ -408,8 +409,15 @@ class Node:
             self._answer_waiters.setdefault(bytes(query_tx_id), []).append(fut)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(fut, wait_ms / 1000)
-        view = await asyncio.to_thread(self.reader.answer, bytes(query_tx_id),
-                                       self.store.tip_timestamp_ms)
+        for _ in range(ANSWER_PENDING_RETRIES):
+            try:
+                view = await asyncio.to_thread(self.reader.answer, bytes(query_tx_id),
+                                               self.store.tip_timestamp_ms)
+                break
+            except AnswerPending:  # state is ahead of the store for a moment
+                await asyncio.sleep(0.01)
+        else:
+            raise Unavailable("the answer is being stored; ask again")
         if view.chunks:
             m.ANSWER_READS.inc()
             log.info("answer read", reader=reader, query=query_tx_id.hex(),

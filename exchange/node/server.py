@@ -258,7 +258,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                                            version=r.version, digest=r.digest,
                                            canonical=r.canonical, tx_id=r.tx_id,
                                            height=r.height)
-                   for r in book.rules.values()
+                   for r in list(book.rules.values())
                    if request.owner_agency in ("", r.owner)],
             height=self.node.store.height)
 
@@ -267,7 +267,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                            context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
         self.auth.own_agency_or_node(context)
         book = self.node.applier.state.findings
-        runs = book.runs.values() if request.all_runs else book.latest()
+        runs = list(book.runs.values()) if request.all_runs else book.latest()
         return node_pb2.FindingsList(
             runs=[node_pb2.FindingsRun(
                 tx_id=r.tx_id, height=r.height, time_ms=r.time_ms, owner_agency=r.owner,
