@@ -37,6 +37,7 @@ def _register() -> None:
     from exchange.cli import (
         catalog_cmd,
         chain_cmd,
+        compare_cmd,
         credential_cmd,
         data_cmd,
         evidence_cmd,
@@ -51,7 +52,8 @@ def _register() -> None:
                     node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
                     evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
                     catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
-                    query_cmd.audit, credential_cmd.credential):
+                    query_cmd.audit, credential_cmd.credential, compare_cmd.rules,
+                    compare_cmd.compare, compare_cmd.findings):
         cli.add_command(command)
 
 

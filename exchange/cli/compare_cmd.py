@@ -1,0 +1,206 @@
+"""`exchange rules`, `exchange compare` and `exchange findings`: registering rules, running
+them on the network, replaying a run, and listing findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exchange.cli.node_cmds import connect, json_option, node_options, parse_tx_id
+from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.client import Signer, load_genesis
+from exchange.errors import MalformedInput
+from exchange.v1 import ledger_pb2, node_pb2
+
+
+def _rule(spec: str, agency: str):  # type: ignore[no-untyped-def]
+    """A rule by file path, or by id among the agency's rule files."""
+    from exchange.compare.rules import load_rule, load_rules
+
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_rule(path)
+    for rule in load_rules(agency):
+        if rule.id == spec:
+            return rule
+    raise MalformedInput(f"{agency} has no rule {spec!r} in agents/{agency}/rules")
+
+
+@click.group("rules")
+def rules() -> None:
+    """Comparison rules: list the local files and the registered ones, register one."""
+
+
+@rules.command("list")
+@click.option("--agency", default="", help="Only this owner's rules.")
+@node_options
+@json_option
+def rules_list(agency: str, profile_option: str | None, timeout_s: float,
+               as_json: bool) -> None:
+    """The rules registered on the ledger, and the local rule files beside them."""
+    from exchange.compare.rules import load_rules
+
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        registered = client.list_rules(agency).rules
+    local = [r for a in ([agency] if agency else ["tax", "police", "customs", "pboc"])
+             for r in load_rules(a)]
+    digests = {bytes(r.digest) for r in registered}
+    rows = [{"owner": r.owner, "rule": r.id, "version": r.version, "severity": r.severity,
+             "digest": r.digest_hex, "registered": r.digest in digests} for r in local]
+    if as_json:
+        emit_json({"rules": rows, "registered": [
+            {"owner": r.owner_agency, "rule": r.rule_id, "version": r.version,
+             "digest": bytes(r.digest).hex(), "height": r.height} for r in registered]})
+        return
+    table("rules", ["owner", "rule", "version", "severity", "digest", "registered"],
+          [[r["owner"], r["rule"], r["version"], r["severity"], str(r["digest"])[:16],
+            "yes" if r["registered"] else "no"] for r in rows])
+
+
+@rules.command("show")
+@click.argument("rule")
+@click.option("--agency", default="", help="Owner whose rule files to look in.")
+@node_options
+def rules_show(rule: str, agency: str, profile_option: str | None,
+               timeout_s: float) -> None:
+    """A rule file's parsed content, digest and canonical bytes."""
+    profile_path, client = connect(profile_option, timeout_s)
+    client.close()
+    r = _rule(rule, agency or client.profile.agency)
+    console.print(f"{r.id} version {r.version} ({r.owner}, {r.severity}) digest {r.digest_hex}")
+    console.print(r.description)
+    click.echo(r.canonical_bytes.decode())
+
+
+@rules.command("register")
+@click.argument("rule")
+@node_options
+@json_option
+def rules_register(rule: str, profile_option: str | None, timeout_s: float,
+                   as_json: bool) -> None:
+    """Put a rule's canonical bytes and digest on the ledger (sign with a supervisor's
+    profile of the owner agency)."""
+    profile_path, client = connect(profile_option, timeout_s)
+    with client:
+        _, _, genesis = load_genesis(profile_path)
+        r = _rule(rule, client.profile.agency)
+        if r.owner != client.profile.agency:
+            raise MalformedInput(f"rule {r.id} is {r.owner}'s, the profile {client.profile.agency}'s")
+        signer = Signer.load(client.profile, genesis.chain_id)
+        envelope = signer.make_envelope(lambda body: body.rule_registration.CopyFrom(
+            ledger_pb2.RuleRegistration(rule_id=r.id, version=r.version, digest=r.digest,
+                                        canonical=r.canonical_bytes)))
+        result = client.submit(envelope, wait=True)
+    if result.result != "OK":
+        raise MalformedInput(f"registration of {r.id} judged {result.result} (already "
+                             "registered, or not signed by a supervisor of its owner)")
+    if as_json:
+        emit_json({"rule": r.id, "digest": r.digest_hex, "height": result.height})
+    else:
+        console.print(f"{r.id} version {r.version} registered at height {result.height} "
+                      f"(digest {r.digest_hex})")
+
+
+@click.group("compare")
+def compare() -> None:
+    """Run a rule on the network, or replay a run from the ledger."""
+
+
+@compare.command("run")
+@click.argument("rule")
+@click.option("--period", default=None, help="Month YYYY-MM (for period-bound rules).")
+@node_options
+@json_option
+def compare_run(rule: str, period: str | None, profile_option: str | None,
+                timeout_s: float, as_json: bool) -> None:
+    """Ask the rule's queries (and its owner's own inputs), run its SQL and commit the
+    findings. Use the owner's automation profile."""
+    from exchange.compare.network import NetworkRun
+
+    profile_path, client = connect(profile_option, max(timeout_s, 60.0))
+    with client:
+        _, _, genesis = load_genesis(profile_path)
+        r = _rule(rule, client.profile.agency)
+        signer = Signer.load(client.profile, genesis.chain_id)
+        progress = None if as_json else (lambda msg: console.print(f"  {msg}"))
+        result = NetworkRun(client, signer, genesis, r, progress).run(
+            {"period": period} if period else {})
+    out = {"rule": result.rule_id, "period": result.period,
+           "findings_tx": result.findings_tx_id.hex(), "height": result.height,
+           "result": result.result, "findings": len(result.output.rows),
+           "output_digest": result.output.digest.hex(), "inputs": len(result.input_tx_ids),
+           "rows_in": result.rows_in, "seconds": round(result.seconds, 2),
+           "supersedes": [t.hex() for t in result.superseded],
+           "subjects": [row["subject"] for row in result.output.rows]}
+    if as_json:
+        emit_json(out)
+        return
+    console.print(f"{result.rule_id} {result.period or '(no period)'}: "
+                  f"{len(result.output.rows)} findings from {result.rows_in} input rows "
+                  f"({len(result.input_tx_ids)} queries), committed at height "
+                  f"{result.height} as {result.findings_tx_id.hex()} in "
+                  f"{result.seconds:.1f} s")
+    if result.output.rows:
+        columns = list(result.output.rows[0])
+        table("findings", columns, [[row.get(c, "") for c in columns]
+                                    for row in result.output.rows[:100]])
+
+
+@compare.command("replay")
+@click.argument("run_tx")
+@node_options
+@json_option
+def compare_replay(run_tx: str, profile_option: str | None, timeout_s: float,
+                   as_json: bool) -> None:
+    """Re-run a findings run from the ledger and check its output digest."""
+    from exchange.compare.network import replay
+
+    _, client = connect(profile_option, max(timeout_s, 60.0))
+    with client:
+        run, output = replay(client, parse_tx_id(run_tx))
+    if as_json:
+        emit_json({"run": run_tx, "rule": run.rule_id, "period": run.period,
+                   "output_digest": output.digest.hex(), "matches": True,
+                   "findings": len(output.rows)})
+    else:
+        console.print(f"replayed {run.rule_id} {run.period}: {len(output.rows)} findings, "
+                      f"output digest {output.digest.hex()} matches the ledger")
+
+
+@click.command("findings")
+@click.option("--rule", "rule_id", default="", help="Only this rule's runs.")
+@click.option("--period", default="")
+@click.option("--agency", default="", help="Only this owner's runs.")
+@click.option("--severity", default="", help="Only findings of this severity.")
+@click.option("--all-runs", is_flag=True, help="Superseded runs too.")
+@node_options
+@json_option
+def findings(rule_id: str, period: str, agency: str, severity: str, all_runs: bool,
+             profile_option: str | None, timeout_s: float, as_json: bool) -> None:
+    """Findings on the ledger: per run, the findings' ids and severities (their subjects
+    and amounts are sealed to the owner and the agencies whose data they used)."""
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        listing = client.list_findings(node_pb2.ListFindingsRequest(
+            owner_agency=agency, rule_id=rule_id, period=period, all_runs=all_runs))
+    rows: list[dict[str, Any]] = []
+    for run in listing.runs:
+        for f in run.findings:
+            if severity and f.severity != severity:
+                continue
+            rows.append({"finding": f.finding_id, "severity": f.severity,
+                         "rule": run.rule_id, "period": run.period,
+                         "owner": run.owner_agency, "run": bytes(run.tx_id).hex(),
+                         "height": run.height, "time_ms": run.time_ms,
+                         "superseded_by": bytes(run.superseded_by).hex()})
+    if as_json:
+        emit_json({"height": listing.height, "findings": rows,
+                   "runs": len(listing.runs)})
+        return
+    table(f"findings at height {listing.height}", ["finding", "severity", "owner", "height",
+                                                   "time", "run"],
+          [[r["finding"], r["severity"], r["owner"], r["height"], fmt_ms(r["time_ms"]),
+            str(r["run"])[:16]] for r in rows])
