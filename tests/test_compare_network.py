@@ -1,0 +1,115 @@
+"""The reference rules run on a real four-node cluster through each owner's automation:
+the findings equal ground_truth.csv exactly, every run replays to its digest, reruns
+supersede, and only registered rules run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from exchange.localnet import Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("compare_network")]
+
+SEED = 21
+COMPANIES = 400
+PERIODS = ("2026-07", "2026-08", "2026-09")
+RULES = {"tax": ("export-rebate-without-exports", "revenue-below-bank-inflows"),
+         "customs": ("import-undervaluation",), "pboc": ("payments-without-imports",),
+         "police": ("officer-with-police-record",)}
+UNBOUND = "officer-with-police-record"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cmp"))
+    try:
+        c.init()
+        data = c.root / "data"
+        gen = c.run_exchange("data", "generate", "--seed", str(SEED), "--companies",
+                             str(COMPANIES), "--out", str(data))
+        assert gen.returncode == 0, gen.stderr
+        for agency in c.agencies:
+            load = c.run_exchange("data", "load", "--config", str(c.node_config(agency)),
+                                  str(data / agency))
+            assert load.returncode == 0, load.stderr
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _profile(cluster: Cluster, agency: str, subject: str) -> str:
+    return str(cluster.net / agency / "analysts" / f"{subject}.toml")
+
+
+def _run(cluster: Cluster, agency: str, *args: str) -> dict[str, Any]:
+    result = cluster.run_exchange(*args, "--json", "--profile",
+                                  _profile(cluster, agency, "automation"), timeout_s=300)
+    assert result.returncode == 0, (args, result.stderr)
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+def test_an_unregistered_rule_does_not_run(cluster: Cluster) -> None:
+    result = cluster.run_exchange("compare", "run", "payments-without-imports", "--period",
+                                  PERIODS[0], "--profile",
+                                  _profile(cluster, "pboc", "automation"))
+    assert result.returncode == 1 and "is not registered" in result.stderr, result.stderr
+    # nor may an analyst register one: registration is a supervisor's
+    refused = cluster.run_exchange("rules", "register", "payments-without-imports",
+                                   "--profile", str(cluster.profile("pboc")))
+    assert refused.returncode == 1 and "judged RULE_INVALID" in refused.stderr
+
+
+def test_reference_rules_find_exactly_the_planted_cases_and_replay(cluster: Cluster) -> None:
+    found: set[tuple[str, str, str]] = set()
+    runs = []
+    for agency, rule_ids in RULES.items():
+        for rule_id in rule_ids:
+            reg = cluster.run_exchange("rules", "register", rule_id, "--profile",
+                                       _profile(cluster, agency, "supervisor-1"))
+            assert reg.returncode == 0, reg.stderr
+            for period in ((None,) if rule_id == UNBOUND else PERIODS):
+                out = _run(cluster, agency, "compare", "run", rule_id,
+                           *(("--period", period) if period else ()))
+                assert out["result"] == "OK", out
+                runs.append((agency, out))
+                found |= {(rule_id, s, period or "") for s in out["subjects"]}
+    with open(cluster.root / "data" / "ground_truth.csv", encoding="utf-8") as f:
+        truth = {(r["rule_id"], r["subject"], r["period"]) for r in csv.DictReader(f)}
+    assert found == truth
+    for agency, out in runs[:3] + runs[-1:]:
+        replay = _run(cluster, agency, "compare", "replay", out["findings_tx"])
+        assert replay["matches"] and replay["output_digest"] == out["output_digest"]
+    listing = cluster.cli_json("findings", agency="customs")
+    assert len(listing["findings"]) == len(truth)
+    assert {f["severity"] for f in listing["findings"]} == {"high", "medium"}
+    registered = cluster.cli_json("rules", "list", agency="tax")
+    assert all(r["registered"] for r in registered["rules"])
+
+
+def test_a_rerun_supersedes_the_earlier_run(cluster: Cluster) -> None:
+    first = cluster.cli_json("findings", "--rule", "payments-without-imports", "--period",
+                             PERIODS[1], agency="pboc")
+    assert first["runs"] == 1
+    again = _run(cluster, "pboc", "compare", "run", "payments-without-imports", "--period",
+                 PERIODS[1])
+    assert len(again["supersedes"]) == 1
+    now = cluster.cli_json("findings", "--rule", "payments-without-imports", "--period",
+                           PERIODS[1], agency="pboc")
+    assert now["runs"] == 1 and {f["run"] for f in now["findings"]} <= {again["findings_tx"]}
+    every = cluster.cli_json("findings", "--rule", "payments-without-imports", "--period",
+                             PERIODS[1], "--all-runs", agency="pboc")
+    assert every["runs"] == 2
+
+
+def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(cluster: Cluster) -> None:
+    trail = cluster.cli_json("audit", "--agency", "police", "--analyst", "automation",
+                             agency="police")
+    purposes = {e["purpose"] for e in trail["entries"] if e["kind"] == "query"}
+    assert any(p.startswith("rule officer-with-police-record v1: input ") for p in purposes)
