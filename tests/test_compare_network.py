@@ -113,3 +113,40 @@ def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(cluster: Clus
                              agency="police")
     purposes = {e["purpose"] for e in trail["entries"] if e["kind"] == "query"}
     assert any(p.startswith("rule officer-with-police-record v1: input ") for p in purposes)
+
+
+def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
+        cluster: Cluster, tmp_path: Any) -> None:
+    from exchange.compare.jobs import JobsConfig, Runner
+
+    config_path = tmp_path / "jobs.toml"
+    store = cluster.net / "customs" / "data" / "agency.db"
+    config_path.write_text(
+        f'profile = "{_profile(cluster, "customs", "automation")}"\n'
+        f'periods = {list(PERIODS)!r}\n'.replace("'", '"')
+        + f'agency_store = "{store}"\nstate_file = "{tmp_path / "state.json"}"\n'
+        + "interval_s = 1\n")
+    config = JobsConfig.load(config_path)
+    runner = Runner(config)
+    try:
+        first = runner.one_round()  # the earlier test ran every period already
+        assert first.ran == [] and first.skipped == len(PERIODS) and not first.failed
+        load = cluster.run_exchange("data", "load", "--config",
+                                    str(cluster.node_config("customs")),
+                                    str(cluster.root / "data" / "customs"))
+        assert load.returncode == 0, load.stderr
+        second = runner.one_round()  # new data loaded: every period again, superseding
+        assert [(r, p) for r, p, _ in second.ran] == [
+            ("import-undervaluation", p) for p in PERIODS], second
+        assert runner.one_round().ran == []
+    finally:
+        runner.close()
+    # a restarted runner (same state file) picks up where it stopped
+    again = Runner(JobsConfig.load(config_path))
+    try:
+        assert again.one_round().ran == []
+    finally:
+        again.close()
+    served = cluster.run_exchange("jobs", "serve", "--config", str(config_path),
+                                  "--rounds", "1")
+    assert served.returncode == 0, served.stderr

@@ -204,3 +204,38 @@ def findings(rule_id: str, period: str, agency: str, severity: str, all_runs: bo
                                                    "time", "run"],
           [[r["finding"], r["severity"], r["owner"], r["height"], fmt_ms(r["time_ms"]),
             str(r["run"])[:16]] for r in rows])
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """The agency's runner of its comparison rules."""
+
+
+@jobs.command("serve")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True,
+                                                         dir_okay=False), required=True,
+              help="Jobs config (TOML): profile, rules, periods, interval_s, agency_store.")
+@click.option("--rounds", type=click.IntRange(0, 1_000_000), default=0,
+              help="Stop after this many rounds (0: run until stopped).")
+def jobs_serve(config_path: Path, rounds: int) -> None:
+    """Run the agency's rules every interval: each rule version and period once, again
+    only when the agency's own data was loaded anew; picks up after a restart from what
+    the ledger holds."""
+    import sys
+
+    from exchange.compare.jobs import JobsConfig, Runner
+
+    config = JobsConfig.load(config_path)
+    status = None
+    if sys.stdout.isatty():
+        from rich.status import Status
+
+        status = Status("starting", console=console)
+        status.start()
+    runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None)
+    try:
+        runner.serve(rounds)
+    finally:
+        if status is not None:
+            status.stop()
+        runner.close()

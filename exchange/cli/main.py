@@ -53,7 +53,7 @@ def _register() -> None:
                     evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
                     catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
                     query_cmd.audit, credential_cmd.credential, compare_cmd.rules,
-                    compare_cmd.compare, compare_cmd.findings):
+                    compare_cmd.compare, compare_cmd.findings, compare_cmd.jobs):
         cli.add_command(command)
 
 
