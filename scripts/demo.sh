@@ -73,25 +73,47 @@ as tax audit --case $CASE --verify
 echo; echo "the same trail at the customs node: metadata in clear, other agencies' subjects sealed"
 as customs audit --case $CASE --agency police
 
-step "8. Analysts of every agency also submit plain signed transactions to their own node"
+step "8. Comparison jobs: each owner registers its reference rules and its runner runs them"
+for agency in tax customs pboc police; do
+  for rule in agents/$agency/rules/*.yaml; do
+    "$EXCHANGE" rules register "$rule" --profile "$NET/$agency/analysts/supervisor-1.toml"
+  done
+done
+for agency in tax customs pboc police; do
+  cat > "var/demo/jobs-$agency.toml" <<TOML
+profile = "../../$NET/$agency/analysts/automation.toml"
+periods = ["2026-09"]
+agency_store = "../../$NET/$agency/data/agency.db"
+state_file = "jobs-$agency.state.json"
+interval_s = 60
+TOML
+  "$EXCHANGE" jobs serve --config "var/demo/jobs-$agency.toml" --rounds 1
+done
+as customs findings
+RUN=$(as tax findings --rule export-rebate-without-exports --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["findings"][0]["run"])')
+echo "replaying run $RUN from the ledger:"
+"$EXCHANGE" compare replay "$RUN" --profile "$NET/tax/analysts/automation.toml"
+echo "planted cases for 2026-09 in ground_truth.csv: $(grep -c ',2026-09$' $GT) period-bound, $(grep -c '^officer-with-police-record,' $GT) officer"
+
+step "9. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
   as "$agency" submit-probe --count 2
 done
 TX=$(as police submit-probe --count 1 --json | $PY -c 'import json,sys; print(json.loads(sys.stdin.readline())["tx_id"])')
 sleep 0.5
 
-step "9. The police transaction seen from the customs node, its proofs checked locally"
+step "10. The police transaction seen from the customs node, its proofs checked locally"
 as customs tx show "$TX"
 
-step "10. The tip block, with every member's attestation (exchange block show tip)"
+step "11. The tip block, with every member's attestation (exchange block show tip)"
 as pboc block show tip
 
-step "11. Every node's chain fetched and verified from genesis (exchange chain verify)"
+step "12. Every node's chain fetched and verified from genesis (exchange chain verify)"
 for agency in tax police customs pboc; do
   as "$agency" chain verify --json | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%-8s ok=%s blocks=%s final=%s" % (sys.argv[1], r["ok"], r["height"], r["final_height"]))' "$agency"
 done
 
-step "12. The leader is killed (kill -9); the others elect a new one and go on"
+step "13. The leader is killed (kill -9); the others elect a new one and go on"
 LEADER=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 kill -9 "$(cat var/demo/run/$LEADER.pid)"
 echo "killed $LEADER's node"
@@ -100,20 +122,20 @@ OTHER=$(for a in tax police customs pboc; do [ "$a" != "$LEADER" ] && echo "$a" 
 as "$OTHER" submit-probe --count 2 --retry 10
 as "$OTHER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("new leader %s in term %s" % (s["leader"], s["term"]))'
 
-step "13. The killed node restarts and catches up"
+step "14. The killed node restarts and catches up"
 bash scripts/cluster.sh start >/dev/null
 as "$LEADER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("%s: height %s, role %s" % (s["agency"], s["height"], s["role"]))'
 
-step "14. Evidence bundle of the co-signed police query and its answer, from the customs node's store"
+step "15. Evidence bundle of the co-signed police query and its answer, from the customs node's store"
 ANSWER=$(echo "$QJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["outcome_tx"])')
 echo "(customs holds the answer only as ciphertext; the bundle proves who asked what, and that and when it was answered)"
 $EXCHANGE evidence export --store "$NET/customs/data/blocks.db" --tx "$QID" --tx "$ANSWER" \
   --out var/demo/case.evidence
 
-step "15. Offline verification, as a court would run it (exchange evidence verify)"
+step "16. Offline verification, as a court would run it (exchange evidence verify)"
 $EXCHANGE evidence verify var/demo/case.evidence
 
-step "16. One altered byte is detected and named"
+step "17. One altered byte is detected and named"
 $PY - var/demo/case.evidence <<'PYEOF'
 import sys
 data = bytearray(open(sys.argv[1], "rb").read())
@@ -125,7 +147,7 @@ if $EXCHANGE evidence verify var/demo/case.evidence.tampered; then
 fi
 echo "(refused, as it must be)"
 
-step "17. Stopping the cluster"
+step "18. Stopping the cluster"
 bash scripts/cluster.sh stop
-printf '\nDemo complete. Comparison jobs and playbooks join this walk-through as their\n'
+printf '\nDemo complete. Playbooks and cases join this walk-through as their\n'
 printf 'issues land (README.md, "Status").\n'

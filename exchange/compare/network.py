@@ -38,6 +38,7 @@ class RunResult:
     input_tx_ids: list[bytes]
     rows_in: int
     seconds: float
+    own_rows: int = 0
     superseded: list[bytes] = field(default_factory=list)
 
 
@@ -152,7 +153,8 @@ class NetworkRun:
         return RunResult(self.rule.id, plan.period, _tx_id(envelope), result.height,
                          result.result, output, input_ids,
                          sum(len(r) for r in inputs.values()),
-                         time.perf_counter() - started, supersedes)
+                         time.perf_counter() - started, superseded=supersedes,
+                         own_rows=sum(len(inputs[o.name]) for o in plan.own))
 
     def _findings_envelope(self, period: str, parameters: bytes, input_ids: list[bytes],
                            output: RuleOutput, supersedes: list[bytes]) -> bytes:
