@@ -150,3 +150,27 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
     served = cluster.run_exchange("jobs", "serve", "--config", str(config_path),
                                   "--rounds", "1")
     assert served.returncode == 0, served.stderr
+
+
+def test_findings_are_readable_by_their_parties_and_open_as_cases(cluster: Cluster) -> None:
+    # the tax bureau's revenue rule used pboc's data: tax and pboc read it, customs not
+    tax = cluster.cli_json("findings", "--rule", "revenue-below-bank-inflows", "--open",
+                           agency="tax")
+    assert tax["findings"] and all(f["subject"] not in ("", "(sealed)")
+                                   for f in tax["findings"])
+    subject = tax["findings"][0]["subject"]
+    assert all(subject not in f["finding"] for f in tax["findings"])  # ids name no subject
+    pboc = cluster.cli_json("findings", "--subject", subject, agency="pboc")
+    assert [f["finding"] for f in pboc["findings"]] == [tax["findings"][0]["finding"]]
+    customs = cluster.cli_json("findings", "--rule", "revenue-below-bank-inflows", "--open",
+                               agency="customs")
+    assert {f["subject"] for f in customs["findings"]} == {"(sealed)"}
+    finding = tax["findings"][0]["finding"]
+    opened = cluster.cli_json("findings", "open", finding, "--case", "CASE-F1", "--reason",
+                              "inflows far above declared revenue", agency="tax")
+    assert opened["action"] == "open"
+    again = cluster.cli_json("findings", "open", tax["findings"][-1]["finding"], "--case",
+                             "CASE-F1", agency="pboc")
+    assert again["action"] == "add"
+    refused = cluster.cli("findings", "open", finding, "--case", "CASE-F2", agency="police")
+    assert refused.returncode == 1 and "CASE_INVALID" in refused.stderr

@@ -170,40 +170,118 @@ def compare_replay(run_tx: str, profile_option: str | None, timeout_s: float,
                       f"output digest {output.digest.hex()} matches the ledger")
 
 
-@click.command("findings")
+@click.group("findings", invoke_without_command=True)
 @click.option("--rule", "rule_id", default="", help="Only this rule's runs.")
 @click.option("--period", default="")
 @click.option("--agency", default="", help="Only this owner's runs.")
 @click.option("--severity", default="", help="Only findings of this severity.")
+@click.option("--subject", default="", help="Only findings about this uscc or person_id "
+                                            "(those your agency may read).")
+@click.option("--open", "open_", is_flag=True,
+              help="Show subjects and amounts where your agency may read them.")
 @click.option("--all-runs", is_flag=True, help="Superseded runs too.")
 @node_options
 @json_option
-def findings(rule_id: str, period: str, agency: str, severity: str, all_runs: bool,
-             profile_option: str | None, timeout_s: float, as_json: bool) -> None:
-    """Findings on the ledger: per run, the findings' ids and severities (their subjects
-    and amounts are sealed to the owner and the agencies whose data they used)."""
+@click.pass_context
+def findings(ctx: click.Context, rule_id: str, period: str, agency: str, severity: str,
+             subject: str, open_: bool, all_runs: bool, profile_option: str | None,
+             timeout_s: float, as_json: bool) -> None:
+    """Findings on the ledger: per run, each finding's id and severity in clear; its
+    subject and amounts are sealed to the owner and the agencies whose data it used,
+    whose analysts see them with --open (or --subject). `findings open` turns one into
+    a case."""
+    import json
+
+    if ctx.invoked_subcommand is not None:
+        return
     _, client = connect(profile_option, timeout_s)
     with client:
         listing = client.list_findings(node_pb2.ListFindingsRequest(
-            owner_agency=agency, rule_id=rule_id, period=period, all_runs=all_runs))
+            owner_agency=agency, rule_id=rule_id, period=period, all_runs=all_runs,
+            open=open_ or bool(subject), subject=subject))
     rows: list[dict[str, Any]] = []
     for run in listing.runs:
-        for f in run.findings:
+        opened = {int(i): json.loads(line) for i, line in zip(run.line_index, run.lines,
+                                                               strict=True)}
+        for index, f in enumerate(run.findings):
             if severity and f.severity != severity:
                 continue
-            rows.append({"finding": f.finding_id, "severity": f.severity,
-                         "rule": run.rule_id, "period": run.period,
-                         "owner": run.owner_agency, "run": bytes(run.tx_id).hex(),
-                         "height": run.height, "time_ms": run.time_ms,
-                         "superseded_by": bytes(run.superseded_by).hex()})
+            if subject and index not in opened:
+                continue
+            row: dict[str, Any] = {
+                "finding": f.finding_id, "severity": f.severity, "rule": run.rule_id,
+                "period": run.period, "owner": run.owner_agency,
+                "run": bytes(run.tx_id).hex(), "height": run.height, "time_ms": run.time_ms,
+                "superseded_by": bytes(run.superseded_by).hex()}
+            if index in opened:
+                row["subject"] = opened[index].get("subject")
+                row["amount"] = opened[index].get("amount")
+                row["detail"] = opened[index]
+            elif open_:
+                row["subject"] = "(sealed)"
+            rows.append(row)
     if as_json:
         emit_json({"height": listing.height, "findings": rows,
                    "runs": len(listing.runs)})
         return
-    table(f"findings at height {listing.height}", ["finding", "severity", "owner", "height",
-                                                   "time", "run"],
-          [[r["finding"], r["severity"], r["owner"], r["height"], fmt_ms(r["time_ms"]),
-            str(r["run"])[:16]] for r in rows])
+    show_subjects = open_ or bool(subject)
+    table(f"findings at height {listing.height}",
+          ["finding", "severity", "owner"] + (["subject", "amount"] if show_subjects else [])
+          + ["height", "time", "run"],
+          [[r["finding"], r["severity"], r["owner"]]
+           + ([r.get("subject", ""), r.get("amount", "")] if show_subjects else [])
+           + [r["height"], fmt_ms(r["time_ms"]), str(r["run"])[:16]] for r in rows])
+
+
+@findings.command("open")
+@click.argument("finding_id")
+@click.option("--case", "case_id", required=True, help="The case to open (or add it to).")
+@click.option("--run", "run_tx", default="", help="The findings run (default: the run in "
+                                                   "force that holds FINDING_ID).")
+@click.option("--reason", default="", help="Why (on the ledger).")
+@node_options
+@json_option
+def findings_open(finding_id: str, case_id: str, run_tx: str, reason: str,
+                  profile_option: str | None, timeout_s: float, as_json: bool) -> None:
+    """Turn a finding into a case (or add it to an open one), so that later queries
+    (`exchange query --case`) and evidence can refer to it."""
+    profile_path, client = connect(profile_option, timeout_s)
+    with client:
+        _, _, genesis = load_genesis(profile_path)
+        runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=bool(run_tx))).runs
+        chosen = [r for r in runs if any(f.finding_id == finding_id for f in r.findings)
+                  and (not run_tx or bytes(r.tx_id).hex() == run_tx)]
+        if not chosen:
+            raise MalformedInput(f"no finding {finding_id!r}"
+                                 + (f" in run {run_tx}" if run_tx else " in force"))
+        run = chosen[-1]
+        signer = Signer.load(client.profile, genesis.chain_id)
+        results = []
+        for action in ("open", "add"):
+            event = ledger_pb2.CaseEvent(case_id=case_id, action=action,
+                                         ref_tx_id=bytes(run.tx_id), finding_id=finding_id,
+                                         reason=reason)
+
+            def fill(body: ledger_pb2.TxBody, e: ledger_pb2.CaseEvent = event) -> None:
+                body.case_event.CopyFrom(e)
+
+            envelope = signer.make_envelope(fill)
+            result = client.submit(envelope, wait=True)
+            results.append((action, result))
+            if result.result == "OK":
+                break
+    action, result = results[-1]
+    if result.result != "OK":
+        raise MalformedInput(f"case event judged {result.result} (the case is closed, or "
+                             f"{client.profile.agency} neither owns the finding nor gave "
+                             "data to it)")
+    if as_json:
+        emit_json({"case": case_id, "action": action, "finding": finding_id,
+                   "run": bytes(run.tx_id).hex(), "height": result.height})
+    else:
+        verb = "opened with" if action == "open" else "now also holds"
+        console.print(f"case {case_id} {verb} finding {finding_id} at height "
+                      f"{result.height}")
 
 
 @click.group("jobs")

@@ -171,10 +171,16 @@ class NetworkRun:
             parameters=parameters, input_tx_ids=input_ids, output_digest=output.digest,
             finding_count=len(lines), sealed_output=sealed, supersedes=supersedes,
             engine_version=f"duckdb {output.duckdb_version}",
-            findings=[summary_of(f"{self.rule.id}/{period}/{row['subject']}",
+            findings=[summary_of(finding_id(self.rule.id, period, n),
                                  str(row.get("severity", self.rule.severity)), line)
-                      for row, line in zip(output.rows, lines, strict=True)])
+                      for n, (row, line) in enumerate(zip(output.rows, lines, strict=True))])
         return self.signer.make_envelope(lambda body: body.findings.CopyFrom(findings))
+
+
+def finding_id(rule_id: str, period: str, index: int) -> str:
+    """A finding's id in clear on the ledger: rule, period and its place in the run's
+    output (sorted by subject). It names no subject: subjects and amounts are sealed."""
+    return f"{rule_id}/{period or '-'}/{index + 1}"
 
 
 def _tx_id(envelope: bytes) -> bytes:

@@ -149,3 +149,66 @@ class FindingsBook:
 def summary_of(finding_id: str, severity: str, line: bytes) -> ledger_pb2.FindingSummary:
     return ledger_pb2.FindingSummary(finding_id=finding_id, severity=severity,
                                      digest=hashlib.sha256(line).digest())
+
+
+CODE_CASE_INVALID = "CASE_INVALID"
+CASE_ID_CHARS_MAX = 64
+CASE_ACTIONS = ("open", "add", "close")
+CASE_ROLES = frozenset({"analyst", "supervisor", "automation"})
+
+
+@dataclass
+class CaseRecord:
+    case_id: str
+    agency: str  # the agency that opened it
+    opened_height: int
+    status: str = "open"
+    # (findings run tx id, finding id) or (tx id, "") for another transaction
+    refs: list[tuple[bytes, str]] = field(default_factory=list)
+    events: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class CaseBook:
+    """Cases opened on the ledger, and the findings and transactions added to them."""
+
+    findings: FindingsBook
+    cases: dict[str, CaseRecord] = field(default_factory=dict)
+
+    def judge_event(self, env: OpenedEnvelope, signer: KeyInfo, height: int) -> None:
+        ev = env.body.case_event
+        agency = env.body.agency
+        if not (CASE_ROLES & set(signer.roles) or signer.subject == ROLE_NODE):
+            raise Rejected(CODE_CASE_INVALID, "cases are opened by analysts, supervisors, "
+                                              "automations or nodes")
+        if not ev.case_id or len(ev.case_id) > CASE_ID_CHARS_MAX:
+            raise Rejected(CODE_CASE_INVALID, f"a case id has 1..{CASE_ID_CHARS_MAX} chars")
+        if ev.action not in CASE_ACTIONS:
+            raise Rejected(CODE_CASE_INVALID, f"action is one of {', '.join(CASE_ACTIONS)}")
+        case = self.cases.get(ev.case_id)
+        if ev.action == "open" and case is not None:
+            raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is already open")
+        if ev.action != "open" and (case is None or case.status != "open"):
+            raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is not open")
+        ref: tuple[bytes, str] | None = None
+        if ev.finding_id:
+            run = self.findings.runs.get(bytes(ev.ref_tx_id))
+            if run is None or ev.finding_id not in {f for f, _, _ in run.summaries}:
+                raise Rejected(CODE_CASE_INVALID, f"no finding {ev.finding_id} in run "
+                                                  f"{bytes(ev.ref_tx_id).hex()}")
+            readers = {run.owner} | {self.findings.queries.queries[q].target
+                                     for q in run.input_tx_ids}
+            if agency not in readers:
+                raise Rejected(CODE_CASE_INVALID, f"{agency} neither owns the finding nor "
+                                                  "gave data to it")
+            ref = (run.tx_id, ev.finding_id)
+        elif ev.ref_tx_id:
+            ref = (bytes(ev.ref_tx_id), "")
+        if ev.action == "open":
+            case = self.cases[ev.case_id] = CaseRecord(ev.case_id, agency, height)
+        assert case is not None
+        if ev.action == "close":
+            case.status = "closed"
+        if ref is not None:
+            case.refs.append(ref)
+        case.events.append(env.tx_id)

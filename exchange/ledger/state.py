@@ -13,7 +13,7 @@ from __future__ import annotations
 from exchange.errors import ExchangeError, StoreCorrupted
 from exchange.identity.registry import REGISTRY_KINDS, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
-from exchange.ledger.findings import FindingsBook
+from exchange.ledger.findings import CaseBook, FindingsBook
 from exchange.ledger.judge import CODE_REJECTED, valid_attestation_record
 from exchange.ledger.policy import PolicyBook
 from exchange.ledger.queries import QUERY_KINDS, QueryBook, Rejected
@@ -33,6 +33,7 @@ class LedgerState:
         self.catalog: dict[tuple[str, str], ledger_pb2.CatalogEntry] = {}
         self.queries = QueryBook(self.registry, self.policies)
         self.findings = FindingsBook(self.queries)
+        self.cases = CaseBook(self.findings)
 
     def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
         """Result code of `env`, signed by `signer` (valid at this height) in a block at
@@ -63,12 +64,14 @@ class LedgerState:
             self.catalog[(body.agency, body.catalog_entry.dataset)] = body.catalog_entry
         elif kind in QUERY_KINDS:
             return self.queries.judge(env, signer, height, time_ms)
-        elif kind in ("rule_registration", "findings"):
+        elif kind in ("rule_registration", "findings", "case_event"):
             try:
                 if kind == "rule_registration":
                     self.findings.register(env, signer, height)
-                else:
+                elif kind == "findings":
                     self.findings.record(env, signer, height, time_ms)
+                else:
+                    self.cases.judge_event(env, signer, height)
             except Rejected as exc:
                 return exc.result_code
         return RESULT_OK

@@ -133,6 +133,30 @@ class QueryReader:
                                                    commitment=sealed.commitment))
         return out
 
+    # -- findings -------------------------------------------------------------------------
+    def open_findings(self, listing: node_pb2.FindingsList, subject: str = "") -> None:
+        """Fill in the finding lines of each run whose output is sealed to this agency,
+        keeping only those about `subject` when given."""
+        from exchange.ledger.findings import inputs_digest
+
+        for run in listing.runs:
+            stored = self.store.tx(bytes(run.tx_id))
+            if stored is None:
+                continue
+            f = open_envelope(stored.envelope, self.chain_id).body.findings
+            try:
+                plaintext, _ = open_sealed(
+                    f.sealed_output, self.data_key, chain_id=self.chain_id,
+                    context_tx_id=inputs_digest([bytes(t) for t in f.input_tx_ids]), chunk=0)
+            except ExchangeError:
+                continue  # not a recipient (or not readable): ids and severities only
+            run.opened = True
+            for index, line in enumerate(plaintext.splitlines(keepends=True)):
+                if subject and not _about(line, subject):
+                    continue
+                run.lines.append(line)
+                run.line_index.append(index)
+
     # -- the audit trail ----------------------------------------------------------------
     def audit(self, request: node_pb2.AuditRequest, time_ms: int) -> node_pb2.AuditReply:
         limit = request.limit or AUDIT_LIMIT_DEFAULT
@@ -172,6 +196,16 @@ class QueryReader:
                     _same_subject(subject, asked) for asked in self.request_of(rec)[0]):
                 continue
             yield rec
+
+
+def _about(line: bytes, subject: str) -> bool:
+    """Whether a finding line is about `subject` (its whole subject, or one part of a
+    pair subject "uscc/person_id")."""
+    try:
+        value = str(json.loads(line).get("subject", ""))
+    except (ValueError, AttributeError):
+        return False
+    return subject == value or subject in value.split("/")
 
 
 def _same_subject(wanted: tuple[str, str], asked: tuple[str, str]) -> bool:

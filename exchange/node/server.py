@@ -265,10 +265,13 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def ListFindings(self, request: node_pb2.ListFindingsRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
-        self.auth.own_agency_or_node(context)
+        if request.open or request.subject:
+            _own_person(self.auth, context)
+        else:
+            self.auth.own_agency_or_node(context)
         book = self.node.applier.state.findings
         runs = list(book.runs.values()) if request.all_runs else book.latest()
-        return node_pb2.FindingsList(
+        listing = node_pb2.FindingsList(
             runs=[node_pb2.FindingsRun(
                 tx_id=r.tx_id, height=r.height, time_ms=r.time_ms, owner_agency=r.owner,
                 rule_id=r.rule_id, rule_digest=r.rule_digest, period=r.period,
@@ -281,6 +284,13 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 and request.rule_id in ("", r.rule_id)
                 and request.period in ("", r.period)],
             height=self.node.store.height)
+        if request.open or request.subject:
+            await asyncio.to_thread(self.node.reader.open_findings, listing, request.subject)
+            if request.subject:
+                kept = [r for r in listing.runs if r.lines]
+                del listing.runs[:]
+                listing.runs.extend(kept)
+        return listing
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
