@@ -3,6 +3,7 @@ them on the network, replaying a run, and listing findings."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,24 @@ def compare_run(rule: str, period: str | None, profile_option: str | None,
         _, _, genesis = load_genesis(profile_path)
         r = _rule(rule, client.profile.agency)
         signer = Signer.load(client.profile, genesis.chain_id)
-        progress = None if as_json else (lambda msg: console.print(f"  {msg}"))
-        result = NetworkRun(client, signer, genesis, r, progress).run(
-            {"period": period} if period else {})
+        params = {"period": period} if period else {}
+        steps = len(r.own) + len(r.queries) + 1  # each input, then the SQL
+        if as_json or not sys.stdout.isatty():
+            progress = None if as_json else (lambda msg: console.print(f"  {msg}"))
+            result = NetworkRun(client, signer, genesis, r, progress).run(params)
+        else:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                          console=console) as bar:
+                task = bar.add_task(f"{r.id}: asking", total=steps)
+
+                def advance(msg: str) -> None:
+                    bar.update(task, advance=1, description=f"{r.id}: {msg}")
+                    console.print(f"  {msg}")
+
+                result = NetworkRun(client, signer, genesis, r, advance).run(params)
     out = {"rule": result.rule_id, "period": result.period,
            "findings_tx": result.findings_tx_id.hex(), "height": result.height,
            "result": result.result, "findings": len(result.output.rows),
@@ -299,7 +315,6 @@ def jobs_serve(config_path: Path, rounds: int) -> None:
     """Run the agency's rules every interval: each rule version and period once, again
     only when the agency's own data was loaded anew; picks up after a restart from what
     the ledger holds."""
-    import sys
 
     from exchange.compare.jobs import JobsConfig, Runner
 
