@@ -55,19 +55,25 @@ def _run(cluster: Cluster, agency: str, *args: str) -> dict[str, Any]:
     return out
 
 
-def test_an_unregistered_rule_does_not_run(cluster: Cluster) -> None:
-    result = cluster.run_exchange("compare", "run", "payments-without-imports", "--period",
-                                  PERIODS[0], "--profile",
-                                  _profile(cluster, "pboc", "automation"))
+def test_an_unregistered_rule_does_not_run(cluster: Cluster, tmp_path: Any) -> None:
+    from exchange.compare.rules import rules_dir
+
+    text = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()
+    changed = tmp_path / "payments-without-imports.yaml"
+    changed.write_text(text.replace("version: 1", "version: 99"))
+    result = cluster.run_exchange("compare", "run", str(changed), "--period", PERIODS[0],
+                                  "--profile", _profile(cluster, "pboc", "automation"))
     assert result.returncode == 1 and "is not registered" in result.stderr, result.stderr
     # nor may an analyst register one: registration is a supervisor's
-    refused = cluster.run_exchange("rules", "register", "payments-without-imports",
+    refused = cluster.run_exchange("rules", "register", str(changed),
                                    "--profile", str(cluster.profile("pboc")))
     assert refused.returncode == 1 and "judged RULE_INVALID" in refused.stderr
 
 
-def test_reference_rules_find_exactly_the_planted_cases_and_replay(cluster: Cluster) -> None:
-    found: set[tuple[str, str, str]] = set()
+@pytest.fixture(scope="module")
+def swept(cluster: Cluster) -> list[tuple[str, dict[str, Any]]]:
+    """Every reference rule registered by its owner's supervisor and run by its
+    automation for every period (the officer rule once)."""
     runs = []
     for agency, rule_ids in RULES.items():
         for rule_id in rule_ids:
@@ -79,24 +85,30 @@ def test_reference_rules_find_exactly_the_planted_cases_and_replay(cluster: Clus
                            *(("--period", period) if period else ()))
                 assert out["result"] == "OK", out
                 runs.append((agency, out))
-                found |= {(rule_id, s, period or "") for s in out["subjects"]}
+    return runs
+
+
+def test_reference_rules_find_exactly_the_planted_cases_and_replay(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]]) -> None:
+    found = {(out["rule"], s, out["period"]) for _, out in swept for s in out["subjects"]}
     with open(cluster.root / "data" / "ground_truth.csv", encoding="utf-8") as f:
         truth = {(r["rule_id"], r["subject"], r["period"]) for r in csv.DictReader(f)}
     assert found == truth
-    for agency, out in runs[:3] + runs[-1:]:
+    for agency, out in swept[:3] + swept[-1:]:
         replay = _run(cluster, agency, "compare", "replay", out["findings_tx"])
         assert replay["matches"] and replay["output_digest"] == out["output_digest"]
-    listing = cluster.cli_json("findings", agency="customs")
-    assert len(listing["findings"]) == len(truth)
+    listing = cluster.cli_json("findings", "--all-runs", agency="customs")
+    assert len(listing["findings"]) >= len(truth)
     assert {f["severity"] for f in listing["findings"]} == {"high", "medium"}
     registered = cluster.cli_json("rules", "list", agency="tax")
     assert all(r["registered"] for r in registered["rules"])
 
 
-def test_a_rerun_supersedes_the_earlier_run(cluster: Cluster) -> None:
+def test_a_rerun_supersedes_the_earlier_run(cluster: Cluster,
+                                           swept: list[tuple[str, dict[str, Any]]]) -> None:
     first = cluster.cli_json("findings", "--rule", "payments-without-imports", "--period",
-                             PERIODS[1], agency="pboc")
-    assert first["runs"] == 1
+                             PERIODS[1], "--all-runs", agency="pboc")
+    runs_before = first["runs"]
     again = _run(cluster, "pboc", "compare", "run", "payments-without-imports", "--period",
                  PERIODS[1])
     assert len(again["supersedes"]) == 1
@@ -105,10 +117,11 @@ def test_a_rerun_supersedes_the_earlier_run(cluster: Cluster) -> None:
     assert now["runs"] == 1 and {f["run"] for f in now["findings"]} <= {again["findings_tx"]}
     every = cluster.cli_json("findings", "--rule", "payments-without-imports", "--period",
                              PERIODS[1], "--all-runs", agency="pboc")
-    assert every["runs"] == 2
+    assert every["runs"] == runs_before + 1
 
 
-def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(cluster: Cluster) -> None:
+def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]]) -> None:
     trail = cluster.cli_json("audit", "--agency", "police", "--analyst", "automation",
                              agency="police")
     purposes = {e["purpose"] for e in trail["entries"] if e["kind"] == "query"}
@@ -116,7 +129,7 @@ def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(cluster: Clus
 
 
 def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
-        cluster: Cluster, tmp_path: Any) -> None:
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
     from exchange.compare.jobs import JobsConfig, Runner
 
     config_path = tmp_path / "jobs.toml"
@@ -152,7 +165,8 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
     assert served.returncode == 0, served.stderr
 
 
-def test_findings_are_readable_by_their_parties_and_open_as_cases(cluster: Cluster) -> None:
+def test_findings_are_readable_by_their_parties_and_open_as_cases(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]]) -> None:
     # the tax bureau's revenue rule used pboc's data: tax and pboc read it, customs not
     tax = cluster.cli_json("findings", "--rule", "revenue-below-bank-inflows", "--open",
                            agency="tax")
