@@ -102,6 +102,10 @@ def test_reference_rules_find_exactly_the_planted_cases_and_replay(
     assert {f["severity"] for f in listing["findings"]} == {"high", "medium"}
     registered = cluster.cli_json("rules", "list", agency="tax")
     assert all(r["registered"] for r in registered["rules"])
+    shown = cluster.cli("rules", "show", "export-rebate-without-exports", agency="tax")
+    digest = next(r["digest"] for r in registered["rules"]
+                  if r["rule"] == "export-rebate-without-exports")
+    assert shown.returncode == 0 and digest in shown.stdout
 
 
 def test_a_rerun_supersedes_the_earlier_run(cluster: Cluster,

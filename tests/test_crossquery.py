@@ -302,3 +302,34 @@ def test_audit_trail_lists_every_query_answer_and_refusal_verifiably(
     later = cluster.cli_json("audit", "--case", "AUDIT-1", "--since", "2099-01-01",
                              agency="pboc")
     assert later["entries"] == []
+
+
+def test_an_owner_changes_its_policy_and_only_the_owner_can(cluster: Cluster) -> None:
+    shown = cluster.cli_json("policy", "show", "--owner", "customs", "--dataset",
+                             "company_trade", agency="customs")
+    policy = dict(shown["policies"][0])
+    version = policy.pop("version")
+    policy["grants"] = [g for g in policy["grants"] if g["to"] != "pboc"]
+    path = cluster.root / "customs-company_trade.json"
+    path.write_text(json.dumps(policy))
+    # another agency's supervisor may not; an analyst of the owner is judged REJECTED
+    other = cluster.run_exchange("policy", "propose", str(path), "--profile",
+                                 _supervisor(cluster, "tax"))
+    assert other.returncode == 1 and "may not set the policy" in other.stderr
+    analyst = cluster.run_exchange("policy", "propose", str(path), "--profile",
+                                   str(cluster.profile("customs")))
+    assert analyst.returncode == 1 and "judged REJECTED" in analyst.stderr
+    done = cluster.run_exchange("policy", "propose", str(path), "--json", "--profile",
+                                _supervisor(cluster, "customs"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["version"] == version + 1
+    uscc = _rows(cluster, "customs", "declarations")[0]["uscc"]
+    code, out, err = _query(cluster, "pboc", "--to", "customs", "--dataset", "company_trade",
+                            "--subject", f"uscc={uscc}", "--period", PERIOD, "--case", CASE,
+                            "--purpose", "after the change")
+    assert code == 3 and out["refusal_code"] == "NOT_GRANTED", (err, out)
+    bad = cluster.root / "bad-policy.json"
+    bad.write_text(json.dumps({**policy, "grants": [{"to": "tax", "rows": 5}]}))
+    malformed = cluster.run_exchange("policy", "propose", str(bad), "--profile",
+                                     _supervisor(cluster, "customs"))
+    assert malformed.returncode == 1 and "unknown key(s) rows" in malformed.stderr
