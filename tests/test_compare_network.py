@@ -192,3 +192,40 @@ def test_findings_are_readable_by_their_parties_and_open_as_cases(
     assert again["action"] == "add"
     refused = cluster.cli("findings", "open", finding, "--case", "CASE-F2", agency="police")
     assert refused.returncode == 1 and "CASE_INVALID" in refused.stderr
+
+
+def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    tax = cluster.cli_json("findings", "--rule", "export-rebate-without-exports", "--open",
+                           agency="tax")
+    finding = tax["findings"][0]
+    opened = cluster.cli_json("findings", "open", finding["finding"], "--case", "CASE-E1",
+                              agency="tax")
+    follow = cluster.run_exchange(
+        "query", "--to", "customs", "--dataset", "declarations", "--subject",
+        f"uscc={finding['subject']}", "--case", "CASE-E1", "--purpose", "follow-up",
+        "--wait", "--json", "--profile", str(cluster.profile("tax")))
+    assert follow.returncode == 0, follow.stderr
+    probe = cluster.cli("submit-probe", agency="tax")  # a later block carries attestations
+    assert probe.returncode == 0, probe.stderr
+    cluster.wait_height(json.loads(follow.stdout)["outcome_height"] + 1)
+    bundle = tmp_path / "case.evidence"
+    export = cluster.run_exchange(
+        "evidence", "export", "--store", str(cluster.net / "tax" / "data" / "blocks.db"),
+        "--case", "CASE-E1", "--reveal-with", str(cluster.net / "tax" / "keys" / "data.key"),
+        "--out", str(bundle))
+    assert export.returncode == 0, export.stderr
+    verified = cluster.run_exchange("evidence", "verify", str(bundle), "--json")
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    kinds = [t["kind"] for t in report["transactions"]]
+    assert {"case_event", "findings", "rule_registration", "query", "answer_manifest"} <= \
+        set(kinds), kinds
+    assert report["reveals"] >= 3  # the findings output, tax's own inputs, the follow-up
+    assert opened["height"] in {t["height"] for t in report["transactions"]}
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    tampered = tmp_path / "tampered.evidence"
+    tampered.write_bytes(bytes(data))
+    bad = cluster.run_exchange("evidence", "verify", str(tampered))
+    assert bad.returncode == 1 and "evidence invalid" in bad.stderr

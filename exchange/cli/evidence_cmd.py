@@ -21,19 +21,51 @@ def evidence() -> None:
 @evidence.command("export")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True,
               help="Path of a node's block store.")
-@click.option("--tx", "tx_ids", multiple=True, required=True, help="Transaction id (hex).")
+@click.option("--tx", "tx_ids", multiple=True, help="Transaction id (hex); repeatable.")
+@click.option("--case", "case_id", default="",
+              help="Everything about a case: its events, the findings that opened or "
+                   "joined it with their rules, queries and answers, and every query "
+                   "naming it with its answer or refusal.")
+@click.option("--reveal-with", "reveal_key", type=click.Path(path_type=Path, exists=True,
+                                                             dir_okay=False),
+              default=None, help="Your agency's data key: add the plaintext of every "
+                                 "payload it opens (your answers, findings, requests), "
+                                 "which the verifier checks against the committed digests.")
+@click.option("--passphrase-env", default=None,
+              help="Environment variable holding the data key's passphrase.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def export_cmd(store_path: Path, tx_ids: tuple[str, ...], out: Path) -> None:
+def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
+               reveal_key: Path | None, passphrase_env: str | None, out: Path) -> None:
     """Bundle transactions with their proofs, headers, attestations and credentials."""
+    import os
+
+    from exchange.identity.keys import read_data_key
+    from exchange.ledger.case_export import case_tx_ids, reveals_for
+
+    if not tx_ids and not case_id:
+        raise click.UsageError("give --case or at least one --tx")
     try:
         ids = [bytes.fromhex(t) for t in tx_ids]
     except ValueError as exc:
         raise MalformedInput(f"transaction id is not hex: {exc}") from exc
     with BlockStore.open(store_path) as store:
-        data = encode_bundle(build_bundle(store, ids))
+        if case_id:
+            ids = list(dict.fromkeys(case_tx_ids(store, case_id) + ids))
+        reveals = []
+        if reveal_key is not None:
+            passphrase = None
+            if passphrase_env:
+                value = os.environ.get(passphrase_env)
+                if value is None:
+                    raise MalformedInput(f"${passphrase_env} is not set")
+                passphrase = value.encode()
+            reveals = reveals_for(store, ids, read_data_key(reveal_key, passphrase))
+        data = encode_bundle(build_bundle(store, ids, reveals))
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)
-    console.print(f"wrote {out} ({len(data):,} bytes, {len(ids)} transactions)")
+    console.print(f"wrote {out} ({len(data):,} bytes, {len(ids)} transactions"
+                  + (f", {len(reveals)} reveals" if reveals else "")
+                  + (f", case {case_id}" if case_id else "") + ")")
 
 
 @evidence.command("verify")
