@@ -95,25 +95,46 @@ echo "replaying run $RUN from the ledger:"
 "$EXCHANGE" compare replay "$RUN" --profile "$NET/tax/analysts/automation.toml"
 echo "planted cases for 2026-09 in ground_truth.csv: $(grep -c ',2026-09$' $GT) period-bound, $(grep -c '^officer-with-police-record,' $GT) officer"
 
-step "9. Analysts of every agency also submit plain signed transactions to their own node"
+step "9. A tax analyst opens a case from a finding and runs the follow-up queries"
+FJSON=$(as tax findings --rule revenue-below-bank-inflows --open --json)
+FID=$(echo "$FJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["findings"][0]["finding"])')
+SUBJ=$(echo "$FJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["findings"][0]["subject"])')
+echo "finding $FID is about $SUBJ (subjects and amounts are sealed; tax and pboc can read them)"
+CASE2=SZ-2026-002
+as tax findings open "$FID" --case $CASE2 --reason "bank inflows far above declared revenue"
+REP=$(as tax query --to pboc --dataset company_flows --subject "uscc=$SUBJ" --period 2026-09 \
+  --case $CASE2 --purpose "bank inflows of the company" --wait --json \
+  | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%s rows: %s" % (r["rows"], r["data"]))')
+echo "pboc: $REP"
+LEGAL=$(grep "^$SUBJ," var/demo/data/tax/taxpayers.csv | cut -d, -f3)
+echo "its legal representative in tax's own records: $LEGAL"
+set +e
+as tax query --to police --dataset records --subject "person_id=$LEGAL" --case $CASE2 \
+  --purpose "records of the legal representative" \
+  --cosign "$NET/tax/analysts/supervisor-1.toml" --wait
+as tax query --to customs --dataset declarations --subject "uscc=$SUBJ" --case $CASE2 \
+  --purpose "declarations of the company" --wait
+set -e
+
+step "10. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
   as "$agency" submit-probe --count 2
 done
 TX=$(as police submit-probe --count 1 --json | $PY -c 'import json,sys; print(json.loads(sys.stdin.readline())["tx_id"])')
 sleep 0.5
 
-step "10. The police transaction seen from the customs node, its proofs checked locally"
+step "11. The police transaction seen from the customs node, its proofs checked locally"
 as customs tx show "$TX"
 
-step "11. The tip block, with every member's attestation (exchange block show tip)"
+step "12. The tip block, with every member's attestation (exchange block show tip)"
 as pboc block show tip
 
-step "12. Every node's chain fetched and verified from genesis (exchange chain verify)"
+step "13. Every node's chain fetched and verified from genesis (exchange chain verify)"
 for agency in tax police customs pboc; do
   as "$agency" chain verify --json | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%-8s ok=%s blocks=%s final=%s" % (sys.argv[1], r["ok"], r["height"], r["final_height"]))' "$agency"
 done
 
-step "13. The leader is killed (kill -9); the others elect a new one and go on"
+step "14. The leader is killed (kill -9); the others elect a new one and go on"
 LEADER=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
 kill -9 "$(cat var/demo/run/$LEADER.pid)"
 echo "killed $LEADER's node"
@@ -122,20 +143,21 @@ OTHER=$(for a in tax police customs pboc; do [ "$a" != "$LEADER" ] && echo "$a" 
 as "$OTHER" submit-probe --count 2 --retry 10
 as "$OTHER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("new leader %s in term %s" % (s["leader"], s["term"]))'
 
-step "14. The killed node restarts and catches up"
+step "15. The killed node restarts and catches up"
 bash scripts/cluster.sh start >/dev/null
 as "$LEADER" status --json | $PY -c 'import json,sys; s=json.load(sys.stdin); print("%s: height %s, role %s" % (s["agency"], s["height"], s["role"]))'
 
-step "15. Evidence bundle of the co-signed police query and its answer, from the customs node's store"
-ANSWER=$(echo "$QJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["outcome_tx"])')
-echo "(customs holds the answer only as ciphertext; the bundle proves who asked what, and that and when it was answered)"
-$EXCHANGE evidence export --store "$NET/customs/data/blocks.db" --tx "$QID" --tx "$ANSWER" \
-  --out var/demo/case.evidence
+step "16. The case's evidence bundle, exported from the tax bureau's node with its reveals"
+echo "(the finding, its rule and every input, the case events and the follow-up queries and"
+echo " answers; tax adds the plaintext of what it may read, checked against the commitments)"
+as tax submit-probe --count 1 >/dev/null  # one more block carries the last attestations
+$EXCHANGE evidence export --store "$NET/tax/data/blocks.db" --case $CASE2 \
+  --reveal-with "$NET/tax/keys/data.key" --out var/demo/case.evidence
 
-step "16. Offline verification, as a court would run it (exchange evidence verify)"
+step "17. Offline verification, as a court would run it (exchange evidence verify)"
 $EXCHANGE evidence verify var/demo/case.evidence
 
-step "17. One altered byte is detected and named"
+step "18. One altered byte is detected and named"
 $PY - var/demo/case.evidence <<'PYEOF'
 import sys
 data = bytearray(open(sys.argv[1], "rb").read())
@@ -147,7 +169,7 @@ if $EXCHANGE evidence verify var/demo/case.evidence.tampered; then
 fi
 echo "(refused, as it must be)"
 
-step "18. Stopping the cluster"
+step "19. Stopping the cluster"
 bash scripts/cluster.sh stop
 printf '\nDemo complete. Playbooks and cases join this walk-through as their\n'
 printf 'issues land (README.md, "Status").\n'
