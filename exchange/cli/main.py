@@ -46,6 +46,7 @@ def _register() -> None:
         node_cmds,
         policy_cmd,
         query_cmd,
+        report_cmd,  # noqa: F401 - attaches `evidence report` to the evidence group
     )
 
     for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
