@@ -341,6 +341,12 @@ class ExchangeClient:
     def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
         return cast(node_pb2.AuditReply, self._unary(self._stub.Audit, request))
 
+    def case_statements(self, case_id: str, height: int = 0) -> node_pb2.CaseStatementSet:
+        return cast(node_pb2.CaseStatementSet, self._unary(
+            self._stub.CaseStatements,
+            node_pb2.CaseStatementsRequest(case_id=case_id, height=height),
+            max(self.deadline_s, 15.0)))
+
     def list_rules(self, owner: str = "") -> node_pb2.RuleList:
         return cast(node_pb2.RuleList, self._unary(
             self._stub.ListRules, node_pb2.ListRulesRequest(owner_agency=owner)))

@@ -152,10 +152,15 @@ echo "(the finding, its rule and every input, the case events and the follow-up 
 echo " answers; tax adds the plaintext of what it may read, checked against the commitments)"
 as tax submit-probe --count 1 >/dev/null  # one more block carries the last attestations
 $EXCHANGE evidence export --store "$NET/tax/data/blocks.db" --case $CASE2 \
-  --reveal-with "$NET/tax/keys/data.key" --out var/demo/case.evidence
+  --reveal-with "$NET/tax/keys/data.key" --profile "$NET/tax/profile.toml" \
+  --out var/demo/case.evidence
 
 step "17. Offline verification, as a court would run it (exchange evidence verify)"
 $EXCHANGE evidence verify var/demo/case.evidence
+
+echo
+$EXCHANGE evidence report var/demo/case.evidence --html var/demo/case.html
+echo "the court's readable report: var/demo/case.html"
 
 step "18. One altered byte is detected and named"
 $PY - var/demo/case.evidence <<'PYEOF'

@@ -194,6 +194,13 @@ def test_findings_are_readable_by_their_parties_and_open_as_cases(
     assert refused.returncode == 1 and "CASE_INVALID" in refused.stderr
 
 
+def _tx_hex(envelope: bytes) -> str:
+    from exchange.ledger.block import tx_id
+    from exchange.v1 import ledger_pb2
+
+    return tx_id(ledger_pb2.Envelope.FromString(envelope).body).hex()
+
+
 def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
     tax = cluster.cli_json("findings", "--rule", "export-rebate-without-exports", "--open",
@@ -213,7 +220,7 @@ def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
     export = cluster.run_exchange(
         "evidence", "export", "--store", str(cluster.net / "tax" / "data" / "blocks.db"),
         "--case", "CASE-E1", "--reveal-with", str(cluster.net / "tax" / "keys" / "data.key"),
-        "--out", str(bundle))
+        "--profile", str(cluster.profile("tax")), "--out", str(bundle))
     assert export.returncode == 0, export.stderr
     verified = cluster.run_exchange("evidence", "verify", str(bundle), "--json")
     assert verified.returncode == 0, verified.stderr
@@ -223,6 +230,28 @@ def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
         set(kinds), kinds
     assert report["reveals"] >= 3  # the findings output, tax's own inputs, the follow-up
     assert opened["height"] in {t["height"] for t in report["transactions"]}
+    assert report["case"]["complete"] and report["case"]["case_id"] == "CASE-E1"
+    assert len(report["case"]["stated_by"]) >= 3
+    # a bundle that leaves out one transaction of the case fails, naming it
+    from exchange.ledger.evidence import decode_bundle, encode_bundle
+    from exchange.v1 import evidence_pb2
+
+    parsed = decode_bundle(bundle.read_bytes())
+    answer_tx = json.loads(follow.stdout)["outcome_tx"]
+    kept = [t for t in parsed.transactions
+            if evidence_pb2.BundledTransaction(envelope=t.envelope).envelope and
+            _tx_hex(t.envelope) != answer_tx]
+    assert len(kept) == len(parsed.transactions) - 1
+    del parsed.transactions[:]
+    parsed.transactions.extend(kept)
+    reveals = [r for r in parsed.reveals if bytes(r.tx_id).hex() != answer_tx]
+    del parsed.reveals[:]
+    parsed.reveals.extend(reveals)
+    short = tmp_path / "short.evidence"
+    short.write_bytes(encode_bundle(parsed))
+    missing = cluster.run_exchange("evidence", "verify", str(short))
+    assert missing.returncode == 1 and "case_statements" in missing.stderr \
+        and "missing" in missing.stderr, missing.stderr
     data = bytearray(bundle.read_bytes())
     data[len(data) // 3] ^= 0x01
     tampered = tmp_path / "tampered.evidence"

@@ -33,9 +33,14 @@ def evidence() -> None:
                                  "which the verifier checks against the committed digests.")
 @click.option("--passphrase-env", default=None,
               help="Environment variable holding the data key's passphrase.")
+@click.option("--profile", "profile_option", default=None,
+              help="With --case: ask this profile's node for a quorum of members' signed "
+                   "statements of the case, so the verifier can check the bundle holds "
+                   "every transaction of it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
-               reveal_key: Path | None, passphrase_env: str | None, out: Path) -> None:
+               reveal_key: Path | None, passphrase_env: str | None,
+               profile_option: str | None, out: Path) -> None:
     """Bundle transactions with their proofs, headers, attestations and credentials."""
     import os
 
@@ -60,11 +65,21 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
                     raise MalformedInput(f"${passphrase_env} is not set")
                 passphrase = value.encode()
             reveals = reveals_for(store, ids, read_data_key(reveal_key, passphrase))
-        data = encode_bundle(build_bundle(store, ids, reveals))
+        bundle = build_bundle(store, ids, reveals)
+        if case_id and profile_option is not None:
+            from exchange.cli.node_cmds import connect
+
+            _, client = connect(profile_option, 30.0)
+            with client:
+                stated = client.case_statements(case_id, len(bundle.headers))
+            bundle.case_statements.extend(stated.statements)
+        data = encode_bundle(bundle)
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)
     console.print(f"wrote {out} ({len(data):,} bytes, {len(ids)} transactions"
                   + (f", {len(reveals)} reveals" if reveals else "")
+                  + (", completeness stated by a quorum" if len(bundle.case_statements)
+                     else "")
                   + (f", case {case_id}" if case_id else "") + ")")
 
 
@@ -92,3 +107,8 @@ def verify_cmd(file: Path, as_json: bool) -> None:
            for t in report.transactions])
     console.print(f"[green]OK[/green]: {len(report.transactions)} transactions verified, "
                   f"{report.reveals} reveals checked")
+    if report.case is not None:
+        console.print(f"[green]complete[/green]: case {report.case['case_id']} has exactly "
+                      f"these {report.case['count']} transactions up to height "
+                      f"{report.case['height']}, as "
+                      f"{', '.join(report.case['stated_by'])} state")  # type: ignore[arg-type]

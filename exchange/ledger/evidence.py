@@ -136,6 +136,9 @@ class BundleReport:
     headers: int
     transactions: list[VerifiedTx] = field(default_factory=list)
     reveals: int = 0
+    # For a case export with statements: what a quorum of members stated, and that the
+    # bundle holds exactly the case's transactions up to that height.
+    case: dict[str, object] | None = None
 
     def as_dict(self) -> dict[str, object]:
         from dataclasses import asdict
@@ -238,8 +241,60 @@ def verify_bundle(data: bytes) -> BundleReport:
     _check_credentials(bundle, registry)
     _check_reveals(bundle, report, chain_id)
     if len(bundle.case_statements):
-        raise BundleInvalid("case_statements", "not supported by this verifier version")
+        report.case = _check_case_statements(bundle, registry, chain_id)
     return report
+
+
+def _check_case_statements(bundle: evidence_pb2.EvidenceBundle, registry: KeyRegistry,
+                           chain_id: str) -> dict[str, object]:
+    """A quorum of members' identical, signed statements of the case's count and running
+    hash at a height, and the bundle's own transactions of the case give the same."""
+    from exchange.identity.keys import Domain, verify
+    from exchange.ledger.casechain import EMPTY, case_named, extend
+
+    raw = bytes(bundle.case_statements[0].statement)
+    agencies: list[str] = []
+    for i, signed in enumerate(bundle.case_statements):
+        where = f"case_statements[{i}]"
+        if bytes(signed.statement) != raw:
+            raise BundleInvalid(where, "the members' statements differ")
+        if signed.agency in agencies:
+            raise BundleInvalid(where, f"{signed.agency} states twice")
+        try:
+            node = registry.node_key(signed.agency)
+            if node.key_id != bytes(signed.signer_key_id):
+                raise BundleInvalid(where, "not signed by the agency's node key")
+            verify(node.public_key, Domain.CASE_STATEMENT, chain_id, raw,
+                   bytes(signed.signature))
+        except BundleInvalid:
+            raise
+        except ExchangeError as exc:
+            raise BundleInvalid(where, str(exc)) from exc
+        agencies.append(signed.agency)
+    if len(agencies) < registry.quorum:
+        raise BundleInvalid("case_statements", f"{len(agencies)} members state the case; "
+                                               f"{registry.quorum} are needed")
+    st = evidence_pb2.CaseStatement.FromString(raw)
+    if st.height > len(bundle.headers):
+        raise BundleInvalid("case_statements", f"stated at height {st.height}, beyond the "
+                                               "bundle's headers")
+    ordered = sorted(bundle.transactions, key=lambda t: (t.height, t.index))
+    opened = [(t, open_envelope(t.envelope, chain_id)) for t in ordered
+              if t.result_code == RESULT_OK and t.height <= st.height]
+    query_case = {o.tx_id: o.body.query.case_id for _, o in opened if o.kind == "query"}
+    count, running = 0, EMPTY
+    for _, o in opened:
+        if case_named(o.body, query_case.get) == st.case_id:
+            count += 1
+            running = extend(running, o.tx_id)
+    if (count, running) != (st.count, bytes(st.running_hash)):
+        raise BundleInvalid("case_statements", f"case {st.case_id}: the bundle holds {count} "
+                                               f"of its transactions up to height "
+                                               f"{st.height}, the members state {st.count}; "
+                                               "a transaction of the case is missing, or "
+                                               "one was swapped")
+    return {"case_id": st.case_id, "height": st.height, "count": st.count,
+            "complete": True, "stated_by": sorted(agencies)}
 
 
 def _verify_tx(registry: KeyRegistry, name: str, b: evidence_pb2.BundledTransaction,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from exchange.errors import ExchangeError, StoreCorrupted
 from exchange.identity.registry import REGISTRY_KINDS, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
+from exchange.ledger.casechain import CaseChains, case_named
 from exchange.ledger.findings import CaseBook, FindingsBook
 from exchange.ledger.judge import CODE_REJECTED, valid_attestation_record
 from exchange.ledger.policy import PolicyBook
@@ -34,10 +35,23 @@ class LedgerState:
         self.queries = QueryBook(self.registry, self.policies)
         self.findings = FindingsBook(self.queries)
         self.cases = CaseBook(self.findings)
+        self.case_chains = CaseChains()
 
     def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
         """Result code of `env`, signed by `signer` (valid at this height) in a block at
         `height` stamped `time_ms`; the state follows it if the code is OK."""
+        code = self._judge(env, signer, height, time_ms)
+        if code == RESULT_OK:
+            case_id = case_named(env.body, self._case_of_query)
+            if case_id:
+                self.case_chains.follow(case_id, env.tx_id, height)
+        return code
+
+    def _case_of_query(self, query_tx_id: bytes) -> str | None:
+        rec = self.queries.get(query_tx_id)
+        return rec.case_id if rec is not None else None
+
+    def _judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
         kind = env.kind
         body = env.body
         if kind in REGISTRY_KINDS:

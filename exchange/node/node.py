@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from exchange.errors import ExchangeError, Unavailable
+from exchange.errors import ExchangeError, MalformedInput, Unavailable
 from exchange.identity.config import NodeConfig, read_signed_genesis
-from exchange.identity.keys import CachedSigner, read_data_key, read_signing_key
+from exchange.identity.keys import CachedSigner, Domain, read_data_key, read_signing_key
 from exchange.ledger.apply import Applied, LedgerApplier
 from exchange.ledger.block import (
     CheckedBlock,
@@ -41,6 +41,7 @@ from exchange.ledger.block import (
     seal_envelope,
     tx_id,
 )
+from exchange.ledger.casechain import statement
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.node import metrics as m
@@ -52,7 +53,7 @@ from exchange.raft.core import NotLeader, RaftConfig, RaftError, RaftNode, Role
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind, SnapshotMeta
 from exchange.raft.wal import WriteAheadLog
-from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
+from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.node")
 T = TypeVar("T")
@@ -424,6 +425,47 @@ class Node:
                      requester=view.query.requester_agency, target=view.query.target_agency,
                      case=view.query.case_id, rows=view.query.row_count)
         return view
+
+    def case_statement(self, case_id: str, height: int) -> evidence_pb2.SignedCaseStatement:
+        """This node's signed statement of a case as of `height` (which it has applied)."""
+        if not case_id:
+            raise MalformedInput("a case statement names a case")
+        if height > self.store.height:
+            raise Unavailable(f"{self.agency} is at height {self.store.height}, below {height}")
+        count, running = self.applier.state.case_chains.as_of(case_id, height)
+        raw = statement(case_id, height, count, running)
+        return evidence_pb2.SignedCaseStatement(
+            statement=raw, agency=self.agency, signer_key_id=self.signer.key_id,
+            signature=self.signer.sign(Domain.CASE_STATEMENT, self.chain_id, raw))
+
+    async def case_statements(self, case_id: str, height: int,
+                              timeout_s: float = 10.0) -> node_pb2.CaseStatementSet:
+        """A quorum of members' statements of a case as of `height` (default: this
+        node's): its own and its peers', asking again while peers catch up."""
+        height = height or self.store.height
+        own = self.case_statement(case_id, height)
+        got = {self.agency: own}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < self.registry.quorum and time.monotonic() < deadline:
+            for agency, link in (self.links.links.items() if self.links else []):
+                if agency in got:
+                    continue
+                try:
+                    got[agency] = await link.stub.CaseStatement(
+                        peer_pb2.CaseStatementRequest(case_id=case_id, height=height),
+                        timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    continue
+            if len(got) < self.registry.quorum:
+                await asyncio.sleep(0.2)
+        wanted = bytes(own.statement)
+        agreeing = [st for st in got.values() if bytes(st.statement) == wanted]
+        if len(agreeing) < self.registry.quorum:
+            raise Unavailable(f"only {len(agreeing)} members stated case {case_id} as of "
+                              f"height {height}; {self.registry.quorum} are needed")
+        parsed = evidence_pb2.CaseStatement.FromString(wanted)
+        return node_pb2.CaseStatementSet(statements=agreeing, height=height,
+                                         count=parsed.count, running_hash=parsed.running_hash)
 
     async def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
         return await asyncio.to_thread(self.reader.audit, request,

@@ -37,7 +37,7 @@ from exchange.ledger.block import parse_header
 from exchange.node import metrics
 from exchange.node.node import Node
 from exchange.node.peers import SERVER_OPTIONS, BadPeerMessage, message_from_proto
-from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
+from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.server")
 
@@ -249,6 +249,12 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             height=self.node.store.height)
 
     @_mapped
+    async def CaseStatements(self, request: node_pb2.CaseStatementsRequest,
+                             context: grpc.aio.ServicerContext) -> node_pb2.CaseStatementSet:
+        _own_person(self.auth, context)
+        return await self.node.case_statements(request.case_id, request.height)
+
+    @_mapped
     async def ListRules(self, request: node_pb2.ListRulesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
         self.auth.own_agency_or_node(context)
@@ -348,6 +354,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         return peer_pb2.PeerStatus(agency=st.agency, role=st.role, term=st.term,
                                    leader=st.leader, commit_index=st.commit_index,
                                    height=st.height)
+
+    @_mapped
+    async def CaseStatement(self, request: peer_pb2.CaseStatementRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> evidence_pb2.SignedCaseStatement:
+        self.auth.member_node(context)
+        return self.node.case_statement(request.case_id, request.height)
 
 
 def _tls(config: NodeConfig) -> tuple[grpc.ServerCredentials, grpc.ChannelCredentials]:
