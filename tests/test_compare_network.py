@@ -258,3 +258,47 @@ def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
     tampered.write_bytes(bytes(data))
     bad = cluster.run_exchange("evidence", "verify", str(tampered))
     assert bad.returncode == 1 and "evidence invalid" in bad.stderr
+
+
+def test_a_case_bundle_with_a_swapped_answer_fails_naming_the_case(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    from exchange.ledger.block import RESULT_OK
+    from exchange.ledger.case_export import case_tx_ids
+    from exchange.ledger.evidence import (
+        BundleInvalid,
+        build_bundle,
+        decode_bundle,
+        encode_bundle,
+        verify_bundle,
+    )
+    from exchange.ledger.store import BlockStore
+
+    uscc = swept[0][1]["subjects"][0] if swept[0][1]["subjects"] else None
+    assert uscc is not None
+    follow = cluster.run_exchange(
+        "query", "--to", "customs", "--dataset", "declarations", "--subject", f"uscc={uscc}",
+        "--case", "CASE-S1", "--purpose", "the case's question", "--wait", "--json",
+        "--profile", str(cluster.profile("tax")))
+    other = cluster.run_exchange(
+        "query", "--to", "customs", "--dataset", "declarations", "--subject", f"uscc={uscc}",
+        "--case", "CASE-OTHER", "--purpose", "another case", "--wait", "--json",
+        "--profile", str(cluster.profile("tax")))
+    assert follow.returncode == 0 and other.returncode == 0
+    cluster.cli("submit-probe", agency="tax")
+    mine = json.loads(follow.stdout)["outcome_tx"]
+    theirs = json.loads(other.stdout)["outcome_tx"]
+    cluster.wait_height(json.loads(other.stdout)["outcome_height"] + 1)
+    honest = tmp_path / "honest.evidence"
+    export = cluster.run_exchange(
+        "evidence", "export", "--store", str(cluster.net / "tax" / "data" / "blocks.db"),
+        "--case", "CASE-S1", "--profile", str(cluster.profile("tax")), "--out", str(honest))
+    assert export.returncode == 0, export.stderr
+    statements = list(decode_bundle(honest.read_bytes()).case_statements)
+    with BlockStore.open(cluster.net / "tax" / "data" / "blocks.db") as store:
+        ids = [t for t in case_tx_ids(store, "CASE-S1") if t.hex() != mine]
+        ids.append(bytes.fromhex(theirs))  # the other case's answer to the same question
+        assert store.tx(bytes.fromhex(theirs)).result == RESULT_OK  # type: ignore[union-attr]
+        swapped = build_bundle(store, ids)
+    swapped.case_statements.extend(statements)
+    with pytest.raises(BundleInvalid, match="case_statements"):
+        verify_bundle(encode_bundle(swapped))
