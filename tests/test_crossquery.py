@@ -135,6 +135,8 @@ def test_refused_queries_carry_their_reason_and_are_recorded(cluster: Cluster) -
         assert code == 3, (args, err, out)
         assert out["status"] == "refused" and out["refusal_code"] == reason, out
         assert out["refusal_reason"], out
+        # the reason is in clear on the ledger: it never repeats the sealed subject
+        assert "91440300000000000X" not in out["refusal_reason"], out
         refused.append(out["query"])
     audit = cluster.cli_json("audit", "--agency", "tax", agency="tax")
     by_query = {e["query"]: e for e in audit["entries"] if e["kind"] == "refusal"}
@@ -333,3 +335,33 @@ def test_an_owner_changes_its_policy_and_only_the_owner_can(cluster: Cluster) ->
     malformed = cluster.run_exchange("policy", "propose", str(bad), "--profile",
                                      _supervisor(cluster, "customs"))
     assert malformed.returncode == 1 and "unknown key(s) rows" in malformed.stderr
+
+
+def test_a_hostile_sealed_request_is_refused_and_the_node_keeps_running(
+        cluster: Cluster) -> None:
+    from exchange.identity.keys import key_id
+    from exchange.ledger.block import new_body, seal_envelope, tx_id
+    from exchange.ledger.sealing import seal
+    from exchange.v1 import ledger_pb2
+
+    _, _, genesis = load_genesis(cluster.profile("tax"))
+    signer = Signer.load(load_client_profile(cluster.profile("tax")), genesis.chain_id)
+    keys = {m.agency: bytes(m.data_public_key) for m in genesis.members}
+    sealed, _ = seal(b"[" * 100_000, [keys["tax"], keys["customs"]],
+                     chain_id=genesis.chain_id, context_tx_id=b"", chunk=0,
+                     requester_agency="tax", target_agency="customs")
+    body = new_body(genesis.chain_id, "tax", int(time.time() * 1000))
+    body.query.CopyFrom(ledger_pb2.Query(
+        target_agency="customs", dataset="declarations", case_id=CASE, purpose="hostile",
+        legal_basis="tax-crime-investigation", sealed_request=sealed,
+        deadline_ms=body.created_at_ms + 60_000, shape=ledger_pb2.QUERY_SHAPE_SUBJECT,
+        reply_key_id=key_id("x25519", keys["tax"])))
+    envelope = seal_envelope(body, signer.key)
+    qid = tx_id(ledger_pb2.Envelope.FromString(envelope).body)
+    with cluster.client("tax", deadline_s=30.0) as client:
+        assert client.submit(envelope).result == RESULT_OK
+        answer = read_answer(client.get_answer(qid, wait_ms=20_000))
+    assert answer.status == "refused" and answer.query.refusal_code == "BAD_REQUEST"
+    assert cluster.running("customs")
+    trail = cluster.cli_json("audit", "--case", CASE, agency="customs")
+    assert any(e["query"] == qid.hex() for e in trail["entries"])

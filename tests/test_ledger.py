@@ -206,3 +206,47 @@ def test_moved_transaction_fails_verification(net, tmp_path: Path) -> None:
     db.close()
     report = verify_store(BlockStore.open(path))
     assert not report.ok and report.bad_height == 2
+
+
+def test_a_credential_put_on_the_ledger_by_another_agency_registers_nothing(
+        net, tmp_path: Path) -> None:
+    from exchange.identity.genesis import issue_credential
+
+    store = BlockStore.create(tmp_path / "s.db", net.signed_genesis)
+    applier = LedgerApplier(store)
+    now = int(time.time() * 1000)
+    newcomer = CachedSigner(SigningKey.generate())
+    cred = issue_credential(net.chain_id, "tax", "analyst-9", newcomer.public_key,
+                            ["analyst"], now - 1000, now + 86_400_000, net.roots["tax"])
+    hijack = new_body(net.chain_id, "pboc", now)
+    hijack.credential_issue.signed_credential = cred.SerializeToString(deterministic=True)
+    applied = applier.apply(applier.cut([seal_envelope(hijack, net.supervisors["pboc"])],
+                                        now, net.nodes["tax"], "tax"))
+    assert applied.codes == ("REJECTED",)
+    # the key is not registered (as a restarted node, replaying, would also find)
+    from exchange.errors import UnknownSigner
+
+    with pytest.raises(UnknownSigner):
+        applier.registry.resolve(newcomer.key_id)
+    assert LedgerApplier(store).registry.credentials() == applier.registry.credentials()
+
+
+def test_only_the_opening_agency_closes_a_case_and_references_must_be_real(
+        net, tmp_path: Path) -> None:
+    from exchange.v1 import ledger_pb2
+
+    applier = LedgerApplier(BlockStore.create(tmp_path / "s.db", net.signed_genesis))
+    now = int(time.time() * 1000)
+
+    def event(agency: str, action: str, ref: bytes = b"") -> bytes:
+        body = new_body(net.chain_id, agency, now)
+        body.case_event.CopyFrom(ledger_pb2.CaseEvent(case_id="CASE-T-1", action=action,
+                                                      ref_tx_id=ref))
+        return seal_envelope(body, net.analysts[agency])
+
+    applied = applier.apply(applier.cut(
+        [event("tax", "open"), event("pboc", "add", b"\x01" * 32), event("pboc", "close"),
+         event("tax", "add", b"\x02" * 32), event("tax", "close")],
+        now, net.nodes["tax"], "tax"))
+    assert applied.codes == ("OK", "CASE_INVALID", "CASE_INVALID", "CASE_INVALID", "OK")
+    assert LedgerApplier(applier.store).state.cases.cases["CASE-T-1"].status == "closed"

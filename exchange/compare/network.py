@@ -70,6 +70,7 @@ class NetworkRun:
         self.genesis = genesis
         self.rule = rule
         self.progress = progress or (lambda _msg: None)
+        self._asked_agencies: set[str] = set()
 
     def ensure_registered(self) -> None:
         rules = self.client.list_rules(self.rule.owner).rules
@@ -80,6 +81,7 @@ class NetworkRun:
                 f"{self.rule.owner} registers it with `exchange rules register`")
 
     def _ask(self, specs: Sequence[QuerySpec]) -> list[bytes]:
+        self._asked_agencies.update(spec.target for spec in specs)
         envs, ids = [], []
         for spec in specs:
             env, qid = build_query(spec, self.signer, self.genesis)
@@ -161,8 +163,8 @@ class NetworkRun:
         from exchange.ledger.findings import inputs_digest
 
         members = {m.agency: bytes(m.data_public_key) for m in self.genesis.members}
-        used = [self.rule.owner] + sorted({q.agency for q in self.rule.queries})
-        sealed, _ = seal(output.canonical_bytes, [members[a] for a in used],
+        used = [self.rule.owner] + sorted(set(self._asked_agencies) - {self.rule.owner})
+        sealed, salt = seal(output.canonical_bytes, [members[a] for a in used],
                          chain_id=self.signer.chain_id,
                          context_tx_id=inputs_digest(input_ids), chunk=0)
         lines = output.lines
@@ -172,7 +174,7 @@ class NetworkRun:
             finding_count=len(lines), sealed_output=sealed, supersedes=supersedes,
             engine_version=f"duckdb {output.duckdb_version}",
             findings=[summary_of(finding_id(self.rule.id, period, n),
-                                 str(row.get("severity", self.rule.severity)), line)
+                                 str(row.get("severity", self.rule.severity)), line, salt)
                       for n, (row, line) in enumerate(zip(output.rows, lines, strict=True))])
         return self.signer.make_envelope(lambda body: body.findings.CopyFrom(findings))
 

@@ -144,8 +144,8 @@ class KeyRegistry:
                 signed.ParseFromString(body.credential_issue.signed_credential)
             except DecodeError as exc:
                 raise MalformedInput(f"credential does not parse: {exc}") from exc
-            info = self.add_credential(signed)
-            if info.agency != signer.agency:
+            if parse_credential(signed).agency != signer.agency:
                 raise CredentialInvalid("a credential is put on the ledger by its own agency")
+            self.add_credential(signed)
         elif kind == "credential_revoke":
             self.revoke(bytes(body.credential_revoke.key_id), signer.agency, height)

@@ -25,6 +25,7 @@ from exchange.v1 import ledger_pb2
 CODE_RULE_INVALID = "RULE_INVALID"
 CODE_FINDINGS_INVALID = "FINDINGS_INVALID"
 RULE_BYTES_MAX = 256 * 1024
+FINDING_LABEL = b"exchange/v1/finding\0"
 INPUTS_MAX = 1_000
 FINDINGS_MAX = 1_000_000
 REGISTER_ROLES = frozenset({"supervisor"})
@@ -119,11 +120,18 @@ class FindingsBook:
                     rec.on_behalf_of != f.rule_digest.hex():
                 raise Rejected(CODE_FINDINGS_INVALID, f"input {qid.hex()} is not an answered "
                                                       f"query of {owner} for this rule")
-        if f.HasField("sealed_output"):
-            try:
-                check_sealed_form(f.sealed_output)
-            except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
-                raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
+        if not f.HasField("sealed_output"):
+            raise Rejected(CODE_FINDINGS_INVALID, "findings carry their sealed output")
+        try:
+            check_sealed_form(f.sealed_output)
+        except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
+            raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
+        parties = {owner} | {self.queries.queries[q].target for q in inputs}
+        allowed = {self.queries.data_key_id(a) for a in parties}
+        recipients = {bytes(w.recipient_key_id) for w in f.sealed_output.recipients}
+        if self.queries.data_key_id(owner) not in recipients or not recipients <= allowed:
+            raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and at "
+                                                  "most the agencies whose data they used")
         key = (bytes(f.rule_digest), f.period, inputs_digest(inputs))
         if key in self._keys:
             raise Rejected(CODE_FINDINGS_INVALID, "this run (rule, period, inputs) is "
@@ -135,20 +143,25 @@ class FindingsBook:
                              tuple((s.finding_id, s.severity, bytes(s.digest))
                                    for s in f.findings))
         named = (owner, f.rule_id, f.period)
+        self.runs[env.tx_id] = run  # before _latest: readers on other threads use both
         earlier = self._latest.get(named)
         if earlier is not None:
             self.runs[earlier].superseded_by = env.tx_id
         self._latest[named] = env.tx_id
-        self.runs[env.tx_id] = run
 
     def latest(self) -> list[FindingsRecord]:
         """The runs in force (not superseded), oldest first."""
         return [self.runs[tx] for tx in list(self._latest.values())]
 
 
-def summary_of(finding_id: str, severity: str, line: bytes) -> ledger_pb2.FindingSummary:
-    return ledger_pb2.FindingSummary(finding_id=finding_id, severity=severity,
-                                     digest=hashlib.sha256(line).digest())
+def summary_of(finding_id: str, severity: str, line: bytes,
+               salt: bytes = b"") -> ledger_pb2.FindingSummary:
+    """A finding's clear summary. Its digest is salted with the sealed output's salt
+    (revealed with the output), so a finding about a guessable subject cannot be
+    confirmed from its digest by agencies that may not read it."""
+    return ledger_pb2.FindingSummary(
+        finding_id=finding_id, severity=severity,
+        digest=hashlib.sha256(FINDING_LABEL + salt + line).digest())
 
 
 CODE_CASE_INVALID = "CASE_INVALID"
@@ -190,6 +203,14 @@ class CaseBook:
             raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is already open")
         if ev.action != "open" and (case is None or case.status != "open"):
             raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is not open")
+        if ev.action == "close" and case is not None and case.agency != agency:
+            raise Rejected(CODE_CASE_INVALID, f"only {case.agency}, which opened case "
+                                              f"{ev.case_id}, closes it")
+        if ev.action == "add" and case is not None and case.agency != agency and \
+                not ev.finding_id:
+            raise Rejected(CODE_CASE_INVALID, f"only {case.agency} adds transactions to case "
+                                              f"{ev.case_id}; other agencies add findings "
+                                              "they gave data to")
         ref: tuple[bytes, str] | None = None
         if ev.finding_id:
             run = self.findings.runs.get(bytes(ev.ref_tx_id))
@@ -203,6 +224,10 @@ class CaseBook:
                                                   "gave data to it")
             ref = (run.tx_id, ev.finding_id)
         elif ev.ref_tx_id:
+            rec = self.findings.queries.get(bytes(ev.ref_tx_id))
+            if rec is None or agency not in (rec.requester, rec.target):
+                raise Rejected(CODE_CASE_INVALID, "a case refers to a finding, or to a query "
+                                                  "of the agency's own")
             ref = (bytes(ev.ref_tx_id), "")
         if ev.action == "open":
             case = self.cases[ev.case_id] = CaseRecord(ev.case_id, agency, height)

@@ -281,7 +281,8 @@ class QueryBook:
                        bytes(co.signature))
             except ExchangeError as exc:
                 raise Rejected(CODE_QUERY_INVALID, f"co-signature: {exc}") from exc
-            if bytes(co.signer_key_id) == signer_key_id:
+            if bytes(co.signer_key_id) == signer_key_id or \
+                    info.subject == self.registry.resolve(signer_key_id).subject:
                 raise Rejected(CODE_QUERY_INVALID, "four eyes: the co-signer is not the "
                                                    "query's own signer")
             out.append(info.subject)

@@ -11,7 +11,13 @@ codes back. Pure: nothing here does I/O.
 from __future__ import annotations
 
 from exchange.errors import ExchangeError, StoreCorrupted
-from exchange.identity.registry import REGISTRY_KINDS, ROLE_ROOT, KeyInfo, KeyRegistry
+from exchange.identity.registry import (
+    REGISTRY_KINDS,
+    ROLE_NODE,
+    ROLE_ROOT,
+    KeyInfo,
+    KeyRegistry,
+)
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
 from exchange.ledger.casechain import CaseChains, case_named
 from exchange.ledger.findings import CaseBook, FindingsBook
@@ -21,6 +27,7 @@ from exchange.ledger.queries import QUERY_KINDS, QueryBook, Rejected
 from exchange.v1 import identity_pb2, ledger_pb2
 
 POLICY_ROLES = frozenset({"supervisor"})
+CATALOG_ENTRIES_MAX = 256
 
 
 class LedgerState:
@@ -75,7 +82,14 @@ class LedgerState:
             except ExchangeError:
                 return CODE_REJECTED
         elif kind == "catalog_entry":
-            self.catalog[(body.agency, body.catalog_entry.dataset)] = body.catalog_entry
+            entry = body.catalog_entry
+            key = (body.agency, entry.dataset)
+            if not (signer.subject in (ROLE_ROOT, ROLE_NODE) or POLICY_ROLES & set(signer.roles)):
+                return CODE_REJECTED  # an agency's catalog is its node's or a supervisor's
+            if not entry.dataset or (key not in self.catalog and sum(
+                    1 for a, _ in self.catalog if a == body.agency) >= CATALOG_ENTRIES_MAX):
+                return CODE_REJECTED
+            self.catalog[key] = entry
         elif kind in QUERY_KINDS:
             return self.queries.judge(env, signer, height, time_ms)
         elif kind in ("rule_registration", "findings", "case_event"):

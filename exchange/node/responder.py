@@ -63,6 +63,18 @@ THREADS = 2
 
 SHAPE = ledger_pb2.QueryShape
 REFUSE_BAD_REQUEST = "BAD_REQUEST"
+# Refusal reasons as they go on the ledger, in clear: never built from the request.
+REFUSAL_TEXT = {
+    REFUSE_BAD_REQUEST: "the sealed request is not a valid request for this query",
+    "UNKNOWN_DATASET": "the dataset is not offered",
+    "UNKNOWN_FIELD": "a field asked for is not in the dataset",
+    "BAD_SUBJECT": "a subject is not valid for this dataset (a key it cannot be looked up "
+                   "by, or a malformed value or check digit)",
+    "BAD_PERIOD": "the period is malformed or does not apply to this dataset",
+    "SUBJECTS_REQUIRED": "record-level data is asked about subjects, not period-wide",
+    "TOO_MANY_SUBJECTS": "too many subjects in one query",
+    "ROW_LIMIT": "the answer has more rows than the policy's row limit",
+}
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,12 @@ class Responder:
             except ExchangeError as exc:
                 log.info("answer not committed yet; retrying", query=qid.hex(), error=str(exc))
                 asyncio.get_running_loop().call_later(RETRY_S, self.notify, qid)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad query never stops the node
+                log.error("answering failed; retrying later", query=qid.hex(),
+                          error=repr(exc)[:300])
+                asyncio.get_running_loop().call_later(RETRY_S * 30, self.notify, qid)
             finally:
                 self._busy.discard(qid)
 
@@ -347,8 +365,8 @@ class Responder:
             return Prepared((rec.decision_code, rec.decision_reason))
         try:
             request = self.open_request(rec)
-        except ExchangeError as exc:
-            return Prepared((REFUSE_BAD_REQUEST, str(exc)))
+        except Exception:  # noqa: BLE001 - any malformed request is refused, never fatal
+            return Prepared((REFUSE_BAD_REQUEST, REFUSAL_TEXT[REFUSE_BAD_REQUEST]))
         from agents.lookup import LookupRefused, LookupRequest, lookup
 
         subjects = request.subjects
@@ -357,7 +375,7 @@ class Responder:
                     int(SHAPE.QUERY_SHAPE_AGGREGATE): True}.get(rec.shape, False)
         if not shape_ok:
             return Prepared((REFUSE_BAD_REQUEST, f"{SHAPE.Name(rec.shape)} with "
-                                                 f"{len(subjects)} subjects"))
+                                                 f"{len(subjects)} subjects"))  # counts only
         if request.dataset != rec.dataset:
             return Prepared((REFUSE_BAD_REQUEST, "the sealed request names another dataset "
                                                  "than the query"))
@@ -374,7 +392,10 @@ class Responder:
                     rows = lookup(self._agency_store(), asked,
                                   rec.row_limit or ROWS_DEFAULT_MAX)
         except LookupRefused as exc:
-            return Prepared((exc.code, str(exc)))
+            # the reason on the ledger is fixed text: the exception's names the subject,
+            # which is sealed and must not appear in clear
+            return Prepared((exc.code, REFUSAL_TEXT.get(exc.code, "the query cannot be "
+                                                                  "answered")))
         except Exception as exc:  # noqa: BLE001 - a store that is down: try again later
             raise Unavailable(f"{self.node.agency}'s store: {exc}") from exc
         lines = [canonical_json(row) + b"\n" for row in rows]

@@ -146,8 +146,12 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def Audit(self, request: node_pb2.AuditRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.AuditReply:
-        _own_person(self.auth, context)
-        return await self.node.audit(request)
+        who = _own_person(self.auth, context)
+        reply = await self.node.audit(request)
+        log.info("audit read", reader=str(who), case=request.case_id,
+                 subject_filter=bool(request.subject), analyst=request.analyst,
+                 agency=request.agency, entries=len(reply.entries))
+        return reply
 
     @_mapped
     async def Submit(self, request: node_pb2.SubmitRequest,
@@ -272,7 +276,9 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     async def ListFindings(self, request: node_pb2.ListFindingsRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
         if request.open or request.subject:
-            _own_person(self.auth, context)
+            who = _own_person(self.auth, context)
+            log.info("findings read", reader=str(who), rule=request.rule_id,
+                     period=request.period, subject_filter=bool(request.subject))
         else:
             self.auth.own_agency_or_node(context)
         book = self.node.applier.state.findings
