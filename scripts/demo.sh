@@ -176,5 +176,5 @@ echo "(refused, as it must be)"
 
 step "19. Stopping the cluster"
 bash scripts/cluster.sh stop
-printf '\nDemo complete. Playbooks and cases join this walk-through as their\n'
-printf 'issues land (README.md, "Status").\n'
+printf '\nDemo complete. Playbooks (automatic follow-up of findings) join this walk-through\n'
+printf 'when their issue lands (README.md, "Status").\n'
