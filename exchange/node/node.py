@@ -407,9 +407,16 @@ class Node:
         rec = self.applier.queries.get(query_tx_id)
         if rec is not None and rec.status == "open" and wait_ms > 0:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._answer_waiters.setdefault(bytes(query_tx_id), []).append(fut)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fut, wait_ms / 1000)
+            waiters = self._answer_waiters.setdefault(bytes(query_tx_id), [])
+            waiters.append(fut)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, wait_ms / 1000)
+            finally:  # a query that is never answered leaves no waiter behind
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters and self._answer_waiters.get(bytes(query_tx_id)) is waiters:
+                    del self._answer_waiters[bytes(query_tx_id)]
         for _ in range(ANSWER_PENDING_RETRIES):
             try:
                 view = await asyncio.to_thread(self.reader.answer, bytes(query_tx_id),
