@@ -479,3 +479,40 @@ def test_cli_loads_into_a_postgresql_url_without_printing_its_password(
         assert len(dump(store, "pboc")["accounts"]) > 300
     for output in outputs:
         assert PASSWORD not in output and _quote(PASSWORD) not in output
+
+
+@pytest.mark.cluster
+def test_a_node_answers_queries_from_its_agency_records_in_postgresql(
+        server: Server, sample: Path, tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from exchange.localnet import Cluster
+
+    url = server.new_store_url()
+    cluster = Cluster(tmp_path / "pgnet")
+    try:
+        cluster.init()
+        config = cluster.node_config("customs")
+        text = config.read_text()
+        assert "[data]\n" in text
+        config.write_text(text.replace("[data]\n", f'[data]\nagency_store = "{url}"\n'))
+        load = cluster.run_exchange("data", "load", "--config", str(config),
+                                    str(sample / "customs"), "--json")
+        assert load.returncode == 0, load.stderr
+        assert PASSWORD not in load.stdout and json.loads(load.stdout)["store"].startswith(
+            "postgresql://")
+        cluster.start()
+        with open(sample / "customs" / "declarations.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        uscc = rows[0]["uscc"]
+        asked = cluster.run_exchange(
+            "query", "--to", "customs", "--dataset", "declarations", "--subject",
+            f"uscc={uscc}", "--case", "PG-1", "--purpose", "records in PostgreSQL",
+            "--wait", "--json", "--profile", str(cluster.profile("tax")))
+        assert asked.returncode == 0, asked.stderr
+        out = json.loads(asked.stdout)
+        assert sorted(r["decl_no"] for r in out["data"]) == sorted(
+            r["decl_no"] for r in rows if r["uscc"] == uscc)
+    finally:
+        cluster.stop()
