@@ -347,6 +347,10 @@ class ExchangeClient:
             node_pb2.CaseStatementsRequest(case_id=case_id, height=height),
             max(self.deadline_s, 15.0)))
 
+    def list_cases(self, case_id: str = "") -> node_pb2.CaseList:
+        return cast(node_pb2.CaseList, self._unary(
+            self._stub.ListCases, node_pb2.ListCasesRequest(case_id=case_id)))
+
     def list_rules(self, owner: str = "") -> node_pb2.RuleList:
         return cast(node_pb2.RuleList, self._unary(
             self._stub.ListRules, node_pb2.ListRulesRequest(owner_agency=owner)))

@@ -302,3 +302,34 @@ def test_a_case_bundle_with_a_swapped_answer_fails_naming_the_case(
     swapped.case_statements.extend(statements)
     with pytest.raises(BundleInvalid, match="case_statements"):
         verify_bundle(encode_bundle(swapped))
+
+
+def test_cases_are_listed_shown_and_closed_by_their_opener(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]]) -> None:
+    tax = cluster.cli_json("findings", "--rule", "revenue-below-bank-inflows", "--open",
+                           agency="tax")
+    finding = tax["findings"][-1]
+    cluster.cli_json("findings", "open", finding["finding"], "--case", "CASE-C1",
+                     agency="tax")
+    asked = cluster.run_exchange(
+        "query", "--to", "pboc", "--dataset", "company_flows", "--subject",
+        f"uscc={finding['subject']}", "--period", finding["period"], "--case", "CASE-C1",
+        "--purpose", "bank inflows", "--wait", "--json", "--profile",
+        str(cluster.profile("tax")))
+    assert asked.returncode == 0, asked.stderr
+    listing = cluster.cli_json("case", "list", agency="customs")
+    mine = next(c for c in listing["cases"] if c["case"] == "CASE-C1")
+    assert mine["opened_by"] == "tax" and mine["status"] == "open"
+    assert mine["transactions"] == 3  # the case event, the query and its answer
+    shown = cluster.cli_json("case", "show", "CASE-C1", agency="tax")
+    assert [t["kind"] for t in shown["timeline"]] == ["query", "answer"]
+    assert shown["holds"][0]["finding"] == finding["finding"]
+    assert shown["timeline"][0]["subjects"] == [f"uscc={finding['subject']}"]
+    refused = cluster.cli("case", "close", "CASE-C1", "--reason", "not mine", agency="pboc")
+    assert refused.returncode == 1 and "CASE_INVALID" in refused.stderr
+    closed = cluster.cli_json("case", "close", "CASE-C1", "--reason", "referred to court",
+                              agency="tax")
+    assert closed["closed_at"] > 0
+    after = next(c for c in cluster.cli_json("case", "list", agency="tax")["cases"]
+                 if c["case"] == "CASE-C1")
+    assert after["status"] == "closed"

@@ -35,6 +35,7 @@ def cli() -> None:
 
 def _register() -> None:
     from exchange.cli import (
+        case_cmd,
         catalog_cmd,
         chain_cmd,
         compare_cmd,
@@ -54,7 +55,8 @@ def _register() -> None:
                     evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
                     catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
                     query_cmd.audit, credential_cmd.credential, compare_cmd.rules,
-                    compare_cmd.compare, compare_cmd.findings, compare_cmd.jobs):
+                    compare_cmd.compare, compare_cmd.findings, compare_cmd.jobs,
+                    case_cmd.case):
         cli.add_command(command)
 
 

@@ -259,6 +259,25 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return await self.node.case_statements(request.case_id, request.height)
 
     @_mapped
+    async def ListCases(self, request: node_pb2.ListCasesRequest,
+                        context: grpc.aio.ServicerContext) -> node_pb2.CaseList:
+        self.auth.own_agency_or_node(context)
+        state = self.node.applier.state
+        height = self.node.store.height
+        out = node_pb2.CaseList(height=height)
+        for case in list(state.cases.cases.values()):
+            if request.case_id and case.case_id != request.case_id:
+                continue
+            count, running = state.case_chains.as_of(case.case_id, height)
+            refs = list(case.refs)
+            out.cases.append(node_pb2.CaseView(
+                case_id=case.case_id, agency=case.agency, opened_height=case.opened_height,
+                status=case.status, ref_tx_ids=[t for t, _ in refs],
+                ref_finding_ids=[f for _, f in refs], event_tx_ids=list(case.events),
+                count=count, running_hash=running))
+        return out
+
+    @_mapped
     async def ListRules(self, request: node_pb2.ListRulesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
         self.auth.own_agency_or_node(context)
