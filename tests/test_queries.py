@@ -790,6 +790,26 @@ def test_third_query_within_an_hour_is_rate_limited_and_allowed_an_hour_later(
     assert ledger.record(later).allowed
 
 
+def test_an_analyst_with_two_credentials_has_one_quota(ledger: Ledger) -> None:
+    from exchange.identity.genesis import issue_credential
+    from exchange.identity.keys import SigningKey
+
+    net = ledger.net
+    second = CachedSigner(SigningKey.generate())
+    cred = issue_credential(net.chain_id, "tax", "analyst-1", second.public_key, ["analyst"],
+                            ledger.now_ms - 1000, ledger.now_ms + HOUR_MS * 24,
+                            net.roots["tax"])
+    issue = new_body(net.chain_id, "tax", ledger.now_ms)
+    issue.credential_issue.signed_credential = cred.SerializeToString(deterministic=True)
+    assert ledger.one(signed(issue, net.supervisors["tax"])[0]) == RESULT_OK
+    assert ledger.one(_rate_policy(ledger, 2)) == RESULT_OK
+    first = committed_query(ledger)
+    renewed = committed_query(ledger, key=second)
+    third = committed_query(ledger, key=second)
+    assert [ledger.record(t).decision_code for t in (first, renewed, third)] == [
+        "", "", RATE_LIMITED]
+
+
 def test_rate_limited_queries_count_toward_the_window(ledger: Ledger) -> None:
     assert ledger.one(_rate_policy(ledger, 1)) == RESULT_OK
     start = ledger.now_ms

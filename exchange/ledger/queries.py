@@ -159,8 +159,9 @@ class QueryBook:
     registry: KeyRegistry
     policies: PolicyBook
     queries: dict[bytes, QueryRecord] = field(default_factory=dict)
-    # (signer key id, target) -> block times of its recent valid queries
-    _recent: dict[tuple[bytes, str], deque[int]] = field(default_factory=dict)
+    # (agency, analyst subject, target) -> block times of the analyst's recent valid
+    # queries: one quota per person, however many credentials they hold
+    _recent: dict[tuple[str, str, str], deque[int]] = field(default_factory=dict)
 
     def get(self, query_tx_id: bytes) -> QueryRecord | None:
         return self.queries.get(bytes(query_tx_id))
@@ -203,7 +204,8 @@ class QueryBook:
         except MalformedInput as exc:
             raise Rejected(CODE_QUERY_INVALID, str(exc)) from exc
         cosigners = self._cosigners(body, env.signer_key_id, height, time_ms)
-        recent = self._recent.setdefault((env.signer_key_id, q.target_agency), deque())
+        recent = self._recent.setdefault((body.agency, signer.subject, q.target_agency),
+                                         deque())
         while recent and recent[0] <= time_ms - RATE_WINDOW_MS:
             recent.popleft()
         if q.target_agency == body.agency:  # a rule's own inputs: the owner's own data
