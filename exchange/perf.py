@@ -13,8 +13,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -123,20 +125,26 @@ def run_load(profiles: list[Path], clients: int, duration_s: float,
     """Run `clients` closed-loop clients for `duration_s`, spread over the profiles (one
     per agency node, round robin) and over worker processes."""
     processes = processes or min(clients, max(1, (os.cpu_count() or 2)))
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 2.0  # let every worker connect first
     # client i talks to profile i mod n, and runs in process i mod processes
     plan: list[dict[str, int]] = [{} for _ in range(processes)]
     for i in range(clients):
         profile = str(profiles[i % len(profiles)])
         plan[i % processes][profile] = plan[i % processes].get(profile, 0) + 1
+    return _run_workers(_worker,
+                        [(sorted(a.items()), duration_s, start_at) for a in plan if a],
+                        clients, duration_s)
+
+
+def _run_workers(target: Callable[..., None], arg_lists: list[tuple[Any, ...]],
+                 clients: int, duration_s: float) -> LoadResult:
+    """Start one process per argument tuple (each reports (latencies, errors) on the queue
+    passed last), wait for them and summarise what the closed-loop clients measured."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     workers = []
-    for assignment in plan:
-        if not assignment:
-            continue
-        proc = ctx.Process(target=_worker, args=(sorted(assignment.items()), duration_s,
-                                                 start_at, queue))
+    for args in arg_lists:
+        proc = ctx.Process(target=target, args=(*args, queue))
         proc.start()
         workers.append(proc)
     latencies: list[float] = []
@@ -386,34 +394,12 @@ def run_crossqueries(plans: list[QueryPlan], clients: int, duration_s: float,
     each asking a single-subject query, waiting for the answer and decrypting it; the
     latency counted is from building the query to holding the checked rows."""
     processes = processes or min(clients, max(1, (os.cpu_count() or 2)))
-    ctx = mp.get_context("spawn")
-    queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 2.0
     assignment: list[dict[int, int]] = [{} for _ in range(processes)]
     for i in range(clients):
         slot = assignment[i % processes]
         slot[i % len(plans)] = slot.get(i % len(plans), 0) + 1
-    workers = []
-    for slot in assignment:
-        if not slot:
-            continue
-        proc = ctx.Process(target=_query_worker, args=(
-            [(plans[p], n) for p, n in sorted(slot.items())], duration_s, start_at, queue))
-        proc.start()
-        workers.append(proc)
-    latencies: list[float] = []
-    errors: list[str] = []
-    for _ in workers:
-        out, errs = queue.get(timeout=duration_s + 120)
-        latencies.extend(out)
-        errors.extend(errs)
-    for proc in workers:
-        proc.join(timeout=10)
-    latencies.sort()
-    return LoadResult(
-        clients=clients, duration_s=duration_s, committed=len(latencies), errors=len(errors),
-        tx_per_s=round(len(latencies) / duration_s, 1),
-        latency_p50_ms=round(_percentile(latencies, 0.50) * 1000, 1),
-        latency_p99_ms=round(_percentile(latencies, 0.99) * 1000, 1),
-        latency_max_ms=round((latencies[-1] if latencies else 0) * 1000, 1),
-        error_samples=sorted(set(errors))[:5])
+    return _run_workers(_query_worker,
+                        [([(plans[p], n) for p, n in sorted(slot.items())], duration_s,
+                          start_at) for slot in assignment if slot],
+                        clients, duration_s)
