@@ -12,6 +12,7 @@ import datetime as dt
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from exchange.errors import ExchangeError, MalformedInput, PermissionDenied
 from exchange.identity.keys import DataKey
@@ -53,6 +54,21 @@ class QueryReader:
     def can_open(self, rec: QueryRecord) -> bool:
         return self.agency in (rec.requester, rec.target)
 
+    def open_request(self, rec: QueryRecord) -> Any:
+        """The LookupRequest sealed in a query this agency can open. Raises for one that
+        is not in the store, not sealed to this agency, or not a request (which a
+        hostile requester can make it be: callers must catch any exception)."""
+        from agents.lookup import request_from_json
+
+        stored = self.store.tx(rec.tx_id)
+        if stored is None:
+            raise MalformedInput(f"query {rec.tx_id.hex()} is not in the store")
+        query = open_envelope(stored.envelope, self.chain_id).body.query
+        plaintext, _ = open_sealed(query.sealed_request, self.data_key,
+                                   chain_id=self.chain_id, context_tx_id=b"", chunk=0,
+                                   requester_agency=rec.requester, target_agency=rec.target)
+        return request_from_json(json.loads(plaintext))
+
     def request_of(self, rec: QueryRecord) -> tuple[tuple[tuple[str, str], ...], str]:
         """The subjects ((key, value), ...) and the period of a query this agency can
         open; ((), "") for the others."""
@@ -61,18 +77,10 @@ class QueryReader:
         cached = self._requests.get(rec.tx_id)
         if cached is not None:
             return cached
-        stored = self.store.tx(rec.tx_id)
-        if stored is None:
+        if self.store.tx(rec.tx_id) is None:
             return (), ""
-        query = open_envelope(stored.envelope, self.chain_id).body.query
         try:
-            plaintext, _ = open_sealed(query.sealed_request, self.data_key,
-                                       chain_id=self.chain_id, context_tx_id=b"", chunk=0,
-                                       requester_agency=rec.requester,
-                                       target_agency=rec.target)
-            from agents.lookup import request_from_json
-
-            request = request_from_json(json.loads(plaintext))
+            request = self.open_request(rec)
             subjects = tuple((str(k), str(v)) for k, v in request.subjects)
             period = request.period or ""
         except Exception:  # noqa: BLE001 - a hostile request must not break reads

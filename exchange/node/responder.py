@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from exchange.errors import ExchangeError, MalformedInput, Unavailable
+from exchange.errors import ExchangeError, Unavailable
 from exchange.identity.keys import DataKey
-from exchange.ledger.block import new_body, open_envelope, seal_envelope
+from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
 from exchange.ledger.sealing import (
     canonical_json,
-    open_sealed,
     seal,
 )
 from exchange.node import metrics as m
@@ -364,7 +363,7 @@ class Responder:
         if not rec.allowed:
             return Prepared((rec.decision_code, rec.decision_reason))
         try:
-            request = self.open_request(rec)
+            request = self.node.reader.open_request(rec)
         except Exception:  # noqa: BLE001 - any malformed request is refused, never fatal
             return Prepared((REFUSE_BAD_REQUEST, REFUSAL_TEXT[REFUSE_BAD_REQUEST]))
         from agents.lookup import LookupRefused, LookupRequest, lookup
@@ -409,24 +408,6 @@ class Responder:
                              context_tx_id=rec.tx_id, chunk=index)
             chunks.append(sealed)
         return Prepared(None, tuple(chunks), len(rows))
-
-    def open_request(self, rec: QueryRecord) -> Any:
-        """The LookupRequest sealed in the query (MalformedInput if it is not one)."""
-        from agents.lookup import request_from_json
-
-        stored = self.node.store.tx(rec.tx_id)
-        if stored is None:
-            raise MalformedInput(f"query {rec.tx_id.hex()} is not in the store")
-        query = open_envelope(stored.envelope, self.node.chain_id).body.query
-        plaintext, _ = open_sealed(query.sealed_request, self.data_key,
-                                   chain_id=self.node.chain_id, context_tx_id=b"", chunk=0,
-                                   requester_agency=rec.requester, target_agency=rec.target)
-        import json
-        try:
-            obj = json.loads(plaintext)
-        except ValueError as exc:
-            raise MalformedInput(f"the sealed request is not JSON: {exc}") from exc
-        return request_from_json(obj)
 
     def _agency_store(self) -> Any:
         if self._store is None:
