@@ -111,6 +111,21 @@ class Cluster:
         if result.returncode != 0:
             raise RuntimeError(f"exchange init failed: {result.stderr.strip()}")
 
+    def load_sample(self, seed: int, companies: int) -> Path:
+        """Generate sample data into root/data and load each agency's part into its
+        node's store, through the CLI as a user does (before or after `start`)."""
+        data = self.root / "data"
+        steps: list[tuple[str, ...]] = [("data", "generate", "--seed", str(seed),
+                                         "--companies", str(companies), "--out", str(data))]
+        steps += [("data", "load", "--config", str(self.node_config(a)), str(data / a))
+                  for a in self.agencies]
+        for args in steps:
+            result = self.run_exchange(*args)
+            if result.returncode != 0:
+                raise RuntimeError(f"exchange {' '.join(args[:2])} failed: "
+                                   f"{result.stderr.strip()}")
+        return data
+
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Init (once), start every node, wait for a leader all of them follow."""
         if not (self.net / "genesis.pb").exists():

@@ -29,14 +29,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("cmp"))
     try:
         c.init()
-        data = c.root / "data"
-        gen = c.run_exchange("data", "generate", "--seed", str(SEED), "--companies",
-                             str(COMPANIES), "--out", str(data))
-        assert gen.returncode == 0, gen.stderr
-        for agency in c.agencies:
-            load = c.run_exchange("data", "load", "--config", str(c.node_config(agency)),
-                                  str(data / agency))
-            assert load.returncode == 0, load.stderr
+        c.load_sample(SEED, COMPANIES)
         c.start()
         yield c
     finally:
