@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from exchange.cli.init_cmd import init
 from exchange.cli.main import ExchangeGroup
 from exchange.errors import AlreadyExists, MalformedInput
-from exchange.identity import network, tls
+from exchange.identity import ceremony, network, tls
 from exchange.identity.config import (
     load_node_config,
     load_profile,
@@ -189,7 +189,7 @@ def test_failed_init_leaves_nothing_behind(tmp_path: Path,
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(network, "write_agency_configs", boom)
+    monkeypatch.setattr(ceremony, "write_agency_configs", boom)
     with pytest.raises(RuntimeError):
         init_network(tmp_path / "net", agencies=["tax", "police"])
     assert list(tmp_path.iterdir()) == []
@@ -346,7 +346,8 @@ def test_node_config_loads_back_with_resolved_paths(net: NetworkLayout) -> None:
     assert config.listen_metrics == "127.0.0.1:7101"
     assert config.peers == {"police": "127.0.0.1:7110", "customs": "127.0.0.1:7120",
                             "pboc": "127.0.0.1:7130"}
-    assert config.paths.genesis == net.genesis
+    assert config.paths.genesis == net.out_dir / "tax" / "genesis.pb"
+    assert config.paths.genesis.read_bytes() == net.genesis.read_bytes()
     assert config.paths.data_dir == tax / "data"
     assert config.paths.trust_bundle is None
     assert config.read_trust_bundle() == tls.trust_bundle(genesis)
@@ -361,7 +362,7 @@ def test_configs_still_load_after_the_network_folder_moves(tmp_path: Path) -> No
     layout = init_network(tmp_path / "a", agencies=["tax"])
     os.rename(layout.out_dir, tmp_path / "b")
     config = load_node_config(tmp_path / "b" / "tax" / "node.toml")
-    assert config.paths.genesis == tmp_path / "b" / "genesis.pb"
+    assert config.paths.genesis == tmp_path / "b" / "tax" / "genesis.pb"
     assert config.paths.genesis.is_file()
 
 

@@ -35,13 +35,16 @@ def cli() -> None:
 
 def _register() -> None:
     from exchange.cli import (
+        agency_cmd,
         case_cmd,
         catalog_cmd,
         chain_cmd,
+        check_cmd,
         compare_cmd,
         credential_cmd,
         data_cmd,
         evidence_cmd,
+        health_cmd,
         init_cmd,
         node_cmd,
         node_cmds,
@@ -56,7 +59,8 @@ def _register() -> None:
                     catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
                     query_cmd.audit, credential_cmd.credential, compare_cmd.rules,
                     compare_cmd.compare, compare_cmd.findings, compare_cmd.jobs,
-                    case_cmd.case):
+                    case_cmd.case, health_cmd.health, agency_cmd.agency,
+                    agency_cmd.genesis, check_cmd.check):
         cli.add_command(command)
 
 

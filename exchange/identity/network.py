@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
 import re
 import secrets
@@ -38,8 +37,6 @@ from exchange.identity.config import (
 )
 from exchange.identity.genesis import (
     DEFAULT_PARAMS,
-    assemble_genesis,
-    build_genesis,
     genesis_hash,
     issue_credential,
     parse_credential,
@@ -328,20 +325,21 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
     return tuple(out)
 
 
-def write_agency_configs(material: AgencyMaterial, identities: Sequence[IdentityMaterial],
-                         genesis: identity_pb2.Genesis, genesis_path: Path,
-                         listen_grpc: str, listen_metrics: str,
+def write_agency_configs(paths: AgencyPaths, agency: str, address: str,
+                         subjects: Sequence[str], genesis: identity_pb2.Genesis,
+                         genesis_path: Path, listen_grpc: str, listen_metrics: str,
                          log_level: str = "info",
-                         passphrase_env: str | None = None) -> NodeConfig:
-    """Write node.toml, profile.toml (for analyst-1, or the first identity) and a profile
-    per identity under analysts/, and create the empty data folder."""
-    paths = material.paths
+                         passphrase_env: str | None = None,
+                         overwrite: bool = False) -> NodeConfig:
+    """Write node.toml, profile.toml (for analyst-1, or the first subject) and a profile
+    per identity under analysts/, and create the empty data folder. `address` is where
+    this agency's node is dialled (its genesis Member address)."""
     if not paths.data_dir.exists():
         _mkdir(paths.data_dir)
     params = genesis.params
     config = NodeConfig(
-        agency=material.agency,
-        node_id=material.agency,
+        agency=agency,
+        node_id=agency,
         paths=NodePaths(data_dir=paths.data_dir, genesis=genesis_path,
                         node_key=paths.node_key, data_key=paths.data_key,
                         tls_cert=paths.node_cert, tls_key=paths.node_tls_key,
@@ -350,24 +348,24 @@ def write_agency_configs(material: AgencyMaterial, identities: Sequence[Identity
         listen_metrics=listen_metrics,
         block=BlockCutting(tx_max=params.block_tx_max, bytes_max=params.block_bytes_max,
                            interval_ms=params.block_interval_ms),
-        peers={m.agency: m.address for m in genesis.members if m.agency != material.agency},
+        peers={m.agency: m.address for m in genesis.members if m.agency != agency},
         log_level=log_level,
     )
     config.check_against(genesis)
-    write_node_config(paths.node_config, config)
+    write_node_config(paths.node_config, config, overwrite=overwrite)
 
-    default_subject = (PROFILE_SUBJECT if any(i.subject == PROFILE_SUBJECT for i in identities)
-                       else identities[0].subject if identities else None)
-    for identity in identities:
+    default_subject = (PROFILE_SUBJECT if PROFILE_SUBJECT in subjects
+                       else subjects[0] if subjects else None)
+    for subject in subjects:
         profile = Profile(
-            agency=material.agency, subject=identity.subject, node=material.member.address,
-            tls_cert=paths.client_cert(identity.subject),
-            tls_key=paths.client_key(identity.subject),
-            ca_bundle=paths.ca_cert, signing_key=paths.signing_key(identity.subject),
-            credential=paths.credential(identity.subject), passphrase_env=passphrase_env)
-        write_profile(paths.subject_profile(identity.subject), profile)
-        if identity.subject == default_subject:
-            write_profile(paths.profile, profile)
+            agency=agency, subject=subject, node=address,
+            tls_cert=paths.client_cert(subject),
+            tls_key=paths.client_key(subject),
+            ca_bundle=paths.ca_cert, signing_key=paths.signing_key(subject),
+            credential=paths.credential(subject), passphrase_env=passphrase_env)
+        write_profile(paths.subject_profile(subject), profile, overwrite=overwrite)
+        if subject == default_subject:
+            write_profile(paths.profile, profile, overwrite=overwrite)
     return config
 
 
@@ -461,32 +459,28 @@ def _fsync_dir(path: Path) -> None:
 def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, host: str,
            now_ms: int, passphrase_env: str | None
            ) -> tuple[identity_pb2.SignedGenesis, list[tuple[str, str]]]:
-    materials: list[AgencyMaterial] = []
+    """The key ceremony's steps, all on this machine: each agency's keys and request,
+    the draft, every root's signature, the final genesis, each agency's configuration."""
+    from exchange.identity import ceremony
+
+    passphrase = _passphrase(passphrase_env)
+    requests: list[identity_pb2.MembershipRequest] = []
     listen: list[tuple[str, str]] = []
     for i, agency in enumerate(agencies):
         grpc_port = base_port + PORT_STRIDE * i
-        materials.append(make_agency(work / agency, agency, host, grpc_port, now_ms=now_ms))
+        _, request = ceremony.agency_init(
+            work / agency, agency, host, chain_id, port=grpc_port,
+            passphrase=passphrase, passphrase_env=passphrase_env, now_ms=now_ms)
+        requests.append(request)
         listen.append((format_address(host, grpc_port),
                        format_address(host, grpc_port + METRICS_PORT_OFFSET)))
-    passphrase = _passphrase(passphrase_env)
-    identities = [issue_identities(m, chain_id, now_ms, passphrase=passphrase)
-                  for m in materials]
-    credentials = [i.credential for ids in identities for i in ids]
-    from exchange.ledger.policy import default_policies
-
-    genesis_bytes = build_genesis(chain_id, now_ms, [m.member for m in materials],
-                                  credentials, params=DEFAULT_PARAMS,
-                                  policies=default_policies([m.agency for m in materials]))
-    signed = assemble_genesis(genesis_bytes, chain_id, {m.agency: m.root for m in materials})
-    genesis = verify_genesis(signed)
+    draft = ceremony.propose_genesis(requests, now_ms, DEFAULT_PARAMS)
+    signatures = [ceremony.sign_draft(draft, work / agency) for agency in agencies]
+    signed = ceremony.finalize_genesis(draft, signatures)
     genesis_path = work / GENESIS_FILE
-    _write_public(genesis_path, signed.SerializeToString(deterministic=True))
-    description = json.dumps(genesis_description(signed), indent=2, sort_keys=False)
-    _write_public(work / GENESIS_JSON_FILE, (description + "\n").encode())
-    for material, ids, (grpc_addr, metrics_addr) in zip(materials, identities, listen,
-                                                         strict=True):
-        write_agency_configs(material, ids, genesis, genesis_path, grpc_addr, metrics_addr,
-                             passphrase_env=passphrase_env)
+    ceremony.write_genesis(genesis_path, signed)
+    for agency in agencies:
+        ceremony.configure_agency(work / agency, genesis_path)
     return signed, listen
 
 
