@@ -4,19 +4,17 @@ entries (fields, and what a subject can be looked up by)."""
 from __future__ import annotations
 
 from agents import datasets_of, views_of
-from agents.common.schema import Kind
+from agents.lookup import lookup_keys
 from exchange.v1 import ledger_pb2
 
 SHAPE = ledger_pb2.QueryShape
-_SUBJECT_KINDS = (Kind.USCC, Kind.PERSON_ID, Kind.HOLDER_ID)
 
 
 def catalog_entries(agency: str) -> list[ledger_pb2.CatalogEntry]:
     """The agency's catalog, in a stable order: datasets, then views."""
     out = []
     for dataset in datasets_of(agency):
-        keys = list(dict.fromkeys(
-            list(dataset.key) + [c.name for c in dataset.columns if c.kind in _SUBJECT_KINDS]))
+        keys = list(lookup_keys(dataset))
         out.append(ledger_pb2.CatalogEntry(
             dataset=dataset.name, description=dataset.description,
             fields=[ledger_pb2.CatalogField(name=c.name, type=c.kind.value,

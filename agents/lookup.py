@@ -149,10 +149,13 @@ def request_from_json(obj: object) -> LookupRequest:
 # -- what a dataset can be looked up by ---------------------------------------------------
 
 def lookup_keys(dataset: Dataset) -> tuple[str, ...]:
-    """The dataset's lookup key columns, as the catalog lists them."""
+    """The dataset's lookup key columns, as the catalog lists them: its key, its subject
+    columns, and the columns referring to another of the agency's datasets (the bank
+    transactions of an account: transactions by account_no)."""
     return tuple(dict.fromkeys(
         list(dataset.key) + [c.name for c in dataset.columns
-                             if c.kind in _SUBJECT_COLUMN_KINDS]))
+                             if c.kind in _SUBJECT_COLUMN_KINDS]
+        + [r.column for r in dataset.references]))
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ SUBJECT_COLUMNS: dict[str, dict[str, list[tuple[str, str | None]]]] = {
     "declarations": {"decl_no": [("decl_no", None)], "uscc": [("uscc", None)]},
     "accounts": {"account_no": [("account_no", None)], "holder_id": [("holder_id", None)],
                  "uscc": [("holder_id", "company")], "person_id": [("holder_id", "person")]},
-    "transactions": {"txn_id": [("txn_id", None)]},
+    "transactions": {"txn_id": [("txn_id", None)], "account_no": [("account_no", None)]},
     "persons": {"person_id": [("person_id", None)]},
     "records": {"record_id": [("record_id", None)], "person_id": [("person_id", None)]},
 }

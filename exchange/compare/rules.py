@@ -360,33 +360,47 @@ def load_rule_bytes(data: bytes, source: str = "<rule>") -> Rule:
     if len(data) > RULE_FILE_BYTES_MAX:
         raise RuleError(source, None, f"{len(data)} bytes, more than the "
                         f"{RULE_FILE_BYTES_MAX} a rule file may have")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RuleError(source, None, f"not UTF-8 (byte {exc.start})") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = None if mark is None else mark.line + 1
-        raise RuleError(source, line, f"not valid YAML: {exc.problem or exc.context}"
-                        ) from None
-    except yaml.YAMLError as exc:
-        raise RuleError(source, None, f"not valid YAML: {exc}") from None
+    root = compose_yaml(data, source, RuleError)
     if root is None:
         raise RuleError(source, 1, "empty file: a rule is a mapping of id, version, "
                         "owner, description, severity, parameters, queries, own, sql")
     return _Parser(source).rule(root)
 
 
-class _Parser:
+def compose_yaml(data: bytes, source: str,
+                 error: type[RuleError] = RuleError) -> yaml.Node | None:
+    """The YAML node tree of `data` (None for an empty document), with line marks for
+    messages; `error` (RuleError or a subclass) names the file and line of a problem."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(source, None, f"not UTF-8 (byte {exc.start})") from None
+    try:
+        root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = None if mark is None else mark.line + 1
+        raise error(source, line, f"not valid YAML: {exc.problem or exc.context}"
+                    ) from None
+    except yaml.YAMLError as exc:
+        raise error(source, None, f"not valid YAML: {exc}") from None
+    return root
+
+
+class StrictYaml:
+    """Typed reads of a composed YAML tree: every problem is an error naming the file
+    and the node's line. Rule files use it, and so do the other files of this kind
+    (playbooks)."""
+
+    error_class: type[RuleError] = RuleError
+
     def __init__(self, source: str) -> None:
         self.source = source
         self._constructor = yaml.SafeLoader("")
 
     def error(self, node: yaml.Node | None, message: str) -> RuleError:
-        return RuleError(self.source, None if node is None else node.start_mark.line + 1,
-                         message)
+        return self.error_class(self.source,
+                                None if node is None else node.start_mark.line + 1, message)
 
     # -- YAML shapes ------------------------------------------------------------------
 
@@ -470,7 +484,10 @@ class _Parser:
             raise self.error(node, f"{what} is empty (leave it out for every column)")
         return out
 
-    # -- the rule ---------------------------------------------------------------------
+
+
+class _Parser(StrictYaml):
+    """A rule file's tree, read strictly."""
 
     def rule(self, root: yaml.Node) -> Rule:
         top = self.mapping(root, "the rule", RULE_KEYS, RULE_REQUIRED)
