@@ -228,6 +228,13 @@ def request_description(member: identity_pb2.Member,
 
 # -- one agency's machine ---------------------------------------------------------------
 
+def _listen_host(host: str) -> str:
+    """An address to listen on: an IP address or name, or 0.0.0.0 / :: for every
+    interface (which peers cannot dial, but a node in a container or pod listens on)."""
+    tls.general_name(host)
+    return host
+
+
 def agency_init(out_dir: Path, agency: str, host: str, chain_id: str, *,
                 port: int = 7100, metrics_port: int | None = None,
                 listen_host: str | None = None, display_name: str | None = None,
@@ -242,7 +249,7 @@ def agency_init(out_dir: Path, agency: str, host: str, chain_id: str, *,
     metrics = port + METRICS_PORT_OFFSET if metrics_port is None else metrics_port
     if not 1 <= metrics <= 65535:
         raise MalformedInput(f"metrics port {metrics} out of range")
-    bind = host if listen_host is None else validate_host(listen_host)
+    bind = host if listen_host is None else _listen_host(listen_host)
     out_dir = Path(os.path.normpath(out_dir.absolute()))
     if out_dir.exists():
         raise AlreadyExists(f"{out_dir} already exists")
