@@ -69,6 +69,20 @@ ATTEST_FLUSH_S = 0.05
 ANSWER_PENDING_RETRIES = 200
 
 
+def _error_for_code(code: str, message: str) -> ExchangeError:
+    """The domain error a peer named by its code (ExchangeError carrying the code when
+    no class has it), so that it reaches the client as the peer worded it."""
+    pending: list[type[ExchangeError]] = [ExchangeError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls(message)
+        pending.extend(cls.__subclasses__())
+    error = ExchangeError(message)
+    error.code = code
+    return error
+
+
 @dataclass
 class Pending:
     """An admitted transaction this node waits to see applied."""
@@ -753,15 +767,42 @@ class Node:
                 return
             if leader and leader != self.agency:
                 try:
-                    await self._leader_stub(leader).SubmitBatch(
+                    reply = await self._leader_stub(leader).SubmitBatch(
                         node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
                         timeout=5)
+                    self._refused_by_leader(leader, raws, reply.results)
                     return
                 except grpc.aio.AioRpcError as exc:
                     log.info("forward to leader failed", leader=leader, code=exc.code().name)
             if time.monotonic() > deadline:
                 raise Unavailable("no leader to forward to; retry shortly")
             await asyncio.sleep(0.1)
+
+    def _refused_by_leader(self, leader: str, raws: Sequence[bytes],
+                           results: Sequence[node_pb2.SubmitResponse]) -> None:
+        """The leader admits what it is forwarded again, against its own clock and
+        state; what it refuses for good (a body outside its time window, a credential
+        revoked meanwhile) never commits, so whoever waits for it here is told the
+        leader's reason now instead of waiting out the submit timeout."""
+        if len(results) != len(raws):
+            log.warning("leader answered a forward with the wrong number of results",
+                        leader=leader, sent=len(raws), results=len(results))
+            return
+        for raw, result in zip(raws, results, strict=True):
+            if not result.error_code or result.error_code == Unavailable.code:
+                continue
+            tid = tx_id(ledger_pb2.Envelope.FromString(raw).body)
+            p = self.pending.pop(tid, None)
+            if p is None:
+                continue
+            m.REFUSED.labels(result.error_code).inc()
+            log.info("leader refused a forwarded transaction", leader=leader,
+                     tx=tid.hex(), code=result.error_code, error=result.error)
+            error = _error_for_code(result.error_code,
+                                    f"the leader ({leader}) refused it: {result.error}")
+            for fut in p.futures:
+                if not fut.done():
+                    fut.set_exception(error)
 
     def _leader_stub(self, leader: str) -> node_pb2_grpc.ExchangeStub:
         stub = self._leader_stubs.get(leader)
