@@ -355,6 +355,12 @@ class ExchangeClient:
         return cast(node_pb2.RuleList, self._unary(
             self._stub.ListRules, node_pb2.ListRulesRequest(owner_agency=owner)))
 
+    def list_playbooks(self, owner: str = "", with_steps: bool = False,
+                       digest: bytes = b"") -> node_pb2.PlaybookList:
+        return cast(node_pb2.PlaybookList, self._unary(
+            self._stub.ListPlaybooks, node_pb2.ListPlaybooksRequest(
+                owner_agency=owner, with_steps=with_steps, digest=digest)))
+
     def list_findings(self, request: node_pb2.ListFindingsRequest) -> node_pb2.FindingsList:
         return cast(node_pb2.FindingsList, self._unary(self._stub.ListFindings, request))
 
@@ -517,11 +523,11 @@ def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,
     envelope_ok: bool | None = None
     if registry is not None:
         try:
-            node = registry.node_key(header.proposer)
-            proposer_ok = node.key_id == bytes(header.proposer_key_id)
-            if proposer_ok:
-                verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
-                       bytes(info.proposer_signature))
+            node = registry.node_key_at(header.proposer, bytes(header.proposer_key_id),
+                                        header.height)
+            verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
+                   bytes(info.proposer_signature))
+            proposer_ok = True
         except ExchangeError:
             proposer_ok = False
         if not proposer_ok:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from exchange.cli.init_cmd import init
 from exchange.cli.main import ExchangeGroup
 from exchange.errors import AlreadyExists, MalformedInput
-from exchange.identity import ceremony, network, tls
+from exchange.identity import ceremony, tls
 from exchange.identity.config import (
     load_node_config,
     load_profile,

@@ -89,6 +89,9 @@ class NodeConfig:
     agency_store: str = ""
     # Plaintext bytes per sealed answer chunk (larger answers are split).
     answer_chunk_bytes: int = 512 * 1024
+    # True for an agency joining a running network: it is not in genesis, and becomes a
+    # member when a membership change naming its keys commits.
+    join: bool = False
 
     def read_trust_bundle(self) -> bytes:
         """PEM of the CAs this node trusts: the bundle file, or genesis's member CAs."""
@@ -99,7 +102,11 @@ class NodeConfig:
     def check_against(self, genesis: identity_pb2.Genesis) -> None:
         """Raise MalformedInput unless this config fits the network `genesis` describes."""
         members = {m.agency for m in genesis.members}
-        if self.agency not in members:
+        if self.join:
+            if self.agency in members:
+                raise MalformedInput(f"node config: {self.agency!r} is a founding member of "
+                                     f"chain {genesis.chain_id}; it does not join")
+        elif self.agency not in members:
             raise MalformedInput(f"node config: {self.agency!r} is not a member of "
                                  f"chain {genesis.chain_id}")
         expected = members - {self.agency}
@@ -260,6 +267,10 @@ def load_node_config(path: Path) -> NodeConfig:
     agency = top.req_string("agency", AGENCY_PATTERN)
     node_id = top.req_string("node_id", SUBJECT_PATTERN)
     log_level = top.string("log_level", required=False) or "info"
+    join = top.data.get("join", False)
+    top.used.add("join")
+    if not isinstance(join, bool):
+        raise top.error("join", "must be true or false")
     if log_level not in LOG_LEVELS:
         raise top.error("log_level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
@@ -336,7 +347,7 @@ def load_node_config(path: Path) -> NodeConfig:
     return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
                       listen_metrics=listen_metrics, block=block, peers=peers,
                       log_level=log_level, raft=raft, agency_store=agency_store,
-                      answer_chunk_bytes=answer_chunk_bytes)
+                      answer_chunk_bytes=answer_chunk_bytes, join=join)
 
 
 def load_profile(path: Path) -> Profile:
@@ -381,6 +392,7 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
         "agency": config.agency,
         "node_id": config.node_id,
         "log_level": config.log_level,
+        **({"join": True} if config.join else {}),
         "listen": {"grpc": config.listen_grpc, "metrics": config.listen_metrics},
         "paths": {
             "data_dir": _relative(p.data_dir, base),

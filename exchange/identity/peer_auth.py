@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature as X509InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from exchange.errors import CredentialInvalid, MalformedInput
 from exchange.identity.tls import common_name, load_certificate
@@ -39,8 +40,11 @@ class PeerIdentity:
 class PeerAuthenticator:
     """Maps a peer certificate to the member agency whose CA issued it."""
 
-    def __init__(self, member_cas: Mapping[str, bytes]) -> None:
+    def __init__(self, member_cas: Mapping[str, bytes],
+                 node_certs: Mapping[str, bytes] | None = None) -> None:
         self._cas = {agency: load_certificate(der) for agency, der in member_cas.items() if der}
+        # agency -> the only node certificate (DER) accepted from it, once pinned
+        self._node_certs = dict(node_certs or {})
 
     def identify(self, cert_pem: bytes) -> PeerIdentity:
         try:
@@ -58,6 +62,11 @@ class PeerAuthenticator:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, X509InvalidSignature) as exc:
             raise CredentialInvalid(f"peer {name!r} was not certified by {agency}'s CA") from exc
+        pinned = self._node_certs.get(agency)
+        if subject == NODE_SUBJECT and pinned is not None and \
+                cert.public_bytes(Encoding.DER) != pinned:
+            raise CredentialInvalid(f"peer {name!r} presents a node certificate {agency} has "
+                                    "revoked on the ledger")
         return PeerIdentity(agency, subject)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from cryptography.exceptions import InvalidSignature as X509InvalidSignature
 from google.protobuf.message import DecodeError
 
 from exchange.errors import CredentialInvalid, InvalidSignature, MalformedInput, UnknownSigner
@@ -24,6 +25,21 @@ REGISTRY_KINDS = frozenset({"credential_issue", "credential_revoke", "key_rotati
 
 ROLE_ROOT = "root"
 ROLE_NODE = "node"
+# A rotated-out node key still signs blocks and attestations this many blocks past the
+# rotation, so blocks its node proposed or attested before it switched keys stay valid.
+NODE_KEY_GRACE_BLOCKS = 64
+MEMBERS_MAX = 64
+ROTATION_KINDS = ("node", "tls")
+
+
+def membership_change_statement(change: ledger_pb2.MembershipChange) -> bytes:
+    """What each approving root signs: the operation, the member set it applies to, and
+    the new member entry or the agency removed."""
+    if change.remove_agency:
+        op, subject = b"remove", change.remove_agency.encode()
+    else:
+        op, subject = b"add", bytes(change.member)
+    return op + b"\0" + "\n".join(change.members_before).encode() + b"\0" + subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +54,7 @@ class KeyInfo:
     not_before_ms: int = 0
     not_after_ms: int = 0  # 0 = no expiry (member keys)
     revoked_at_height: int | None = None  # invalid in blocks above this height
+    valid_from_height: int = 0  # invalid in blocks below this height (keys added later)
     credential: bytes = b""  # serialized SignedCredential, for credentials
 
 
@@ -56,7 +73,15 @@ class KeyRegistry:
         self.genesis = genesis
         self.chain_id = genesis.chain_id
         self.members: dict[str, identity_pb2.Member] = {}
+        self.former_members: dict[str, identity_pb2.Member] = {}
+        # agency -> the one node TLS certificate (DER) peers accept from it, once it has
+        # rotated its node certificate on the ledger (before that: any node certificate
+        # its CA issued).
+        self.node_certs: dict[str, bytes] = {}
         self._keys: dict[bytes, KeyInfo] = {}
+        # Bumped whenever members, their node keys or their TLS CAs change, so the node
+        # knows to refresh its peer links, trust and Raft configuration.
+        self.version = 0
         for member in genesis.members:
             self._add_member(member)
         for signed in genesis.credentials:
@@ -80,6 +105,10 @@ class KeyRegistry:
             raise CredentialInvalid(
                 f"key {bytes(kid).hex()} of {info.agency}/{info.subject} was revoked at "
                 f"height {info.revoked_at_height}")
+        if height < info.valid_from_height:
+            raise CredentialInvalid(
+                f"key {bytes(kid).hex()} of {info.agency}/{info.subject} is valid from "
+                f"height {info.valid_from_height}")
         if info.not_after_ms and not info.not_before_ms <= time_ms <= info.not_after_ms:
             raise CredentialInvalid(
                 f"credential of {info.agency}/{info.subject} is not valid at {time_ms}")
@@ -91,11 +120,26 @@ class KeyRegistry:
             raise UnknownSigner(f"{agency!r} is not a member")
         return self.resolve(key_id("ed25519", bytes(member.node_public_key)))
 
+    def node_key_at(self, agency: str, kid: bytes, height: int) -> KeyInfo:
+        """The node key `kid` of `agency` if it may sign a block or attestation at
+        `height`: the current node key, or one rotated out or of a removed member whose
+        validity had not ended by then."""
+        info = self._keys.get(bytes(kid))
+        if info is None or info.agency != agency or info.subject != ROLE_NODE:
+            raise UnknownSigner(f"key {bytes(kid).hex()} is not a node key of {agency!r}")
+        if info.revoked_at_height is not None and height > info.revoked_at_height:
+            raise CredentialInvalid(f"{agency}'s node key {bytes(kid).hex()} is not valid "
+                                    f"after height {info.revoked_at_height}")
+        if height < info.valid_from_height:
+            raise CredentialInvalid(f"{agency}'s node key {bytes(kid).hex()} is not valid "
+                                    f"before height {info.valid_from_height}")
+        return info
+
     def credentials(self) -> list[KeyInfo]:
         return [k for k in self._keys.values() if k.credential]
 
     # -- changes -------------------------------------------------------------------
-    def _add_member(self, member: identity_pb2.Member) -> None:
+    def _add_member(self, member: identity_pb2.Member, valid_from_height: int = 0) -> None:
         if member.agency in self.members:
             raise MalformedInput(f"member {member.agency} already exists")
         self.members[member.agency] = member
@@ -103,7 +147,8 @@ class KeyRegistry:
             kid = key_id("ed25519", bytes(pub))
             if kid in self._keys:
                 raise MalformedInput(f"key of {member.agency}/{role} is already registered")
-            self._keys[kid] = KeyInfo(kid, bytes(pub), member.agency, role, (role,))
+            self._keys[kid] = KeyInfo(kid, bytes(pub), member.agency, role, (role,),
+                                      valid_from_height=valid_from_height)
 
     def add_credential(self, signed: identity_pb2.SignedCredential) -> KeyInfo:
         """Verify a credential against its agency's root and register its key."""
@@ -149,3 +194,127 @@ class KeyRegistry:
             self.add_credential(signed)
         elif kind == "credential_revoke":
             self.revoke(bytes(body.credential_revoke.key_id), signer.agency, height)
+        elif kind == "key_rotation":
+            self.rotate(body.key_rotation, signer, height)
+        elif kind == "membership_change":
+            self.change_membership(body.membership_change, signer, height)
+
+    def rotate(self, rotation: ledger_pb2.KeyRotation, signer: KeyInfo, height: int) -> None:
+        """An agency replaces its node signing key or its TLS CA (signed by its root)."""
+        if signer.subject != ROLE_ROOT:
+            raise CredentialInvalid("an agency's keys are rotated by its root")
+        member = self.members.get(signer.agency)
+        if member is None:
+            raise CredentialInvalid(f"{signer.agency} is not a member")
+        updated = identity_pb2.Member()
+        updated.CopyFrom(member)
+        if rotation.key_kind == "node":
+            new_key = bytes(rotation.new_public_key)
+            if len(new_key) != 32:
+                raise MalformedInput("a node key is 32 bytes")
+            new_kid = key_id("ed25519", new_key)
+            if new_kid in self._keys:
+                raise MalformedInput(f"key {new_kid.hex()} is already registered")
+            old = self.node_key(signer.agency)
+            self._keys[old.key_id] = replace(old, revoked_at_height=height + NODE_KEY_GRACE_BLOCKS)
+            self._keys[new_kid] = KeyInfo(new_kid, new_key, signer.agency, ROLE_NODE,
+                                          (ROLE_NODE,), valid_from_height=height + 1)
+            updated.node_public_key = new_key
+        elif rotation.key_kind == "tls":
+            from exchange.identity.tls import common_name, load_certificate
+
+            der = bytes(rotation.new_certificate)
+            cert = load_certificate(der)
+            if common_name(cert) != f"{signer.agency}/node":
+                raise MalformedInput(f"the new certificate is named {common_name(cert)!r}, "
+                                     f"not {signer.agency + '/node'!r}")
+            try:
+                cert.verify_directly_issued_by(
+                    load_certificate(bytes(member.tls_ca_certificate)))
+            except (ValueError, TypeError, X509InvalidSignature) as exc:
+                raise InvalidSignature(f"the new certificate is not issued by "
+                                       f"{signer.agency}'s CA") from exc
+            if self.node_certs.get(signer.agency) == der:
+                raise MalformedInput("the new node certificate is the current one")
+            self.node_certs[signer.agency] = der
+        else:
+            raise MalformedInput(f"key kind {rotation.key_kind!r} cannot be rotated "
+                                 f"(one of {', '.join(ROTATION_KINDS)})")
+        self.members[signer.agency] = updated
+        self.version += 1
+
+    def change_membership(self, change: ledger_pb2.MembershipChange, signer: KeyInfo,
+                          height: int) -> None:
+        """Add or remove a member, approved by the roots of a quorum of current members."""
+        if signer.agency not in self.members or signer.subject not in (ROLE_ROOT, ROLE_NODE):
+            raise CredentialInvalid("a membership change is submitted by a member's root "
+                                    "or node")
+        if bool(change.member) == bool(change.remove_agency):
+            raise MalformedInput("a membership change adds a member or removes one")
+        current = sorted(self.members)
+        if list(change.members_before) != current:
+            raise CredentialInvalid(
+                f"the change was approved for members {list(change.members_before)}; the "
+                f"members are {current}")
+        statement = membership_change_statement(change)
+        approvers: set[str] = set()
+        for approval in change.approvals:
+            member = self.members.get(approval.agency)
+            if member is None:
+                raise CredentialInvalid(f"approval of non-member {approval.agency!r}")
+            root = bytes(member.root_public_key)
+            if bytes(approval.key_id) != key_id("ed25519", root):
+                raise InvalidSignature(f"approval of {approval.agency} names another key")
+            verify(root, Domain.MEMBERSHIP_CHANGE, self.chain_id, statement,
+                   bytes(approval.signature))
+            approvers.add(approval.agency)
+        if len(approvers) < self.quorum:
+            raise CredentialInvalid(f"approved by {len(approvers)} of {len(current)} "
+                                    f"members; {self.quorum} are needed")
+        if change.remove_agency:
+            self._remove_member(change.remove_agency, height)
+        else:
+            self._admit_member(change, height)
+        self.version += 1
+
+    def _admit_member(self, change: ledger_pb2.MembershipChange, height: int) -> None:
+        from exchange.identity.config import AGENCY_PATTERN, parse_address
+        from exchange.identity.tls import common_name, load_certificate
+
+        member = identity_pb2.Member()
+        try:
+            member.ParseFromString(change.member)
+        except DecodeError as exc:
+            raise MalformedInput(f"member entry does not parse: {exc}") from exc
+        if not AGENCY_PATTERN.match(member.agency):
+            raise MalformedInput(f"invalid agency name {member.agency!r}")
+        if member.agency in self.former_members:
+            raise MalformedInput(f"{member.agency} was a member before; a name is not reused")
+        if len(self.members) >= MEMBERS_MAX:
+            raise MalformedInput(f"at most {MEMBERS_MAX} members")
+        for value in (member.root_public_key, member.node_public_key, member.data_public_key):
+            if len(value) != 32:
+                raise MalformedInput("member keys are 32 bytes")
+        verify(bytes(member.root_public_key), Domain.MEMBERSHIP_REQUEST, self.chain_id,
+               bytes(change.member), bytes(change.request_signature))
+        if common_name(load_certificate(bytes(member.tls_ca_certificate))) != \
+                f"{member.agency} exchange CA":
+            raise MalformedInput(f"{member.agency}'s TLS CA is not named for it")
+        parse_address(member.address)
+        if any(m.address == member.address for m in self.members.values()):
+            raise MalformedInput(f"address {member.address} is another member's")
+        self._add_member(member, valid_from_height=height + 1)
+
+    def _remove_member(self, agency: str, height: int) -> None:
+        member = self.members.get(agency)
+        if member is None:
+            raise MalformedInput(f"{agency!r} is not a member")
+        if len(self.members) == 1:
+            raise MalformedInput("the last member cannot be removed")
+        # Every key of the agency stops at this height: its node, root and people.
+        for kid, info in list(self._keys.items()):
+            if info.agency == agency and (info.revoked_at_height is None
+                                          or info.revoked_at_height > height):
+                self._keys[kid] = replace(info, revoked_at_height=height)
+        del self.members[agency]
+        self.former_members[agency] = member

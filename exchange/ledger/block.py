@@ -142,12 +142,12 @@ class CheckedBlock:
 
 def check_header(header_bytes: bytes, signature: bytes, chain_id: str, height: int,
                  prev_hash: bytes, prev_timestamp_ms: int,
-                 proposer_key: Callable[[str, bytes], bytes]) -> ledger_pb2.BlockHeader:
+                 proposer_key: Callable[[str, bytes, int], bytes]) -> ledger_pb2.BlockHeader:
     """Check a header's link to its parent and its proposer signature."""
     header = parse_header(header_bytes, height)
     _check_header_link(header, chain_id, height, prev_hash, prev_timestamp_ms)
     try:
-        key = proposer_key(header.proposer, bytes(header.proposer_key_id))
+        key = proposer_key(header.proposer, bytes(header.proposer_key_id), height)
         verify(key, Domain.BLOCK, chain_id, header_bytes, signature)
     except (InvalidSignature, MalformedInput, ChainBroken) as exc:
         raise BlockInvalid(height, f"proposer signature: {exc}") from exc
@@ -175,7 +175,7 @@ def _check_header_link(header: ledger_pb2.BlockHeader, chain_id: str, height: in
 
 
 def check_block(block: ledger_pb2.Block, chain_id: str, height: int, prev_hash: bytes,
-                prev_timestamp_ms: int, proposer_key: Callable[[str, bytes], bytes],
+                prev_timestamp_ms: int, proposer_key: Callable[[str, bytes, int], bytes],
                 signer_key: PublicKeyLookup) -> CheckedBlock:
     """Everything about a block that needs no ledger state beyond the signers' keys:
     header link and signature, Merkle root, count, each envelope's form and signature."""

@@ -253,6 +253,10 @@ def _check_case_statements(bundle: evidence_pb2.EvidenceBundle, registry: KeyReg
     from exchange.ledger.casechain import EMPTY, case_named, extend
 
     raw = bytes(bundle.case_statements[0].statement)
+    try:
+        statement_height = evidence_pb2.CaseStatement.FromString(raw).height
+    except DecodeError as exc:
+        raise BundleInvalid("case_statements[0]", f"does not parse: {exc}") from exc
     agencies: list[str] = []
     for i, signed in enumerate(bundle.case_statements):
         where = f"case_statements[{i}]"
@@ -261,9 +265,8 @@ def _check_case_statements(bundle: evidence_pb2.EvidenceBundle, registry: KeyReg
         if signed.agency in agencies:
             raise BundleInvalid(where, f"{signed.agency} states twice")
         try:
-            node = registry.node_key(signed.agency)
-            if node.key_id != bytes(signed.signer_key_id):
-                raise BundleInvalid(where, "not signed by the agency's node key")
+            node = registry.node_key_at(signed.agency, bytes(signed.signer_key_id),
+                                        statement_height)
             verify(node.public_key, Domain.CASE_STATEMENT, chain_id, raw,
                    bytes(signed.signature))
         except BundleInvalid:

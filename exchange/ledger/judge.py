@@ -77,11 +77,10 @@ def valid_attestation_record(registry: KeyRegistry, body: ledger_pb2.TxBody, sig
 
 
 def signed_by_its_node(registry: KeyRegistry, att: ledger_pb2.Attestation) -> bool:
-    """Whether `att` carries a valid signature of its agency's node key."""
+    """Whether `att` carries a valid signature of its agency's node key as of the
+    attested height."""
     try:
-        node = registry.node_key(att.agency)
-        if node.key_id != bytes(att.signer_key_id):
-            return False
+        node = registry.node_key_at(att.agency, bytes(att.signer_key_id), att.height)
         verify_attestation(att, registry.chain_id, node.public_key)
     except ExchangeError:
         return False

@@ -46,13 +46,13 @@ class ChainReport:
         return dict(self.__dict__)
 
 
-def proposer_key_lookup(registry: KeyRegistry) -> Callable[[str, bytes], bytes]:
-    """A lookup that accepts only a member's current node key as a block proposer."""
-    def lookup(agency: str, kid: bytes) -> bytes:
-        info = registry.node_key(agency)
-        if info.key_id != kid:
-            raise ChainBroken(f"proposer key {kid.hex()} is not {agency}'s node key")
-        return info.public_key
+def proposer_key_lookup(registry: KeyRegistry) -> Callable[[str, bytes, int], bytes]:
+    """A lookup that accepts only a member's node key valid at the block's height."""
+    def lookup(agency: str, kid: bytes, height: int) -> bytes:
+        try:
+            return registry.node_key_at(agency, kid, height).public_key
+        except ExchangeError as exc:
+            raise ChainBroken(f"proposer key {kid.hex()}: {exc}") from exc
     return lookup
 
 
@@ -67,11 +67,9 @@ def check_attestations(registry: KeyRegistry, height: int, hash_: bytes, results
         if bytes(att.results_root) != results_root:
             raise BlockInvalid(height, f"{where} signs other transaction results")
         try:
-            node = registry.node_key(att.agency)
+            node = registry.node_key_at(att.agency, bytes(att.signer_key_id), height)
         except ExchangeError as exc:
             raise BlockInvalid(height, f"{where}: {exc}") from exc
-        if node.key_id != bytes(att.signer_key_id):
-            raise BlockInvalid(height, f"{where} is signed by a key that is not its node key")
         try:
             verify_attestation(att, registry.chain_id, node.public_key)
         except ExchangeError as exc:

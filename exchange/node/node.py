@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections import OrderedDict
@@ -49,7 +50,16 @@ from exchange.node.admission import admit
 from exchange.node.answers import AnswerPending, QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
 from exchange.node.responder import Responder, close_quietly
-from exchange.raft.core import NotLeader, RaftConfig, RaftError, RaftNode, Role
+from exchange.node.tls_state import NodeTls, next_path
+from exchange.raft.confchange import ConfChange, ConfChangeOp
+from exchange.raft.core import (
+    ConfChangeRejected,
+    NotLeader,
+    RaftConfig,
+    RaftError,
+    RaftNode,
+    Role,
+)
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind, SnapshotMeta
 from exchange.raft.wal import WriteAheadLog
@@ -109,11 +119,18 @@ class Node:
         self.registry = self.applier.registry
         self.chain_id = self.registry.chain_id
         member = self.registry.members.get(self.agency)
-        if member is None:
+        # An agency joining a running network is not in genesis: until the membership
+        # change naming it commits, it only follows the chain.
+        self.joining = member is None and config.join
+        if member is None and not self.joining:
+            if self.agency in self.registry.former_members:
+                raise ExchangeError(f"{self.agency} was removed from {self.chain_id}")
             raise ExchangeError(f"{self.agency} is not a member of {self.chain_id}")
-        if bytes(member.node_public_key) != self.signer.public_key:
-            raise ExchangeError(f"genesis names {self.agency}'s node with another key than "
-                                f"{config.paths.node_key}")
+        if member is not None and bytes(member.node_public_key) != self.signer.public_key:
+            self._take_next_node_key(bytes(member.node_public_key))
+            if bytes(member.node_public_key) != self.signer.public_key:
+                raise ExchangeError(f"the ledger names {self.agency}'s node with another key "
+                                    f"than {config.paths.node_key}")
         self.wal, recovered = WriteAheadLog.open(data_dir / "raft")
         if recovered.repaired:
             log.warning("raft log tail repaired", detail=recovered.repaired)
@@ -127,6 +144,11 @@ class Node:
             recovered.hard_state, recovered.snapshot, recovered.entries, random.Random(),
             applied=min(max(applied, recovered.snapshot.index), last))
         self.peers_addr = {a: m.address for a, m in self.registry.members.items()}
+        self.tls = NodeTls(config, self.registry.members.values())
+        pinned = self.registry.node_certs.get(self.agency)
+        if pinned is not None and pinned != self.tls.cert_der:
+            self.tls.switch_to(pinned)
+        self._registry_version = self.registry.version
         self.links: PeerLinks | None = None
         self._client_creds: grpc.ChannelCredentials | None = None
         self._kick = asyncio.Event()
@@ -156,7 +178,7 @@ class Node:
         self.fatal_error = ""
         self.fatal = asyncio.Event()
         data_key = read_data_key(config.paths.data_key)
-        if bytes(member.data_public_key) != data_key.public_key:
+        if member is not None and bytes(member.data_public_key) != data_key.public_key:
             raise ExchangeError(f"genesis names {self.agency}'s data key with another key "
                                 f"than {config.paths.data_key}")
         self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
@@ -179,8 +201,8 @@ class Node:
             return 0
         return self.store.index_columns(self.store.height)[2]
 
-    async def start(self, client_credentials: grpc.ChannelCredentials) -> None:
-        self._client_creds = client_credentials
+    async def start(self) -> None:
+        self._client_creds = client_credentials = self.tls.client_credentials()
         self.links = PeerLinks(self.agency, self.peers_addr, client_credentials)
         self.links.start()
         loop = asyncio.get_running_loop()
@@ -335,6 +357,7 @@ class Node:
                     self.mempool[tx] = p.opened
             if self.mempool:
                 self._mempool_event.set()
+            self._reconcile_voters()
 
     async def _apply_entries(self, entries: Sequence[Entry]) -> None:
         batch: list[tuple[ledger_pb2.Block, CheckedBlock | None]] = []
@@ -386,6 +409,9 @@ class Node:
         for env, code in zip(applied.checked.envelopes, applied.codes, strict=True):
             if code == "OK":
                 self._follow_query(env)
+        if self.registry.version != self._registry_version:
+            self._registry_version = self.registry.version
+            self._registry_changed()
         recorded = [att for env, code in zip(applied.checked.envelopes, applied.codes,
                                              strict=True)
                     if code == "OK" and env.kind == "attestation_record"
@@ -572,6 +598,75 @@ class Node:
             old = self._channels.pop(0)
             asyncio.get_running_loop().create_task(old.close())
         return ch
+
+    # -- membership, rotation ------------------------------------------------------
+    def _take_next_node_key(self, public_key: bytes) -> None:
+        """Switch to the prepared next node key (keys/node.next.key) if it is the one
+        the ledger now names; it replaces the current key file."""
+        path = self.config.paths.node_key
+        prepared = next_path(path)
+        try:
+            key = read_signing_key(prepared)
+        except (OSError, ExchangeError, ValueError) as exc:
+            log.error("the ledger names a node key this node does not hold", error=str(exc))
+            return
+        if key.public_key != public_key:
+            log.error("the prepared next node key is not the one on the ledger",
+                      path=str(prepared))
+            return
+        os.replace(prepared, path)
+        self.signer = CachedSigner(key)
+        self.applier.node_signer = self.signer
+        log.info("node key switched to the one on the ledger", key_id=key.key_id.hex())
+
+    def _registry_changed(self) -> None:
+        """Follow a membership change or rotation that just applied."""
+        member = self.registry.members.get(self.agency)
+        if member is None:
+            if self.agency in self.registry.former_members:
+                log.critical("this agency was removed from the network; stopping")
+                self.fatal_error = "this agency was removed from the network"
+                self.fatal.set()
+            return
+        if self.joining:
+            log.info("joined the network as a member", chain=self.chain_id)
+            self.joining = False
+        if bytes(member.node_public_key) != self.signer.public_key:
+            self._take_next_node_key(bytes(member.node_public_key))
+        pinned = self.registry.node_certs.get(self.agency)
+        cert_switched = pinned is not None and self.tls.switch_to(pinned)
+        trust_changed = self.tls.set_members(self.registry.members.values())
+        self.peers_addr = {a: m.address for a, m in self.registry.members.items()}
+        self._leader_stubs.clear()
+        if cert_switched or trust_changed:
+            self._client_creds = self.tls.client_credentials()
+        if self.links is not None:
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(self.links.update(
+                self.peers_addr,
+                self._client_creds if (cert_switched or trust_changed) else None),
+                name="peer-links"))
+        self._reconcile_voters()
+
+    def _reconcile_voters(self) -> None:
+        """The leader moves Raft's voters toward the ledger's members, one server at a
+        time (a member added on the ledger becomes a voter; a removed one stops being)."""
+        if self.core.role is not Role.LEADER:
+            return
+        wanted, voters = set(self.registry.members), set(self.core.voters)
+        if wanted == voters:
+            return
+        added, removed = sorted(wanted - voters), sorted(voters - wanted)
+        change = (ConfChange(ConfChangeOp.ADD_VOTER, added[0]) if added
+                  else ConfChange(ConfChangeOp.REMOVE_VOTER, removed[0]))
+        try:
+            self.core.propose_conf_change(change)
+        except ConfChangeRejected as exc:
+            log.debug("voter change waits", change=change.op.value, node=change.node_id,
+                      reason=str(exc))
+            return
+        log.info("proposed a voter change", change=change.op.value, node=change.node_id)
+        self._kick.set()
 
     # -- attestations --------------------------------------------------------------
     def _send_own_attestations(self) -> None:
@@ -877,6 +972,7 @@ class Node:
         """Ask every peer for its height now and then, for status pages."""
         while True:
             await asyncio.sleep(PEER_STATUS_EVERY_S)
+            self._reconcile_voters()
             if self.links is None:
                 continue
             for agency, link in self.links.links.items():

@@ -176,6 +176,7 @@ class PeerLinks:
     def __init__(self, self_id: str, peers: Mapping[str, str],
                  credentials: grpc.ChannelCredentials) -> None:
         self.self_id = self_id
+        self._credentials = credentials
         self.links = {pid: PeerLink(pid, addr, credentials, self._state)
                       for pid, addr in peers.items() if pid != self_id}
 
@@ -196,6 +197,23 @@ class PeerLinks:
         for att in attestations:
             for link in self.links.values():
                 link.send_attestation(att)
+
+    async def update(self, peers: Mapping[str, str],
+                     credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Follow a membership or TLS change: links to new members open, links to
+        removed members close, and with new `credentials` every link is re-opened."""
+        wanted = {pid: addr for pid, addr in peers.items() if pid != self.self_id}
+        stale = [pid for pid, link in self.links.items()
+                 if credentials is not None or wanted.get(pid) != link.address]
+        closing = [self.links.pop(pid) for pid in stale]
+        await asyncio.gather(*(link.close() for link in closing))
+        for pid, addr in wanted.items():
+            if pid not in self.links:
+                creds = credentials if credentials is not None else self._credentials
+                self.links[pid] = link = PeerLink(pid, addr, creds, self._state)
+                link.start()
+        if credentials is not None:
+            self._credentials = credentials
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links.values()))

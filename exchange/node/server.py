@@ -83,12 +83,24 @@ def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class _Auth:
+    """Who a caller is, by the member CAs and pinned node certificates on the ledger as
+    of the last applied block."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.authenticator = PeerAuthenticator(member_cas_from(node.registry.members.values()))
-        self._known: dict[bytes, PeerIdentity] = {}
+        self._version = -1
+        self._refresh()
+
+    def _refresh(self) -> None:
+        registry = self.node.registry
+        if registry.version != self._version:
+            self._version = registry.version
+            self.authenticator = PeerAuthenticator(
+                member_cas_from(registry.members.values()), registry.node_certs)
+            self._known: dict[bytes, PeerIdentity] = {}
 
     def identify(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+        self._refresh()
         try:
             cert = peer_certificate(context.auth_context())
             who = self._known.get(cert)
@@ -278,6 +290,26 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return out
 
     @_mapped
+    async def ListPlaybooks(self, request: node_pb2.ListPlaybooksRequest,
+                            context: grpc.aio.ServicerContext) -> node_pb2.PlaybookList:
+        self.auth.own_agency_or_node(context)
+        book = self.node.applier.state.playbooks
+        chosen = [p for p in list(book.playbooks.values())
+                  if request.owner_agency in ("", p.owner)
+                  and (not request.digest or p.digest == bytes(request.digest))]
+        out = node_pb2.PlaybookList(height=self.node.store.height)
+        for p in chosen:
+            out.playbooks.append(node_pb2.RegisteredPlaybook(
+                owner_agency=p.owner, playbook_id=p.playbook_id, version=p.version,
+                digest=p.digest, canonical=p.canonical, tx_id=p.tx_id, height=p.height))
+            if request.with_steps:
+                out.steps.extend(node_pb2.PlaybookStepView(
+                    ref=s.ref.text(), tx_id=s.tx_id, height=s.height, kind=s.kind,
+                    case_id=s.case_id, added_run_tx_id=s.added_run,
+                    added_finding_id=s.added_finding) for s in book.steps_of(p.digest))
+        return out
+
+    @_mapped
     async def ListRules(self, request: node_pb2.ListRulesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
         self.auth.own_agency_or_node(context)
@@ -308,6 +340,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 rule_id=r.rule_id, rule_digest=r.rule_digest, period=r.period,
                 output_digest=r.output_digest, finding_count=r.finding_count,
                 input_tx_ids=list(r.input_tx_ids), superseded_by=r.superseded_by,
+                case_id=r.case_id,
                 findings=[ledger_pb2.FindingSummary(finding_id=f, severity=sev, digest=d)
                           for f, sev, d in r.summaries])
                 for r in runs
@@ -388,21 +421,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         return self.node.case_statement(request.case_id, request.height)
 
 
-def _tls(config: NodeConfig) -> tuple[grpc.ServerCredentials, grpc.ChannelCredentials]:
-    key = config.paths.tls_key.read_bytes()
-    cert = config.paths.tls_cert.read_bytes()
-    trust = config.read_trust_bundle()
-    server = grpc.ssl_server_credentials([(key, cert)], root_certificates=trust,
-                                         require_client_auth=True)
-    client = grpc.ssl_channel_credentials(root_certificates=trust, private_key=key,
-                                          certificate_chain=cert)
-    return server, client
-
-
 async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None) -> None:
     """Run a node until SIGTERM or SIGINT."""
     node = Node(config)
-    server_creds, client_creds = _tls(config)
+    server_creds = node.tls.server_credentials()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
@@ -419,7 +441,7 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     host, port = parse_address(config.listen_grpc)
     server.add_secure_port(f"{host}:{port}", server_creds)
     await server.start()
-    await node.start(client_creds)
+    await node.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("exchange.v1.Exchange", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", address=config.listen_grpc)
