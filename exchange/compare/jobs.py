@@ -15,6 +15,16 @@ Config (TOML):
     interval_s = 60                             # between rounds
     agency_store = "deploy/local/tax/data/agency.db"   # optional: watch its load log
     state_file = "var/jobs/tax.json"
+
+After the rules, each round runs the agency's registered playbooks (exchange.cases.runner)
+on the findings it may read:
+
+    playbooks = ["revenue-inflows-follow-up"]   # default: every playbook of the agency
+    follow_ups_per_finding_max = 8              # N: follow-up queries per finding
+    follow_ups_per_hour_per_agency = 500        # M: follow-ups per hour to each agency
+    playbook_workers = 4                        # findings worked on side by side
+    playbook_spool = "var/jobs/tax.playbooks.db"  # default: beside state_file
+    run_playbooks = true
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ class JobsConfig:
     interval_s: float = 60.0
     agency_store: str = ""
     state_file: Path | None = None
+    playbooks: tuple[str, ...] = ()
+    run_playbooks: bool = True
+    follow_ups_per_finding_max: int = 8
+    follow_ups_per_hour_per_agency: int = 500
+    playbook_workers: int = 4
+    playbook_spool: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
@@ -57,7 +73,9 @@ class JobsConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise MalformedInput(f"{path}: {exc}") from exc
         known = {"profile", "rules", "periods", "recent_months", "interval_s",
-                 "agency_store", "state_file"}
+                 "agency_store", "state_file", "playbooks", "run_playbooks",
+                 "follow_ups_per_finding_max", "follow_ups_per_hour_per_agency",
+                 "playbook_workers", "playbook_spool"}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise MalformedInput(f"{path}: unknown key(s) {', '.join(unknown)}")
@@ -88,11 +106,38 @@ class JobsConfig:
             raise MalformedInput(f"{path}: agency_store is a path or URL")
         if store and "://" not in store:
             store = str(rel(store, "agency_store"))
+        def bounded(key: str, default: int, low: int, high: int) -> int:
+            value = doc.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not low <= value <= high:
+                raise MalformedInput(f"{path}: {key} is an integer {low}..{high}")
+            return value
+
+        run_playbooks = doc.get("run_playbooks", True)
+        if not isinstance(run_playbooks, bool):
+            raise MalformedInput(f"{path}: run_playbooks is true or false")
         return cls(profile=rel(doc["profile"], "profile"), rules=strings("rules"),
                    periods=strings("periods"), recent_months=months,
                    interval_s=float(interval), agency_store=store,
                    state_file=rel(doc["state_file"], "state_file")
-                   if "state_file" in doc else None)
+                   if "state_file" in doc else None,
+                   playbooks=strings("playbooks"), run_playbooks=run_playbooks,
+                   follow_ups_per_finding_max=bounded("follow_ups_per_finding_max", 8, 0,
+                                                      64),
+                   follow_ups_per_hour_per_agency=bounded("follow_ups_per_hour_per_agency",
+                                                          500, 1, 100_000),
+                   playbook_workers=bounded("playbook_workers", 4, 1, 32),
+                   playbook_spool=rel(doc["playbook_spool"], "playbook_spool")
+                   if "playbook_spool" in doc else None)
+
+    def spool_path(self, base: Path, agency: str) -> Path:
+        """Where the playbook runner keeps its spool: as configured, else beside the state
+        file, else in `base`."""
+        if self.playbook_spool is not None:
+            return self.playbook_spool
+        if self.state_file is not None:
+            return self.state_file.with_suffix(".playbooks.db")
+        return base / f"playbooks-{agency}.db"
 
     def wanted_periods(self, today: dt.date | None = None) -> list[str]:
         periods = list(self.periods)
@@ -112,6 +157,7 @@ class RoundReport:
     ran: list[tuple[str, str, int]] = field(default_factory=list)  # rule, period, findings
     skipped: int = 0
     failed: list[tuple[str, str, str]] = field(default_factory=list)
+    playbooks: Any = None  # exchange.cases.runner.RoundReport, when playbooks ran
 
 
 def load_log_fingerprint(agency: str, location: str) -> str:
@@ -133,8 +179,8 @@ def load_log_fingerprint(agency: str, location: str) -> str:
 class Runner:
     """Runs the configured rules, round after round."""
 
-    def __init__(self, config: JobsConfig,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: JobsConfig, progress: Callable[[str], None] | None = None,
+                 base: Path | None = None) -> None:
         from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
 
         self.config = config
@@ -148,8 +194,34 @@ class Runner:
         self._state: dict[str, str] = {}
         if config.state_file is not None and config.state_file.exists():
             self._state = json.loads(config.state_file.read_text())
+        self.playbook_runner: Any = None
+        if config.run_playbooks:
+            self.playbook_runner = self._playbook_runner(base or config.profile.parent)
+
+    def _playbook_runner(self, base: Path) -> Any:
+        from exchange.cases.playbooks import load_playbooks
+        from exchange.cases.runner import PlaybookRunner, PlaybookSettings
+
+        playbooks = load_playbooks(self.agency)
+        if self.config.playbooks:
+            missing = set(self.config.playbooks) - {p.id for p in playbooks}
+            if missing:
+                raise MalformedInput(f"{self.agency} has no playbook(s) "
+                                     f"{', '.join(sorted(missing))}")
+            playbooks = [p for p in playbooks if p.id in self.config.playbooks]
+        if not playbooks:
+            return None
+        settings = PlaybookSettings(
+            spool=self.config.spool_path(base, self.agency),
+            follow_ups_per_finding_max=self.config.follow_ups_per_finding_max,
+            follow_ups_per_hour_per_agency=self.config.follow_ups_per_hour_per_agency,
+            workers=self.config.playbook_workers)
+        return PlaybookRunner(self.client, self.signer, self.genesis, playbooks, settings,
+                              self.progress)
 
     def close(self) -> None:
+        if self.playbook_runner is not None:
+            self.playbook_runner.close()
         self.client.close()
 
     def _save_state(self) -> None:
@@ -178,7 +250,7 @@ class Runner:
         fingerprint = load_log_fingerprint(self.agency, self.config.agency_store)
         runs = self.client.list_findings(node_pb2.ListFindingsRequest(
             owner_agency=self.agency)).runs
-        done = {(bytes(r.rule_digest), r.period) for r in runs}
+        done = {(bytes(r.rule_digest), r.period) for r in runs if not r.case_id}
         for rule in self.rules():
             periods = self.config.wanted_periods() if rule.period_bound else [""]
             for period in periods:
@@ -207,6 +279,13 @@ class Runner:
                 log.info("rule run", rule=rule.id, period=period,
                          findings=len(result.output.rows), tx=result.findings_tx_id.hex(),
                          seconds=round(result.seconds, 2))
+        if self.playbook_runner is not None and not self.stopping.is_set():
+            try:
+                report.playbooks = self.playbook_runner.one_round(self.stopping)
+            except ExchangeError as exc:
+                log.warning("playbooks not run this round", error=str(exc))
+            else:
+                log.info("playbooks round", **report.playbooks.as_dict())
         return report
 
     def serve(self, rounds: int = 0) -> None:

@@ -6,6 +6,7 @@ the ledger to check its output digest.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +20,41 @@ from exchange.crossquery import QuerySpec, build_query, read_answer
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid, Unavailable
 from exchange.ledger.findings import summary_of
 from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
-from exchange.ledger.sealing import seal
+from exchange.ledger.sealing import canonical_json, seal
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 SHAPE = ledger_pb2.QueryShape
 ANSWER_WAIT_S = 120.0
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """A run restricted to a case's subjects (a playbook's rule step): every input is
+    asked about those subjects only (an own read or a period-wide view becomes a lookup of
+    them), every query names the case, and the run's parameters name it, so that it
+    supersedes only earlier runs for the case (ledger/findings.py)."""
+
+    case_id: str
+    subjects: tuple[tuple[str, str], ...]  # (uscc or person_id, value)
+
+    def for_keys(self, keys: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        """The subjects an input looked up by `keys` can take."""
+        return tuple(s for s in self.subjects if s[0] in keys)
+
+
+def _subject_kinds(agency: str, dataset: str) -> tuple[str, ...]:
+    """The subject kinds (uscc, person_id) an agency's dataset or view is looked up by."""
+    from agents import datasets_of, views_of
+    from agents.common.schema import Kind
+
+    datasets = {d.name: d for d in datasets_of(agency)}
+    if dataset in datasets:
+        kinds = {c.kind for c in datasets[dataset].columns}
+        return tuple(k for k in ("uscc", "person_id")
+                     if Kind(k) in kinds or Kind.HOLDER_ID in kinds)
+    view = views_of(agency)[dataset]
+    return tuple(k for k in ("uscc", "person_id") if any(c.type == k for c in view.columns))
 
 
 @dataclass
@@ -112,30 +142,50 @@ class NetworkRun:
                                   f"{answer.query.target_agency} in time")
 
     def _spec(self, target: str, dataset: str, subjects: tuple[tuple[str, str], ...],
-              period: str | None, fields: tuple[str, ...], name: str) -> QuerySpec:
+              period: str | None, fields: tuple[str, ...], name: str,
+              case_id: str = "") -> QuerySpec:
         shape = SHAPE.QUERY_SHAPE_SUBJECT_SET if subjects else SHAPE.QUERY_SHAPE_AGGREGATE
         return QuerySpec(target=target, dataset=dataset, subjects=subjects, period=period,
                          purpose=f"rule {self.rule.id} v{self.rule.version}: input {name}",
                          legal_basis=LEGAL_BASIS_TAX_CRIME, fields=fields, shape=int(shape),
-                         deadline_s=600, on_behalf_of=self.rule.digest_hex)
+                         deadline_s=600, on_behalf_of=self.rule.digest_hex, case_id=case_id)
 
-    def run(self, params: Mapping[str, str]) -> RunResult:
+    def run(self, params: Mapping[str, str], scope: RunScope | None = None) -> RunResult:
+        """Run the rule with `params`; with a scope, on the case's subjects only."""
         started = time.perf_counter()
         self.ensure_registered()
         plan = self.rule.plan(params)
+        case_id = scope.case_id if scope is not None else ""
         inputs: dict[str, list[dict[str, Any]]] = {}
         input_ids: list[bytes] = []
         # the owner's own inputs, as answers its own node gives it
-        own_ids = self._ask([self._spec(plan.owner, o.dataset, (), o.period, o.fields, o.name)
-                             for o in plan.own])
-        input_ids += own_ids
-        for o, qid in zip(plan.own, own_ids, strict=True):
+        own_specs: list[tuple[Any, QuerySpec | None]] = []
+        for o in plan.own:
+            subjects: tuple[tuple[str, str], ...] = ()
+            if scope is not None:
+                subjects = scope.for_keys(_subject_kinds(plan.owner, o.dataset))
+                if not subjects:  # nothing about the case's subjects: an empty input
+                    own_specs.append((o, None))
+                    continue
+            own_specs.append((o, self._spec(plan.owner, o.dataset, subjects, o.period,
+                                            o.fields, o.name, case_id)))
+        own_ids = iter(self._ask([s for _, s in own_specs if s is not None]))
+        for o, spec in own_specs:
+            if spec is None:
+                inputs[o.name] = []
+                continue
+            qid = next(own_ids)
+            input_ids.append(qid)
             inputs[o.name] = self._rows(qid, o.name)
             self.progress(f"own {o.dataset}: {len(inputs[o.name])} rows")
         for q in plan.queries:
             requests = q.requests(inputs)
+            if scope is not None and q.shape == "aggregate":
+                subjects = scope.for_keys(_subject_kinds(q.agency, q.dataset))
+                requests = [dataclasses.replace(r, subjects=subjects)
+                            for r in requests] if subjects else []
             specs = [self._spec(q.agency, q.dataset, tuple(r.subjects), r.period,
-                                tuple(r.fields), q.name) for r in requests]
+                                tuple(r.fields), q.name, case_id) for r in requests]
             ids = self._ask(specs)
             input_ids += ids
             rows: list[dict[str, Any]] = []
@@ -148,8 +198,10 @@ class NetworkRun:
         self.progress(f"{len(output.rows)} findings")
         earlier = self.client.list_findings(node_pb2.ListFindingsRequest(
             owner_agency=plan.owner, rule_id=self.rule.id, period=plan.period)).runs
-        supersedes = [bytes(r.tx_id) for r in earlier]
-        envelope = self._findings_envelope(plan.period, plan.parameters_json, input_ids,
+        supersedes = [bytes(r.tx_id) for r in earlier if r.case_id == case_id]
+        parameters = plan.parameters_json if scope is None else canonical_json(
+            {**dict(plan.parameters), "case": case_id})
+        envelope = self._findings_envelope(plan.period, parameters, input_ids,
                                            output, supersedes)
         result = self.client.submit(envelope, wait=True)
         return RunResult(self.rule.id, plan.period, _tx_id(envelope), result.height,
@@ -211,6 +263,7 @@ def replay(client: ExchangeClient, run_tx_id: bytes) -> tuple[node_pb2.FindingsR
     import json
 
     params = json.loads(body.findings.parameters or b"{}")
+    params.pop("case", None)  # a run restricted to a case's subjects: its inputs say which
     plan = rule.plan(params)
     names = [o.name for o in plan.own]
     inputs: dict[str, list[dict[str, Any]]] = {n: [] for n in rule.input_names}

@@ -6,7 +6,10 @@ findings transaction is valid when it is signed by the owner's automation or nod
 names a rule the owner registered, and every input it names is a query of the owner's,
 made on behalf of that rule and answered, before the findings. A run is keyed by (rule
 digest, period, digest of the inputs): the same run twice is invalid; a later run of the
-same rule and period supersedes the earlier ones, by name.
+same rule and period supersedes the earlier ones, by name. A run restricted to the
+subjects of a case (a playbook's rule step: its parameters name the case) is named by
+its case too, so it supersedes only earlier runs for that case, and there is one such run
+per (rule version, period, case).
 
 Pure: nothing here does I/O.
 """
@@ -14,6 +17,7 @@ Pure: nothing here does I/O.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo
@@ -30,6 +34,17 @@ INPUTS_MAX = 1_000
 FINDINGS_MAX = 1_000_000
 REGISTER_ROLES = frozenset({"supervisor"})
 RUN_ROLES = frozenset({"automation"})
+
+
+def run_case(parameters: bytes) -> str:
+    """The case a run is restricted to: the "case" of its parameters' JSON ("" for an
+    ordinary run)."""
+    try:
+        doc = json.loads(parameters or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    case = doc.get("case") if isinstance(doc, dict) else None
+    return case if isinstance(case, str) else ""
 
 
 def inputs_digest(input_tx_ids: list[bytes]) -> bytes:
@@ -65,6 +80,7 @@ class FindingsRecord:
     input_tx_ids: tuple[bytes, ...]
     summaries: tuple[tuple[str, str, bytes], ...]  # (finding id, severity, digest)
     superseded_by: bytes = b""
+    case_id: str = ""  # a run restricted to a case's subjects
 
 
 @dataclass
@@ -73,7 +89,7 @@ class FindingsBook:
     rules: dict[bytes, RuleRecord] = field(default_factory=dict)  # by digest
     runs: dict[bytes, FindingsRecord] = field(default_factory=dict)  # by tx id
     _keys: set[tuple[bytes, str, bytes]] = field(default_factory=set)
-    _latest: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    _latest: dict[tuple[str, str, str, str], bytes] = field(default_factory=dict)
 
     def rule(self, digest: bytes) -> RuleRecord | None:
         return self.rules.get(bytes(digest))
@@ -136,13 +152,20 @@ class FindingsBook:
         if key in self._keys:
             raise Rejected(CODE_FINDINGS_INVALID, "this run (rule, period, inputs) is "
                                                   "already on the ledger")
+        case_id = run_case(bytes(f.parameters))
+        scoped = (bytes(f.rule_digest), f.period, b"case\0" + case_id.encode())
+        if case_id and scoped in self._keys:
+            raise Rejected(CODE_FINDINGS_INVALID, f"this rule already ran for case {case_id} "
+                                                  "and this period")
         self._keys.add(key)
+        if case_id:
+            self._keys.add(scoped)
         run = FindingsRecord(env.tx_id, height, time_ms, owner, f.rule_id,
                              bytes(f.rule_digest), f.period, bytes(f.output_digest),
                              f.finding_count, tuple(inputs),
                              tuple((s.finding_id, s.severity, bytes(s.digest))
-                                   for s in f.findings))
-        named = (owner, f.rule_id, f.period)
+                                   for s in f.findings), case_id=case_id)
+        named = (owner, f.rule_id, f.period, case_id)
         self.runs[env.tx_id] = run  # before _latest: readers on other threads use both
         earlier = self._latest.get(named)
         if earlier is not None:
@@ -166,7 +189,8 @@ def summary_of(finding_id: str, severity: str, line: bytes,
 
 CODE_CASE_INVALID = "CASE_INVALID"
 CASE_ID_CHARS_MAX = 64
-CASE_ACTIONS = ("open", "add", "close")
+# notify: a note to the case's followers (watch, webhooks), by the agency that opened it
+CASE_ACTIONS = ("open", "add", "close", "notify")
 CASE_ROLES = frozenset({"analyst", "supervisor", "automation"})
 
 
@@ -203,9 +227,9 @@ class CaseBook:
             raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is already open")
         if ev.action != "open" and (case is None or case.status != "open"):
             raise Rejected(CODE_CASE_INVALID, f"case {ev.case_id} is not open")
-        if ev.action == "close" and case is not None and case.agency != agency:
+        if ev.action in ("close", "notify") and case is not None and case.agency != agency:
             raise Rejected(CODE_CASE_INVALID, f"only {case.agency}, which opened case "
-                                              f"{ev.case_id}, closes it")
+                                              f"{ev.case_id}, {ev.action}s on it")
         if ev.action == "add" and case is not None and case.agency != agency and \
                 not ev.finding_id:
             raise Rejected(CODE_CASE_INVALID, f"only {case.agency} adds transactions to case "

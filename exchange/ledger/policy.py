@@ -188,6 +188,7 @@ CONTRACT_OFFERS: tuple[DatasetOffer, ...] = (
 ROW_LIMIT_RECORDS = 10_000
 ROW_LIMIT_AGGREGATE = 1_000_000
 RATE_PER_HOUR_ANALYST = 600
+RATE_PER_HOUR_AUTOMATION = 1_000
 
 
 def default_policies(members: Sequence[str],
@@ -195,10 +196,10 @@ def default_policies(members: Sequence[str],
                      ) -> list[ledger_pb2.Policy]:
     """A sensible starting point for a network of `members` (each owner may change its
     own later): every member may ask every other member's datasets for a tax-crime or
-    anti-money-laundering investigation, record-level data only within a case; the
-    catalog views are open to automations without a case (the comparison jobs ask them
-    period-wide); and queries to the police about persons need a supervisor's
-    co-signature (decision 7)."""
+    anti-money-laundering investigation, record-level data only within a case (people,
+    and automations running playbooks); the catalog views are open to automations
+    without a case (the comparison jobs ask them period-wide); and queries to the police
+    about persons need a supervisor's co-signature (decision 7)."""
     present = set(members)
     out = []
     for offer in offers:
@@ -213,6 +214,17 @@ def default_policies(members: Sequence[str],
                 row_limit=ROW_LIMIT_RECORDS, rate_per_hour=RATE_PER_HOUR_ANALYST,
                 supervisor_cosign_required=offer.about_persons,
                 shapes=[SHAPE.QUERY_SHAPE_SUBJECT, SHAPE.QUERY_SHAPE_SUBJECT_SET]))
+            if not offer.aggregate:
+                # playbooks' follow-ups (issue 10): an automation asks record-level data
+                # within a case; about persons only on a supervisor's approval, which a
+                # playbook's registration by a supervisor stands for (ledger/playbooks.py)
+                grants.append(ledger_pb2.PolicyGrant(
+                    requester_agency=requester, roles=["automation"],
+                    fields=list(offer.fields),
+                    legal_bases=[LEGAL_BASIS_TAX_CRIME, LEGAL_BASIS_AML], case_required=True,
+                    row_limit=ROW_LIMIT_RECORDS, rate_per_hour=RATE_PER_HOUR_AUTOMATION,
+                    supervisor_cosign_required=offer.about_persons,
+                    shapes=[SHAPE.QUERY_SHAPE_SUBJECT, SHAPE.QUERY_SHAPE_SUBJECT_SET]))
             if offer.aggregate:
                 grants.append(ledger_pb2.PolicyGrant(
                     requester_agency=requester, roles=["automation"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from exchange.errors import ExchangeError, MalformedInput
@@ -159,6 +159,9 @@ class QueryBook:
     registry: KeyRegistry
     policies: PolicyBook
     queries: dict[bytes, QueryRecord] = field(default_factory=dict)
+    # Whether a query carries a standing approval that counts as a supervisor's
+    # co-signature (a follow-up of a playbook a supervisor registered, LedgerState).
+    standing_approval: Callable[[ledger_pb2.TxBody, KeyInfo], bool] | None = None
     # (agency, analyst subject, target) -> block times of the analyst's recent valid
     # queries: one quota per person, however many credentials they hold
     _recent: dict[tuple[str, str, str], deque[int]] = field(default_factory=dict)
@@ -204,6 +207,8 @@ class QueryBook:
         except MalformedInput as exc:
             raise Rejected(CODE_QUERY_INVALID, str(exc)) from exc
         cosigners = self._cosigners(body, env.signer_key_id, height, time_ms)
+        approved = bool(cosigners) or (self.standing_approval is not None
+                                       and self.standing_approval(body, signer))
         recent = self._recent.setdefault((body.agency, signer.subject, q.target_agency),
                                          deque())
         while recent and recent[0] <= time_ms - RATE_WINDOW_MS:
@@ -215,7 +220,7 @@ class QueryBook:
                 requester_agency=body.agency, requester_roles=frozenset(signer.roles),
                 target_agency=q.target_agency, dataset=q.dataset, fields=tuple(q.fields),
                 case_id=q.case_id, legal_basis=q.legal_basis, shape=q.shape,
-                supervisor_cosigned=bool(cosigners), queries_last_hour=len(recent)))
+                supervisor_cosigned=approved, queries_last_hour=len(recent)))
         recent.append(time_ms)
         self.queries[env.tx_id] = QueryRecord(
             tx_id=env.tx_id, height=height, time_ms=time_ms, requester=body.agency,

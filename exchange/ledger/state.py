@@ -1,6 +1,6 @@
 """What the ledger says at a point of the chain, and the judgement of each transaction
 against it (decision 3): keys and credentials, policies, the catalog, queries and their
-answers, registered rules and findings.
+answers, registered rules and findings, cases, registered playbooks and their steps.
 
 `LedgerState.judge` is the one place a valid, signed transaction is held against the
 state before it. Every node runs it on apply, `exchange chain verify` runs it again, and
@@ -22,6 +22,7 @@ from exchange.ledger.block import RESULT_OK, OpenedEnvelope
 from exchange.ledger.casechain import CaseChains, case_named
 from exchange.ledger.findings import CaseBook, FindingsBook
 from exchange.ledger.judge import CODE_REJECTED, valid_attestation_record
+from exchange.ledger.playbooks import PlaybookBook
 from exchange.ledger.policy import PolicyBook
 from exchange.ledger.queries import QUERY_KINDS, QueryBook, Rejected
 from exchange.v1 import identity_pb2, ledger_pb2
@@ -42,6 +43,8 @@ class LedgerState:
         self.queries = QueryBook(self.registry, self.policies)
         self.findings = FindingsBook(self.queries)
         self.cases = CaseBook(self.findings)
+        self.playbooks = PlaybookBook(self.cases)
+        self.queries.standing_approval = self.playbooks.approves
         self.case_chains = CaseChains()
 
     def judge(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> str:
@@ -91,15 +94,27 @@ class LedgerState:
                 return CODE_REJECTED
             self.catalog[key] = entry
         elif kind in QUERY_KINDS:
-            return self.queries.judge(env, signer, height, time_ms)
-        elif kind in ("rule_registration", "findings", "case_event"):
+            try:
+                step = self.playbooks.check_query(env, signer) if kind == "query" else None
+            except Rejected as exc:
+                return exc.result_code
+            code = self.queries.judge(env, signer, height, time_ms)
+            if code == RESULT_OK and step is not None:
+                self.playbooks.done(step, env.tx_id, height)
+            return code
+        elif kind in ("rule_registration", "findings", "case_event", "playbook_registration"):
             try:
                 if kind == "rule_registration":
                     self.findings.register(env, signer, height)
+                elif kind == "playbook_registration":
+                    self.playbooks.register(env, signer, height)
                 elif kind == "findings":
                     self.findings.record(env, signer, height, time_ms)
                 else:
+                    step = self.playbooks.check_case_event(env, signer)
                     self.cases.judge_event(env, signer, height)
+                    if step is not None:
+                        self.playbooks.done(step, env.tx_id, height)
             except Rejected as exc:
                 return exc.result_code
         return RESULT_OK
