@@ -126,6 +126,27 @@ class Cluster:
                                    f"{result.stderr.strip()}")
         return data
 
+    def prepare_joiner(self, agency: str) -> Path:
+        """An agency that is not in genesis, made as on its own machine (`exchange agency
+        init` on a free port, then `agency configure --join`): its node follows the chain
+        once started and becomes a member when a membership change adds it. Returns its
+        membership request."""
+        from exchange.identity.ceremony import read_settings
+
+        chain_id = read_settings(self.net / self.agencies[0]).chain_id
+        port = free_base_port(1)
+        for args in (("agency", "init", "--agency", agency, "--host", "127.0.0.1",
+                      "--port", str(port), "--chain-id", chain_id,
+                      "--out", str(self.net / agency)),
+                     ("agency", "configure", "--agency-dir", str(self.net / agency),
+                      "--genesis", str(self.net / "genesis.pb"), "--join")):
+            result = self.run_exchange(*args)
+            if result.returncode != 0:
+                raise RuntimeError(f"exchange {' '.join(args[:2])} failed: "
+                                   f"{result.stderr.strip()}")
+        self.agencies = (*self.agencies, agency)
+        return self.net / agency / "request.pb"
+
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Init (once), start every node, wait for a leader all of them follow."""
         if not (self.net / "genesis.pb").exists():

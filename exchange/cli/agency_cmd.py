@@ -89,13 +89,17 @@ def init(name: str, host: str, chain_id: str, out_dir: Path, port: int,
 @click.option("--genesis", "genesis_path", required=True, type=_PATH,
               help="The final genesis.pb, signed by every founding member.")
 @click.option("--force", is_flag=True, help="Replace an existing node.toml and profiles.")
+@click.option("--join", is_flag=True,
+              help="This agency joins a running network (it is not in genesis; a "
+                   "membership change approved by the members adds it).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
-def configure(agency_dir: Path, genesis_path: Path, force: bool, log_level: str) -> None:
+def configure(agency_dir: Path, genesis_path: Path, force: bool, join: bool,
+              log_level: str) -> None:
     """Check the final genesis against this agency's own keys, then write node.toml and
     the analysts' profiles."""
     config = ceremony.configure_agency(agency_dir, genesis_path, overwrite=force,
-                                       log_level=log_level)
+                                       log_level=log_level, join=join)
     click.echo(f"node config  {agency_dir / 'node.toml'}")
     click.echo(f"listen       grpc {config.listen_grpc}  metrics {config.listen_metrics}")
     click.echo(f"peers        {', '.join(f'{a} {addr}' for a, addr in sorted(config.peers.items()))}")

@@ -46,6 +46,7 @@ def _register() -> None:
         evidence_cmd,
         health_cmd,
         init_cmd,
+        membership_cmd,
         node_cmd,
         node_cmds,
         policy_cmd,
@@ -60,7 +61,11 @@ def _register() -> None:
                     query_cmd.audit, credential_cmd.credential, compare_cmd.rules,
                     compare_cmd.compare, compare_cmd.findings, compare_cmd.jobs,
                     case_cmd.case, health_cmd.health, agency_cmd.agency,
-                    agency_cmd.genesis, check_cmd.check):
+                    agency_cmd.genesis, check_cmd.check, membership_cmd.membership):
+        cli.add_command(command)
+    from exchange.cli import playbook_cmd  # automatic processing (issue 10)
+
+    for command in (playbook_cmd.playbooks,):
         cli.add_command(command)
 
 

@@ -86,7 +86,7 @@ class AgencySettings:
 
 # -- files ------------------------------------------------------------------------------
 
-def _read_limited(path: Path, limit: int, what: str) -> bytes:
+def read_limited(path: Path, limit: int, what: str) -> bytes:
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -126,7 +126,7 @@ def write_settings(paths: AgencyPaths, settings: AgencySettings) -> None:
 def read_settings(agency_dir: Path) -> AgencySettings:
     path = agency_dir / SETTINGS_FILE
     try:
-        data = tomllib.loads(_read_limited(path, 64 * 1024, "agency settings").decode())
+        data = tomllib.loads(read_limited(path, 64 * 1024, "agency settings").decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MalformedInput(f"{path}: {exc}") from exc
     try:
@@ -197,7 +197,7 @@ def read_request(path: Path, chain_id: str | None = None) -> identity_pb2.Member
     """A membership request file, checked as `open_request` checks it."""
     request = identity_pb2.MembershipRequest()
     try:
-        request.ParseFromString(_read_limited(path, REQUEST_BYTES_MAX, "membership request"))
+        request.ParseFromString(read_limited(path, REQUEST_BYTES_MAX, "membership request"))
     except DecodeError as exc:
         raise MalformedInput(f"{path}: not a membership request: {exc}") from exc
     try:
@@ -382,7 +382,7 @@ def finalize_genesis(draft: identity_pb2.SignedGenesis,
 def read_draft(path: Path) -> identity_pb2.SignedGenesis:
     draft = identity_pb2.SignedGenesis()
     try:
-        draft.ParseFromString(_read_limited(path, DRAFT_BYTES_MAX, "genesis"))
+        draft.ParseFromString(read_limited(path, DRAFT_BYTES_MAX, "genesis"))
     except DecodeError as exc:
         raise MalformedInput(f"{path}: not a genesis: {exc}") from exc
     try:
@@ -395,7 +395,7 @@ def read_draft(path: Path) -> identity_pb2.SignedGenesis:
 def read_signature(path: Path) -> ledger_pb2.MemberSignature:
     sig = ledger_pb2.MemberSignature()
     try:
-        sig.ParseFromString(_read_limited(path, SIGNATURE_FILE_BYTES_MAX, "signature"))
+        sig.ParseFromString(read_limited(path, SIGNATURE_FILE_BYTES_MAX, "signature"))
     except DecodeError as exc:
         raise MalformedInput(f"{path}: not a member signature: {exc}") from exc
     if not sig.agency or len(sig.signature) != 64:
@@ -423,22 +423,31 @@ def identity_subjects(paths: AgencyPaths) -> list[str]:
 
 
 def configure_agency(agency_dir: Path, genesis_path: Path, overwrite: bool = False,
-                     log_level: str = "info") -> NodeConfig:
+                     log_level: str = "info", join: bool = False) -> NodeConfig:
     """Put the final genesis in the agency's folder and write its node.toml and profiles,
-    after checking genesis is fully signed and names this agency with its own keys."""
+    after checking genesis is fully signed and names this agency with its own keys.
+    With `join`, the agency joins a running network: genesis must not name it, and the
+    node follows the chain until a membership change adds it."""
     agency_dir = Path(os.path.normpath(agency_dir.absolute()))
     settings = read_settings(agency_dir)
     signed = identity_pb2.SignedGenesis()
     try:
-        signed.ParseFromString(_read_limited(genesis_path, DRAFT_BYTES_MAX, "genesis"))
+        signed.ParseFromString(read_limited(genesis_path, DRAFT_BYTES_MAX, "genesis"))
     except DecodeError as exc:
         raise MalformedInput(f"{genesis_path}: not a genesis: {exc}") from exc
     genesis = verify_genesis(signed)
     if genesis.chain_id != settings.chain_id:
         raise MalformedInput(f"genesis is of chain {genesis.chain_id!r}; this agency was "
                              f"made for {settings.chain_id!r}")
-    member = _own_member(genesis, settings.agency)
-    check_own_member(agency_dir, member)
+    if join:
+        if any(m.agency == settings.agency for m in genesis.members):
+            raise MalformedInput(f"{settings.agency} is a founding member of chain "
+                                 f"{genesis.chain_id}; it does not join")
+        address = settings.address
+    else:
+        member = _own_member(genesis, settings.agency)
+        check_own_member(agency_dir, member)
+        address = member.address
     paths = AgencyPaths(agency_dir)
     target = agency_dir / GENESIS_FILE
     if genesis_path.absolute() != target:
@@ -446,11 +455,11 @@ def configure_agency(agency_dir: Path, genesis_path: Path, overwrite: bool = Fal
         write_public(agency_dir / GENESIS_JSON_FILE,
                    (json.dumps(genesis_description(signed), indent=2) + "\n").encode(),
                    overwrite)
-    return write_agency_configs(paths, settings.agency, member.address,
+    return write_agency_configs(paths, settings.agency, address,
                                 identity_subjects(paths), genesis, target,
                                 settings.listen_grpc, settings.listen_metrics,
                                 log_level=log_level, passphrase_env=settings.passphrase_env,
-                                overwrite=overwrite)
+                                overwrite=overwrite, join=join)
 
 
 def describe_draft(draft: identity_pb2.SignedGenesis) -> dict[str, Any]:

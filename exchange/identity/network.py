@@ -330,7 +330,7 @@ def write_agency_configs(paths: AgencyPaths, agency: str, address: str,
                          genesis_path: Path, listen_grpc: str, listen_metrics: str,
                          log_level: str = "info",
                          passphrase_env: str | None = None,
-                         overwrite: bool = False) -> NodeConfig:
+                         overwrite: bool = False, join: bool = False) -> NodeConfig:
     """Write node.toml, profile.toml (for analyst-1, or the first subject) and a profile
     per identity under analysts/, and create the empty data folder. `address` is where
     this agency's node is dialled (its genesis Member address)."""
@@ -350,6 +350,7 @@ def write_agency_configs(paths: AgencyPaths, agency: str, address: str,
                            interval_ms=params.block_interval_ms),
         peers={m.agency: m.address for m in genesis.members if m.agency != agency},
         log_level=log_level,
+        join=join,
     )
     config.check_against(genesis)
     write_node_config(paths.node_config, config, overwrite=overwrite)

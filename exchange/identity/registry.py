@@ -301,9 +301,36 @@ class KeyRegistry:
                 f"{member.agency} exchange CA":
             raise MalformedInput(f"{member.agency}'s TLS CA is not named for it")
         parse_address(member.address)
+        fresh = [key_id("ed25519", bytes(member.root_public_key)),
+                 key_id("ed25519", bytes(member.node_public_key))]
+        if any(kid in self._keys for kid in fresh) or fresh[0] == fresh[1]:
+            raise MalformedInput(f"{member.agency}'s root or node key is already registered")
         if any(m.address == member.address for m in self.members.values()):
             raise MalformedInput(f"address {member.address} is another member's")
+        credentials = []
+        for raw in change.credentials:
+            signed = identity_pb2.SignedCredential()
+            try:
+                signed.ParseFromString(raw)
+            except DecodeError as exc:
+                raise MalformedInput(f"credential does not parse: {exc}") from exc
+            cred = parse_credential(signed)
+            if cred.agency != member.agency or cred.chain_id != self.chain_id:
+                raise MalformedInput("a joining agency brings only its own credentials")
+            root = bytes(member.root_public_key)
+            if bytes(cred.issuer_key_id) != key_id("ed25519", root):
+                raise InvalidSignature("a joining agency's credential names another issuer")
+            verify(root, Domain.CREDENTIAL, self.chain_id, signed.credential, signed.signature)
+            cred_kid = key_id("ed25519", bytes(cred.public_key))
+            if cred_kid in self._keys or cred_kid in fresh:
+                raise MalformedInput("a joining agency's credential key is already registered")
+            fresh.append(cred_kid)
+            credentials.append(signed)
+        # checked in full above: nothing below raises, so a refused change leaves the
+        # registry as it was
         self._add_member(member, valid_from_height=height + 1)
+        for signed in credentials:
+            self.add_credential(signed)
 
     def _remove_member(self, agency: str, height: int) -> None:
         member = self.members.get(agency)

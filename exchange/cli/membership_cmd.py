@@ -1,0 +1,211 @@
+"""`exchange membership` and `exchange agency rotate`: changing who is in the network and
+which keys they use, on the ledger.
+
+    exchange membership propose --add market/request.pb --out change.pb   (any member)
+    exchange membership approve change.pb --agency-dir DIR --out tax.approval   (each root)
+    exchange membership submit change.pb *.approval --agency-dir DIR
+    exchange agency rotate --kind node|tls --agency-dir DIR
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from cryptography import x509
+from google.protobuf.message import DecodeError
+
+from exchange.cli.agency_cmd import _passphrase, agency
+from exchange.cli.node_cmds import connect, json_option, node_options
+from exchange.cli.output import emit_json
+from exchange.client import ExchangeClient, Signer
+from exchange.errors import MalformedInput
+from exchange.identity import ceremony, tls
+from exchange.identity.keys import (
+    CachedSigner,
+    Domain,
+    SigningKey,
+    read_signing_key,
+    write_private,
+)
+from exchange.identity.network import AgencyPaths
+from exchange.identity.registry import membership_change_statement
+from exchange.node.tls_state import next_path
+from exchange.v1 import ledger_pb2
+
+_PATH = click.Path(path_type=Path, dir_okay=False, exists=True)
+_DIR = click.Path(path_type=Path, file_okay=False, exists=True)
+CHANGE_BYTES_MAX = 64 * 1024
+
+
+def _read_change(path: Path) -> ledger_pb2.MembershipChange:
+    change = ledger_pb2.MembershipChange()
+    try:
+        change.ParseFromString(ceremony.read_limited(path, CHANGE_BYTES_MAX,
+                                                     "membership change"))
+    except DecodeError as exc:
+        raise MalformedInput(f"{path}: not a membership change: {exc}") from exc
+    if bool(change.member) == bool(change.remove_agency) or not change.members_before:
+        raise MalformedInput(f"{path}: not a membership change")
+    return change
+
+
+def _describe(change: ledger_pb2.MembershipChange) -> str:
+    if change.remove_agency:
+        what = f"remove {change.remove_agency}"
+    else:
+        from exchange.v1 import identity_pb2
+
+        member = identity_pb2.Member.FromString(change.member)
+        what = f"add {member.agency} at {member.address}"
+    return f"{what} (members now: {', '.join(change.members_before)})"
+
+
+def _root_signer(agency_dir: Path, chain_id: str,
+                 passphrase_env: str | None) -> Signer:
+    settings = ceremony.read_settings(agency_dir)
+    if settings.chain_id != chain_id:
+        raise MalformedInput(f"{agency_dir} is of chain {settings.chain_id!r}; the node "
+                             f"serves {chain_id!r}")
+    root = read_signing_key(AgencyPaths(agency_dir).root_key, _passphrase(passphrase_env))
+    return Signer(settings.agency, "root", chain_id, CachedSigner(root))
+
+
+def _submit(client: ExchangeClient, signer: Signer, what: str,
+            setter: Callable[[ledger_pb2.TxBody], None]) -> None:
+    envelope = signer.make_envelope(setter)
+    result = client.submit(envelope, wait=True)
+    if result.result != "OK":
+        raise MalformedInput(f"{what} committed at height {result.height} but was judged "
+                             f"{result.result}: the ledger did not take it")
+    click.echo(f"{what}: committed at height {result.height} (tx {result.tx_id.hex()[:16]})")
+
+
+@click.group("membership")
+def membership() -> None:
+    """Add an agency to the running network, or remove one (a quorum of roots approves)."""
+
+
+@membership.command("propose")
+@click.option("--add", "request_path", type=_PATH, default=None,
+              help="The joining agency's membership request (request.pb).")
+@click.option("--remove", "remove_agency", default=None, help="The member to remove.")
+@click.option("--out", "out_path", required=True,
+              type=click.Path(path_type=Path, dir_okay=False), help="Change file to write.")
+@node_options
+def propose(request_path: Path | None, remove_agency: str | None, out_path: Path,
+            profile_option: str | None, timeout_s: float) -> None:
+    """Write a membership change against the network's current members, for the
+    members' roots to approve."""
+    if (request_path is None) == (remove_agency is None):
+        raise click.UsageError("give exactly one of --add and --remove")
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        status = client.status()
+    members = sorted(status.members)
+    change = ledger_pb2.MembershipChange(members_before=members)
+    if request_path is not None:
+        request = ceremony.read_request(request_path, status.chain_id)
+        member, _ = ceremony.open_request(request)
+        if member.agency in members:
+            raise MalformedInput(f"{member.agency} is already a member")
+        change.member = request.member
+        change.request_signature = request.signature
+        change.credentials.extend(c.SerializeToString(deterministic=True)
+                                  for c in request.credentials)
+    else:
+        assert remove_agency is not None
+        if remove_agency not in members:
+            raise MalformedInput(f"{remove_agency!r} is not a member ({', '.join(members)})")
+        change.remove_agency = remove_agency
+    ceremony.write_public(out_path, change.SerializeToString(deterministic=True))
+    click.echo(f"change        {_describe(change)}")
+    click.echo(f"written to    {out_path}  (each member's root approves it: "
+               "exchange membership approve)")
+
+
+@membership.command("approve")
+@click.argument("change_path", metavar="CHANGE", type=_PATH)
+@click.option("--agency-dir", required=True, type=_DIR, help="This agency's folder.")
+@click.option("--out", "out_path", required=True,
+              type=click.Path(path_type=Path, dir_okay=False), help="Approval file to write.")
+@click.option("--root-passphrase-env", default=None, metavar="VAR")
+def approve(change_path: Path, agency_dir: Path, out_path: Path,
+            root_passphrase_env: str | None) -> None:
+    """Sign a membership change with this agency's root key."""
+    change = _read_change(change_path)
+    settings = ceremony.read_settings(agency_dir)
+    root = read_signing_key(AgencyPaths(agency_dir).root_key,
+                            _passphrase(root_passphrase_env))
+    approval = ledger_pb2.MemberSignature(
+        agency=settings.agency, key_id=root.key_id,
+        signature=root.sign(Domain.MEMBERSHIP_CHANGE, settings.chain_id,
+                            membership_change_statement(change)))
+    ceremony.write_public(out_path, approval.SerializeToString(deterministic=True))
+    click.echo(f"approved      {_describe(change)}")
+    click.echo(f"by            {settings.agency}  ->  {out_path}")
+
+
+@membership.command("submit")
+@click.argument("change_path", metavar="CHANGE", type=_PATH)
+@click.argument("approvals", nargs=-1, required=True, type=_PATH)
+@click.option("--agency-dir", required=True, type=_DIR,
+              help="A current member's folder: its root signs the transaction.")
+@click.option("--root-passphrase-env", default=None, metavar="VAR")
+@node_options
+def submit(change_path: Path, approvals: tuple[Path, ...], agency_dir: Path,
+           root_passphrase_env: str | None, profile_option: str | None,
+           timeout_s: float) -> None:
+    """Put the approved change on the ledger; it takes effect when its block commits."""
+    change = _read_change(change_path)
+    for path in approvals:
+        change.approvals.append(ceremony.read_signature(path))
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        signer = _root_signer(agency_dir, client.status().chain_id, root_passphrase_env)
+        _submit(client, signer, f"membership change ({_describe(change)})",
+                lambda body: body.membership_change.CopyFrom(change))
+
+
+@agency.command("rotate")
+@click.option("--kind", type=click.Choice(["node", "tls"]), required=True,
+              help="node: the node's signing key; tls: the node's TLS certificate (every "
+                   "other node certificate of the agency is revoked).")
+@click.option("--agency-dir", required=True, type=_DIR, help="This agency's folder.")
+@click.option("--root-passphrase-env", default=None, metavar="VAR")
+@node_options
+@json_option
+def rotate(kind: str, agency_dir: Path, root_passphrase_env: str | None,
+           profile_option: str | None, timeout_s: float, as_json: bool) -> None:
+    """Replace the node's signing key or TLS certificate with no downtime: the new one is
+    prepared beside the current one (.next), the rotation signed by the root goes on the
+    ledger, and the running node switches when it applies it."""
+    paths = AgencyPaths(agency_dir)
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        signer = _root_signer(agency_dir, client.status().chain_id, root_passphrase_env)
+        if kind == "node":
+            key = SigningKey.generate()
+            write_private(next_path(paths.node_key), key.to_pem(), overwrite=True)
+            rotation = ledger_pb2.KeyRotation(key_kind="node", new_public_key=key.public_key)
+            detail = f"new node key {key.key_id.hex()}"
+        else:
+            ca = tls.read_identity(paths.ca_cert, paths.ca_key)
+            current = tls.load_certificate(paths.node_cert.read_bytes())
+            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            hosts = [str(n.value) for n in sans.value]
+            fresh = tls.issue_node_certificate(ca, signer.agency, hosts,
+                                               datetime.datetime.now(datetime.UTC))
+            tls.write_identity(fresh, next_path(paths.node_cert), next_path(paths.node_tls_key),
+                               overwrite=True)
+            rotation = ledger_pb2.KeyRotation(key_kind="tls", new_certificate=fresh.cert_der)
+            detail = f"new node certificate sha256 {tls.fingerprint_sha256(fresh.certificate)[:16]}"
+        _submit(client, signer, f"{kind} rotation of {signer.agency} ({detail})",
+                lambda body: body.key_rotation.CopyFrom(rotation))
+    if as_json:
+        emit_json({"agency": signer.agency, "kind": kind, "detail": detail})
+
+
+__all__ = ["membership"]
