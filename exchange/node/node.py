@@ -72,6 +72,7 @@ INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
 PREVERIFIED_MAX = 256
 RESUBMIT_AFTER_S = 3.0
+LEADER_WATCH_S = 0.05  # how often a forward in flight checks that the leader is the same
 SUBMIT_TIMEOUT_S = 30.0
 FORWARD_BATCH_MAX = 1_000
 PEER_STATUS_EVERY_S = 2.0
@@ -861,17 +862,40 @@ class Node:
                 self._mempool_event.set()
                 return
             if leader and leader != self.agency:
+                call = self._leader_stub(leader).SubmitBatch(
+                    node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
+                    timeout=5)
                 try:
-                    reply = await self._leader_stub(leader).SubmitBatch(
-                        node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
-                        timeout=5)
-                    self._refused_by_leader(leader, raws, reply.results)
-                    return
+                    reply = await self._unless_leader_changes(call, leader)
                 except grpc.aio.AioRpcError as exc:
                     log.info("forward to leader failed", leader=leader, code=exc.code().name)
+                else:
+                    if reply is not None:
+                        self._refused_by_leader(leader, raws, reply.results)
+                        return
+                    log.info("leader changed while forwarding; forwarding again",
+                             leader=leader, now=self.core.leader_id or "-")
+                    continue
             if time.monotonic() > deadline:
                 raise Unavailable("no leader to forward to; retry shortly")
             await asyncio.sleep(0.1)
+
+    async def _unless_leader_changes(self, call: Any, leader: str) -> Any:
+        """The reply to a call made to `leader`, or None (the call cancelled) as soon as
+        this node no longer follows it: a leader cut off from the network never answers,
+        and waiting out the deadline would hold up every forward queued behind this one
+        long after a new leader has been elected."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(call)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=LEADER_WATCH_S)
+            if done:
+                return task.result()
+            if self.core.role is Role.LEADER or self.core.leader_id != leader:
+                call.cancel()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await task
+                return None
 
     def _refused_by_leader(self, leader: str, raws: Sequence[bytes],
                            results: Sequence[node_pb2.SubmitResponse]) -> None:
@@ -939,14 +963,16 @@ class Node:
     async def _publish_catalog(self) -> None:
         """Publish this agency's catalog on the ledger (signed by its node) wherever the
         ledger does not already say exactly that, then stop."""
-        from agents import AGENCIES
+        from agents import AGENCIES, JOINING_AGENCIES
         from agents.catalog import catalog_entries
 
-        if self.agency not in AGENCIES:
-            return  # a member without data-contract datasets publishes nothing
+        if self.agency not in AGENCIES + JOINING_AGENCIES:
+            return  # a member without known datasets publishes nothing
         wanted = catalog_entries(self.agency)
         while True:
             await asyncio.sleep(1.0)
+            if self.joining:
+                continue  # its node key signs nothing the ledger takes before it joins
             missing = [e for e in wanted
                        if self.applier.catalog.get((self.agency, e.dataset)) != e]
             if not missing:
