@@ -315,9 +315,11 @@ def test_cases_are_listed_shown_and_closed_by_their_opener(
     assert mine["opened_by"] == "tax" and mine["status"] == "open"
     assert mine["transactions"] == 3  # the case event, the query and its answer
     shown = cluster.cli_json("case", "show", "CASE-C1", agency="tax")
-    assert [t["kind"] for t in shown["timeline"]] == ["query", "answer"]
+    assert [t["kind"] for t in shown["timeline"]] == ["case open", "query", "answer"]
     assert shown["holds"][0]["finding"] == finding["finding"]
-    assert shown["timeline"][0]["subjects"] == [f"uscc={finding['subject']}"]
+    assert shown["timeline"][1]["subjects"] == [f"uscc={finding['subject']}"]
+    assert shown["findings"][0]["subject"] == finding["subject"]
+    assert f"uscc={finding['subject']}" in shown["subjects"]
     refused = cluster.cli("case", "close", "CASE-C1", "--reason", "not mine", agency="pboc")
     assert refused.returncode == 1 and "CASE_INVALID" in refused.stderr
     closed = cluster.cli_json("case", "close", "CASE-C1", "--reason", "referred to court",

@@ -1,4 +1,5 @@
-"""`exchange case list/show/close`: cases on the ledger, what they hold, and closing one."""
+"""`exchange case list/show/graph/close`: cases on the ledger, what they hold (as a
+timeline and as a graph), and closing one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import click
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import Signer, load_genesis
-from exchange.errors import MalformedInput
 from exchange.v1 import ledger_pb2, node_pb2
 
 
@@ -46,43 +46,80 @@ def case_list(profile_option: str | None, timeout_s: float, as_json: bool) -> No
             sum(1 for h in r["holds"] if h["finding"]), r["transactions"]] for r in rows])
 
 
+ROWS_SHOWN_MAX = 10
+
+
 @case.command("show")
 @click.argument("case_id")
+@click.option("--rows/--no-rows", "with_rows", default=True, show_default=True,
+              help="Print the rows of each answer this agency may read.")
 @node_options
 @json_option
-def case_show(case_id: str, profile_option: str | None, timeout_s: float,
+def case_show(case_id: str, with_rows: bool, profile_option: str | None, timeout_s: float,
               as_json: bool) -> None:
-    """A case's timeline: its events and findings, and every query naming it with its
-    answer or refusal (subjects where this agency may read them)."""
+    """A case's timeline: the finding that opened it and those added since, its case
+    events (a playbook's steps among them), every query naming it with its answer (rows
+    decrypted where this agency may read them) or refusal, the subjects linked so far,
+    and its status."""
+    from exchange.cases.view import gather
+
     _, client = connect(profile_option, timeout_s)
     with client:
         listing = client.list_cases(case_id)
-        trail = client.audit(node_pb2.AuditRequest(case_id=case_id, limit=100_000))
-    if not listing.cases and not trail.entries:
-        raise MalformedInput(f"the ledger knows no case {case_id!r}")
-    view: dict[str, Any] = (_case_dict(listing.cases[0]) if listing.cases
-                            else {"case": case_id, "status": "not opened"})
-    timeline: list[dict[str, Any]] = [{"height": e.height, "time_ms": e.time_ms, "kind": e.kind,
-                 "tx": bytes(e.tx_id).hex(),
-                 "who": f"{e.query.requester_agency}/{e.query.analyst}",
-                 "to": e.query.target_agency, "dataset": e.query.dataset,
-                 "subjects": list(e.query.subjects),
-                 "what": (e.query.purpose if e.kind == "query" else
-                          f"{e.query.row_count} rows" if e.kind == "answer" else
-                          f"{e.query.refusal_code}: {e.query.refusal_reason}")}
-                for e in trail.entries]
+        casefile = gather(client, case_id, with_rows=True)
+    view: dict[str, Any] = _case_dict(listing.cases[0]) if listing.cases else {}
+    out = {**view, **casefile.as_dict()}
     if as_json:
-        emit_json({**view, "timeline": timeline})
+        emit_json(out)
         return
-    console.print(f"case [bold]{case_id}[/bold]: {view['status']}"
-                  + (f", opened by {view['opened_by']} at height {view['opened_height']}; "
-                     f"{view['transactions']} transactions name it" if listing.cases else ""))
-    for held in view.get("holds", []):
-        console.print(f"  holds {'finding ' + held['finding'] if held['finding'] else 'query'}"
-                      f" ({held['tx'][:16]})")
+    console.print(f"case [bold]{case_id}[/bold]: {casefile.status}"
+                  + (f", opened by {casefile.opened_by} at height {casefile.opened_height}; "
+                     f"{casefile.transactions} transactions name it" if listing.cases else ""))
+    if casefile.findings:
+        table("findings", ["finding", "rule", "period", "severity", "owner", "subject",
+                           "amount"],
+              [[f["finding"], f["rule"], f["period"] or "-", f["severity"], f["owner"],
+                f["subject"] or "(sealed)", f["amount"] or ""] for f in casefile.findings])
+    timeline = casefile.timeline()
     table("timeline", ["height", "time", "kind", "who", "to", "dataset", "subjects", "what"],
           [[t["height"], fmt_ms(t["time_ms"]), t["kind"], t["who"], t["to"], t["dataset"],
             ", ".join(t["subjects"]), t["what"]] for t in timeline])
+    if with_rows:
+        for q in casefile.queries:
+            rows = q.get("rows")
+            if not rows:
+                continue
+            columns = list(rows[0])
+            table(f"{q['dataset']} from {q['to']} (query {q['tx'][:16]}): {len(rows)} rows"
+                  + (f", first {ROWS_SHOWN_MAX}" if len(rows) > ROWS_SHOWN_MAX else ""),
+                  columns, [[r.get(c, "") for c in columns] for r in rows[:ROWS_SHOWN_MAX]])
+    subjects = casefile.subjects()
+    console.print(f"subjects linked so far ({len(subjects)}): "
+                  + (", ".join(subjects) or "none readable here"))
+
+
+@case.command("graph")
+@click.argument("case_id")
+@node_options
+@json_option
+def case_graph(case_id: str, profile_option: str | None, timeout_s: float,
+               as_json: bool) -> None:
+    """The companies, persons and accounts a case links, through legal representatives,
+    account holders and counterparties, from the answers on record that this agency may
+    read (a tree from the findings' subjects; --json for nodes and edges)."""
+    from exchange.cases.graph import build_graph, render_tree
+    from exchange.cases.view import gather
+
+    _, client = connect(profile_option, timeout_s)
+    with client:
+        casefile = gather(client, case_id, with_rows=True)
+    graph = build_graph([f["subject"] for f in casefile.findings if f.get("subject")],
+                        [(q["dataset"], q["rows"]) for q in casefile.queries if q["rows"]])
+    if as_json:
+        emit_json({"case": case_id, "status": casefile.status, **graph.as_dict()})
+        return
+    console.print(render_tree(graph, f"case [bold]{case_id}[/bold] ({casefile.status}): "
+                                     f"{len(graph.nodes)} companies, persons and accounts"))
 
 
 @case.command("close")

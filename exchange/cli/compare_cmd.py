@@ -325,7 +325,8 @@ def jobs_serve(config_path: Path, rounds: int) -> None:
 
         status = Status("starting", console=console)
         status.start()
-    runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None)
+    runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None,
+                    base=config_path.parent)
     try:
         runner.serve(rounds)
     finally:

@@ -1,6 +1,8 @@
 """What belongs to a case, for `exchange evidence export --case`: its case events, the
 findings runs that opened or joined it (with their rules' registrations and every query
-and answer they used), and every query naming the case with its answer or refusal.
+and answer they used), and every query naming the case with its answer or refusal; and
+where a playbook worked on the case, the playbook's registration and the runs of its rule
+steps restricted to the case (those that found nothing too).
 An agency that can open some of the sealed payloads (its own answers, its findings) may
 add their reveals, which the verifier checks against the committed digests.
 
@@ -52,6 +54,16 @@ def case_tx_ids(store: BlockStore, case_id: str) -> list[bytes]:
     for rec in list(state.queries.queries.values()):
         if rec.case_id == case_id:
             wanted += _query_and_outcome(rec)
+    for run in list(state.findings.runs.values()):
+        if run.case_id == case_id:
+            rule = state.findings.rules.get(run.rule_digest)
+            wanted += ([rule.tx_id] if rule is not None else []) + [run.tx_id]
+    playbooks = state.playbooks
+    for digest in {s.ref.digest for s in list(playbooks.steps.values())
+                   if s.case_id == case_id}:
+        registered = playbooks.playbook(digest)
+        if registered is not None:
+            wanted.append(registered.tx_id)
     if not wanted:
         raise MalformedInput(f"the ledger knows no case {case_id!r}")
     unique = list(dict.fromkeys(wanted))

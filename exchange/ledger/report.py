@@ -20,6 +20,7 @@ import jinja2
 
 from exchange.ledger.block import RESULT_OK, open_envelope
 from exchange.ledger.evidence import VerifiedTx, decode_bundle, verify_bundle
+from exchange.ledger.playbooks import parse_step_ref
 from exchange.v1 import ledger_pb2
 
 # Limits on what one transaction's reveal shows; the bundle itself is never cut.
@@ -167,7 +168,11 @@ def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
             why.append(f"purpose: {q.purpose}")
         if q.legal_basis:
             why.append(f"legal basis: {q.legal_basis}")
-        if q.on_behalf_of:
+        step = parse_step_ref(q.on_behalf_of)
+        if step is not None:
+            why.append(f"on behalf of playbook {_short(step.digest)}, step {step.step_key} "
+                       f"for finding {step.finding_id}")
+        elif q.on_behalf_of:
             why.append(f"on behalf of rule {q.on_behalf_of[:TX_ID_SHORT_CHARS]}")
         if len(q.cosignatures):
             why.append(f"{len(q.cosignatures)} co-signature(s)")
@@ -228,6 +233,11 @@ def _case_line(ev: ledger_pb2.CaseEvent, agency: str) -> str:
     elif ev.ref_tx_id:
         ref = f" with transaction {_short(bytes(ev.ref_tx_id))}"
     reason = f" ({ev.reason})" if ev.reason else ""
+    step = parse_step_ref(ev.playbook_id)
+    if step is not None:
+        agency = f"{agency}'s playbook {_short(step.digest)} (step {step.step_key})"
+    if ev.action == "notify":
+        return f"{agency} notified on case {ev.case_id}{reason}"
     if ev.action == "open":
         return f"case {ev.case_id} opened by {agency}{ref}{reason}"
     if ev.action == "add":

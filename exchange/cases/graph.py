@@ -1,0 +1,179 @@
+"""The graph of a case: the companies, persons and accounts its answers link, through
+legal representatives (the tax register), account holders (the bank's accounts) and
+counterparties (the bank's transactions), with what the other answers say about each
+(police records, customs declarations). Built from the rows on record only, so it shows
+exactly what the agency was told. Pure: a CaseFile's contents in, nodes and edges out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from agents.common.checks import is_valid_person_id, is_valid_uscc
+
+COMPANY = "company"
+PERSON = "person"
+ACCOUNT = "account"
+LEGAL_REP = "legal representative"
+HOLDS = "holds"
+COUNTERPARTY = "counterparty"
+
+
+def node_id(kind: str, key: str) -> str:
+    return f"{kind}:{key}"
+
+
+@dataclass
+class Node:
+    kind: str
+    key: str
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return node_id(self.kind, self.key)
+
+
+@dataclass
+class Edge:
+    source: str
+    relation: str
+    target: str
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CaseGraph:
+    roots: list[str] = field(default_factory=list)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    edges: dict[tuple[str, str, str], Edge] = field(default_factory=dict)
+
+    def node(self, kind: str, key: str) -> Node:
+        nid = node_id(kind, key)
+        if nid not in self.nodes:
+            self.nodes[nid] = Node(kind, key)
+        return self.nodes[nid]
+
+    def link(self, source: Node, relation: str, target: Node) -> Edge:
+        key = (source.id, relation, target.id)
+        if key not in self.edges:
+            self.edges[key] = Edge(source.id, relation, target.id)
+        return self.edges[key]
+
+    def out_of(self, nid: str) -> list[Edge]:
+        return [e for (s, _r, _t), e in self.edges.items() if s == nid]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"roots": self.roots,
+                "nodes": [{"id": n.id, "kind": n.kind, "key": n.key, "notes": n.notes}
+                          for n in sorted(self.nodes.values(), key=lambda n: n.id)],
+                "edges": [{"from": e.source, "relation": e.relation, "to": e.target,
+                           "notes": e.notes} for e in self.edges.values()]}
+
+
+def _holder(kind: str, holder_id: str) -> tuple[str, str] | None:
+    if kind == "company" or (not kind and is_valid_uscc(holder_id)):
+        return COMPANY, holder_id
+    if kind == "person" or (not kind and is_valid_person_id(holder_id)):
+        return PERSON, holder_id
+    return None
+
+
+def build_graph(subjects: Iterable[str],
+                answers: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]) -> CaseGraph:
+    """The graph of a case whose findings are about `subjects` (uscc, person_id or
+    "uscc/person_id") and whose answers are (dataset, rows)."""
+    g = CaseGraph()
+    for subject in subjects:
+        for part in str(subject).split("/"):
+            kind = COMPANY if is_valid_uscc(part) else PERSON if is_valid_person_id(part) \
+                else ""
+            if kind:
+                n = g.node(kind, part)
+                if n.id not in g.roots:
+                    g.roots.append(n.id)
+    records: dict[str, list[str]] = defaultdict(list)
+    flows: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 2)
+    declared: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 3)
+    for dataset, rows in answers:
+        for row in rows:
+            if dataset in ("taxpayers", "active_legal_reps") and row.get("uscc"):
+                company = g.node(COMPANY, str(row["uscc"]))
+                if row.get("name"):
+                    company.notes["name"] = str(row["name"])
+                if row.get("status"):
+                    company.notes["status"] = str(row["status"])
+                if row.get("legal_rep_id"):
+                    g.link(company, LEGAL_REP, g.node(PERSON, str(row["legal_rep_id"])))
+            elif dataset == "accounts" and row.get("account_no"):
+                holder = _holder(str(row.get("holder_kind", "")), str(row.get("holder_id", "")))
+                account = g.node(ACCOUNT, str(row["account_no"]))
+                if row.get("bank"):
+                    account.notes["bank"] = str(row["bank"])
+                if holder is not None:
+                    g.link(g.node(*holder), HOLDS, account)
+            elif dataset == "transactions" and row.get("account_no") and \
+                    row.get("counterparty_account"):
+                key = (str(row["account_no"]), str(row["counterparty_account"]))
+                amount = Decimal(str(row.get("amount_cny") or 0))
+                flows[key][0 if row.get("direction") == "in" else 1] += amount
+            elif dataset == "persons" and row.get("person_id"):
+                person = g.node(PERSON, str(row["person_id"]))
+                if row.get("name"):
+                    person.notes["name"] = str(row["name"])
+            elif dataset == "records" and row.get("person_id"):
+                records[str(row["person_id"])].append(str(row.get("kind", "record")))
+            elif dataset == "declarations" and row.get("uscc"):
+                sums = declared[str(row["uscc"])]
+                sums[0] += 1
+                value = Decimal(str(row.get("declared_value_cny") or 0))
+                sums[1 if row.get("direction") == "export" else 2] += value
+    for (own, other), (inflow, outflow) in sorted(flows.items()):
+        edge = g.link(g.node(ACCOUNT, own), COUNTERPARTY, g.node(ACCOUNT, other))
+        if inflow:
+            edge.notes["in"] = f"{inflow:.2f} CNY"
+        if outflow:
+            edge.notes["out"] = f"{outflow:.2f} CNY"
+    for person_id, kinds in records.items():
+        g.node(PERSON, person_id).notes["police records"] = ", ".join(sorted(kinds))
+    for uscc, (count, exports, imports) in declared.items():
+        g.node(COMPANY, uscc).notes["customs"] = (
+            f"{count} declarations, exports {exports:.2f} CNY, imports {imports:.2f} CNY")
+    return g
+
+
+def label(node: Node) -> str:
+    notes = "; ".join(f"{k}: {v}" for k, v in node.notes.items())
+    return f"{node.kind} {node.key}" + (f" ({notes})" if notes else "")
+
+
+def render_tree(g: CaseGraph, title: str) -> Any:
+    """The graph as a rich Tree from the finding's subjects, each node expanded once."""
+    from rich.tree import Tree
+
+    tree = Tree(title)
+    seen: set[str] = set()
+
+    def grow(branch: Any, nid: str) -> None:
+        seen.add(nid)
+        for edge in g.out_of(nid):
+            target = g.nodes[edge.target]
+            notes = ", ".join(f"{k} {v}" for k, v in edge.notes.items())
+            text = f"[dim]{edge.relation}{' (' + notes + ')' if notes else ''}[/dim] " \
+                   f"{label(target)}"
+            if edge.target in seen:
+                branch.add(text + " [dim](above)[/dim]")
+                continue
+            grow(branch.add(text), edge.target)
+
+    roots = g.roots + [n for n in g.nodes if n not in g.roots and not any(
+        e.target == n for e in g.edges.values())]
+    for nid in roots:
+        if nid in seen:
+            continue
+        grow(tree.add(f"[bold]{label(g.nodes[nid])}[/bold]"), nid)
+    return tree
