@@ -8,10 +8,14 @@ therefore accepts like any member node's, trusting exactly the member CAs of gen
 and calls the standard grpc.health.v1 Check. Exit 0 and one line when it answers
 SERVING; otherwise exit 1 and one line saying why.
 
-With --caught-up it also asks the node's Status and requires that the node follows a
-leader (or is it) and holds every block a quorum has attested, give or take
---max-lag-blocks: what a rolling restart waits for before it moves to the next node.
-Health alone needs no quorum (a node serves as soon as it listens).
+With --caught-up it also asks the node's Status, and the other members' nodes (the
+peers of node.toml, over the same mutual TLS, as the node itself dials them) for their
+heights, and requires that the node follows a leader (or is it), that enough peers
+answered to make a majority with it, and that it is no more than --max-lag-blocks behind
+the highest of them: what a rolling restart waits for before it moves to the next node.
+The node's own view alone cannot tell: just after a restart it knows neither its peers'
+heights nor the latest attestations. Health alone needs no quorum (a node serves as soon
+as it listens).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from exchange.client import map_rpc_error
 from exchange.errors import ExchangeError
 from exchange.identity.config import NodeConfig, format_address, load_node_config, parse_address
 from exchange.identity.tls import load_certificate
-from exchange.v1 import node_pb2, node_pb2_grpc
+from exchange.v1 import node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 TIMEOUT_S_DEFAULT = 5.0
 MAX_LAG_BLOCKS_DEFAULT = 2
@@ -57,6 +61,8 @@ class HealthReport:
     leader: str = ""
     height: int = 0
     final_height: int = 0
+    network_height: int = 0  # the highest height the node or an answering peer holds
+    peers_answered: int = 0
     lag_blocks: int = 0
 
     def line(self) -> str:
@@ -64,7 +70,8 @@ class HealthReport:
             return f"{self.status}: node {self.agency} at {self.address}"
         leads = "leader" if self.role == "leader" else f"follower of {self.leader}"
         return (f"{self.status}, caught up: node {self.agency} at {self.address}, {leads}, "
-                f"term {self.term}, height {self.height} (final {self.final_height})")
+                f"term {self.term}, height {self.height} of {self.network_height} "
+                f"({self.peers_answered} peers answered)")
 
 
 def dial_address(listen: str) -> str:
@@ -101,18 +108,49 @@ def _tls_name(dial_host: str, own_names: list[str]) -> str | None:
     return own_names[0]
 
 
-def _channel(config: NodeConfig, address: str) -> grpc.Channel:
+def _credentials(config: NodeConfig) -> tuple[grpc.ChannelCredentials, list[str]]:
+    """Mutual TLS as the node itself: its certificate and key, trusting exactly the
+    member CAs of genesis; and the names its own certificate carries."""
     cert_pem = config.paths.tls_cert.read_bytes()
-    key_pem = config.paths.tls_key.read_bytes()
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=config.read_trust_bundle(), private_key=key_pem,
-        certificate_chain=cert_pem)
+        root_certificates=config.read_trust_bundle(),
+        private_key=config.paths.tls_key.read_bytes(), certificate_chain=cert_pem)
+    return credentials, certificate_names(load_certificate(cert_pem))
+
+
+def _own_channel(address: str, credentials: grpc.ChannelCredentials,
+                 own_names: list[str]) -> grpc.Channel:
     host, _ = parse_address(address)
     options: list[tuple[str, Any]] = []
-    override = _tls_name(host, certificate_names(load_certificate(cert_pem)))
+    override = _tls_name(host, own_names)
     if override is not None:
         options.append(("grpc.ssl_target_name_override", override))
     return grpc.secure_channel(address, credentials, options=options)
+
+
+def peer_heights(config: NodeConfig, credentials: grpc.ChannelCredentials,
+                 timeout_s: float) -> dict[str, int]:
+    """The height each peer of node.toml reports (Peer.Status), asked all at once; peers
+    that do not answer in time, or answer as another agency, are left out."""
+    channels = {agency: grpc.secure_channel(address, credentials)
+                for agency, address in sorted(config.peers.items())}
+    try:
+        calls = {}
+        for agency, channel in channels.items():
+            stub: Any = peer_pb2_grpc.PeerStub(channel)
+            calls[agency] = stub.Status.future(peer_pb2.PeerStatusRequest(), timeout=timeout_s)
+        heights: dict[str, int] = {}
+        for agency, call in calls.items():
+            try:
+                answer: peer_pb2.PeerStatus = call.result()
+            except grpc.RpcError:
+                continue
+            if answer.agency == agency:
+                heights[agency] = answer.height
+        return heights
+    finally:
+        for channel in channels.values():
+            channel.close()
 
 
 def check_health(config: NodeConfig, *, service: str = "", caught_up: bool = False,
@@ -123,7 +161,8 @@ def check_health(config: NodeConfig, *, service: str = "", caught_up: bool = Fal
     assert timeout_s > 0 and max_lag_blocks >= 0
     address = dial_address(config.listen_grpc)
     who = f"node {config.agency} at {address}"
-    with _channel(config, address) as channel:
+    credentials, own_names = _credentials(config)
+    with _own_channel(address, credentials, own_names) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)
         try:
             answer = stub.Check(health_pb2.HealthCheckRequest(service=service),
@@ -149,14 +188,21 @@ def check_health(config: NodeConfig, *, service: str = "", caught_up: bool = Fal
     if st.role not in LIVE_ROLES or not st.leader:
         raise NodeUnhealthy(f"{who} is serving but not caught up: no leader "
                             f"(role {st.role or '-'}, term {st.term})")
-    known = max([st.final_height, *(p.height for p in st.peers if p.reachable)])
-    lag = max(0, known - st.height)
+    heights = peer_heights(config, credentials, timeout_s)
+    majority = (len(config.peers) + 1) // 2 + 1
+    if len(heights) + 1 < majority:
+        raise NodeUnhealthy(
+            f"{who} is serving, but only {len(heights)} of its {len(config.peers)} peers "
+            f"answered ({', '.join(sorted(heights)) or 'none'}): cannot tell whether it "
+            f"is caught up")
+    network = max([st.height, st.final_height, *heights.values()])
+    lag = network - st.height
     if lag > max_lag_blocks:
         raise NodeUnhealthy(f"{who} is serving but not caught up: height {st.height}, "
-                            f"{lag} blocks behind {known} (at most {max_lag_blocks} allowed)")
+                            f"{lag} blocks behind {network} (at most {max_lag_blocks} allowed)")
     return HealthReport(config.agency, address, status, role=st.role, term=st.term,
                         leader=st.leader, height=st.height, final_height=st.final_height,
-                        lag_blocks=lag)
+                        network_height=network, peers_answered=len(heights), lag_blocks=lag)
 
 
 @click.command("health")
@@ -165,8 +211,9 @@ def check_health(config: NodeConfig, *, service: str = "", caught_up: bool = Fal
 @click.option("--service", default="", show_default=True,
               help="grpc.health.v1 service name to check (\"\" is the whole node).")
 @click.option("--caught-up", is_flag=True,
-              help="Also require a leader and no more than --max-lag-blocks behind the "
-                   "highest height a quorum attested or a reachable peer holds.")
+              help="Also require a leader, a majority of members answering (the "
+                   "peers are asked directly), and no more than --max-lag-blocks behind "
+                   "the highest height among them.")
 @click.option("--max-lag-blocks", type=click.IntRange(0, 1_000_000),
               default=MAX_LAG_BLOCKS_DEFAULT, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600.0),
