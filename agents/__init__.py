@@ -13,26 +13,30 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from agents import customs, pboc, police, tax
+from agents import customs, market, pboc, police, tax
 from agents.common.loader import FileLoad, LoadReport, load_datasets
 from agents.common.schema import Dataset
 from agents.common.store import AgencyStore, SqliteAgencyStore
 from agents.common.view import View
 from agents.customs import views as customs_views
+from agents.market import views as market_views
 from agents.pboc import views as pboc_views
 from agents.police import views as police_views
 from agents.tax import views as tax_views
 
+# The founding agencies of the data contract, and the one that joins a running network.
 AGENCIES = ("tax", "police", "customs", "pboc")
+JOINING_AGENCIES = ("market",)
 
 _MODULES: dict[str, tuple[ModuleType, ModuleType]] = {
     "tax": (tax, tax_views),
     "police": (police, police_views),
     "customs": (customs, customs_views),
     "pboc": (pboc, pboc_views),
+    "market": (market, market_views),
 }
 
-__all__ = ["AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadReport", "View",
+__all__ = ["AGENCIES", "JOINING_AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadReport", "View",
            "datasets_of", "load_dataset_dir", "open_agency_store", "open_store", "views_of"]
 
 
@@ -40,7 +44,8 @@ def _modules(agency: str) -> tuple[ModuleType, ModuleType]:
     try:
         return _MODULES[agency]
     except KeyError:
-        raise ValueError(f"unknown agency {agency!r} (one of {', '.join(AGENCIES)})") from None
+        raise ValueError(f"unknown agency {agency!r} (one of "
+                         f"{', '.join(AGENCIES + JOINING_AGENCIES)})") from None
 
 
 def datasets_of(agency: str) -> tuple[Dataset, ...]:

@@ -52,23 +52,29 @@ class QuerySpec:
         return int(SHAPE.QUERY_SHAPE_SUBJECT_SET)
 
 
-def _member(genesis: identity_pb2.Genesis, agency: str) -> identity_pb2.Member:
-    for member in genesis.members:
+def _member(members: Sequence[identity_pb2.Member], chain_id: str,
+            agency: str) -> identity_pb2.Member:
+    for member in members:
         if member.agency == agency:
             return member
-    raise MalformedInput(f"{agency!r} is not a member of {genesis.chain_id} "
-                         f"({', '.join(m.agency for m in genesis.members)})")
+    raise MalformedInput(f"{agency!r} is not a member of {chain_id} "
+                         f"({', '.join(m.agency for m in members)})")
 
 
 def build_query(spec: QuerySpec, signer: Signer, genesis: identity_pb2.Genesis,
                 cosigners: Sequence[CachedSigner] = (),
-                now_ms: int | None = None) -> tuple[bytes, bytes]:
+                now_ms: int | None = None,
+                members: Sequence[identity_pb2.Member] | None = None
+                ) -> tuple[bytes, bytes]:
     """The signed query envelope and its tx id. The subjects and period travel sealed
-    to the requester and the target; everything else is clear metadata."""
+    to the requester and the target; everything else is clear metadata. `members` are
+    the members as the ledger has them now (a node's status gives them); default: the
+    founding members of genesis."""
     from agents.lookup import LookupRequest, request_to_json
 
-    requester = _member(genesis, signer.agency)
-    target = _member(genesis, spec.target)
+    current = list(members) if members else list(genesis.members)
+    requester = _member(current, genesis.chain_id, signer.agency)
+    target = _member(current, genesis.chain_id, spec.target)
     request = LookupRequest(dataset=spec.dataset, subjects=tuple(spec.subjects),
                             period=spec.period, fields=tuple(spec.fields))
     recipients = list(dict.fromkeys([bytes(requester.data_public_key),

@@ -13,8 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agents.generate import _org8, _person_id, _uscc
 from exchange.client import Signer, load_client_profile
 from exchange.errors import ExchangeError
+from exchange.ledger.policy import JOINING_OFFERS, default_policies, describe
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 
@@ -90,6 +92,29 @@ def test_fifth_agency_joins_answers_and_leaves(cluster: Cluster, tmp_path: Path)
     assert isinstance(height, int)
     cluster.wait_height(height, timeout_s=WAIT_S)
     _probe(cluster, "tax")
+
+    # market publishes its catalog, puts a policy for its register in force, loads its
+    # records and answers a cross-query from tax, automatically and signed
+    company, rep = _uscc("440300", _org8(7)), _person_id(7, "440300")
+    data = tmp_path / "market-data"
+    data.mkdir()
+    (data / "registrations.csv").write_text(
+        "uscc,name,legal_rep_id,registered_capital_cny,status,registered_on\n"
+        f"{company},Shenzhen Test Trading Co.,{rep},5000000.00,active,2019-04-02\n")
+    _ok(cluster.run_exchange("data", "load", "--config", str(net / "market" / "node.toml"),
+                             str(data)))
+    policy = tmp_path / "market-policy.json"
+    policy.write_text(json.dumps(describe(default_policies(five, JOINING_OFFERS)[0])))
+    _ok(cluster.run_exchange("policy", "propose", str(policy), "--profile",
+                             str(net / "market" / "analysts" / "supervisor-1.toml")))
+    _wait("market's catalog is on the ledger", lambda: any(
+        e["agency"] == "market" and e["dataset"] == "registrations"
+        for e in cluster.cli_json("catalog")["entries"]))  # type: ignore[index]
+    answer = cluster.cli_json("query", "--to", "market", "--dataset", "registrations",
+                              "--subject", f"uscc={company}", "--case", "CASE-MARKET-1",
+                              "--purpose", "who represents the company", "--wait")
+    assert isinstance(answer, dict)
+    assert [r["legal_rep_id"] for r in answer["data"]] == [rep], answer
 
     # market's node as a leader candidate: stop the current leader; five members with
     # one down still commit (market's vote counts now)

@@ -91,7 +91,10 @@ def query(target: str, dataset: str, subjects: tuple[str, ...], period: str | No
     with client:
         signer = Signer.load(client.profile, genesis.chain_id)
         cosigners = [_cosigner(cosign_profile, signer.agency)] if cosign_profile else []
-        envelope, qid = build_query(spec, signer, genesis, cosigners)
+        # the members as the ledger has them now (one may have joined since genesis),
+        # from the analyst's own node, which verified every block that changed them
+        members = list(client.status().member_entries)
+        envelope, qid = build_query(spec, signer, genesis, cosigners, members=members)
         started = time.monotonic()
         result = client.submit(envelope, wait=True)
         if result.result != "OK":

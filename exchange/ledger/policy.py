@@ -191,6 +191,15 @@ RATE_PER_HOUR_ANALYST = 600
 RATE_PER_HOUR_AUTOMATION = 1_000
 
 
+# The market regulator's register, offered by the agency that joins a running network
+# (issue 9); its supervisor puts this policy in force once it is a member.
+JOINING_OFFERS: tuple[DatasetOffer, ...] = (
+    DatasetOffer("market", "registrations", ("uscc", "name", "legal_rep_id",
+                                             "registered_capital_cny", "status",
+                                             "registered_on")),
+)
+
+
 def default_policies(members: Sequence[str],
                      offers: Sequence[DatasetOffer] = CONTRACT_OFFERS
                      ) -> list[ledger_pb2.Policy]:

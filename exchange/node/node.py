@@ -185,6 +185,11 @@ class Node:
         self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
                                   data_key)
         self.responder = Responder(self, data_key)
+        self.webhook: Any = None  # exchange.node.webhook.Webhook, with a [webhook] table
+        if config.webhook is not None:
+            from exchange.node.webhook import Webhook
+
+            self.webhook = Webhook(self, config.webhook)
         # The Raft log's writes and the block applies each have a thread of their own, so
         # that reads, admissions and answers never queue the critical path behind them.
         self._wal_thread = ThreadPoolExecutor(1, thread_name_prefix="raft-log")
@@ -217,6 +222,8 @@ class Node:
             self._tasks.append(loop.create_task(self._supervised(coro, name), name=name))
         if self.core.pending_snapshot is not None:
             self._start_catch_up(self.core.pending_snapshot)
+        if self.webhook is not None:
+            self.webhook.start()
         self._refresh_final_height()
         log.info("node started", chain=self.chain_id, height=self.store.height,
                  term=self.core.term, applied=self.core.applied_index)
@@ -250,6 +257,8 @@ class Node:
                 if not fut.done():
                     fut.set_exception(Unavailable("node is shutting down"))
         close_quietly(self.responder)
+        if self.webhook is not None:
+            self.webhook.close()
         self._wal_thread.shutdown(wait=True)
         self._apply_thread.shutdown(wait=True)
         self._check_thread.shutdown(wait=True)
@@ -427,6 +436,8 @@ class Node:
         for q in self._followers:
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(block)
+        if self.webhook is not None:
+            self.webhook.wake()
         log.debug("block applied", height=height, txs=len(applied.codes))
 
     def _follow_query(self, env: OpenedEnvelope) -> None:
@@ -1158,5 +1169,6 @@ class Node:
             commit_index=self.core.commit_index, applied_index=self.core.applied_index,
             height=self.store.height, tip_hash=self.store.tip_hash,
             final_height=self.final_height, peers=peers, mempool_size=len(self.mempool),
-            members=sorted(self.registry.members), quorum=self.registry.quorum)
+            members=sorted(self.registry.members), quorum=self.registry.quorum,
+            member_entries=[self.registry.members[a] for a in sorted(self.registry.members)])
 
