@@ -483,8 +483,10 @@ def test_compose_config_matches_the_ceremony(ceremony: Path) -> None:
         mounts = {PurePosixPath(v["target"]): v for v in _volumes(service)}
         folder_mount = mounts[in_container.parent]
         assert Path(folder_mount["source"]) == folder and folder_mount["read_only"]
+        # the one writable mount is node.toml's data_dir, the agency folder's data/
         data_target = in_container.parent / config.paths.data_dir.relative_to(folder)
-        assert mounts[data_target]["type"] == "volume" and not mounts[data_target]["read_only"]
+        assert Path(mounts[data_target]["source"]) == config.paths.data_dir
+        assert [t for t, m in mounts.items() if not m["read_only"]] == [data_target]
         jobs = services[f"{agency}-jobs"]
         assert {PurePosixPath(v["target"]): v["source"] for v in _volumes(jobs)} == \
             {t: v["source"] for t, v in mounts.items()}
