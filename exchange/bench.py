@@ -395,6 +395,26 @@ def bench_sim(seeds: int = 200) -> list[Result]:
              "value": round(seeds / elapsed, 1), "unit": "seeds/s"}]
 
 
+def bench_failover(runs: int = 20) -> list[Result]:
+    """Time from cutting the leader off (nftables, each node in its own network
+    namespace) to the first commit under a new leader; needs root, iproute2, nftables."""
+    from exchange.bench_failover import measure
+    from tests.netns import missing_requirement
+
+    missing = missing_requirement()
+    if missing:
+        print(f"failover part skipped: {missing}", flush=True)
+        return []
+    r = measure(runs, verbose=False)
+    extra = {"runs": r["runs"], "min_ms": r["failover_min_ms"]}
+    return [
+        {"name": f"failover on the namespace network, median of {runs} leader cut-offs",
+         "value": r["failover_median_ms"], "unit": "ms", **extra},
+        {"name": f"failover on the namespace network, max of {runs} leader cut-offs",
+         "value": r["failover_max_ms"], "unit": "ms", **extra},
+    ]
+
+
 PARTS: dict[str, Callable[[], list[Result]]] = {
     "merkle": bench_merkle,
     "signatures": bench_signatures,
@@ -404,6 +424,7 @@ PARTS: dict[str, Callable[[], list[Result]]] = {
     "cluster": bench_cluster,
     "crossquery": bench_crossquery,
     "sweep": bench_sweep,
+    "failover": bench_failover,
 }
 
 

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -262,11 +262,15 @@ class ChainMirror:
         """Fetch blocks height+1 .. to_height, checking that each links to the last."""
         if to_height <= self.height:
             return
-        with contextlib.closing(client.follow_blocks(self.height + 1)) as stream:
+        stream = client.follow_blocks(self.height + 1)
+        try:
             for block in stream:
                 self._add(block)
                 if self.height >= to_height:
                     break
+        finally:
+            if isinstance(stream, Generator):
+                stream.close()  # cancels the call
 
     def _add(self, block: ledger_pb2.Block) -> None:
         header = parse_header(block.header)
@@ -389,7 +393,8 @@ class NetnsNetwork:
         public files ever cross between machines."""
         self.table.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for agency in self.agencies:
+
+        def make(agency: str) -> None:
             self.machine(agency).mkdir(parents=True)
             self._cli_ok("agency", "init", "--agency", agency, "--host",
                          self.addresses[agency], "--port", str(GRPC_PORT), "--chain-id",
@@ -397,11 +402,13 @@ class NetnsNetwork:
                          cwd=self.machine(agency))
             self._hand_over(self.agency_dir(agency) / "request.pb",
                             self.table / f"{agency}.req")
+        self._on_every_machine(make)
         draft = self.table / "draft.pb"
         self._cli_ok("genesis", "propose",
                      *[str(self.table / f"{a}.req") for a in self.agencies],
                      "--out", str(draft), cwd=self.table)
-        for agency in self.agencies:
+
+        def sign(agency: str) -> None:
             received = self.machine(agency) / "draft.pb"
             self._hand_over(draft, received)
             signature = self.machine(agency) / f"{agency}.sig"
@@ -409,17 +416,38 @@ class NetnsNetwork:
                          str(self.agency_dir(agency)), "--out", str(signature),
                          cwd=self.machine(agency))
             self._hand_over(signature, self.table / f"{agency}.sig")
+        self._on_every_machine(sign)
         genesis = self.table / "genesis.pb"
         self._cli_ok("genesis", "finalize", str(draft),
                      *[str(self.table / f"{a}.sig") for a in self.agencies],
                      "--out", str(genesis), cwd=self.table)
-        for agency in self.agencies:
+
+        def configure(agency: str) -> None:
             received = self.machine(agency) / "genesis.pb"
             self._hand_over(genesis, received)
             self._cli_ok("agency", "configure", "--agency-dir", str(self.agency_dir(agency)),
                          "--genesis", str(received), cwd=self.machine(agency))
+        self._on_every_machine(configure)
         for path in self.table.iterdir():
             assert b"PRIVATE KEY" not in path.read_bytes(), f"{path} holds a private key"
+
+    def _on_every_machine(self, step: Callable[[str], None]) -> None:
+        """Run one ceremony step on every agency's machine at once (as four agencies
+        would); the first failure is raised once all have finished."""
+        errors: list[BaseException] = []
+
+        def run(agency: str) -> None:
+            try:
+                step(agency)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=(a,)) for a in self.agencies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _hand_over(src: Path, dst: Path) -> None:
