@@ -73,12 +73,17 @@ as tax audit --case $CASE --verify
 echo; echo "the same trail at the customs node: metadata in clear, other agencies' subjects sealed"
 as customs audit --case $CASE --agency police
 
-step "8. Comparison jobs: each owner registers its reference rules and its runner runs them"
+step "8. Comparison jobs and playbooks: each owner registers its rules and playbooks; its runner runs them"
 for agency in tax customs pboc police; do
   for rule in agents/$agency/rules/*.yaml; do
     "$EXCHANGE" rules register "$rule" --profile "$NET/$agency/analysts/supervisor-1.toml"
   done
+  for playbook in agents/$agency/playbooks/*.yaml; do
+    "$EXCHANGE" playbooks register "$playbook" --profile "$NET/$agency/analysts/supervisor-1.toml"
+  done
 done
+as tax playbooks list
+echo "(each runner runs its rules, then its playbooks on the findings it may read)"
 for agency in tax customs pboc police; do
   cat > "var/demo/jobs-$agency.toml" <<TOML
 profile = "../../$NET/$agency/analysts/automation.toml"
@@ -86,6 +91,8 @@ periods = ["2026-09"]
 agency_store = "../../$NET/$agency/data/agency.db"
 state_file = "jobs-$agency.state.json"
 interval_s = 60
+follow_ups_per_finding_max = 8
+follow_ups_per_hour_per_agency = 500
 TOML
   "$EXCHANGE" jobs serve --config "var/demo/jobs-$agency.toml" --rounds 1
 done
@@ -95,26 +102,13 @@ echo "replaying run $RUN from the ledger:"
 "$EXCHANGE" compare replay "$RUN" --profile "$NET/tax/analysts/automation.toml"
 echo "planted cases for 2026-09 in ground_truth.csv: $(grep -c ',2026-09$' $GT) period-bound, $(grep -c '^officer-with-police-record,' $GT) officer"
 
-step "9. A tax analyst opens a case from a finding and runs the follow-up queries"
-FJSON=$(as tax findings --rule revenue-below-bank-inflows --open --json)
-FID=$(echo "$FJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["findings"][0]["finding"])')
-SUBJ=$(echo "$FJSON" | $PY -c 'import json,sys; print(json.load(sys.stdin)["findings"][0]["subject"])')
-echo "finding $FID is about $SUBJ (subjects and amounts are sealed; tax and pboc can read them)"
-CASE2=SZ-2026-002
-as tax findings open "$FID" --case $CASE2 --reason "bank inflows far above declared revenue"
-REP=$(as tax query --to pboc --dataset company_flows --subject "uscc=$SUBJ" --period 2026-09 \
-  --case $CASE2 --purpose "bank inflows of the company" --wait --json \
-  | $PY -c 'import json,sys; r=json.load(sys.stdin); print("%s rows: %s" % (r["rows"], r["data"]))')
-echo "pboc: $REP"
-LEGAL=$(grep "^$SUBJ," var/demo/data/tax/taxpayers.csv | cut -d, -f3)
-echo "its legal representative in tax's own records: $LEGAL"
-set +e
-as tax query --to police --dataset records --subject "person_id=$LEGAL" --case $CASE2 \
-  --purpose "records of the legal representative" \
-  --cosign "$NET/tax/analysts/supervisor-1.toml" --wait
-as tax query --to customs --dataset declarations --subject "uscc=$SUBJ" --case $CASE2 \
-  --purpose "declarations of the company" --wait
-set -e
+step "9. The playbooks opened a case per finding and asked its follow-ups, every step on the ledger"
+as tax case list
+CASE2=$(as tax case list --json | $PY -c 'import json,sys; print(next(c["case"] for c in json.load(sys.stdin)["cases"] if c["case"].startswith("TAX-RV")))')
+echo "the tax bureau's case $CASE2, opened by its playbook from a revenue-below-bank-inflows finding:"
+as tax case show $CASE2
+echo; echo "what the answers on record link (exchange case graph):"
+as tax case graph $CASE2
 
 step "10. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
@@ -174,7 +168,9 @@ if $EXCHANGE evidence verify var/demo/case.evidence.tampered; then
 fi
 echo "(refused, as it must be)"
 
-step "19. Stopping the cluster"
+step "19. The tax analyst closes the case (the close is on the ledger too)"
+as tax case close $CASE2 --reason "referred to the procuratorate"
+
+step "20. Stopping the cluster"
 bash scripts/cluster.sh stop
-printf '\nDemo complete. Playbooks (automatic follow-up of findings) join this walk-through\n'
-printf 'when their issue lands (README.md, "Status").\n'
+printf '\nDemo complete.\n'

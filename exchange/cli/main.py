@@ -63,9 +63,9 @@ def _register() -> None:
                     case_cmd.case, health_cmd.health, agency_cmd.agency,
                     agency_cmd.genesis, check_cmd.check, membership_cmd.membership):
         cli.add_command(command)
-    from exchange.cli import playbook_cmd  # automatic processing (issue 10)
+    from exchange.cli import playbook_cmd, watch_cmd  # automatic processing (issue 10)
 
-    for command in (playbook_cmd.playbooks,):
+    for command in (playbook_cmd.playbooks, watch_cmd.watch):
         cli.add_command(command)
 
 

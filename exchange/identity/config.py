@@ -71,6 +71,37 @@ class RaftSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Where a node posts the findings and case events concerning its agency (issue 10):
+    an HTTP(S) URL, the HMAC-SHA256 key (a file, or an environment variable holding it),
+    the timeout of one POST and how often, with exponential back-off, to try one event."""
+
+    url: str
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    timeout_ms: int = 5_000
+    attempts_max: int = 12
+    backoff_ms_min: int = 500
+    backoff_ms_max: int = 300_000
+
+    def secret(self) -> bytes:
+        """The HMAC key; MalformedInput when it cannot be read or is empty."""
+        if self.secret_file is not None:
+            try:
+                key = self.secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise MalformedInput(f"webhook secret_file {self.secret_file}: "
+                                     f"{exc.strerror}") from exc
+        else:
+            assert self.secret_env is not None
+            key = os.environ.get(self.secret_env, "").strip().encode()
+        if not key:
+            raise MalformedInput("the webhook's HMAC key is empty (webhook.secret_file or "
+                                 "webhook.secret_env)")
+        return key
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """One node. A single gRPC port serves the public API and the peer service (both
     mutual TLS); metrics are plain HTTP on their own port."""
@@ -92,6 +123,8 @@ class NodeConfig:
     # True for an agency joining a running network: it is not in genesis, and becomes a
     # member when a membership change naming its keys commits.
     join: bool = False
+    # Where to post the findings and case events concerning the agency (none: nowhere).
+    webhook: WebhookSettings | None = None
 
     def read_trust_bundle(self) -> bytes:
         """PEM of the CAs this node trusts: the bundle file, or genesis's member CAs."""
@@ -343,11 +376,38 @@ def load_node_config(path: Path) -> NodeConfig:
         d.done()
     else:
         top.used.add("data")
+    webhook = _webhook(top.table("webhook")) if "webhook" in top.data else None
     top.done()
     return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
                       listen_metrics=listen_metrics, block=block, peers=peers,
                       log_level=log_level, raft=raft, agency_store=agency_store,
-                      answer_chunk_bytes=answer_chunk_bytes, join=join)
+                      answer_chunk_bytes=answer_chunk_bytes, join=join, webhook=webhook)
+
+
+def _webhook(w: _Table) -> WebhookSettings:
+    url = w.req_string("url")
+    if not re.match(r"^https?://[^\s/]+", url):
+        raise w.error("url", f"{url!r} is not an http:// or https:// URL")
+    secret_file = w.string("secret_file", required=False)
+    secret_env = w.string("secret_env", ENV_VAR_PATTERN, required=False)
+    if (secret_file is None) == (secret_env is None):
+        raise w.error("secret_file", "give the HMAC key as secret_file or secret_env "
+                                     "(exactly one)")
+    defaults = WebhookSettings(url)
+    settings = WebhookSettings(
+        url=url, secret_file=(resolve_path(w.path.parent, secret_file)
+                              if secret_file is not None else None),
+        secret_env=secret_env,
+        timeout_ms=w.integer("timeout_ms", 100, 120_000, default=defaults.timeout_ms),
+        attempts_max=w.integer("attempts_max", 1, 1_000, default=defaults.attempts_max),
+        backoff_ms_min=w.integer("backoff_ms_min", 10, 3_600_000,
+                                 default=defaults.backoff_ms_min),
+        backoff_ms_max=w.integer("backoff_ms_max", 10, 86_400_000,
+                                 default=defaults.backoff_ms_max))
+    if settings.backoff_ms_max < settings.backoff_ms_min:
+        raise w.error("backoff_ms_max", "must not be below backoff_ms_min")
+    w.done()
+    return settings
 
 
 def load_profile(path: Path) -> Profile:
@@ -413,7 +473,19 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
                  "compact_keep_entries": config.raft.compact_keep_entries},
         "data": {"answer_chunk_bytes": config.answer_chunk_bytes,
                  **({"agency_store": config.agency_store} if config.agency_store else {})},
+        **({"webhook": _webhook_toml(config.webhook, base)} if config.webhook else {}),
     }
+
+
+def _webhook_toml(w: WebhookSettings, base: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = {"url": w.url, "timeout_ms": w.timeout_ms,
+                           "attempts_max": w.attempts_max, "backoff_ms_min": w.backoff_ms_min,
+                           "backoff_ms_max": w.backoff_ms_max}
+    if w.secret_file is not None:
+        doc["secret_file"] = _relative(w.secret_file, base)
+    if w.secret_env is not None:
+        doc["secret_env"] = w.secret_env
+    return doc
 
 
 def profile_to_toml(profile: Profile, base: Path) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""`exchange watch`: new findings and case events, and the steps of cases, as they commit."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from exchange.cases.events import QueryFacts, block_events, line_of, wanted
+from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
+from exchange.client import ExchangeClient, NotFound
+from exchange.errors import ExchangeError
+from exchange.ledger.block import RESULT_OK, parse_header, results_root, tx_id
+from exchange.v1 import ledger_pb2, node_pb2
+
+CACHE_MAX = 100_000
+RELEVANT = ("findings", "case_event", "query", "answer_manifest", "refusal")
+
+
+class ClientEventSource:
+    """What events need, asked of the analyst's own node (subjects and amounts where the
+    agency may read them)."""
+
+    def __init__(self, client: ExchangeClient) -> None:
+        self.client = client
+        self._queries: OrderedDict[bytes, QueryFacts | None] = OrderedDict()
+        self._openers: dict[str, str] = {}
+
+    def remember(self, txid: bytes, body: ledger_pb2.TxBody) -> None:
+        q = body.query
+        self._queries[txid] = QueryFacts(q.case_id, body.agency, q.target_agency, q.dataset)
+        while len(self._queries) > CACHE_MAX:
+            self._queries.popitem(last=False)
+
+    def query_facts(self, query_tx_id: bytes) -> QueryFacts | None:
+        if query_tx_id not in self._queries:
+            try:
+                info = self.client.get_transaction(query_tx_id)
+            except NotFound:
+                return None
+            body = ledger_pb2.TxBody.FromString(ledger_pb2.Envelope.FromString(
+                info.envelope).body)
+            if body.WhichOneof("kind") != "query":
+                return None
+            self.remember(query_tx_id, body)
+        return self._queries[query_tx_id]
+
+    def finding_lines(self, run_tx_id: bytes,
+                      findings: ledger_pb2.Findings) -> Mapping[int, Mapping[str, Any]]:
+        try:
+            listing = self.client.list_findings(node_pb2.ListFindingsRequest(
+                rule_id=findings.rule_id, period=findings.period, all_runs=True, open=True))
+        except ExchangeError:
+            return {}
+        for run in listing.runs:
+            if bytes(run.tx_id) == run_tx_id:
+                return {int(i): json.loads(line)
+                        for i, line in zip(run.line_index, run.lines, strict=True)}
+        return {}
+
+    def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
+        return set()  # watch shows what the node shows; it does not filter by party
+
+    def case_opener(self, case_id: str) -> str:
+        if case_id not in self._openers:
+            cases = self.client.list_cases(case_id).cases
+            if not cases:
+                return ""
+            self._openers[case_id] = cases[0].agency
+        return self._openers[case_id]
+
+
+def _relevant(kind: str | None, body: ledger_pb2.TxBody, source: ClientEventSource) -> bool:
+    if kind in ("findings", "case_event"):
+        return True
+    if kind == "query":
+        return bool(body.query.case_id)
+    if kind in ("answer_manifest", "refusal"):
+        facts = source.query_facts(bytes(getattr(body, kind).query_tx_id))
+        return facts is not None and bool(facts.case_id)
+    return False
+
+
+@click.command("watch")
+@click.option("--case", "case_id", default="", help="Only this case's events and steps.")
+@click.option("--severity", type=click.Choice(["high", "medium", "low"]), default=None,
+              help="Only findings of this severity or higher (other events pass).")
+@click.option("--from-height", type=click.IntRange(0, None), default=0,
+              help="Start at this height (default: the next block committed).")
+@click.option("--until-height", type=click.IntRange(0, None), default=0,
+              help="Stop after this height (default: run until interrupted).")
+@node_options
+@json_option
+def watch(case_id: str, severity: str | None, from_height: int, until_height: int,
+          profile_option: str | None, timeout_s: float, as_json: bool) -> None:
+    """Stream new findings and case events (open, add, close, notify) and each step of a
+    case (its queries, answers and refusals) as they commit: a line each for people,
+    --json lines for programs. Subjects and amounts show where your agency may read them."""
+    _, client = connect(profile_option, timeout_s, retry_s=10.0)
+    source = ClientEventSource(client)
+    with client:
+        try:
+            for block in client.follow_blocks(from_height):
+                header = parse_header(block.header)
+                if until_height and header.height > until_height:
+                    break
+                _emit_block(client, source, block, header, case_id, severity or "", as_json)
+                if until_height and header.height >= until_height:
+                    break
+        except KeyboardInterrupt:
+            pass
+
+
+def _emit_block(client: ExchangeClient, source: ClientEventSource, block: ledger_pb2.Block,
+                header: ledger_pb2.BlockHeader, case_id: str, severity: str,
+                as_json: bool) -> None:
+    count = len(block.envelopes)
+    all_ok = any(bytes(a.results_root) == results_root([RESULT_OK] * count)
+                 for a in block.attestations)
+    transactions: list[tuple[bytes, ledger_pb2.TxBody, str]] = []
+    for index, raw in enumerate(block.envelopes):
+        env = ledger_pb2.Envelope.FromString(raw)
+        body = ledger_pb2.TxBody.FromString(env.body)
+        kind = body.WhichOneof("kind")
+        if kind not in RELEVANT or not _relevant(kind, body, source):
+            continue
+        txid = tx_id(env.body)
+        if kind == "query":
+            source.remember(txid, body)
+        if all_ok:
+            code = RESULT_OK
+        else:
+            info = client.get_transaction(txid)
+            code = info.result if (info.height, info.index) == (header.height, index) \
+                else "DUPLICATE_TX"
+        transactions.append((txid, body, code))
+    for event in block_events(header.height, header.timestamp_ms, transactions, source):
+        if not wanted(event, case_id, severity):
+            continue
+        if as_json:
+            emit_json_line(event.as_dict())
+        else:
+            click.echo(line_of(event))
