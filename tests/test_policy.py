@@ -45,7 +45,7 @@ def test_default_policy_allows_an_analyst_within_a_case(book: pol.PolicyBook) ->
     (dict(case_id=""), pol.CASE_REQUIRED),
     (dict(legal_basis="curiosity"), pol.LEGAL_BASIS_NOT_GRANTED),
     (dict(requester_roles=frozenset({"auditor"})), pol.ROLE_NOT_GRANTED),
-    (dict(requester_roles=frozenset({"automation"}), case_id=""), pol.ROLE_NOT_GRANTED),
+    (dict(requester_roles=frozenset({"automation"}), case_id=""), pol.CASE_REQUIRED),
     (dict(fields=("account_no", "balance")), pol.FIELD_NOT_GRANTED),
     (dict(dataset="secret_files"), pol.NO_POLICY),
     (dict(requester_agency="pboc"), pol.NOT_GRANTED),

@@ -104,7 +104,10 @@ class PolicyBook:
             decision = _evaluate_grant(policy, grant, q)
             if decision.allowed:
                 return decision
-            best = best or decision
+            # the reason of a grant made for the asker's role says more than "not your role"
+            if best is None or (best.code == ROLE_NOT_GRANTED
+                                and decision.code != ROLE_NOT_GRANTED):
+                best = decision
         assert best is not None
         return best
 
