@@ -415,6 +415,22 @@ def bench_failover(runs: int = 20) -> list[Result]:
     ]
 
 
+def bench_playbooks() -> list[Result]:
+    """The reference playbooks after a sweep yielding about 100 findings: time from a
+    finding's commit to its last follow-up answer's commit (exchange.bench_playbooks)."""
+    from exchange.bench_playbooks import measure
+
+    r = measure(verbose=False)
+    extra = {k: v for k, v in r.items() if not k.startswith("finding_to_last_answer_p")}
+    return [
+        {"name": f"playbooks: finding commit to last follow-up answer, p50 ({r['findings']} "
+                 f"findings, {r['follow_ups']} follow-ups)",
+         "value": r["finding_to_last_answer_p50_s"], "unit": "s", **extra},
+        {"name": "playbooks: finding commit to last follow-up answer, p99",
+         "value": r["finding_to_last_answer_p99_s"], "unit": "s"},
+    ]
+
+
 PARTS: dict[str, Callable[[], list[Result]]] = {
     "merkle": bench_merkle,
     "signatures": bench_signatures,
@@ -425,6 +441,7 @@ PARTS: dict[str, Callable[[], list[Result]]] = {
     "crossquery": bench_crossquery,
     "sweep": bench_sweep,
     "failover": bench_failover,
+    "playbooks": bench_playbooks,
 }
 
 
