@@ -156,12 +156,15 @@ class Refusal:
 class Submitters:
     """Closed-loop clients, each keeping one signed probe transaction in flight at its
     agency's node as that agency's analyst (its profile), recording every acknowledged
-    transaction and every refusal."""
+    transaction and every refusal. With `pause_s` each client waits that long between
+    one answer and its next submission (fewer, so shorter, chains to check)."""
 
     def __init__(self, net: NetnsNetwork, agencies: Sequence[str] | None = None,
-                 per_agency: int = 1, deadline_s: float = SUBMIT_DEADLINE_S) -> None:
+                 per_agency: int = 1, deadline_s: float = SUBMIT_DEADLINE_S,
+                 pause_s: float = 0.0) -> None:
         self.net = net
         self.deadline_s = deadline_s
+        self.pause_s = pause_s
         self.acks: list[Ack] = []
         self.refusals: list[Refusal] = []
         self._lock = threading.Lock()
@@ -205,6 +208,8 @@ class Submitters:
                                 self.acks.append(Ack(bytes(res.tx_id), agency, sent,
                                                      time.monotonic(), res.height, res.index,
                                                      res.result))
+                        if self.pause_s:
+                            self._stop.wait(self.pause_s)
             except ExchangeError as exc:  # the profile's files, the channel
                 with self._lock:
                     self.refusals.append(Refusal(agency, time.monotonic(), time.monotonic(),

@@ -38,6 +38,10 @@ FROZEN_S = 10.0  # the issue: a leader frozen for 10 s
 CLOCK_OFFSET = "+5m"  # the issue: a clock off by five minutes
 SETTLE_TIMEOUT_S = 60.0
 LOSS_HELD_S = 8.0  # random loss lasts at least this long
+# Each client pauses between an answer and its next submission: every scenario runs
+# `exchange chain verify` against every node over the whole chain, so the chain is kept
+# to some hundreds of blocks per scenario.
+PAUSE_S = 0.2
 
 _missing = missing_requirement()
 if _missing:
@@ -96,7 +100,7 @@ def test_leader_cut_off_majority_commits_again_within_2s_and_old_leader_catches_
     assert st is not None
     old_term = st.term
     others = [a for a in net.agencies if a != leader]
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20)
         cut_at = time.monotonic()
         net.isolate(leader)
@@ -137,7 +141,7 @@ def test_two_two_split_acknowledges_nothing_and_commits_resume_on_healing(
     partner = next(a for a in net.agencies if a != leader)
     side_a = [leader, partner]
     side_b = [a for a in net.agencies if a not in side_a]
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20)
         split_at = time.monotonic()
         net.split(side_a, side_b)
@@ -171,7 +175,7 @@ def test_one_way_loss_of_the_leaders_outgoing_traffic(healthy: NetnsNetwork) -> 
     st = net.status(leader)
     assert st is not None
     others = [a for a in net.agencies if a != leader]
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20)
         cut_at = time.monotonic()
         net.drop_outgoing(leader)
@@ -198,7 +202,7 @@ def test_one_way_loss_of_the_leaders_outgoing_traffic(healthy: NetnsNetwork) -> 
 @pytest.mark.parametrize("percent", [5, 20])
 def test_random_loss_on_every_link(healthy: NetnsNetwork, percent: int) -> None:
     net = healthy
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20)
         before_at, before = time.monotonic(), subs.count()
         subs.wait_growth(20)
@@ -229,7 +233,7 @@ def test_frozen_leader_resumed_after_10s_does_not_act_on_its_stale_term(
     assert st is not None
     old_term = st.term
     others = [a for a in net.agencies if a != leader]
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20)
         frozen_at = time.monotonic()
         net.freeze(leader)
@@ -272,7 +276,7 @@ def test_node_with_clock_off_by_five_minutes_is_refused_and_the_network_goes_on(
     others = [a for a in net.agencies if a != skewed]
     net.restart(skewed, clock_offset=CLOCK_OFFSET)
     net.wait_ready(SETTLE_TIMEOUT_S)
-    with Submitters(net) as subs:
+    with Submitters(net, pause_s=PAUSE_S) as subs:
         subs.wait_growth(20, agencies=others)
         # the skewed machine's analyst, through the node on the same machine
         own = net.cli("submit-probe", "--profile", str(net.profile(skewed)), "--timeout",
