@@ -347,6 +347,21 @@ def test_committed_entries_apply_everywhere_in_order_once() -> None:
         ]
 
 
+def test_follower_that_lost_its_log_is_sent_everything_again() -> None:
+    net = Net()
+    leader = net.elect("n1")
+    last = 0
+    for k in range(10):
+        last = leader.propose(b"p%d" % k)[1]
+    net.run()
+    # n3 loses its data (a wiped disk, an old backup) and restarts empty, while the
+    # same leader still counts its entries as replicated
+    net.add(make_node("n3", IDS3, hard_state=HardState(term=leader.term), seed=7))
+    net.tick(2, only=["n1"])  # heartbeats carry a commit beyond n3's empty log
+    assert net.nodes["n3"].commit_index == last
+    assert [e.index for e in net.applied["n3"]] == list(range(1, last + 1))
+
+
 def test_leader_does_not_commit_old_term_entry_by_counting() -> None:
     """Raft 5.4.2 (figure 8): an entry of an earlier term on a majority is not committed
     until an entry of the leader's own term is."""

@@ -776,6 +776,14 @@ class RaftNode:
         if m.type is MessageType.APPEND:
             self._handle_append(m)
         elif m.type is MessageType.HEARTBEAT:
+            last = self._log.last_index
+            if m.commit > last:
+                # The leader counts entries as ours that our log does not hold: this
+                # node lost its data. Say where its log ends, so the leader re-sends.
+                self._log.commit_to(last)
+                self._send(Message(MessageType.HEARTBEAT_RESP, self._id, m.from_id,
+                                   self._term, reject=True, reject_hint=last))
+                return
             self._log.commit_to(m.commit)
             self._send(Message(MessageType.HEARTBEAT_RESP, self._id, m.from_id, self._term))
         else:
@@ -891,6 +899,8 @@ class RaftNode:
         elif m.type is MessageType.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.paused = False
+            if m.reject and m.reject_hint < pr.match:
+                pr.lost_log(m.reject_hint)
             if pr.match < self._log.last_index or pr.state is ProgressState.PROBE:
                 self._send_append(m.from_id)
 

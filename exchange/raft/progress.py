@@ -97,6 +97,15 @@ class Progress:
             self._reset_state(ProgressState.PROBE)
             self.next = self.match + 1
 
+    def lost_log(self, last_index: int) -> None:
+        """The follower says its log ends at `last_index`, below what it had
+        acknowledged: it lost its data (restored from an old backup, or wiped). Probe it
+        again from there, so it is sent what it lacks (entries or a snapshot)."""
+        assert last_index < self.match
+        self._reset_state(ProgressState.PROBE)
+        self.match = last_index
+        self.next = last_index + 1
+
     def become_replicate(self) -> None:
         self._reset_state(ProgressState.REPLICATE)
         self.next = self.match + 1
