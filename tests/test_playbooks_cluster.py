@@ -206,20 +206,27 @@ def test_every_finding_has_one_case_and_one_set_of_follow_ups(swept: Swept) -> N
             steps_of[(ref.run_tx_id.hex(), ref.finding_id)].append((ref, step))
     cases = cases_of(cluster)
     for key, finding in findings.items():
-        steps = steps_of.get(key)
-        assert steps, f"no playbook took finding {key}"
-        case_steps = [s for ref, s in steps if ref.step_key == "0-case"]
-        assert len(case_steps) == 1, (key, case_steps)
-        case = cases[case_steps[0].case_id]
-        assert case.agency == finding["owner"] and case.status == "open"
-        assert (bytes.fromhex(key[0]), key[1]) in set(zip(
-            (bytes(t) for t in case.ref_tx_ids), case.ref_finding_ids, strict=True))
-        keys = [ref.step_key for ref, s in steps if s.kind != "rule"]
-        assert len(keys) == len(set(keys)), keys  # each step once
-        playbook = playbooks[steps[0][0].digest.hex()]
-        asked = [ref.step_key for ref, s in steps if s.kind == "query"]
-        assert asked and len(asked) <= sum(isinstance(s, QueryStep) for s in playbook.steps)
-        assert any(ref.step_key.endswith("-notify") for ref, _s in steps)
+        assert steps_of.get(key), f"no playbook took finding {key}"
+        by_playbook: dict[str, list[Any]] = defaultdict(list)
+        for ref, step in steps_of[key]:
+            by_playbook[ref.digest.hex()].append((ref, step))
+        owners = set()
+        for digest, steps in by_playbook.items():  # per playbook version: one set
+            playbook = playbooks[digest]
+            case_steps = [s for ref, s in steps if ref.step_key == "0-case"]
+            assert len(case_steps) == 1, (key, playbook.id, case_steps)
+            case = cases[case_steps[0].case_id]
+            assert case.agency == playbook.owner and case.status == "open"
+            assert (bytes.fromhex(key[0]), key[1]) in set(zip(
+                (bytes(t) for t in case.ref_tx_ids), case.ref_finding_ids, strict=True))
+            keys = [ref.step_key for ref, s in steps if s.kind != "rule"]
+            assert len(keys) == len(set(keys)), keys  # each step once
+            asked = [ref.step_key for ref, s in steps if s.kind == "query"]
+            assert asked and len(asked) <= sum(isinstance(s, QueryStep)
+                                               for s in playbook.steps)
+            assert any(ref.step_key.endswith("-notify") for ref, _s in steps)
+            owners.add(playbook.owner)
+        assert finding["owner"] in owners  # the finding's own agency took it
     # one valid transaction per step on the ledger, and none sent twice
     with _store(cluster) as store:
         on_behalf: Counter[str] = Counter()

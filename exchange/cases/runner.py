@@ -66,6 +66,10 @@ class Deferred(ExchangeError):
     it resumes in a later round, from the ledger and the spool."""
 
 
+class CaseClosed(ExchangeError):
+    """The case a job works on was closed (by its agency's people): the job ends there."""
+
+
 @dataclass(frozen=True)
 class PlaybookSettings:
     spool: Path
@@ -243,7 +247,7 @@ class PlaybookRunner:
         self._follow_ups: dict[tuple[bytes, str], int] = defaultdict(int)
         self._hour: dict[str, list[int]] = defaultdict(list)
         self._cases: dict[str, OpenCase] = {}
-        self._window_ms = genesis.params.admission_window_ms or 120_000
+        self._rule_files: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.spool.close()
@@ -387,6 +391,13 @@ class PlaybookRunner:
                 return
             try:
                 outcome = self._run_job(job, report)
+            except CaseClosed as exc:
+                self.spool.finish(job.key, "case closed")
+                with self._lock:
+                    report.finished += 1
+                log.info("playbook job ends: its case is closed", playbook=job.playbook.id,
+                         finding=job.finding.finding_id, detail=str(exc))
+                continue
             except Deferred as exc:
                 with self._lock:
                     report.deferred += 1
@@ -563,6 +574,7 @@ class PlaybookRunner:
                 qid = bytes(self._step_on_ledger(ref).tx_id)
             elif result != "OK":
                 self.spool.discard(job.key, ref)
+                self._unless_closed(case_id)
                 raise Deferred(f"follow-up {step.name} judged {result}")
             else:
                 with self._lock:
@@ -586,9 +598,8 @@ class PlaybookRunner:
     def _rule_step(self, job: _Job, step: RuleStep, ref: str, case_id: str,
                    report: RoundReport) -> None:
         from exchange.compare.network import NetworkRun, RunScope
-        from exchange.compare.rules import load_rules
 
-        rule = next((r for r in load_rules(self.agency) if r.id == step.rule), None)
+        rule = self._rules().get(step.rule)
         if rule is None:
             raise ExchangeError(f"{self.agency} has no rule {step.rule}")
         with self._lock:
@@ -627,16 +638,32 @@ class PlaybookRunner:
                 _, code = self._submit(job, f"{ref}/{run_tx.hex()}/{finding_id}",
                                        self._case_event_builder(event))
                 if code not in ("OK", CODE_STEP_DONE):
+                    self._unless_closed(case_id)
                     raise Deferred(f"adding {finding_id} to the case judged {code}")
                 with self._lock:
                     self._rule_adds.add((ref, run_tx, finding_id))
                     report.steps["finding added"] += 1
+
+    def _unless_closed(self, case_id: str) -> None:
+        """After a step was refused: CaseClosed if that is because its case is closed."""
+        cases = self.client.list_cases(case_id).cases
+        if cases and cases[0].status != "open":
+            raise CaseClosed(f"case {case_id} is {cases[0].status}")
 
     def _case_event_builder(self, event: ledger_pb2.CaseEvent) -> Callable[[], bytes]:
         def fill(body: ledger_pb2.TxBody) -> None:
             body.case_event.CopyFrom(event)
 
         return lambda: self.signer.make_envelope(fill)
+
+    def _rules(self) -> dict[str, Any]:
+        """The owner's rule files, read once per runner."""
+        with self._lock:
+            if self._rule_files is None:
+                from exchange.compare.rules import load_rules
+
+                self._rule_files = {r.id: r for r in load_rules(self.agency)}
+            return self._rule_files
 
     def _notify_step(self, job: _Job, step: NotifyStep, ref: str, case_id: str,
                      report: RoundReport) -> None:
@@ -651,6 +678,7 @@ class PlaybookRunner:
         txid, result = self._submit(job, ref, self._case_event_builder(event))
         if result not in ("OK", CODE_STEP_DONE):
             self.spool.discard(job.key, ref)
+            self._unless_closed(case_id)
             raise Deferred(f"notification judged {result}")
         with self._lock:
             self._steps[ref] = node_pb2.PlaybookStepView(ref=ref, tx_id=txid, kind="notify",
