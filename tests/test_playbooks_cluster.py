@@ -385,3 +385,12 @@ def test_a_case_bundle_holds_the_playbooks_steps_and_verifies_offline(swept: Swe
     steps = _case_transactions(cluster)[case_id]
     assert steps <= bundled
     assert any(t["kind"] == "playbook_registration" for t in verified["transactions"])
+    # the rule step's runs for the case are in the bundle and replay to their digests
+    with cluster.client("tax") as client:
+        scoped = [r for r in client.list_findings(node_pb2.ListFindingsRequest(
+            owner_agency="tax", all_runs=True)).runs if r.case_id == case_id]
+    assert scoped and {bytes(r.tx_id).hex() for r in scoped} <= bundled
+    replayed = json.loads(_ok(cluster.run_exchange(
+        "compare", "replay", bytes(scoped[0].tx_id).hex(), "--json", "--profile",
+        _profile(cluster, "tax", "automation"))))
+    assert replayed["matches"]
