@@ -109,6 +109,9 @@ echo "the tax bureau's case $CASE2, opened by its playbook from a revenue-below-
 as tax case show $CASE2
 echo; echo "what the answers on record link (exchange case graph):"
 as tax case graph $CASE2
+echo; echo "the case's steps as exchange watch showed them when they committed:"
+TIP=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["height"])')
+as tax watch --case $CASE2 --from-height 1 --until-height "$TIP"
 
 step "10. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
