@@ -886,3 +886,53 @@ def describe(st: node_pb2.NodeStatus | None) -> str:
 
 __all__ = ["Ack", "ChainMirror", "NetnsNetwork", "Refusal", "Submitters", "acks_between",
            "describe", "first_commit_after", "missing_requirement", "pick_subnet", "until"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tests.netns [-- COMMAND ...]`: bring a namespace network up (in a
+    temporary folder unless --dir), run COMMAND in the root namespace with
+    EXCHANGE_PROFILE set to the first agency's analyst profile (and
+    EXCHANGE_NETNS_PROFILE_<AGENCY> to each agency's), then take everything down; without
+    a command, print where things are and keep the network up until SIGINT or SIGTERM."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m tests.netns", description=main.__doc__)
+    parser.add_argument("--dir", type=Path, help="folder for the machines (must not exist)")
+    parser.add_argument("--agencies", default=",".join(DEFAULT_AGENCIES))
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    missing = missing_requirement()
+    if missing:
+        print(f"namespace network unavailable: {missing}", file=sys.stderr)
+        return 1
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    with contextlib.ExitStack() as stack:
+        if args.dir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="netns-")))
+        else:
+            root = args.dir
+            root.mkdir(parents=True)
+        net = stack.enter_context(NetnsNetwork(root, args.agencies.split(",")))
+        env = {**os.environ, "EXCHANGE_PROFILE": str(net.profile(net.agencies[0]))}
+        for agency in net.agencies:
+            env[f"EXCHANGE_NETNS_PROFILE_{agency.upper()}"] = str(net.profile(agency))
+        print(f"namespace network {net.tag} on {net.subnet}, leader {net.leader()}",
+              flush=True)
+        for agency in net.agencies:
+            print(f"  {agency:<10} {net.address(agency):<22} ns {net.namespaces[agency]:<22} "
+                  f"profile {net.profile(agency)}", flush=True)
+        if command:
+            return subprocess.run(command, env=env, check=False).returncode
+        stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        print("up; SIGINT or SIGTERM takes it down", flush=True)
+        stopped.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
