@@ -83,12 +83,21 @@ def missing_requirement(faketime: bool = False) -> str | None:
         return "needs the `nft` command (Debian package nftables)"
     if faketime and shutil.which("faketime") is None:
         return "needs the `faketime` command (Debian package faketime)"
-    probe = f"xprobe-{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    tag = secrets.token_hex(3)
+    probe, bridge, veth = f"xprobe-{tag}", f"xbp{tag}", f"xvp{tag}"
+    steps = [("a network namespace", ["ip", "netns", "add", probe]),
+             ("a bridge", ["ip", "link", "add", bridge, "type", "bridge"]),
+             ("a veth pair", ["ip", "link", "add", veth, "type", "veth", "peer", "name",
+                              "eth0", "netns", probe])]
+    try:
+        for what, args in steps:
+            made = subprocess.run(args, capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                return f"cannot create {what}: {made.stderr.strip()}"
+    finally:
+        for args in (["ip", "link", "del", veth], ["ip", "link", "del", bridge],
+                     ["ip", "netns", "del", probe]):
+            subprocess.run(args, capture_output=True, check=False)
     return None
 
 
