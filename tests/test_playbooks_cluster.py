@@ -56,6 +56,7 @@ class Swept:
     watch_path: Path
     kills: list[tuple[float, int]] = field(default_factory=list)  # (after s, steps then)
     reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    bounded: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _profile(cluster: Cluster, agency: str, subject: str) -> str:
@@ -154,6 +155,12 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swept]:
                 with cluster.client("police") as client:
                     taken = len(client.list_playbooks("police", with_steps=True).steps)
                 swept.kills.append((round(delay, 2), taken))
+            # bounds: pboc's runner at most 2 follow-ups a finding, tax's 2 an hour per agency
+            for agency, bound in (("pboc", "--follow-ups-per-finding"),
+                                  ("tax", "--follow-ups-per-hour")):
+                out = _ok(cluster.run_exchange(*_run_playbooks(cluster, agency)[1:],
+                                               bound, "2", "--rounds", "1", timeout_s=300))
+                swept.bounded[agency] = json.loads(out.splitlines()[-1])
             for agency in RULES:  # every runner to the end, then once more: nothing new
                 reports = []
                 for _ in range(2):
@@ -257,6 +264,22 @@ def test_every_finding_has_one_case_and_one_set_of_follow_ups(swept: Swept) -> N
                        if playbooks[ref.digest.hex()].owner == "police")
     interrupted = [k for k in swept.kills if 0 < k[1] < police_steps]
     assert len(interrupted) >= 2, (swept.kills, police_steps)
+
+
+def test_follow_ups_are_bounded_per_finding_and_per_hour(swept: Swept) -> None:
+    pboc, tax = swept.bounded["pboc"], swept.bounded["tax"]
+    assert pboc["skipped"].get("follow-up bound per finding", 0) > 0, pboc
+    with swept.cluster.client("pboc") as client:
+        steps = client.list_playbooks("pboc", with_steps=True).steps
+    asked: Counter[tuple[bytes, str]] = Counter()
+    for step in steps:
+        ref = parse_step_ref(step.ref)
+        assert ref is not None
+        if step.kind == "query":
+            asked[(ref.run_tx_id, ref.finding_id)] += 1
+    assert asked and max(asked.values()) <= 2
+    # tax met its hourly bound (2 per target agency): the rest waited for later rounds
+    assert tax["deferred"] > 0 and tax["steps"].get("follow-up", 0) <= 2 * 4, tax
 
 
 def cases_of(cluster: Cluster) -> dict[str, Any]:
