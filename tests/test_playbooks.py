@@ -466,6 +466,9 @@ def test_a_step_must_be_the_registered_playbooks_for_a_finding_it_may_read(
                                       case_id="TAX-OTHER")) == pb.CODE_PLAYBOOK_INVALID
     assert chain.one(world.follow_up(world.ref("3-accounts"), target="pboc",
                                      dataset="accounts")) == RESULT_OK
+    # a rule step adds only findings of its run restricted to the case
+    assert chain.one(world.case_event(world.ref("5-revenue-below-bank-inflows"),
+                                      action="add")) == pb.CODE_PLAYBOOK_INVALID
     # once the case is closed, no more steps
     close = chain.signed("tax", net.analysts["tax"], "case_event",
                          ledger_pb2.CaseEvent(case_id=CASE, action="close", reason="done"))

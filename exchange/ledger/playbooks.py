@@ -345,6 +345,10 @@ class PlaybookBook:
             self._first(key)
             self._common(ref, agency, signer, "rule")
             self._taken_case(ref, ev.case_id, agency)
+            run = self.cases.findings.runs.get(added[0])
+            if run is None or run.case_id != ev.case_id:
+                raise Rejected(CODE_PLAYBOOK_INVALID, "a rule step adds findings of its run "
+                                                      "restricted to the case")
             return PendingStep(ref, key, "rule", ev.case_id, *added)
         raise Rejected(CODE_PLAYBOOK_INVALID, "a playbook's case event opens or adds to the "
                                               "case, adds a finding of a rule step, or "
