@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -155,7 +155,8 @@ class Cluster:
             self.start_node(agency)
         self.wait_ready(timeout_s)
 
-    def start_node(self, agency: str) -> None:
+    def start_node(self, agency: str, env: Mapping[str, str] | None = None) -> None:
+        """Start one node, with `env` added to its environment (e.g. libfaketime's)."""
         assert agency in self.agencies, agency
         proc = self.procs.get(agency)
         assert proc is None or proc.poll() is not None, f"{agency} is already running"
@@ -166,8 +167,8 @@ class Cluster:
         self.procs[agency] = subprocess.Popen(
             [self.python, "-m", "exchange.cli.main", "node", "--config",
              str(self.node_config(agency))],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-            cwd=self.root)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**self.env, **(env or {})}, cwd=self.root)
 
     def kill(self, agency: str, sig: int = signal.SIGKILL,
              timeout_s: float = STOP_TIMEOUT_S) -> int | None:

@@ -16,6 +16,9 @@ FINAL_HEIGHT = Gauge("exchange_final_height", "Highest height attested by a quor
 RAFT_TERM = Gauge("exchange_raft_term", "Current Raft term", registry=REGISTRY)
 RAFT_COMMIT_INDEX = Gauge("exchange_raft_commit_index", "Raft commit index", registry=REGISTRY)
 IS_LEADER = Gauge("exchange_is_leader", "1 when this node leads", registry=REGISTRY)
+CLOCK_OFF = Gauge("exchange_clock_off_seconds",
+                  "How far this node's clock is off from its peers' when they agree it is "
+                  "(0 otherwise); such a node does not lead", registry=REGISTRY)
 LEADER_CHANGES = Counter("exchange_leader_changes", "Leader changes seen", registry=REGISTRY)
 BLOCKS = Counter("exchange_blocks_applied", "Blocks applied", registry=REGISTRY)
 TXS = Counter("exchange_transactions_applied", "Transactions applied, by result",

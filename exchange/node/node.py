@@ -175,6 +175,8 @@ class Node:
         self._leader_stubs: dict[str, node_pb2_grpc.ExchangeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
         self.final_height = 0
+        # how far this node's clock is off from its peers' (ms), when they agree it is
+        self.clock_off_ms: int | None = None
         self.peer_heights: dict[str, int] = {}
         self.fatal_error = ""
         self.fatal = asyncio.Event()
@@ -269,6 +271,8 @@ class Node:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            if self.clock_off_ms is not None and self.core.role is not Role.LEADER:
+                continue  # a node whose clock is off never campaigns (see _check_clock)
             self.core.tick()
             self._kick.set()
 
@@ -315,6 +319,13 @@ class Node:
         if hash_ in self._prechecked:
             return
         header = parse_header(block.header)
+        # Not an apply-time rule (those must not read the clock): this node only refuses
+        # to acknowledge a block dated in its future, so a leader whose clock runs ahead
+        # cannot commit blocks that would drag every later block's time forward.
+        ahead_ms = header.timestamp_ms - int(time.time() * 1000)
+        if ahead_ms > self.registry.genesis.params.admission_window_ms:
+            raise ExchangeError(f"block {header.height} of {header.proposer} is dated "
+                                f"{ahead_ms // 1000} s ahead of this node's clock")
         # Link and height are checked at apply time against the stored chain; here the
         # header is checked against itself (its claimed parent) and the signatures.
         checked = check_block(block, self.chain_id, header.height, bytes(header.prev_hash), 0,
@@ -659,6 +670,36 @@ class Node:
                 self._client_creds if (cert_switched or trust_changed) else None),
                 name="peer-links"))
         self._reconcile_voters()
+
+    def _check_clock(self, peer_offsets_ms: Sequence[int]) -> None:
+        """Compare this node's clock with its peers'. When at least two of them agree
+        that it is off by more than a quarter of the admission window, this node stops
+        leading and campaigning (a leader's clock dates every block); it says so, and
+        takes part again once its clock agrees."""
+        tolerance_ms = self.registry.genesis.params.admission_window_ms // 4
+        if len(peer_offsets_ms) < 2:
+            return
+        ordered = sorted(peer_offsets_ms)
+        median = ordered[len(ordered) // 2]
+        off = abs(median) > tolerance_ms and sum(
+            1 for o in ordered if abs(o) > tolerance_ms) >= 2
+        if off and self.clock_off_ms is None:
+            log.critical("this node's clock disagrees with its peers'; it will not lead "
+                         "until it is corrected (check NTP)", off_by_ms=-median)
+        elif not off and self.clock_off_ms is not None:
+            log.warning("this node's clock agrees with its peers' again")
+        self.clock_off_ms = -median if off else None
+        m.CLOCK_OFF.set(-median / 1000 if off else 0)
+        if off and self.core.role is Role.LEADER:
+            others = [a for a in self.core.voters if a != self.agency]
+            progress = self.core.progress()
+            if others:
+                target = max(others, key=lambda a: progress[a].match if a in progress else -1)
+                with contextlib.suppress(RaftError):
+                    self.core.transfer_leadership(target)
+                    self._kick.set()
+                    log.warning("handing leadership over: this node's clock is off",
+                                to=target)
 
     def _reconcile_voters(self) -> None:
         """The leader moves Raft's voters toward the ledger's members, one server at a
@@ -1012,12 +1053,18 @@ class Node:
             self._reconcile_voters()
             if self.links is None:
                 continue
-            for agency, link in self.links.links.items():
+            offsets: list[int] = []
+            for agency, link in list(self.links.links.items()):
                 try:
+                    sent_ms = time.time() * 1000
                     st = await link.stub.Status(peer_pb2.PeerStatusRequest(), timeout=1.0)
+                    received_ms = time.time() * 1000
                     self.peer_heights[agency] = st.height
+                    if st.time_ms:
+                        offsets.append(int(st.time_ms - (sent_ms + received_ms) / 2))
                 except grpc.aio.AioRpcError:
                     self.peer_heights.pop(agency, None)
+            self._check_clock(offsets)
 
     def _in_flight(self, p: Pending) -> bool:
         return p.opened.tx_id in self.mempool or p.last_sent > 0 and \
@@ -1032,8 +1079,11 @@ class Node:
         tx_max, bytes_max = self.config.block.tx_max, self.config.block.bytes_max
         while True:
             await self._mempool_event.wait()
-            if self.core.role is not Role.LEADER or not self.mempool:
+            if self.core.role is not Role.LEADER or not self.mempool \
+                    or self.clock_off_ms is not None:
                 self._mempool_event.clear()
+                if self.clock_off_ms is not None:
+                    await asyncio.sleep(0.1)  # no block dated by a clock that is off
                 continue
             if self.core.pending_snapshot is not None:
                 # a leader still fetching blocks cannot extend the chain yet

@@ -411,7 +411,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         st = self.node.status()
         return peer_pb2.PeerStatus(agency=st.agency, role=st.role, term=st.term,
                                    leader=st.leader, commit_index=st.commit_index,
-                                   height=st.height)
+                                   height=st.height, time_ms=int(time.time() * 1000))
 
     @_mapped
     async def CaseStatement(self, request: peer_pb2.CaseStatementRequest,
