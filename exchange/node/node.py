@@ -696,7 +696,9 @@ class Node:
             if others:
                 target = max(others, key=lambda a: progress[a].match if a in progress else -1)
                 with contextlib.suppress(RaftError):
-                    self.core.transfer_leadership(target)
+                    # at once: the followers refuse this node's blocks dated in their
+                    # future, so the target may never catch up with its log
+                    self.core.transfer_leadership(target, at_once=True)
                     self._kick.set()
                     log.warning("handing leadership over: this node's clock is off",
                                 to=target)

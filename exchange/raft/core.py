@@ -372,11 +372,14 @@ class RaftNode:
         self._pending_conf_index = entry.index
         return entry.term, entry.index
 
-    def transfer_leadership(self, to_id: str) -> None:
+    def transfer_leadership(self, to_id: str, at_once: bool = False) -> None:
         """Hand leadership to voter `to_id` (Raft dissertation 3.10).
 
         Proposals are refused until the transfer completes or, after an election
-        timeout, is abandoned.
+        timeout, is abandoned. With `at_once`, `to_id` is told to campaign now even if
+        its log is behind this leader's: for a leader that must not go on leading (its
+        clock is off) and whose last entries the followers refuse; a quorum holding the
+        same committed entries as `to_id` elects it.
         """
         if self._role is not Role.LEADER:
             raise NotLeader(self._leader_id)
@@ -384,11 +387,11 @@ class RaftNode:
             return
         if to_id not in self._voters:
             raise RaftError(f"{to_id!r} is not a voter")
-        if self._lead_transferee == to_id:
+        if self._lead_transferee == to_id and not at_once:
             return
         self._lead_transferee = to_id
         self._election_elapsed = 0
-        if self._prs[to_id].match == self._log.last_index:
+        if at_once or self._prs[to_id].match == self._log.last_index:
             self._send_timeout_now(to_id)
         else:
             self._send_append(to_id)
