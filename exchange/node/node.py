@@ -258,6 +258,7 @@ class Node:
             for fut in p.futures:
                 if not fut.done():
                     fut.set_exception(Unavailable("node is shutting down"))
+                    fut.exception()  # a waiter may be gone already: no "never retrieved"
         close_quietly(self.responder)
         if self.webhook is not None:
             self.webhook.close()
