@@ -113,6 +113,15 @@ class PeerLink:
         if len(self._attestations) < QUEUE_MESSAGES_MAX:
             self._attestations.append(att)
 
+    def take_over(self, old: PeerLink) -> None:
+        """Carry over what the link this one replaces (new credentials or address) had
+        not sent yet: its pending attestations (above all those of the block that changed
+        the credentials, which nothing sends again) and its queued Raft messages."""
+        self._attestations = (old._attestations + self._attestations)[:QUEUE_MESSAGES_MAX]
+        old._attestations = []
+        while not old._queue.empty():
+            self.send(old._queue.get_nowait())
+
     def send(self, m: peer_pb2.RaftMessage) -> None:
         while True:
             try:
@@ -205,15 +214,19 @@ class PeerLinks:
         wanted = {pid: addr for pid, addr in peers.items() if pid != self.self_id}
         stale = [pid for pid, link in self.links.items()
                  if credentials is not None or wanted.get(pid) != link.address]
-        closing = [self.links.pop(pid) for pid in stale]
-        await asyncio.gather(*(link.close() for link in closing))
-        for pid, addr in wanted.items():
-            if pid not in self.links:
-                creds = credentials if credentials is not None else self._credentials
-                self.links[pid] = link = PeerLink(pid, addr, creds, self._state)
-                link.start()
+        closing = {pid: self.links.pop(pid) for pid in stale}
         if credentials is not None:
             self._credentials = credentials
+        # the new links are in place before the old ones close, so nothing sent
+        # meanwhile is lost, and each takes over what its predecessor had not sent
+        for pid, addr in wanted.items():
+            if pid not in self.links:
+                self.links[pid] = link = PeerLink(pid, addr, self._credentials, self._state)
+                old = closing.get(pid)
+                if old is not None:
+                    link.take_over(old)
+                link.start()
+        await asyncio.gather(*(link.close() for link in closing.values()))
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links.values()))
