@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from exchange.errors import ExchangeError
 from exchange.identity.keys import CachedSigner
 from exchange.ledger.block import (
     RESULT_OK,
@@ -107,7 +108,8 @@ class LedgerApplier:
             in_batch.update(env.tx_id for env in checked.envelopes)
             height = checked.header.height
             attestation = None
-            if self.node_signer is not None and self.agency is not None:
+            if self._may_attest(height):
+                assert self.node_signer is not None and self.agency is not None
                 attestation = attest(self.chain_id, self.agency, height, checked.hash, codes,
                                      self.node_signer)
             rows.append((ledger_pb2.Block(header=block.header,
@@ -121,6 +123,18 @@ class LedgerApplier:
         for applied in out:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))
         return out
+
+    def _may_attest(self, height: int) -> bool:
+        """Whether this node's key may attest the block at `height` (as the verifiers
+        judge it): not a joining agency's blocks from before it became a member, which
+        it applies while catching up, nor after its key's validity ended."""
+        if self.node_signer is None or self.agency is None:
+            return False
+        try:
+            self.registry.node_key_at(self.agency, self.node_signer.key_id, height)
+        except ExchangeError:
+            return False
+        return True
 
     def _remember_root(self, height: int, root: bytes) -> None:
         self._roots[height] = root
