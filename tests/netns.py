@@ -24,6 +24,12 @@ namespaces, the bridge and the node processes it started, also after a failure.
         net.isolate(leader)                     # nft: drop to and from the other nodes
         net.heal()
 
+A further agency can join the running network on a machine of its own
+(`add_machine`, `join_ceremony`, then a membership change approved by the members'
+roots: `propose_change`, `approve_change`, `submit_change`), count as a member
+(`admit`) and leave again (`retire`); the end check then also reads the chain the former
+member's store holds, up to the height it left at.
+
 Needs root, iproute2 and nftables; `missing_requirement()` names what is missing.
 """
 
@@ -34,6 +40,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -41,16 +48,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+import tomllib
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import tomli_w
+
 from exchange.client import ExchangeClient, Signer, chain_id_for, load_client_profile
 from exchange.errors import ExchangeError
+from exchange.identity.config import load_node_config, read_signed_genesis
+from exchange.identity.genesis import genesis_hash
 from exchange.identity.network import DEFAULT_AGENCIES
 from exchange.ledger.block import block_hash, parse_header, tx_id
+from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2, node_pb2
 
 GRPC_PORT = 7100
@@ -65,6 +78,8 @@ NFT_TABLE = "xfault"
 SUBNET_ATTEMPTS_MAX = 100
 SUBMIT_DEADLINE_S = 5.0
 PROBE_PAYLOAD_BYTES = 64
+BLOCK_STORE_FILE = "blocks.db"  # in the node's data_dir
+COMMITTED_AT = re.compile(r"committed at height (\d+)")
 
 
 def _exchange_command() -> list[str]:
@@ -286,6 +301,12 @@ class ChainMirror:
             if isinstance(stream, Generator):
                 stream.close()  # cancels the call
 
+    def load(self, store: BlockStore) -> None:
+        """Read the blocks after `height` from a node's block store on disk (its node
+        stopped), checking that each links to the last."""
+        for block in store.blocks(self.height + 1):
+            self._add(block)
+
     def _add(self, block: ledger_pb2.Block) -> None:
         header = parse_header(block.header)
         height = self.height + 1
@@ -306,7 +327,9 @@ class NetnsNetwork:
     """Four (or more) agencies, each on its own namespace "machine", after a ceremony."""
 
     def __init__(self, root: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
-                 tag: str | None = None) -> None:
+                 tag: str | None = None, raft: Mapping[str, int] | None = None) -> None:
+        """`raft`: settings for the [raft] table of every node.toml the ceremony writes
+        (e.g. `compact_every_entries`), as an operator would edit them; none by default."""
         self.root = root
         self.agencies = tuple(agencies)
         assert 1 <= len(self.agencies) <= 200
@@ -324,6 +347,8 @@ class NetnsNetwork:
         self.clock: dict[str, str | None] = {}
         self.frozen: set[str] = set()
         self.mirrors = {a: ChainMirror(a) for a in self.agencies}
+        self.raft_settings = dict(raft or {})
+        self.former: list[str] = []  # agencies removed from the network (`retire`)
         self._logs: dict[str, BinaryIO] = {}
         self._made_bridge = False
         self._made_ns: list[str] = []
@@ -346,6 +371,8 @@ class NetnsNetwork:
         try:
             self.make_links()
             self.ceremony()
+            for agency in self.agencies:
+                self._tune_raft(agency)
             for agency in self.agencies:
                 self.start_node(agency)
             self.wait_ready(timeout_s, agencies=self.agencies)
@@ -380,17 +407,37 @@ class NetnsNetwork:
         _run(["ip", "addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
         for agency in self.agencies:
-            ns, veth = self.namespaces[agency], self.veths[agency]
-            _run(["ip", "netns", "add", ns])
-            self._made_ns.append(ns)
-            _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                  "netns", ns])
-            _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[agency]}/{prefix}",
-                  "dev", "eth0"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway])
+            self._make_machine(agency)
+
+    def _make_machine(self, agency: str) -> None:
+        """The agency's namespace, joined to the bridge by a veth pair whose inner end is
+        its eth0 with the agency's address, routed through the bridge's address."""
+        assert self.subnet is not None
+        prefix = self.subnet.prefixlen
+        ns, veth = self.namespaces[agency], self.veths[agency]
+        _run(["ip", "netns", "add", ns])
+        self._made_ns.append(ns)
+        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+              "netns", ns])
+        _run(["ip", "link", "set", veth, "master", self.bridge, "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[agency]}/{prefix}",
+              "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway])
+
+    def add_machine(self, agency: str) -> str:
+        """A further machine on the running network: a namespace of its own on the bridge
+        with the next free address (removed by `down()` like the others). The agency is
+        not a member, not in `agencies`, until `admit`. Its address."""
+        assert self.subnet is not None, "the network is not up"
+        assert agency not in self.namespaces, f"{agency} already has a machine"
+        index = len(self.addresses)
+        self.namespaces[agency] = f"xn-{self.tag}-{agency}"
+        self.veths[agency] = f"xv{self.tag}{index}"
+        self.addresses[agency] = str(list(self.subnet.hosts())[10 + index])
+        self._make_machine(agency)
+        return self.addresses[agency]
 
     # -- the key ceremony ---------------------------------------------------------------
     def machine(self, agency: str) -> Path:
@@ -445,9 +492,10 @@ class NetnsNetwork:
         for path in self.table.iterdir():
             assert b"PRIVATE KEY" not in path.read_bytes(), f"{path} holds a private key"
 
-    def _on_every_machine(self, step: Callable[[str], None]) -> None:
-        """Run one ceremony step on every agency's machine at once (as four agencies
-        would); the first failure is raised once all have finished."""
+    def _on_every_machine(self, step: Callable[[str], None],
+                          agencies: Iterable[str] | None = None) -> None:
+        """Run one ceremony step on every agency's machine (or the given ones) at once
+        (as four agencies would); the first failure is raised once all have finished."""
         errors: list[BaseException] = []
 
         def run(agency: str) -> None:
@@ -455,7 +503,8 @@ class NetnsNetwork:
                 step(agency)
             except BaseException as exc:  # noqa: BLE001 - raised below
                 errors.append(exc)
-        threads = [threading.Thread(target=run, args=(a,)) for a in self.agencies]
+        names = list(agencies) if agencies is not None else self.agencies
+        threads = [threading.Thread(target=run, args=(a,)) for a in names]
         for t in threads:
             t.start()
         for t in threads:
@@ -475,6 +524,100 @@ class NetnsNetwork:
             raise RuntimeError(f"exchange {' '.join(args[:2])} failed: "
                                f"{result.stderr.strip()}")
         return result.stdout
+
+    def _tune_raft(self, agency: str) -> None:
+        """Write the network's [raft] settings into the agency's node.toml."""
+        if not self.raft_settings:
+            return
+        path = self.node_config(agency)
+        doc = tomllib.loads(path.read_text())
+        doc.setdefault("raft", {}).update(self.raft_settings)
+        path.write_text(tomli_w.dumps(doc))
+
+    # -- changing the network: an agency joins, an agency leaves --------------------------
+    def join_ceremony(self, agency: str) -> Path:
+        """The joining agency's part of the ceremony, on its own machine (see
+        `add_machine`): `exchange agency init` with its own address, `exchange agency
+        configure --join` from the genesis it received. Its public membership request is
+        laid on the table; that path."""
+        self.machine(agency).mkdir(parents=True)
+        self._cli_ok("agency", "init", "--agency", agency, "--host", self.addresses[agency],
+                     "--port", str(GRPC_PORT), "--chain-id", self.chain_id,
+                     "--out", str(self.agency_dir(agency)), cwd=self.machine(agency))
+        request = self.table / f"{agency}.req"
+        self._hand_over(self.agency_dir(agency) / "request.pb", request)
+        received = self.machine(agency) / "genesis.pb"
+        self._hand_over(self.table / "genesis.pb", received)
+        self._cli_ok("agency", "configure", "--agency-dir", str(self.agency_dir(agency)),
+                     "--genesis", str(received), "--join", cwd=self.machine(agency))
+        self._tune_raft(agency)
+        return request
+
+    def propose_change(self, name: str, by: str, add: Path | None = None,
+                       remove: str | None = None) -> Path:
+        """`exchange membership propose --add REQUEST | --remove AGENCY` on `by`'s
+        machine (through its analyst's profile, against the members its node knows); the
+        change laid on the table as NAME.change."""
+        assert (add is None) != (remove is None), "give exactly one of add and remove"
+        what = ["--add", str(add)] if add is not None else ["--remove", str(remove)]
+        written = self.machine(by) / f"{name}.change"
+        self._cli_ok("membership", "propose", *what, "--out", str(written),
+                     "--profile", str(self.profile(by)), cwd=self.machine(by))
+        change = self.table / f"{name}.change"
+        self._hand_over(written, change)
+        return change
+
+    def approve_change(self, change: Path, approvers: Sequence[str]) -> list[Path]:
+        """Each approver, on its own machine, signs the change it received with its root
+        key (`exchange membership approve`); the approvals laid on the table."""
+        def approve(agency: str) -> None:
+            received = self.machine(agency) / change.name
+            self._hand_over(change, received)
+            approval = self.machine(agency) / f"{change.stem}.{agency}.approval"
+            self._cli_ok("membership", "approve", str(received), "--agency-dir",
+                         str(self.agency_dir(agency)), "--out", str(approval),
+                         cwd=self.machine(agency))
+            self._hand_over(approval, self.table / approval.name)
+        self._on_every_machine(approve, approvers)
+        return [self.table / f"{change.stem}.{a}.approval" for a in approvers]
+
+    def submit_change(self, change: Path, approvals: Sequence[Path], by: str
+                      ) -> subprocess.CompletedProcess[str]:
+        """`exchange membership submit` on `by`'s machine with the change and approvals
+        it received, signed by its root, through its node; the command's result (see
+        `committed_height`)."""
+        received = []
+        for path in (change, *approvals):
+            received.append(self.machine(by) / path.name)
+            if path.resolve() != received[-1].resolve():
+                self._hand_over(path, received[-1])
+        return self.cli("membership", "submit", *map(str, received), "--agency-dir",
+                        str(self.agency_dir(by)), "--profile", str(self.profile(by)),
+                        cwd=self.machine(by))
+
+    @staticmethod
+    def committed_height(result: subprocess.CompletedProcess[str]) -> int:
+        """The height a `membership submit` (or other `_submit`) reports its change at."""
+        found = COMMITTED_AT.search(result.stdout)
+        assert result.returncode == 0 and found, result.stdout + result.stderr
+        return int(found.group(1))
+
+    def admit(self, agency: str) -> None:
+        """The agency is a member now: it counts in `agencies` (readiness, healing,
+        faults, the end check)."""
+        assert agency in self.namespaces and agency not in self.agencies
+        self.agencies = (*self.agencies, agency)
+        self.mirrors.setdefault(agency, ChainMirror(agency))
+
+    def retire(self, agency: str) -> None:
+        """The agency was removed from the network: it no longer counts as a member; the
+        end check reads its chain from its block store instead (its node stopped)."""
+        assert agency in self.agencies
+        self.agencies = tuple(a for a in self.agencies if a != agency)
+        self.former.append(agency)
+
+    def block_store(self, agency: str) -> Path:
+        return load_node_config(self.node_config(agency)).paths.data_dir / BLOCK_STORE_FILE
 
     # -- where things are ---------------------------------------------------------------
     def node_config(self, agency: str) -> Path:
@@ -793,7 +936,8 @@ class NetnsNetwork:
         for agency in self.agencies:
             with self.client(agency, deadline_s=30.0) as c:
                 self.mirrors[agency].sync(c, top)
-        for agency, mirror in self.mirrors.items():
+        members = {a: self.mirrors[a] for a in self.agencies}
+        for agency, mirror in members.items():
             for ack in acks:
                 assert mirror.positions.get(ack.tx_id) == [(ack.height, ack.index)], (
                     f"{agency}: transaction {ack.tx_id.hex()[:16]} acknowledged by "
@@ -802,7 +946,7 @@ class NetnsNetwork:
             assert all(a <= b for a, b in zip(mirror.terms, mirror.terms[1:], strict=False)), \
                 f"{agency}: a block of an older Raft term follows a newer one"
         first = self.mirrors[self.agencies[0]]
-        for agency, mirror in self.mirrors.items():
+        for agency, mirror in members.items():
             common = min(first.height, mirror.height)
             assert common >= top
             assert mirror.hashes[:common] == first.hashes[:common], \
@@ -811,7 +955,42 @@ class NetnsNetwork:
             assert result.returncode == 0, \
                 f"exchange chain verify against {agency}: {result.stderr.strip()}"
             assert "OK" in result.stdout, result.stdout
-        return {a: m.height for a, m in self.mirrors.items()}
+        for agency in self.former:
+            self._check_former(agency, acks, first)
+        return {a: self.mirrors[a].height for a in (*self.agencies, *self.former)}
+
+    def _check_former(self, agency: str, acks: Sequence[Ack], reference: ChainMirror
+                      ) -> None:
+        """The usual check on a removed member, at the height it left at: its node has
+        stopped; its block store (on its machine) holds the network's genesis and a
+        chain that is a prefix of the members' (hash by hash), with every transaction
+        acknowledged up to that height exactly once at its position, all that its own
+        node acknowledged among them, and Raft terms that never go back; `exchange chain
+        verify --store` passes on it."""
+        assert not self.running(agency), f"{agency} was removed but its node still runs"
+        path = self.block_store(agency)
+        mirror = self.mirrors[agency]
+        with BlockStore.open(path) as store:
+            assert genesis_hash(store.signed_genesis) == genesis_hash(
+                read_signed_genesis(self.table / "genesis.pb")), \
+                f"{agency}'s store holds another genesis"
+            mirror.load(store)
+        left_at = mirror.height
+        assert reference.height >= left_at, \
+            f"{agency} holds {left_at} blocks, {reference.agency} only {reference.height}"
+        assert mirror.hashes == reference.hashes[:left_at], \
+            f"{agency}'s chain diverges from {reference.agency}'s"
+        for ack in acks:
+            if ack.height <= left_at or ack.agency == agency:
+                assert mirror.positions.get(ack.tx_id) == [(ack.height, ack.index)], (
+                    f"{agency} (left at {left_at}): transaction {ack.tx_id.hex()[:16]} "
+                    f"acknowledged by {ack.agency} at {(ack.height, ack.index)}, found at "
+                    f"{mirror.positions.get(ack.tx_id)}")
+        assert all(a <= b for a, b in zip(mirror.terms, mirror.terms[1:], strict=False)), \
+            f"{agency}: a block of an older Raft term follows a newer one"
+        result = self.cli("chain", "verify", "--store", str(path))
+        assert result.returncode == 0 and "OK" in result.stdout, \
+            f"exchange chain verify --store {path}: {result.stdout}{result.stderr.strip()}"
 
     def block_term(self, agency: str, height: int) -> int:
         with self.client(agency) as c:
@@ -826,7 +1005,8 @@ class NetnsNetwork:
         return f"--- {path} (last {len(text)} lines)\n" + "\n".join(text) + "\n"
 
     def logs_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return "".join(self.log_tail(a, lines) for a in self.agencies)
+        """The tail of every machine's node log (members, joining and former ones)."""
+        return "".join(self.log_tail(a, lines) for a in self.namespaces)
 
 
 # -- the failover measurement -------------------------------------------------------------
