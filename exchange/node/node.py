@@ -172,7 +172,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._followers: list[asyncio.Queue[ledger_pb2.Block]] = []
         self._catching_up: asyncio.Task[None] | None = None
-        self._leader_stubs: dict[str, node_pb2_grpc.ExchangeStub] = {}
+        self._leader_stubs: dict[str, tuple[node_pb2_grpc.ExchangeStub, grpc.aio.Channel]] = {}
         self._channels: list[grpc.aio.Channel] = []
         self.final_height = 0
         # how far this node's clock is off from its peers' (ms), when they agree it is
@@ -549,7 +549,16 @@ class Node:
         if applied - first < settings.compact_every_entries or \
                 self.core.pending_snapshot is not None:
             return
-        meta = self.core.compact(max(first, applied - settings.compact_keep_entries))
+        # Only below the final height: a node behind the compaction point catches up by
+        # streaming final blocks, and a block not yet final (attested by too few members
+        # while some were cut off) becomes final only once a lagging member applies it
+        # through Raft, which needs it still in the log.
+        final_index = (self.store.index_columns(self.final_height)[2]
+                       if 0 < self.final_height <= self.store.height else 0)
+        target = min(applied - settings.compact_keep_entries, final_index)
+        if target <= first:
+            return
+        meta = self.core.compact(target)
         await self._on(self._wal_thread, self.wal.save_snapshot, meta)
 
     # -- catch-up by streaming blocks ----------------------------------------------
@@ -585,7 +594,8 @@ class Node:
     def _peer_order(self) -> list[str]:
         leader = self.core.leader_id
         others = [a for a in sorted(self.peers_addr) if a not in (self.agency, leader)]
-        return ([leader] if leader and leader != self.agency else []) + others
+        return ([leader] if leader and leader != self.agency and leader in self.peers_addr
+                else []) + others
 
     async def _fetch_from(self, peer: str, raft_index: int) -> None:
         stub = peer_pb2_grpc.PeerStub(self._channel(peer))
@@ -620,6 +630,10 @@ class Node:
         self._channels.append(ch)
         if len(self._channels) > 32:
             old = self._channels.pop(0)
+            # a cached leader stub on the channel closed goes with it
+            for leader, (_, channel) in list(self._leader_stubs.items()):
+                if channel is old:
+                    del self._leader_stubs[leader]
             asyncio.get_running_loop().create_task(old.close())
         return ch
 
@@ -916,7 +930,8 @@ class Node:
                         self.mempool.setdefault(opened.tx_id, opened)
                 self._mempool_event.set()
                 return
-            if leader and leader != self.agency:
+            if leader and leader != self.agency and leader in self.peers_addr:
+                # (a leader just removed from the network is no leader to forward to)
                 call = self._leader_stub(leader).SubmitBatch(
                     node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
                     timeout=5)
@@ -979,10 +994,11 @@ class Node:
                     fut.set_exception(error)
 
     def _leader_stub(self, leader: str) -> node_pb2_grpc.ExchangeStub:
-        stub = self._leader_stubs.get(leader)
-        if stub is None:
-            stub = self._leader_stubs[leader] = node_pb2_grpc.ExchangeStub(self._channel(leader))
-        return stub
+        cached = self._leader_stubs.get(leader)
+        if cached is None:
+            channel = self._channel(leader)
+            cached = self._leader_stubs[leader] = (node_pb2_grpc.ExchangeStub(channel), channel)
+        return cached[0]
 
     async def _resubmitter(self) -> None:
         """Re-forward what this node admitted and has not seen applied (decision 3)."""
@@ -1065,7 +1081,8 @@ class Node:
                     self.peer_heights[agency] = st.height
                     if st.time_ms:
                         offsets.append(int(st.time_ms - (sent_ms + received_ms) / 2))
-                except grpc.aio.AioRpcError:
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    # unreachable, or its link was just replaced (a membership change)
                     self.peer_heights.pop(agency, None)
             self._check_clock(offsets)
 
