@@ -34,6 +34,7 @@ from exchange.compare.rules import (
     StrictYaml,
     compose_yaml,
     load_rule,
+    read_checked_file,
     rules_dir,
 )
 from exchange.ledger.sealing import canonical_json
@@ -224,14 +225,7 @@ def load_playbooks(agency: str, folder: Path | None = None) -> list[Playbook]:
 def load_playbook(path: Path) -> Playbook:
     """The playbook in the file at `path`; its id must be the file's name."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > PLAYBOOK_FILE_BYTES_MAX:
-            raise PlaybookError(str(path), None, f"{size} bytes, more than the "
-                                f"{PLAYBOOK_FILE_BYTES_MAX} a playbook file may have")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PlaybookError(str(path), None, f"cannot read: {exc.strerror}") from None
+    data = read_checked_file(path, PLAYBOOK_FILE_BYTES_MAX, PlaybookError, "playbook")
     playbook = load_playbook_bytes(data, str(path))
     if path.suffix == PLAYBOOK_FILE_SUFFIX and path.stem != playbook.id:
         raise PlaybookError(str(path), 1, f"playbook id {playbook.id!r} differs from the "

@@ -337,17 +337,24 @@ def load_rules(agency: str, folder: Path | None = None) -> list[Rule]:
     return rules
 
 
+def read_checked_file(path: Path, bytes_max: int, error: type[RuleError],
+                      what: str) -> bytes:
+    """A rule or playbook file's bytes, refused (naming the file) when unreadable or
+    larger than `bytes_max`."""
+    try:
+        size = path.stat().st_size
+        if size > bytes_max:
+            raise error(str(path), None, f"{size} bytes, more than the {bytes_max} a "
+                        f"{what} file may have")
+        return path.read_bytes()
+    except OSError as exc:
+        raise error(str(path), None, f"cannot read: {exc.strerror}") from None
+
+
 def load_rule(path: Path) -> Rule:
     """The rule in the file at `path`; its id must be the file's name."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > RULE_FILE_BYTES_MAX:
-            raise RuleError(str(path), None, f"{size} bytes, more than the "
-                            f"{RULE_FILE_BYTES_MAX} a rule file may have")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RuleError(str(path), None, f"cannot read: {exc.strerror}") from None
+    data = read_checked_file(path, RULE_FILE_BYTES_MAX, RuleError, "rule")
     rule = load_rule_bytes(data, str(path))
     if path.suffix == RULE_FILE_SUFFIX and path.stem != rule.id:
         raise RuleError(str(path), 1, f"rule id {rule.id!r} differs from the file name "
