@@ -204,3 +204,32 @@ def test_local_init_is_the_same_ceremony(tmp_path: Path) -> None:
         member, _ = ceremony.open_request(request)
         assert member in genesis.members
         ceremony.check_own_member(layout.dir, member)
+
+
+def test_a_root_key_encrypted_at_init_signs_only_with_its_passphrase(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROOT_PASS", "correct horse battery")
+    out = tmp_path / "tax"
+    code, _, err = _run("agency", "init", "--agency", "tax", "--host", "10.77.0.1",
+                        "--chain-id", CHAIN, "--out", str(out),
+                        "--root-passphrase-env", "ROOT_PASS")
+    assert code == 0, err
+    assert b"ENCRYPTED" in (out / "keys" / "root.key").read_bytes()
+    shutil.copy(out / "request.pb", tmp_path / "tax.req")
+    code, _, err = _run("genesis", "propose", str(tmp_path / "tax.req"),
+                        "--out", str(tmp_path / "draft.pb"))
+    assert code == 0, err
+    sig = tmp_path / "tax.sig"
+    code, _, err = _run("genesis", "sign", str(tmp_path / "draft.pb"), "--agency-dir",
+                        str(out), "--out", str(sig))
+    assert code != 0 and not sig.exists()
+    code, _, err = _run("genesis", "sign", str(tmp_path / "draft.pb"), "--agency-dir",
+                        str(out), "--out", str(sig), "--root-passphrase-env", "ROOT_PASS")
+    assert code == 0, err
+    code, _, err = _run("genesis", "finalize", str(tmp_path / "draft.pb"), str(sig),
+                        "--out", str(tmp_path / "genesis.pb"))
+    assert code == 0, err
+    # configuring needs no root key: its public half is in the agency's own request
+    code, _, err = _run("agency", "configure", "--agency-dir", str(out),
+                        "--genesis", str(tmp_path / "genesis.pb"))
+    assert code == 0, err

@@ -60,10 +60,13 @@ def agency() -> None:
 @click.option("--passphrase-env", default=None, metavar="VAR",
               help="Encrypt the analysts' and automation's keys with the passphrase in "
                    "this environment variable.")
+@click.option("--root-passphrase-env", default=None, metavar="VAR",
+              help="Encrypt the root key with the passphrase in this environment variable "
+                   "(genesis sign, membership approve and agency rotate then need it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def init(name: str, host: str, chain_id: str, out_dir: Path, port: int,
          metrics_port: int | None, listen_host: str | None, display_name: str | None,
-         passphrase_env: str | None, as_json: bool) -> None:
+         passphrase_env: str | None, root_passphrase_env: str | None, as_json: bool) -> None:
     """Make this agency's root, node and data keys, TLS CA and certificates, first
     analyst, supervisor and automation identities, and its signed membership request
     (request.pb: public, to be sent to the coordinator)."""
@@ -71,7 +74,7 @@ def init(name: str, host: str, chain_id: str, out_dir: Path, port: int,
         out_dir, name, host, chain_id, port=port, metrics_port=metrics_port,
         listen_host=listen_host, display_name=display_name,
         passphrase=_passphrase(passphrase_env), passphrase_env=passphrase_env,
-        now_ms=int(time.time() * 1000))
+        now_ms=int(time.time() * 1000), root_passphrase=_passphrase(root_passphrase_env))
     request = material.paths.dir / ceremony.REQUEST_FILE
     if as_json:
         emit_json({"agency": name, "chain_id": chain_id, "dir": str(material.paths.dir),

@@ -240,6 +240,7 @@ def agency_init(out_dir: Path, agency: str, host: str, chain_id: str, *,
                 listen_host: str | None = None, display_name: str | None = None,
                 passphrase: bytes | None = None, passphrase_env: str | None = None,
                 now_ms: int, specs: Sequence[IdentitySpec] = DEFAULT_IDENTITIES,
+                root_passphrase: bytes | None = None,
                 ) -> tuple[AgencyMaterial, identity_pb2.MembershipRequest]:
     """Make one agency's keys, TLS CA and certificates, first identities and signed
     membership request under `out_dir` (which must not exist). Written into a temporary
@@ -259,7 +260,7 @@ def agency_init(out_dir: Path, agency: str, host: str, chain_id: str, *,
         os.chmod(holder, DIR_MODE)
         work = holder / "agency"
         material = make_agency(work, agency, host, port, display_name=display_name,
-                               now_ms=now_ms)
+                               now_ms=now_ms, root_passphrase=root_passphrase)
         identities = issue_identities(material, chain_id, now_ms, specs,
                                       passphrase=passphrase)
         request = make_request(material, chain_id, [i.credential for i in identities])
@@ -296,7 +297,14 @@ def check_own_member(agency_dir: Path, member: identity_pb2.Member,
         "data key": (bytes(member.data_public_key), data.public_key),
         "TLS CA": (bytes(member.tls_ca_certificate), ca.public_bytes(Encoding.DER)),
     }
-    if paths.root_key.exists():
+    # the root key itself may be encrypted or already offline: its public half is in
+    # the agency's own signed request
+    request_path = agency_dir / REQUEST_FILE
+    if request_path.exists():
+        requested, _ = open_request(read_request(request_path))
+        expected["root key"] = (bytes(member.root_public_key),
+                                bytes(requested.root_public_key))
+    elif paths.root_key.exists():
         root = read_signing_key(paths.root_key, passphrase)
         expected["root key"] = (bytes(member.root_public_key), root.public_key)
     for what, (named, own) in expected.items():

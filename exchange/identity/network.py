@@ -261,7 +261,8 @@ def _write_public(path: Path, data: bytes) -> None:
 # -- the steps -------------------------------------------------------------------------
 
 def make_agency(dir: Path, agency: str, host: str, port: int, *,
-                display_name: str | None = None, now_ms: int | None = None) -> AgencyMaterial:
+                display_name: str | None = None, now_ms: int | None = None,
+                root_passphrase: bytes | None = None) -> AgencyMaterial:
     """Make one agency's root, node and data keys, TLS CA and node certificate under
     `dir` (created; must not exist), and its genesis Member entry at host:port."""
     validate_agencies([agency])
@@ -277,7 +278,7 @@ def make_agency(dir: Path, agency: str, host: str, port: int, *,
     _mkdir(paths.tls_dir)
 
     root, node_key, data_key = SigningKey.generate(), SigningKey.generate(), DataKey.generate()
-    write_private(paths.root_key, root.to_pem())
+    write_private(paths.root_key, root.to_pem(root_passphrase))
     write_private(paths.node_key, node_key.to_pem())
     write_private(paths.data_key, data_key.to_pem())
 
