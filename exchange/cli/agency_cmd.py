@@ -9,31 +9,17 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
 
 from exchange.cli.output import emit_json
-from exchange.errors import MalformedInput
 from exchange.identity import ceremony
-from exchange.identity.config import ENV_VAR_PATTERN
+from exchange.identity.network import passphrase_from_env, write_public
 
 _PATH = click.Path(path_type=Path, dir_okay=False, exists=True)
 _DIR = click.Path(path_type=Path, file_okay=False, exists=True)
-
-
-def _passphrase(env_var: str | None) -> bytes | None:
-    if env_var is None:
-        return None
-    if not ENV_VAR_PATTERN.match(env_var):
-        raise MalformedInput(f"{env_var!r} is not an environment variable name")
-    value = os.environ.get(env_var, "")
-    if len(value) < 8:
-        raise MalformedInput(f"environment variable {env_var} must hold the key passphrase "
-                             "(8 characters at least)")
-    return value.encode()
 
 
 @click.group("agency")
@@ -73,8 +59,8 @@ def init(name: str, host: str, chain_id: str, out_dir: Path, port: int,
     material, _ = ceremony.agency_init(
         out_dir, name, host, chain_id, port=port, metrics_port=metrics_port,
         listen_host=listen_host, display_name=display_name,
-        passphrase=_passphrase(passphrase_env), passphrase_env=passphrase_env,
-        now_ms=int(time.time() * 1000), root_passphrase=_passphrase(root_passphrase_env))
+        passphrase=passphrase_from_env(passphrase_env), passphrase_env=passphrase_env,
+        now_ms=int(time.time() * 1000), root_passphrase=passphrase_from_env(root_passphrase_env))
     request = material.paths.dir / ceremony.REQUEST_FILE
     if as_json:
         emit_json({"agency": name, "chain_id": chain_id, "dir": str(material.paths.dir),
@@ -134,7 +120,7 @@ def propose(requests: tuple[Path, ...], out_path: Path, as_json: bool) -> None:
     """Assemble a draft genesis from the founding agencies' membership requests."""
     parsed = [ceremony.read_request(path) for path in requests]
     draft = ceremony.propose_genesis(parsed, int(time.time() * 1000))
-    ceremony.write_public(out_path, draft.SerializeToString(deterministic=True))
+    write_public(out_path, draft.SerializeToString(deterministic=True))
     info = ceremony.describe_draft(draft)
     if as_json:
         emit_json({**info, "draft": str(out_path)})
@@ -155,9 +141,9 @@ def sign(draft_path: Path, agency_dir: Path, out_path: Path,
     """Sign the draft with this agency's root key, after checking it names this agency
     with its own keys and address."""
     draft = ceremony.read_draft(draft_path)
-    signature = ceremony.sign_draft(draft, agency_dir, _passphrase(root_passphrase_env))
+    signature = ceremony.sign_draft(draft, agency_dir, passphrase_from_env(root_passphrase_env))
     _print_draft(ceremony.describe_draft(draft))
-    ceremony.write_public(out_path, signature.SerializeToString(deterministic=True))
+    write_public(out_path, signature.SerializeToString(deterministic=True))
     click.echo(f"signed by     {signature.agency}  ->  {out_path}")
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import click
 from cryptography import x509
-from google.protobuf.message import DecodeError
 
-from exchange.cli.agency_cmd import _passphrase, agency
+from exchange.cli.agency_cmd import _DIR, _PATH, agency
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import emit_json
 from exchange.client import ExchangeClient, Signer
@@ -30,23 +29,17 @@ from exchange.identity.keys import (
     read_signing_key,
     write_private,
 )
-from exchange.identity.network import AgencyPaths
+from exchange.identity.network import AgencyPaths, passphrase_from_env, write_public
 from exchange.identity.registry import membership_change_statement
 from exchange.node.tls_state import next_path
 from exchange.v1 import ledger_pb2
 
-_PATH = click.Path(path_type=Path, dir_okay=False, exists=True)
-_DIR = click.Path(path_type=Path, file_okay=False, exists=True)
 CHANGE_BYTES_MAX = 64 * 1024
 
 
 def _read_change(path: Path) -> ledger_pb2.MembershipChange:
-    change = ledger_pb2.MembershipChange()
-    try:
-        change.ParseFromString(ceremony.read_limited(path, CHANGE_BYTES_MAX,
-                                                     "membership change"))
-    except DecodeError as exc:
-        raise MalformedInput(f"{path}: not a membership change: {exc}") from exc
+    change = ceremony.read_message(path, ledger_pb2.MembershipChange(), CHANGE_BYTES_MAX,
+                                   "membership change")
     if bool(change.member) == bool(change.remove_agency) or not change.members_before:
         raise MalformedInput(f"{path}: not a membership change")
     return change
@@ -69,7 +62,7 @@ def _root_signer(agency_dir: Path, chain_id: str,
     if settings.chain_id != chain_id:
         raise MalformedInput(f"{agency_dir} is of chain {settings.chain_id!r}; the node "
                              f"serves {chain_id!r}")
-    root = read_signing_key(AgencyPaths(agency_dir).root_key, _passphrase(passphrase_env))
+    root = read_signing_key(AgencyPaths(agency_dir).root_key, passphrase_from_env(passphrase_env))
     return Signer(settings.agency, "root", chain_id, CachedSigner(root))
 
 
@@ -120,7 +113,7 @@ def propose(request_path: Path | None, remove_agency: str | None, out_path: Path
         if remove_agency not in members:
             raise MalformedInput(f"{remove_agency!r} is not a member ({', '.join(members)})")
         change.remove_agency = remove_agency
-    ceremony.write_public(out_path, change.SerializeToString(deterministic=True))
+    write_public(out_path, change.SerializeToString(deterministic=True))
     click.echo(f"change        {_describe(change)}")
     click.echo(f"written to    {out_path}  (each member's root approves it: "
                "exchange membership approve)")
@@ -138,12 +131,12 @@ def approve(change_path: Path, agency_dir: Path, out_path: Path,
     change = _read_change(change_path)
     settings = ceremony.read_settings(agency_dir)
     root = read_signing_key(AgencyPaths(agency_dir).root_key,
-                            _passphrase(root_passphrase_env))
+                            passphrase_from_env(root_passphrase_env))
     approval = ledger_pb2.MemberSignature(
         agency=settings.agency, key_id=root.key_id,
         signature=root.sign(Domain.MEMBERSHIP_CHANGE, settings.chain_id,
                             membership_change_statement(change)))
-    ceremony.write_public(out_path, approval.SerializeToString(deterministic=True))
+    write_public(out_path, approval.SerializeToString(deterministic=True))
     click.echo(f"approved      {_describe(change)}")
     click.echo(f"by            {settings.agency}  ->  {out_path}")
 

@@ -22,9 +22,9 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from exchange.errors import AlreadyExists, InvalidSignature, MalformedInput
 from exchange.identity import tls
@@ -43,7 +43,6 @@ from exchange.identity.keys import (
     key_id,
     read_data_key,
     read_signing_key,
-    verify,
 )
 from exchange.identity.network import (
     DEFAULT_IDENTITIES,
@@ -60,7 +59,9 @@ from exchange.identity.network import (
     validate_chain_id,
     validate_host,
     write_agency_configs,
+    write_public,
 )
+from exchange.identity.registry import open_member_entry, verify_credential_of
 from exchange.v1 import identity_pb2, ledger_pb2
 
 REQUEST_FILE = "request.pb"
@@ -96,17 +97,17 @@ def read_limited(path: Path, limit: int, what: str) -> bytes:
     return path.read_bytes()
 
 
-def write_public(path: Path, data: bytes, overwrite: bool = False) -> None:
-    """Write a public file, fsynced; refuse to replace one unless `overwrite`."""
-    if path.exists() and not overwrite:
-        raise AlreadyExists(f"{path} already exists")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+M = TypeVar("M", bound=Message)
+
+
+def read_message(path: Path, message: M, bytes_max: int, what: str) -> M:
+    """`message` parsed from the file at `path`, refused (naming the file) when larger
+    than `bytes_max` or not such a message."""
+    try:
+        message.ParseFromString(read_limited(path, bytes_max, what))
+    except DecodeError as exc:
+        raise MalformedInput(f"{path}: not a {what}: {exc}") from exc
+    return message
 
 
 def write_settings(paths: AgencyPaths, settings: AgencySettings) -> None:
@@ -163,43 +164,16 @@ def open_request(request: identity_pb2.MembershipRequest, chain_id: str | None =
     if chain_id is not None and request.chain_id != chain_id:
         raise MalformedInput(f"request is for chain {request.chain_id!r}, not {chain_id!r}")
     validate_chain_id(request.chain_id)
-    member = identity_pb2.Member()
-    try:
-        member.ParseFromString(request.member)
-    except DecodeError as exc:
-        raise MalformedInput(f"request's member entry does not parse: {exc}") from exc
-    for name, value in (("root", member.root_public_key), ("node", member.node_public_key),
-                        ("data", member.data_public_key)):
-        if len(value) != 32:
-            raise MalformedInput(f"request of {member.agency!r}: {name} key must be 32 bytes")
-    verify(bytes(member.root_public_key), Domain.MEMBERSHIP_REQUEST, request.chain_id,
-           request.member, request.signature)
-    ca = tls.load_certificate(bytes(member.tls_ca_certificate))
-    if tls.common_name(ca) != f"{member.agency} exchange CA":
-        raise MalformedInput(f"request of {member.agency!r}: its TLS CA is named "
-                             f"{tls.common_name(ca)!r}, not {member.agency + ' exchange CA'!r}")
-    parse_address(member.address)
-    root_kid = key_id("ed25519", bytes(member.root_public_key))
+    member = open_member_entry(request.member, request.signature, request.chain_id)
     for signed in request.credentials:
-        cred = parse_credential(signed)
-        if cred.agency != member.agency or cred.chain_id != request.chain_id:
-            raise MalformedInput(f"request of {member.agency!r} carries a credential of "
-                                 f"{cred.agency}/{cred.chain_id}")
-        if bytes(cred.issuer_key_id) != root_kid:
-            raise InvalidSignature(f"credential {cred.agency}/{cred.subject} is not issued "
-                                   "by the requesting root")
-        verify(bytes(member.root_public_key), Domain.CREDENTIAL, request.chain_id,
-               signed.credential, signed.signature)
+        verify_credential_of(member, request.chain_id, signed)
     return member, list(request.credentials)
 
 
 def read_request(path: Path, chain_id: str | None = None) -> identity_pb2.MembershipRequest:
     """A membership request file, checked as `open_request` checks it."""
-    request = identity_pb2.MembershipRequest()
-    try:
-        request.ParseFromString(read_limited(path, REQUEST_BYTES_MAX, "membership request"))
-    except DecodeError as exc:
-        raise MalformedInput(f"{path}: not a membership request: {exc}") from exc
+    request = read_message(path, identity_pb2.MembershipRequest(), REQUEST_BYTES_MAX,
+                           "membership request")
     try:
         open_request(request, chain_id)
     except (MalformedInput, InvalidSignature) as exc:
@@ -388,11 +362,8 @@ def finalize_genesis(draft: identity_pb2.SignedGenesis,
 
 
 def read_draft(path: Path) -> identity_pb2.SignedGenesis:
-    draft = identity_pb2.SignedGenesis()
-    try:
-        draft.ParseFromString(read_limited(path, DRAFT_BYTES_MAX, "genesis"))
-    except DecodeError as exc:
-        raise MalformedInput(f"{path}: not a genesis: {exc}") from exc
+    """A genesis file, signed or not yet, whose genesis parses."""
+    draft = read_message(path, identity_pb2.SignedGenesis(), DRAFT_BYTES_MAX, "genesis")
     try:
         parse_genesis(draft)
     except MalformedInput as exc:
@@ -401,11 +372,8 @@ def read_draft(path: Path) -> identity_pb2.SignedGenesis:
 
 
 def read_signature(path: Path) -> ledger_pb2.MemberSignature:
-    sig = ledger_pb2.MemberSignature()
-    try:
-        sig.ParseFromString(read_limited(path, SIGNATURE_FILE_BYTES_MAX, "signature"))
-    except DecodeError as exc:
-        raise MalformedInput(f"{path}: not a member signature: {exc}") from exc
+    sig = read_message(path, ledger_pb2.MemberSignature(), SIGNATURE_FILE_BYTES_MAX,
+                       "member signature")
     if not sig.agency or len(sig.signature) != 64:
         raise MalformedInput(f"{path}: not a member signature")
     return sig
@@ -438,11 +406,7 @@ def configure_agency(agency_dir: Path, genesis_path: Path, overwrite: bool = Fal
     node follows the chain until a membership change adds it."""
     agency_dir = Path(os.path.normpath(agency_dir.absolute()))
     settings = read_settings(agency_dir)
-    signed = identity_pb2.SignedGenesis()
-    try:
-        signed.ParseFromString(read_limited(genesis_path, DRAFT_BYTES_MAX, "genesis"))
-    except DecodeError as exc:
-        raise MalformedInput(f"{genesis_path}: not a genesis: {exc}") from exc
+    signed = read_draft(genesis_path)
     genesis = verify_genesis(signed)
     if genesis.chain_id != settings.chain_id:
         raise MalformedInput(f"genesis is of chain {genesis.chain_id!r}; this agency was "

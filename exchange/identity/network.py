@@ -27,6 +27,7 @@ from exchange.errors import AlreadyExists, MalformedInput
 from exchange.identity import tls
 from exchange.identity.config import (
     AGENCY_PATTERN,
+    ENV_VAR_PATTERN,
     BlockCutting,
     NodeConfig,
     NodePaths,
@@ -253,9 +254,18 @@ def _mkdir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
+def write_public(path: Path, data: bytes, overwrite: bool = False) -> None:
+    """Write a public file (mode 0644), fsynced; refuse to replace one unless
+    `overwrite`."""
+    if path.exists() and not overwrite:
+        raise AlreadyExists(f"{path} already exists")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 # -- the steps -------------------------------------------------------------------------
@@ -318,7 +328,7 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
         client = tls.issue_client_certificate(material.tls_ca, material.agency, spec.subject,
                                               _datetime(now_ms), validity_days)
         write_private(paths.signing_key(spec.subject), key.to_pem(passphrase))
-        _write_public(paths.credential(spec.subject),
+        write_public(paths.credential(spec.subject),
                       credential.SerializeToString(deterministic=True))
         tls.write_identity(client, paths.client_cert(spec.subject),
                            paths.client_key(spec.subject))
@@ -465,7 +475,7 @@ def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, h
     the draft, every root's signature, the final genesis, each agency's configuration."""
     from exchange.identity import ceremony
 
-    passphrase = _passphrase(passphrase_env)
+    passphrase = passphrase_from_env(passphrase_env)
     requests: list[identity_pb2.MembershipRequest] = []
     listen: list[tuple[str, str]] = []
     for i, agency in enumerate(agencies):
@@ -486,10 +496,12 @@ def _build(work: Path, agencies: Sequence[str], chain_id: str, base_port: int, h
     return signed, listen
 
 
-def _passphrase(env_var: str | None) -> bytes | None:
-    """The identities' key passphrase from the environment variable named, if any."""
+def passphrase_from_env(env_var: str | None) -> bytes | None:
+    """A key passphrase from the environment variable named, if any."""
     if env_var is None:
         return None
+    if not ENV_VAR_PATTERN.match(env_var):
+        raise MalformedInput(f"{env_var!r} is not an environment variable name")
     value = os.environ.get(env_var, "")
     if len(value) < 8:
         raise MalformedInput(f"environment variable {env_var} must hold the key passphrase "

@@ -15,8 +15,10 @@ from cryptography.exceptions import InvalidSignature as X509InvalidSignature
 from google.protobuf.message import DecodeError
 
 from exchange.errors import CredentialInvalid, InvalidSignature, MalformedInput, UnknownSigner
+from exchange.identity.config import AGENCY_PATTERN, parse_address
 from exchange.identity.genesis import parse_credential, verify_genesis
 from exchange.identity.keys import Domain, key_id, verify
+from exchange.identity.tls import ca_common_name, common_name, load_certificate
 from exchange.v1 import identity_pb2, ledger_pb2
 
 # Transaction kinds that change what the registry resolves.
@@ -62,6 +64,49 @@ def quorum_size(member_count: int) -> int:
     """q = ceil((n + f + 1) / 2), f = floor((n - 1) / 3): 3 of 4, 4 of 5 (decision 4)."""
     f = (member_count - 1) // 3
     return (member_count + f + 2) // 2
+
+
+def open_member_entry(member_bytes: bytes, request_signature: bytes,
+                      chain_id: str) -> identity_pb2.Member:
+    """A new member's entry (a membership request's, or a membership change's) whose
+    agency's own root signed it for `chain_id`: parsed and checked (name, key sizes,
+    root signature, CA named for the agency, address). Used by the key ceremony and by
+    the ledger's membership change alike."""
+    member = identity_pb2.Member()
+    try:
+        member.ParseFromString(member_bytes)
+    except DecodeError as exc:
+        raise MalformedInput(f"member entry does not parse: {exc}") from exc
+    if not AGENCY_PATTERN.match(member.agency):
+        raise MalformedInput(f"invalid agency name {member.agency!r}")
+    for name, value in (("root", member.root_public_key), ("node", member.node_public_key),
+                        ("data", member.data_public_key)):
+        if len(value) != 32:
+            raise MalformedInput(f"member entry of {member.agency!r}: {name} key must be "
+                                 "32 bytes")
+    verify(bytes(member.root_public_key), Domain.MEMBERSHIP_REQUEST, chain_id, member_bytes,
+           request_signature)
+    named = common_name(load_certificate(bytes(member.tls_ca_certificate)))
+    if named != ca_common_name(member.agency):
+        raise MalformedInput(f"member entry of {member.agency!r}: its TLS CA is named "
+                             f"{named!r}, not {ca_common_name(member.agency)!r}")
+    parse_address(member.address)
+    return member
+
+
+def verify_credential_of(member: identity_pb2.Member, chain_id: str,
+                         signed: identity_pb2.SignedCredential) -> identity_pb2.Credential:
+    """A credential `member`'s root issued for `chain_id`: parsed and checked."""
+    cred = parse_credential(signed)
+    if cred.chain_id != chain_id:
+        raise InvalidSignature("credential is for another chain")
+    if cred.agency != member.agency:
+        raise MalformedInput(f"credential of {cred.agency} offered as {member.agency}'s")
+    root = bytes(member.root_public_key)
+    if bytes(cred.issuer_key_id) != key_id("ed25519", root):
+        raise InvalidSignature(f"credential of {cred.agency}/{cred.subject} names another issuer")
+    verify(root, Domain.CREDENTIAL, chain_id, signed.credential, signed.signature)
+    return cred
 
 
 class KeyRegistry:
@@ -158,10 +203,7 @@ class KeyRegistry:
         member = self.members.get(cred.agency)
         if member is None:
             raise UnknownSigner(f"credential of non-member {cred.agency!r}")
-        root = bytes(member.root_public_key)
-        if bytes(cred.issuer_key_id) != key_id("ed25519", root):
-            raise InvalidSignature(f"credential of {cred.agency}/{cred.subject} names another issuer")
-        verify(root, Domain.CREDENTIAL, self.chain_id, signed.credential, signed.signature)
+        verify_credential_of(member, self.chain_id, signed)
         kid = key_id("ed25519", bytes(cred.public_key))
         if kid in self._keys:
             raise MalformedInput(f"key {kid.hex()} is already registered")
@@ -221,8 +263,6 @@ class KeyRegistry:
                                           (ROLE_NODE,), valid_from_height=height + 1)
             updated.node_public_key = new_key
         elif rotation.key_kind == "tls":
-            from exchange.identity.tls import common_name, load_certificate
-
             der = bytes(rotation.new_certificate)
             cert = load_certificate(der)
             if common_name(cert) != f"{signer.agency}/node":
@@ -278,29 +318,12 @@ class KeyRegistry:
         self.version += 1
 
     def _admit_member(self, change: ledger_pb2.MembershipChange, height: int) -> None:
-        from exchange.identity.config import AGENCY_PATTERN, parse_address
-        from exchange.identity.tls import common_name, load_certificate
-
-        member = identity_pb2.Member()
-        try:
-            member.ParseFromString(change.member)
-        except DecodeError as exc:
-            raise MalformedInput(f"member entry does not parse: {exc}") from exc
-        if not AGENCY_PATTERN.match(member.agency):
-            raise MalformedInput(f"invalid agency name {member.agency!r}")
+        member = open_member_entry(bytes(change.member), bytes(change.request_signature),
+                                   self.chain_id)
         if member.agency in self.former_members:
             raise MalformedInput(f"{member.agency} was a member before; a name is not reused")
         if len(self.members) >= MEMBERS_MAX:
             raise MalformedInput(f"at most {MEMBERS_MAX} members")
-        for value in (member.root_public_key, member.node_public_key, member.data_public_key):
-            if len(value) != 32:
-                raise MalformedInput("member keys are 32 bytes")
-        verify(bytes(member.root_public_key), Domain.MEMBERSHIP_REQUEST, self.chain_id,
-               bytes(change.member), bytes(change.request_signature))
-        if common_name(load_certificate(bytes(member.tls_ca_certificate))) != \
-                f"{member.agency} exchange CA":
-            raise MalformedInput(f"{member.agency}'s TLS CA is not named for it")
-        parse_address(member.address)
         fresh = [key_id("ed25519", bytes(member.root_public_key)),
                  key_id("ed25519", bytes(member.node_public_key))]
         if any(kid in self._keys for kid in fresh) or fresh[0] == fresh[1]:
@@ -314,13 +337,7 @@ class KeyRegistry:
                 signed.ParseFromString(raw)
             except DecodeError as exc:
                 raise MalformedInput(f"credential does not parse: {exc}") from exc
-            cred = parse_credential(signed)
-            if cred.agency != member.agency or cred.chain_id != self.chain_id:
-                raise MalformedInput("a joining agency brings only its own credentials")
-            root = bytes(member.root_public_key)
-            if bytes(cred.issuer_key_id) != key_id("ed25519", root):
-                raise InvalidSignature("a joining agency's credential names another issuer")
-            verify(root, Domain.CREDENTIAL, self.chain_id, signed.credential, signed.signature)
+            cred = verify_credential_of(member, self.chain_id, signed)
             cred_kid = key_id("ed25519", bytes(cred.public_key))
             if cred_kid in self._keys or cred_kid in fresh:
                 raise MalformedInput("a joining agency's credential key is already registered")

@@ -93,12 +93,17 @@ def general_name(host: str) -> x509.GeneralName:
     return x509.DNSName(host.lower())
 
 
+def ca_common_name(agency: str) -> str:
+    """The common name of an agency's own TLS CA."""
+    return f"{agency} exchange CA"
+
+
 def create_ca(agency: str, now: datetime.datetime | None = None,
               validity_days: int = CA_VALIDITY_DAYS) -> TlsIdentity:
     """A new self-signed CA for `agency`, allowed to sign leaf certificates only."""
     start = _utc(now) - BACKDATE
     key = _new_key()
-    name = _name(agency, f"{agency} exchange CA")
+    name = _name(agency, ca_common_name(agency))
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
