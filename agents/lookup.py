@@ -298,6 +298,15 @@ def lookup(store: AgencyStore, request: LookupRequest, row_limit: int
            ) -> list[dict[str, object]]:
     """The rows of the agency's `request.dataset` that match the request, at most
     `row_limit` of them (more is a ROW_LIMIT refusal, never a truncated answer)."""
+    return list(lookup_iter(store, request, row_limit))
+
+
+def lookup_iter(store: AgencyStore, request: LookupRequest, row_limit: int
+                ) -> Iterator[dict[str, object]]:
+    """lookup, one row at a time: a period-wide view is streamed from the store, so
+    the answer to it is never held whole. A refusal (LookupRefused) may come before the
+    first row or, for ROW_LIMIT, after `row_limit` rows: a caller discards what it
+    received then."""
     assert row_limit >= 0, row_limit
     agency = store.agency
     datasets = {d.name: d for d in datasets_of(agency)}
@@ -306,7 +315,7 @@ def lookup(store: AgencyStore, request: LookupRequest, row_limit: int
         dataset = datasets[request.dataset]
         if len(request.subjects) > SUBJECTS_MAX:
             raise _too_many(request)
-        return _lookup_dataset(store, _dataset_plan(dataset), request, row_limit)
+        return iter(_lookup_dataset(store, _dataset_plan(dataset), request, row_limit))
     if request.dataset in views:
         if len(request.subjects) > SUBJECTS_MAX:
             raise _too_many(request)
@@ -420,7 +429,7 @@ def _converter(column: Column) -> Any:
 
 
 def _lookup_view(store: AgencyStore, view: View[Any], request: LookupRequest,
-                 row_limit: int) -> list[dict[str, object]]:
+                 row_limit: int) -> Iterator[dict[str, object]]:
     columns = tuple(c.name for c in view.columns)
     fields = _check_fields(view.name, request.fields, columns)
     _check_period(request.period)
@@ -438,13 +447,18 @@ def _lookup_view(store: AgencyStore, view: View[Any], request: LookupRequest,
         for column in keys[key][1]:
             wanted.setdefault(column, {}).update(dict.fromkeys(vs))
     types = {c.name: c.type for c in view.columns}
-    out: list[dict[str, object]] = []
-    for row in view.rows(store, request.period, wanted or None):
+    return _view_rows(view, view.iter_rows(store, request.period, wanted or None), wanted,
+                      fields, types, row_limit)
+
+
+def _view_rows(view: View[Any], rows: Iterator[Any], wanted: dict[str, dict[str, None]],
+               fields: Sequence[str], types: dict[str, str], row_limit: int
+               ) -> Iterator[dict[str, object]]:
+    for count, row in enumerate(rows):
         assert not wanted or any(getattr(row, c) in vs for c, vs in wanted.items()), row
-        if len(out) == row_limit:
+        if count == row_limit:
             raise _row_limit_refusal(view.name, row_limit)
-        out.append({name: _view_value(types[name], getattr(row, name)) for name in fields})
-    return out
+        yield {name: _view_value(types[name], getattr(row, name)) for name in fields}
 
 
 def _view_value(type_name: str, value: object) -> object:

@@ -88,11 +88,11 @@ def _dataset_rows(store: AgencyStore, dataset: Dataset, period: str | None,
             params = {"start": start, "end": end}
     sql = (f"SELECT {', '.join(_q(dataset.stored(c)) for c in selected)} "
            f"FROM {_q(dataset.name)}{where}")
-    rows = store.fetch(sql, params)
-    key_at = [selected.index(k) for k in dataset.key]
-    rows.sort(key=lambda r: tuple(str(r[i]) for i in key_at))
+    # sorted by the key in the store: text in byte order (SQLite's BINARY, PostgreSQL's
+    # "C"), which is Python's order of the same strings; streamed, never held whole
+    order = ", ".join(_q(dataset.stored(k)) for k in dataset.key)
     converters = [(n, selected.index(n), _converter(dataset.column_map[n])) for n in names]
-    for row in rows:
+    for row in store.stream(f"{sql} ORDER BY {order}", params):
         yield {n: convert(row[i]) for n, i, convert in converters}
 
 
@@ -120,7 +120,7 @@ def _view_rows(store: AgencyStore, view: View[Any], period: str | None,
     if not view.period_bound and period is not None:
         raise MalformedInput(f"view {view.name} is not per month: read it without a period")
     types = {c.name: c.type for c in view.columns}
-    for row in view.rows(store, period):
+    for row in view.iter_rows(store, period):
         out: Row = {}
         for name in names:
             value = getattr(row, name)

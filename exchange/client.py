@@ -12,6 +12,7 @@ A `Signer` signs transaction bodies as the profile's analyst, for this chain.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -330,13 +331,56 @@ class ExchangeClient:
 
     def get_answer(self, query_tx_id: bytes, wait_ms: int = 0) -> node_pb2.AnswerView:
         """A query's status and, for the requesting agency, its rows (opened by the node);
-        waits up to `wait_ms` for the answer or refusal to commit."""
+        waits up to `wait_ms` for the answer or refusal to commit. Read streamed, so an
+        answer of any number of chunks arrives (held here whole: a caller that must not
+        hold it uses stream_answer)."""
+        parts = self.stream_answer(query_tx_id, wait_ms)
+        head = next(parts)
+        view = node_pb2.AnswerView(query=head.query, commitment=head.commitment)
+        for part in parts:
+            view.chunks.append(part.chunk)
+        return view
+
+    def stream_answer(self, query_tx_id: bytes, wait_ms: int = 0
+                      ) -> Iterator[node_pb2.AnswerPart]:
+        """The answer as the node streams it: the query's view and the manifest's
+        commitment first, then one opened chunk a message. UNAVAILABLE before the first
+        message is retried like a unary call; a stream broken later raises."""
         if len(query_tx_id) != TX_ID_BYTES:
             raise MalformedInput(f"a query id is {TX_ID_BYTES} bytes, got {len(query_tx_id)}")
-        return cast(node_pb2.AnswerView, self._unary(
-            self._stub.GetAnswer,
-            node_pb2.GetAnswerRequest(query_tx_id=query_tx_id, wait_ms=wait_ms),
-            max(self.deadline_s, wait_ms / 1000 + 5.0)))
+        request = node_pb2.GetAnswerRequest(query_tx_id=query_tx_id, wait_ms=wait_ms)
+        timeout = max(self.deadline_s, wait_ms / 1000 + 5.0)
+        give_up = time.monotonic() + self.retry_unavailable_s
+        backoff = RETRY_BACKOFF_S_MIN
+        while True:
+            # the deadline covers the wait; each later chunk renews it (below)
+            call = self._stub.StreamAnswer(request, timeout=None)
+            try:
+                first = _next_within(call, timeout)
+                break
+            except grpc.RpcError as exc:
+                call.cancel()
+                if (exc.code() == grpc.StatusCode.UNAVAILABLE
+                        and time.monotonic() + backoff < give_up):
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+                    continue
+                raise map_rpc_error(exc, self.address, timeout) from None
+        return self._rest_of(call, first)
+
+    def _rest_of(self, call: Any, first: node_pb2.AnswerPart
+                 ) -> Iterator[node_pb2.AnswerPart]:
+        try:
+            yield first
+            while True:
+                try:
+                    yield _next_within(call, self.deadline_s)
+                except StopIteration:
+                    return
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, self.address, self.deadline_s) from None
+        finally:
+            call.cancel()
 
     def audit(self, request: node_pb2.AuditRequest) -> node_pb2.AuditReply:
         return cast(node_pb2.AuditReply, self._unary(self._stub.Audit, request))
@@ -376,6 +420,35 @@ class ExchangeClient:
             raise map_rpc_error(exc, self.address) from None
         finally:
             call.cancel()
+
+
+def _next_within(call: Any, timeout_s: float) -> Any:
+    """The stream's next message, or DEADLINE_EXCEEDED after `timeout_s` without one
+    (the stream is cancelled; StopIteration at its end)."""
+    timer = threading.Timer(timeout_s, call.cancel)
+    timer.start()
+    try:
+        return next(call)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
+            raise _DeadlineError(timeout_s) from None
+        raise
+    finally:
+        timer.cancel()
+
+
+class _DeadlineError(grpc.RpcError):  # type: ignore[misc]
+    """A stream that sent nothing for too long, as the deadline error it stands for."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no message in {timeout_s:.0f} s")
+        self._timeout_s = timeout_s
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return f"no message from the stream in {self._timeout_s:.0f} s"
 
 
 def _read(profile: Profile, key: str, path: Path) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -116,19 +116,63 @@ def read_answer(view: node_pb2.AnswerView) -> Answer:
     if not view.chunks:
         return answer
     chunks = sorted(view.chunks, key=lambda c: c.index)
-    if [c.index for c in chunks] != list(range(len(chunks))):
-        raise ProofInvalid("the answer's chunks are not numbered 0..n-1")
-    for c in chunks:
-        if commit(bytes(c.salt), bytes(c.plaintext)) != bytes(c.commitment):
-            raise ProofInvalid(f"chunk {c.index} does not match its commitment")
-    whole = (bytes(chunks[0].commitment) if len(chunks) == 1
-             else chunks_commitment(bytes(c.commitment) for c in chunks))
-    if whole != bytes(view.commitment):
-        raise ProofInvalid("the chunks do not make the manifest's commitment")
-    for c in chunks:
-        for line in bytes(c.plaintext).splitlines():
+    checked = CheckedAnswer(view.query, bytes(view.commitment), iter(chunks))
+    for plaintext in checked:
+        for line in plaintext.splitlines():
             answer.rows.append(json.loads(line, parse_float=Decimal))
-    if len(answer.rows) != view.query.row_count:
-        raise ProofInvalid(f"{len(answer.rows)} rows, the manifest says "
-                           f"{view.query.row_count}")
     return answer
+
+
+class CheckedAnswer:
+    """A streamed answer's chunk plaintexts, in order, each checked against its
+    commitment as it arrives; once the last has come, the chunks' commitments against
+    the manifest's and the rows against its row count (ProofInvalid for any
+    difference). Only the chunk commitments are kept, never the rows. Use the rows of a
+    chunk freely, but trust none of them until the iteration has ended without error."""
+
+    def __init__(self, query: node_pb2.QueryView, commitment: bytes,
+                 chunks: Iterator[node_pb2.OpenedChunk]) -> None:
+        self.query = query
+        self.commitment = commitment
+        self._chunks = chunks
+        self.rows = 0
+
+    @classmethod
+    def of_stream(cls, parts: Iterator[node_pb2.AnswerPart]) -> CheckedAnswer:
+        """From `ExchangeClient.stream_answer`: the head, then the chunks."""
+        head = next(parts)
+        return cls(head.query, bytes(head.commitment), (p.chunk for p in parts))
+
+    @property
+    def status(self) -> str:
+        return str(self.query.status)
+
+    def __iter__(self) -> Iterator[bytes]:
+        commitments: list[bytes] = []
+        rows = 0
+        for c in self._chunks:
+            if c.index != len(commitments):
+                raise ProofInvalid(f"chunk {c.index} arrived where chunk {len(commitments)} "
+                                   "belongs: the answer's chunks are not numbered 0..n-1")
+            plaintext = bytes(c.plaintext)
+            if commit(bytes(c.salt), plaintext) != bytes(c.commitment):
+                raise ProofInvalid(f"chunk {c.index} does not match its commitment")
+            if plaintext and not plaintext.endswith(b"\n"):
+                raise ProofInvalid(f"chunk {c.index} does not end with a whole row")
+            commitments.append(bytes(c.commitment))
+            rows += plaintext.count(b"\n")
+            yield plaintext
+        if self.query.status != "answered":
+            if commitments:
+                raise ProofInvalid(f"chunks for a query that is {self.query.status}")
+            return
+        if len(commitments) != self.query.chunk_count:
+            raise ProofInvalid(f"{len(commitments)} chunks, the manifest says "
+                               f"{self.query.chunk_count}")
+        whole = (commitments[0] if len(commitments) == 1
+                 else chunks_commitment(commitments))
+        if whole != self.commitment:
+            raise ProofInvalid("the chunks do not make the manifest's commitment")
+        if rows != self.query.row_count:
+            raise ProofInvalid(f"{rows} rows, the manifest says {self.query.row_count}")
+        self.rows = rows

@@ -33,6 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 from agents.common.schema import Column, Dataset, Kind, Reference
 from agents.common.store import (
     SCHEMA_VERSION,
+    STREAM_BATCH_ROWS,
     DuplicateKey,
     LoadSession,
     MergeCounts,
@@ -349,6 +350,23 @@ class PostgresAgencyStore:
             except psycopg.OperationalError as exc:
                 raise Unavailable(f"{self.display}: {_scrub(str(exc).strip(), self.url)}"
                                   ) from None
+
+    def stream(self, sql: str, params: Mapping[str, object],
+               batch_rows: int = STREAM_BATCH_ROWS) -> Iterator[tuple[object, ...]]:
+        # a server-side cursor in a transaction of its own connection, so the server
+        # sends `batch_rows` rows at a time and this store stays free for other reads
+        conn = self._connect()
+        try:
+            with conn.transaction(), conn.cursor(name="exchange_stream") as cursor:
+                cursor.itersize = batch_rows
+                cursor.execute(to_pyformat(sql), dict(params))
+                for row in cursor:
+                    yield tuple(row)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"{self.display}: {_scrub(str(exc).strip(), self.url)}"
+                              ) from None
+        finally:
+            conn.close()
 
     def row_count(self, dataset: Dataset) -> int:
         with self._lock:

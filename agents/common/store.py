@@ -98,6 +98,10 @@ class LoadSession(Protocol):
         ...
 
 
+# Rows a streamed read holds at a time.
+STREAM_BATCH_ROWS = 10_000
+
+
 class AgencyStore(Protocol):
     """An agency's store of its own datasets."""
 
@@ -108,6 +112,12 @@ class AgencyStore(Protocol):
 
     def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
         """Rows of a read-only query (portable SQL, `:name` parameters)."""
+        ...
+
+    def stream(self, sql: str, params: Mapping[str, object],
+               batch_rows: int = STREAM_BATCH_ROWS) -> Iterator[tuple[object, ...]]:
+        """fetch, row by row, holding at most `batch_rows` rows at a time: for reads
+        whose size grows with the register (a period-wide view, an own input)."""
         ...
 
     def row_count(self, dataset: Dataset) -> int: ...
@@ -244,6 +254,24 @@ class SqliteAgencyStore:
     def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
         with self._lock:
             return [tuple(r) for r in self._db.execute(sql, dict(params)).fetchall()]
+
+    def stream(self, sql: str, params: Mapping[str, object],
+               batch_rows: int = STREAM_BATCH_ROWS) -> Iterator[tuple[object, ...]]:
+        # a read-only connection of its own (WAL: a consistent snapshot that neither
+        # blocks nor waits for this store's other users)
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            db.execute("PRAGMA temp_store=FILE")
+            cursor = db.execute(sql, dict(params))
+            while True:
+                batch = cursor.fetchmany(batch_rows)
+                if not batch:
+                    return
+                yield from (tuple(r) for r in batch)
+        finally:
+            db.close()
 
     def row_count(self, dataset: Dataset) -> int:
         with self._lock:

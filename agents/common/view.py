@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from agents.common.store import AgencyStore
 
@@ -50,6 +50,9 @@ class View(Generic[RowT]):
     columns: tuple[ViewColumn, ...]
     period_bound: bool
     compute: Callable[[AgencyStore, str | None, SubjectFilter | None], Sequence[RowT]]
+    # The whole view (no subject filter) row by row, in the same order, from a read that
+    # streams: what a period-wide read uses, so that nothing holds the whole view.
+    stream: Callable[[AgencyStore, str | None], Iterator[RowT]] | None = None
 
     @property
     def subject_columns(self) -> tuple[str, ...]:
@@ -59,12 +62,7 @@ class View(Generic[RowT]):
              subjects: SubjectFilter | None = None) -> Sequence[RowT]:
         """The view's rows in `period`; with `subjects`, only the rows whose column named
         in it holds one of its values (an empty filter matches no row)."""
-        if store.agency != self.agency:
-            raise ValueError(f"view {self.name} is {self.agency}'s, the store is "
-                             f"{store.agency}'s")
-        if self.period_bound != (period is not None):
-            raise ValueError(f"view {self.name} "
-                             + ("needs a period" if self.period_bound else "takes no period"))
+        _check_call(self, store, period)
         if subjects is not None:
             unknown = sorted(set(subjects) - set(self.subject_columns))
             if unknown:
@@ -75,6 +73,23 @@ class View(Generic[RowT]):
                                                 for v in subjects.values()):
                 raise TypeError("a subject filter maps columns to collections of values")
         return self.compute(store, period, subjects)
+
+    def iter_rows(self, store: AgencyStore, period: str | None = None,
+                  subjects: SubjectFilter | None = None) -> Iterator[RowT]:
+        """`rows`, one at a time: streamed from the store for the whole view."""
+        if subjects is None and self.stream is not None:
+            _check_call(self, store, period)
+            return self.stream(store, period)
+        return iter(self.rows(store, period, subjects))
+
+
+def _check_call(view: View[Any], store: AgencyStore, period: str | None) -> None:
+    if store.agency != view.agency:
+        raise ValueError(f"view {view.name} is {view.agency}'s, the store is "
+                         f"{store.agency}'s")
+    if view.period_bound != (period is not None):
+        raise ValueError(f"view {view.name} "
+                         + ("needs a period" if view.period_bound else "takes no period"))
 
 
 def subject_conditions(column_sql: str, values: Collection[str] | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -43,6 +44,16 @@ def company_trade(store: AgencyStore, period: str, subjects: SubjectFilter | Non
                   for uscc, exports, imports, count in rows)
 
 
+def stream_company_trade(store: AgencyStore, period: str | None) -> Iterator[CompanyTrade]:
+    """company_trade of every company, streamed from the store in uscc order."""
+    assert period is not None
+    start, end = period_bounds(period)
+    sql = COMPANY_TRADE_SQL.format(subjects="") + "ORDER BY uscc\n"
+    for uscc, exports, imports, count in store.stream(sql, {"start": start, "end": end}):
+        yield CompanyTrade(str(uscc), period, fen_to_decimal(to_int(exports)),
+                           fen_to_decimal(to_int(imports)), to_int(count))
+
+
 def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
              ) -> list[CompanyTrade]:
     assert period is not None
@@ -63,6 +74,7 @@ COMPANY_TRADE = View[CompanyTrade](
     ),
     period_bound=True,
     compute=_compute,
+    stream=stream_company_trade,
 )
 
 VIEWS = {COMPANY_TRADE.name: COMPANY_TRADE}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -53,6 +54,16 @@ def company_flows(store: AgencyStore, period: str, subjects: SubjectFilter | Non
                   for uscc, inflows, outbound in rows)
 
 
+def stream_company_flows(store: AgencyStore, period: str | None) -> Iterator[CompanyFlow]:
+    """company_flows of every company, streamed from the store in uscc order."""
+    assert period is not None
+    start, end = period_bounds(period)
+    sql = COMPANY_FLOWS_SQL.format(subjects="") + "ORDER BY a.holder_id\n"
+    for uscc, inflows, outbound in store.stream(sql, {"start": start, "end": end}):
+        yield CompanyFlow(str(uscc), period, fen_to_decimal(to_int(inflows)),
+                          fen_to_decimal(to_int(outbound)))
+
+
 def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
              ) -> list[CompanyFlow]:
     assert period is not None
@@ -75,6 +86,7 @@ COMPANY_FLOWS = View[CompanyFlow](
     ),
     period_bound=True,
     compute=_compute,
+    stream=stream_company_flows,
 )
 
 VIEWS = {COMPANY_FLOWS.name: COMPANY_FLOWS}

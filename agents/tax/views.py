@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from agents.common.store import AgencyStore
@@ -38,6 +39,15 @@ def active_legal_reps(store: AgencyStore, subjects: SubjectFilter | None = None
     return sorted(ActiveLegalRep(str(uscc), str(rep)) for uscc, rep in rows)
 
 
+def stream_active_legal_reps(store: AgencyStore, period: str | None
+                             ) -> Iterator[ActiveLegalRep]:
+    """active_legal_reps of every active taxpayer, streamed from the store in order."""
+    assert period is None
+    sql = ACTIVE_LEGAL_REPS_SQL + "ORDER BY uscc, legal_rep_id\n"
+    for uscc, rep in store.stream(sql, {}):
+        yield ActiveLegalRep(str(uscc), str(rep))
+
+
 def _compute(store: AgencyStore, period: str | None, subjects: SubjectFilter | None
              ) -> list[ActiveLegalRep]:
     assert period is None
@@ -54,6 +64,7 @@ ACTIVE_LEGAL_REPS = View[ActiveLegalRep](
     ),
     period_bound=False,
     compute=_compute,
+    stream=stream_active_legal_reps,
 )
 
 VIEWS = {ACTIVE_LEGAL_REPS.name: ACTIVE_LEGAL_REPS}

@@ -107,8 +107,19 @@ def connect() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(":memory:", config=dict(CONNECT_CONFIG))
 
 
+def connect_for_loading() -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory database that may still read files: a streamed run's own spool
+    files (exchange.compare.session). `lock` turns external access off for good before
+    any rule SQL runs in it."""
+    config: dict[str, str | bool | int | float | list[str]] = {
+        **CONNECT_CONFIG, "enable_external_access": True}
+    return duckdb.connect(":memory:", config=config)
+
+
 def lock(con: duckdb.DuckDBPyConnection) -> None:
-    """No setting can change after this (external access stays disabled)."""
+    """External access off (it cannot be turned back on while the database runs) and no
+    setting can change after this."""
+    con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
 

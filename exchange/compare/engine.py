@@ -63,7 +63,7 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
     inputs missing, unknown, or not of the declared columns and types. `timings`, if
     given, receives the seconds spent loading, in SQL and canonicalising.
     """
-    period = rule.run_period(params)
+    rule.run_period(params)  # parameters checked before any work
     expected = set(rule.input_names)
     if set(inputs) != expected:
         missing = sorted(expected - set(inputs))
@@ -81,18 +81,30 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
                 duck.create_table(con, name, columns, inputs[name], loader)
         except duck.InputProblem as exc:
             raise MalformedInput(f"{rule.source}: rule {rule.id}: {exc}") from None
-        duck.lock(con)
         loaded = time.perf_counter()
-        try:
-            cursor = con.execute(rule.sql)
-            description = cursor.description or []
-            names = [str(d[0]) for d in description]
-            result = cursor.fetchmany(OUTPUT_ROWS_MAX + 1)
-        except duckdb.Error as exc:
-            problem = duck.sql_problem(exc)
-            raise rule.sql_error(problem.message, problem.sql_line) from None
+        output = execute_locked(rule, con, params, timings)
     finally:
         con.close()
+    if timings is not None:
+        timings["load_s"] = loaded - started
+    return output
+
+
+def execute_locked(rule: Rule, con: duckdb.DuckDBPyConnection, params: Mapping[str, str],
+                   timings: dict[str, float] | None = None) -> RuleOutput:
+    """Lock `con` (its input tables loaded) down and run the rule's SQL in it: the
+    canonical output. `timings` receives sql_s and canonical_s."""
+    period = rule.run_period(params)
+    duck.lock(con)
+    started = time.perf_counter()
+    try:
+        cursor = con.execute(rule.sql)
+        description = cursor.description or []
+        names = [str(d[0]) for d in description]
+        result = cursor.fetchmany(OUTPUT_ROWS_MAX + 1)
+    except duckdb.Error as exc:
+        problem = duck.sql_problem(exc)
+        raise rule.sql_error(problem.message, problem.sql_line) from None
     ran = time.perf_counter()
     if len(result) > OUTPUT_ROWS_MAX:
         raise rule.sql_error(f"more than {OUTPUT_ROWS_MAX} findings", None)
@@ -102,7 +114,7 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
     rows, data = canonical_output(rule, period, names, result)
     done = time.perf_counter()
     if timings is not None:
-        timings.update(load_s=loaded - started, sql_s=ran - loaded, canonical_s=done - ran)
+        timings.update(sql_s=ran - started, canonical_s=done - ran)
     return RuleOutput(rule_id=rule.id, period=period, rows=tuple(rows), canonical_bytes=data,
                       digest=hashlib.sha256(data).digest(), duckdb_version=DUCKDB_VERSION)
 

@@ -6,17 +6,18 @@ the ledger to check its output digest.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+from agents.lookup import SUBJECTS_MAX
 from exchange.client import ExchangeClient, Signer
-from exchange.compare.engine import RuleOutput, run_rule
-from exchange.compare.rules import Rule, load_rule_bytes
-from exchange.crossquery import QuerySpec, build_query, read_answer
+from exchange.compare.engine import RuleOutput
+from exchange.compare.rules import PlannedQuery, Rule, load_rule_bytes
+from exchange.compare.session import RunSession
+from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid, Unavailable
 from exchange.ledger.findings import summary_of
 from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
@@ -25,7 +26,24 @@ from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 SHAPE = ledger_pb2.QueryShape
 ANSWER_WAIT_S = 120.0
+SUBMIT_BATCH_MAX = 500
+# Subjects one query of a subject set names: its sealed request (about 30 bytes a
+# subject) stays far below the genesis's envelope limit (1 MiB by default).
+SUBJECTS_PER_QUERY_MAX_DEFAULT = 20_000
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunBounds:
+    """What bounds one run's use of messages and disk (jobs config)."""
+
+    subjects_per_query_max: int = SUBJECTS_PER_QUERY_MAX_DEFAULT
+    spool_dir: Path | None = None  # where streamed inputs are spooled (default: $TMPDIR)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.subjects_per_query_max <= SUBJECTS_MAX:
+            raise MalformedInput(f"subjects_per_query_max is 1..{SUBJECTS_MAX}, got "
+                                 f"{self.subjects_per_query_max}")
 
 
 @dataclass(frozen=True)
@@ -72,26 +90,12 @@ class RunResult:
     superseded: list[bytes] = field(default_factory=list)
 
 
-def _typed(rule: Rule, name: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as the engine takes them: the input's declared columns, amounts as Decimal."""
-    columns = rule.input_columns[name]
-    out = []
-    for row in rows:
-        typed: dict[str, Any] = {}
-        for col in columns:
-            value = row.get(col.name)
-            if col.sql_type.startswith("DECIMAL") and value is not None:
-                value = Decimal(str(value))
-            typed[col.name] = value
-        out.append(typed)
-    return out
-
-
 class NetworkRun:
     """One run of `rule` by the owner's automation, through its node."""
 
     def __init__(self, client: ExchangeClient, signer: Signer, genesis: identity_pb2.Genesis,
-                 rule: Rule, progress: Progress | None = None) -> None:
+                 rule: Rule, progress: Progress | None = None,
+                 bounds: RunBounds | None = None) -> None:
         if signer.agency != rule.owner:
             raise MalformedInput(f"rule {rule.id} is {rule.owner}'s; the profile is "
                                  f"{signer.agency}'s")
@@ -100,6 +104,7 @@ class NetworkRun:
         self.genesis = genesis
         self.rule = rule
         self.progress = progress or (lambda _msg: None)
+        self.bounds = bounds or RunBounds()
         self._asked_agencies: set[str] = set()
 
     def ensure_registered(self) -> None:
@@ -117,8 +122,9 @@ class NetworkRun:
             env, qid = build_query(spec, self.signer, self.genesis)
             envs.append(env)
             ids.append(qid)
-        for start in range(0, len(envs), 500):
-            results = self.client.submit_batch(envs[start:start + 500], wait=True)
+        for start in range(0, len(envs), SUBMIT_BATCH_MAX):
+            results = self.client.submit_batch(envs[start:start + SUBMIT_BATCH_MAX],
+                                               wait=True)
             for r in results:
                 if r.error_code:
                     raise ExchangeError(f"query refused: {r.error_code}: {r.error}")
@@ -126,20 +132,24 @@ class NetworkRun:
                     raise MalformedInput(f"query judged {r.result}")
         return ids
 
-    def _rows(self, qid: bytes, name: str) -> list[dict[str, Any]]:
+    def _stream_into(self, session: RunSession, qid: bytes, name: str) -> int:
+        """Stream one answer's chunks into input `name` of the run; its row count.
+        Waits for the answer up to ANSWER_WAIT_S."""
         deadline = time.monotonic() + ANSWER_WAIT_S
         while True:
             left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            answer = read_answer(self.client.get_answer(qid, wait_ms=min(left_ms, 60_000)))
+            answer = CheckedAnswer.of_stream(
+                self.client.stream_answer(qid, wait_ms=min(left_ms, 60_000)))
             if answer.status == "answered":
+                for plaintext in answer:
+                    session.append_jsonl(name, plaintext)
                 return answer.rows
+            q = answer.query
             if answer.status == "refused":
-                q = answer.query
                 raise MalformedInput(f"input {name}: {q.target_agency} refused: "
                                      f"{q.refusal_code}: {q.refusal_reason}")
             if answer.status == "expired" or time.monotonic() >= deadline:
-                raise Unavailable(f"input {name}: no answer from "
-                                  f"{answer.query.target_agency} in time")
+                raise Unavailable(f"input {name}: no answer from {q.target_agency} in time")
 
     def _spec(self, target: str, dataset: str, subjects: tuple[tuple[str, str], ...],
               period: str | None, fields: tuple[str, ...], name: str,
@@ -151,50 +161,45 @@ class NetworkRun:
                          deadline_s=600, on_behalf_of=self.rule.digest_hex, case_id=case_id)
 
     def run(self, params: Mapping[str, str], scope: RunScope | None = None) -> RunResult:
-        """Run the rule with `params`; with a scope, on the case's subjects only."""
+        """Run the rule with `params`; with a scope, on the case's subjects only. Every
+        answer streams chunk by chunk into the run's DuckDB (spooled on disk), so the
+        size of the inputs is bounded by neither a message nor this process's memory."""
         started = time.perf_counter()
         self.ensure_registered()
         plan = self.rule.plan(params)
         case_id = scope.case_id if scope is not None else ""
-        inputs: dict[str, list[dict[str, Any]]] = {}
         input_ids: list[bytes] = []
-        # the owner's own inputs, as answers its own node gives it
-        own_specs: list[tuple[Any, QuerySpec | None]] = []
-        for o in plan.own:
-            subjects: tuple[tuple[str, str], ...] = ()
-            if scope is not None:
-                subjects = scope.for_keys(_subject_kinds(plan.owner, o.dataset))
-                if not subjects:  # nothing about the case's subjects: an empty input
-                    own_specs.append((o, None))
-                    continue
-            own_specs.append((o, self._spec(plan.owner, o.dataset, subjects, o.period,
-                                            o.fields, o.name, case_id)))
-        own_ids = iter(self._ask([s for _, s in own_specs if s is not None]))
-        for o, spec in own_specs:
-            if spec is None:
-                inputs[o.name] = []
-                continue
-            qid = next(own_ids)
-            input_ids.append(qid)
-            inputs[o.name] = self._rows(qid, o.name)
-            self.progress(f"own {o.dataset}: {len(inputs[o.name])} rows")
-        for q in plan.queries:
-            requests = q.requests(inputs)
-            if scope is not None and q.shape == "aggregate":
-                subjects = scope.for_keys(_subject_kinds(q.agency, q.dataset))
-                requests = [dataclasses.replace(r, subjects=subjects)
-                            for r in requests] if subjects else []
-            specs = [self._spec(q.agency, q.dataset, tuple(r.subjects), r.period,
-                                tuple(r.fields), q.name, case_id) for r in requests]
-            ids = self._ask(specs)
-            input_ids += ids
-            rows: list[dict[str, Any]] = []
-            for qid in ids:
-                rows += self._rows(qid, q.name)
-            inputs[q.name] = rows
-            self.progress(f"{q.agency} {q.dataset}: {len(rows)} rows")
-        typed = {name: _typed(self.rule, name, rows) for name, rows in inputs.items()}
-        output = run_rule(self.rule, typed, params)
+        rows_in = own_rows = 0
+        with RunSession(self.rule, self.bounds.spool_dir) as session:
+            # the owner's own inputs, as answers its own node gives it
+            own_specs: list[tuple[Any, QuerySpec | None]] = []
+            for o in plan.own:
+                subjects: tuple[tuple[str, str], ...] = ()
+                if scope is not None:
+                    subjects = scope.for_keys(_subject_kinds(plan.owner, o.dataset))
+                    if not subjects:  # nothing about the case's subjects: an empty input
+                        own_specs.append((o, None))
+                        continue
+                own_specs.append((o, self._spec(plan.owner, o.dataset, subjects, o.period,
+                                                o.fields, o.name, case_id)))
+            own_ids = iter(self._ask([s for _, s in own_specs if s is not None]))
+            for o, spec in own_specs:
+                if spec is not None:
+                    qid = next(own_ids)
+                    input_ids.append(qid)
+                    self._stream_into(session, qid, o.name)
+                n = session.finish(o.name)
+                own_rows += n
+                self.progress(f"own {o.dataset}: {n} rows")
+            for q in plan.queries:
+                ids = self._ask_input(session, q, scope, case_id)
+                input_ids += ids
+                for qid in ids:
+                    self._stream_into(session, qid, q.name)
+                n = session.finish(q.name)
+                rows_in += n
+                self.progress(f"{q.agency} {q.dataset}: {n} rows")
+            output = session.run(params)
         self.progress(f"{len(output.rows)} findings")
         earlier = self.client.list_findings(node_pb2.ListFindingsRequest(
             owner_agency=plan.owner, rule_id=self.rule.id, period=plan.period)).runs
@@ -205,10 +210,36 @@ class NetworkRun:
                                            output, supersedes)
         result = self.client.submit(envelope, wait=True)
         return RunResult(self.rule.id, plan.period, _tx_id(envelope), result.height,
-                         result.result, output, input_ids,
-                         sum(len(r) for r in inputs.values()),
+                         result.result, output, input_ids, rows_in + own_rows,
                          time.perf_counter() - started, superseded=supersedes,
-                         own_rows=sum(len(inputs[o.name]) for o in plan.own))
+                         own_rows=own_rows)
+
+    def _ask_input(self, session: RunSession, q: PlannedQuery, scope: RunScope | None,
+                   case_id: str) -> list[bytes]:
+        """Ask the queries answering input `q`: one for a period-wide view; for a subject
+        set, one per `subjects_per_query_max` of the source column's distinct values
+        (read back from the run's DuckDB in sorted batches), none for no subject."""
+        if scope is not None and q.shape == "aggregate":
+            subjects = scope.for_keys(_subject_kinds(q.agency, q.dataset))
+            if not subjects:
+                return []
+            return self._ask([self._spec(q.agency, q.dataset, subjects, q.period, q.fields,
+                                         q.name, case_id)])
+        if q.shape == "aggregate":
+            return self._ask([self._spec(q.agency, q.dataset, (), q.period, q.fields,
+                                         q.name, case_id)])
+        assert q.subjects_from is not None and q.subject_key is not None, q.name
+        source, column = q.subjects_from
+        ids: list[bytes] = []
+        specs: list[QuerySpec] = []
+        for values in session.distinct(source, column, self.bounds.subjects_per_query_max):
+            subjects = tuple((q.subject_key, v) for v in values)
+            specs.append(self._spec(q.agency, q.dataset, subjects, q.period, q.fields,
+                                    q.name, case_id))
+            if len(specs) == SUBMIT_BATCH_MAX:
+                ids += self._ask(specs)
+                specs = []
+        return ids + (self._ask(specs) if specs else [])
 
     def _findings_envelope(self, period: str, parameters: bytes, input_ids: list[bytes],
                            output: RuleOutput, supersedes: list[bytes]) -> bytes:
@@ -243,10 +274,11 @@ def _tx_id(envelope: bytes) -> bytes:
     return tx_id(ledger_pb2.Envelope.FromString(envelope).body)
 
 
-def replay(client: ExchangeClient, run_tx_id: bytes) -> tuple[node_pb2.FindingsRun, RuleOutput]:
+def replay(client: ExchangeClient, run_tx_id: bytes, spool_dir: Path | None = None
+           ) -> tuple[node_pb2.FindingsRun, RuleOutput]:
     """Re-run a findings run from the ledger: the registered rule's canonical bytes, the
-    answers it names (opened by the caller's node), the same parameters; ProofInvalid
-    unless the output digest is the one committed."""
+    answers it names (opened by the caller's node, streamed into the run's DuckDB), the
+    same parameters; ProofInvalid unless the output digest is the one committed."""
     runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=True)).runs
     run = next((r for r in runs if bytes(r.tx_id) == run_tx_id), None)
     if run is None:
@@ -266,17 +298,17 @@ def replay(client: ExchangeClient, run_tx_id: bytes) -> tuple[node_pb2.FindingsR
     params.pop("case", None)  # a run restricted to a case's subjects: its inputs say which
     plan = rule.plan(params)
     names = [o.name for o in plan.own]
-    inputs: dict[str, list[dict[str, Any]]] = {n: [] for n in rule.input_names}
-    ids = [bytes(t) for t in run.input_tx_ids]
-    by_query: dict[bytes, str] = {}
-    for qid in ids:
-        view = client.get_answer(qid)
-        q = view.query
-        name = _input_name(rule, q, names)
-        by_query[qid] = name
-        inputs[name] += read_answer(view).rows
-    typed = {name: _typed(rule, name, rows) for name, rows in inputs.items()}
-    output = run_rule(rule, typed, params)
+    with RunSession(rule, spool_dir) as session:
+        for qid in [bytes(t) for t in run.input_tx_ids]:
+            answer = CheckedAnswer.of_stream(client.stream_answer(qid))
+            name = _input_name(rule, answer.query, names)
+            if answer.status != "answered":
+                raise ProofInvalid(f"input {qid.hex()} of the run is {answer.status}")
+            for plaintext in answer:
+                session.append_jsonl(name, plaintext)
+        for name in rule.input_names:
+            session.finish(name)
+        output = session.run(params)
     if output.digest != bytes(run.output_digest):
         raise ProofInvalid(f"replayed output digest {output.digest.hex()} differs from the "
                            f"committed {bytes(run.output_digest).hex()}")

@@ -12,9 +12,10 @@ import datetime as dt
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from exchange.errors import ExchangeError, MalformedInput, PermissionDenied
+from exchange.errors import ExchangeError, MalformedInput, Oversize, PermissionDenied
 from exchange.identity.keys import DataKey
 from exchange.ledger.block import open_envelope
 from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, QueryRecord
@@ -25,6 +26,9 @@ from exchange.v1 import ledger_pb2, node_pb2
 AUDIT_LIMIT_DEFAULT = 1_000
 AUDIT_LIMIT_MAX = 100_000
 SUBJECT_CACHE_MAX = 100_000
+# Chunks one GetAnswer reply may carry (each at most a node's answer_chunk_bytes, 512 KiB
+# by default, so a reply stays far below the gRPC message limit); more: StreamAnswer.
+ANSWER_VIEW_CHUNKS_MAX = 32
 
 
 def parse_subject_text(text: str) -> tuple[str, str]:
@@ -32,6 +36,16 @@ def parse_subject_text(text: str) -> tuple[str, str]:
     if not sep or not key.strip() or not value.strip():
         raise MalformedInput(f"subject {text!r} is not KEY=VALUE")
     return key.strip(), value.strip()
+
+
+@dataclass(frozen=True)
+class ChunkPlace:
+    """Where one chunk of an answer is: its transaction (the manifest for an inline
+    chunk) and its index."""
+
+    tx_id: bytes
+    index: int
+    inline: bool = False
 
 
 class AnswerPending(Exception):  # noqa: N818 - a state, not a failure
@@ -110,6 +124,22 @@ class QueryReader:
 
     # -- answers ------------------------------------------------------------------------
     def answer(self, query_tx_id: bytes, time_ms: int) -> node_pb2.AnswerView:
+        """The query's view and every chunk opened, in one message: refused (Oversize)
+        for an answer of more than ANSWER_VIEW_CHUNKS_MAX chunks, which is read with
+        StreamAnswer, one chunk a message."""
+        out, places = self.answer_head(query_tx_id, time_ms)
+        if len(places) > ANSWER_VIEW_CHUNKS_MAX:
+            raise Oversize(f"the answer has {len(places)} chunks, more than the "
+                           f"{ANSWER_VIEW_CHUNKS_MAX} one reply carries: read it streamed "
+                           "(StreamAnswer; `exchange answer` does)")
+        for place in places:
+            out.chunks.append(self.open_chunk(query_tx_id, place))
+        return out
+
+    def answer_head(self, query_tx_id: bytes, time_ms: int
+                    ) -> tuple[node_pb2.AnswerView, list[ChunkPlace]]:
+        """The query's view with the manifest's commitment (no chunk yet), and where each
+        chunk of the answer is, in index order (none before it is answered)."""
         rec = self.queries.get(query_tx_id)
         if rec is None:
             raise MalformedInput(f"no valid query {query_tx_id.hex()} on the ledger")
@@ -118,28 +148,29 @@ class QueryReader:
                                    f"not {self.agency}")
         out = node_pb2.AnswerView(query=self.view(rec, time_ms))
         if rec.status != STATUS_ANSWERED:
-            return out
+            return out, []
         stored = self.store.tx(rec.outcome_tx_id)
         if stored is None:
             raise AnswerPending("the answer's block is being stored")
         manifest = open_envelope(stored.envelope, self.chain_id).body.answer_manifest
         out.commitment = manifest.commitment
         if manifest.HasField("inline_chunk"):
-            parts = [(rec.outcome_tx_id, 0, manifest.inline_chunk)]
-        else:
-            parts = []
-            for index, digest in enumerate(manifest.chunk_digests):
-                chunk_tx = self.store.tx(bytes(digest))
-                assert chunk_tx is not None, "a manifest's chunks are stored"
-                chunk = open_envelope(chunk_tx.envelope, self.chain_id).body.answer_chunk
-                parts.append((bytes(digest), index, chunk.sealed))
-        for tx_id, index, sealed in parts:
-            plaintext, salt = open_sealed(sealed, self.data_key, chain_id=self.chain_id,
-                                          context_tx_id=rec.tx_id, chunk=index)
-            out.chunks.append(node_pb2.OpenedChunk(tx_id=tx_id, index=index,
-                                                   plaintext=plaintext, salt=salt,
-                                                   commitment=sealed.commitment))
-        return out
+            return out, [ChunkPlace(rec.outcome_tx_id, 0, inline=True)]
+        return out, [ChunkPlace(bytes(digest), index)
+                     for index, digest in enumerate(manifest.chunk_digests)]
+
+    def open_chunk(self, query_tx_id: bytes, place: ChunkPlace) -> node_pb2.OpenedChunk:
+        """One chunk of an answer, read from the store and opened with the data key."""
+        stored = self.store.tx(place.tx_id)
+        assert stored is not None, "a manifest's chunks are stored"
+        body = open_envelope(stored.envelope, self.chain_id).body
+        sealed = (body.answer_manifest.inline_chunk if place.inline
+                  else body.answer_chunk.sealed)
+        plaintext, salt = open_sealed(sealed, self.data_key, chain_id=self.chain_id,
+                                      context_tx_id=query_tx_id, chunk=place.index)
+        return node_pb2.OpenedChunk(tx_id=place.tx_id, index=place.index,
+                                    plaintext=plaintext, salt=salt,
+                                    commitment=sealed.commitment)
 
     # -- findings -------------------------------------------------------------------------
     def open_findings(self, listing: node_pb2.FindingsList, subject: str = "") -> None:

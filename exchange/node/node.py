@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -464,38 +464,63 @@ class Node:
                 if not fut.done():
                     fut.set_result(None)
 
+    async def _wait_answer(self, query_tx_id: bytes, wait_ms: int) -> None:
+        """Wait up to `wait_ms` for an open query's answer or refusal to commit."""
+        rec = self.applier.queries.get(query_tx_id)
+        if rec is None or rec.status != "open" or wait_ms <= 0:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._answer_waiters.setdefault(bytes(query_tx_id), [])
+        waiters.append(fut)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, wait_ms / 1000)
+        finally:  # a query that is never answered leaves no waiter behind
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters and self._answer_waiters.get(bytes(query_tx_id)) is waiters:
+                del self._answer_waiters[bytes(query_tx_id)]
+
+    async def _answer_read(self, read: Any, query_tx_id: bytes) -> Any:
+        """`read(query_tx_id, tip time)` in a thread, retried while the state is a moment
+        ahead of the block store."""
+        for _ in range(ANSWER_PENDING_RETRIES):
+            try:
+                return await asyncio.to_thread(read, bytes(query_tx_id),
+                                               self.store.tip_timestamp_ms)
+            except AnswerPending:  # state is ahead of the store for a moment
+                await asyncio.sleep(0.01)
+        raise Unavailable("the answer is being stored; ask again")
+
+    def _log_answer_read(self, view: node_pb2.AnswerView, reader: str, streamed: bool) -> None:
+        m.ANSWER_READS.inc()
+        log.info("answer read", reader=reader, query=view.query.tx_id.hex(),
+                 requester=view.query.requester_agency, target=view.query.target_agency,
+                 case=view.query.case_id, rows=view.query.row_count,
+                 chunks=view.query.chunk_count, streamed=streamed)
+
     async def get_answer(self, query_tx_id: bytes, wait_ms: int,
                          reader: str) -> node_pb2.AnswerView:
         """A query's status and, once answered, its rows opened with this agency's data
         key, waiting up to `wait_ms` for the outcome to commit. Each read is logged."""
-        rec = self.applier.queries.get(query_tx_id)
-        if rec is not None and rec.status == "open" and wait_ms > 0:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiters = self._answer_waiters.setdefault(bytes(query_tx_id), [])
-            waiters.append(fut)
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, wait_ms / 1000)
-            finally:  # a query that is never answered leaves no waiter behind
-                if fut in waiters:
-                    waiters.remove(fut)
-                if not waiters and self._answer_waiters.get(bytes(query_tx_id)) is waiters:
-                    del self._answer_waiters[bytes(query_tx_id)]
-        for _ in range(ANSWER_PENDING_RETRIES):
-            try:
-                view = await asyncio.to_thread(self.reader.answer, bytes(query_tx_id),
-                                               self.store.tip_timestamp_ms)
-                break
-            except AnswerPending:  # state is ahead of the store for a moment
-                await asyncio.sleep(0.01)
-        else:
-            raise Unavailable("the answer is being stored; ask again")
+        await self._wait_answer(query_tx_id, wait_ms)
+        view: node_pb2.AnswerView = await self._answer_read(self.reader.answer, query_tx_id)
         if view.chunks:
-            m.ANSWER_READS.inc()
-            log.info("answer read", reader=reader, query=query_tx_id.hex(),
-                     requester=view.query.requester_agency, target=view.query.target_agency,
-                     case=view.query.case_id, rows=view.query.row_count)
+            self._log_answer_read(view, reader, streamed=False)
         return view
+
+    async def stream_answer(self, query_tx_id: bytes, wait_ms: int,
+                            reader: str) -> AsyncIterator[node_pb2.AnswerPart]:
+        """get_answer one chunk at a time: the view first, then each chunk opened as it
+        is sent, so neither this node nor a message holds the whole answer."""
+        await self._wait_answer(query_tx_id, wait_ms)
+        view, places = await self._answer_read(self.reader.answer_head, query_tx_id)
+        if places:
+            self._log_answer_read(view, reader, streamed=True)
+        yield node_pb2.AnswerPart(query=view.query, commitment=view.commitment)
+        for place in places:
+            chunk = await asyncio.to_thread(self.reader.open_chunk, bytes(query_tx_id), place)
+            yield node_pb2.AnswerPart(chunk=chunk)
 
     def case_statement(self, case_id: str, height: int) -> evidence_pb2.SignedCaseStatement:
         """This node's signed statement of a case as of `height` (which it has applied)."""

@@ -23,7 +23,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,8 @@ log = structlog.get_logger("exchange.responder")
 # Plaintext bytes per chunk: a sealed chunk stays far below the 1 MiB envelope limit.
 CHUNK_PLAINTEXT_BYTES = 512 * 1024
 WORKERS = 8
+# Chunks of one answer submitted (and read from the spool) at a time.
+CHUNKS_IN_FLIGHT = 8
 RETRY_S = 1.0
 # An envelope built for a submission is reused while this fresh (the same tx id then
 # dedupes a resubmission); older, a new one is signed.
@@ -78,11 +80,18 @@ REFUSAL_TEXT = {
 
 @dataclass(frozen=True)
 class Prepared:
-    """What this node will answer to one query."""
+    """What this node will answer to one query. The sealed chunks of a multi-chunk
+    answer stay in the spool (read one at a time as they are submitted); only their
+    commitments are held."""
 
     refusal: tuple[str, str] | None  # (code, reason)
-    chunks: tuple[ledger_pb2.SealedPayload, ...] = ()
+    commitments: tuple[bytes, ...] = ()
     row_count: int = 0
+    inline: ledger_pb2.SealedPayload | None = None  # the only chunk, when there is one
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.commitments)
 
 
 class AnswerSpool:
@@ -116,18 +125,44 @@ class AnswerSpool:
                                    "FROM prepared WHERE query_tx_id=?", (query_tx_id,)).fetchone()
             if row is None:
                 return None
-            sealed = [ledger_pb2.SealedPayload.FromString(r[0]) for r in self._db.execute(
-                "SELECT sealed FROM chunks WHERE query_tx_id=? ORDER BY idx", (query_tx_id,))]
-        if len(sealed) != row[3]:
+            commitments: list[bytes] = []
+            inline = None
+            for (raw,) in self._db.execute("SELECT sealed FROM chunks WHERE query_tx_id=? "
+                                           "ORDER BY idx", (query_tx_id,)):
+                sealed = ledger_pb2.SealedPayload.FromString(raw)
+                commitments.append(bytes(sealed.commitment))
+                inline = sealed if int(row[3]) == 1 else None
+        if len(commitments) != row[3]:
             raise ExchangeError(f"answer spool: query {query_tx_id.hex()} lacks chunks")
         refusal = (str(row[0]), str(row[1])) if row[0] is not None else None
-        return Prepared(refusal, tuple(sealed), int(row[2]))
+        return Prepared(refusal, tuple(commitments), int(row[2]), inline)
+
+    def chunk(self, query_tx_id: bytes, index: int) -> ledger_pb2.SealedPayload:
+        """One sealed chunk of a prepared answer."""
+        with self._lock:
+            row = self._db.execute("SELECT sealed FROM chunks WHERE query_tx_id=? AND idx=?",
+                                   (query_tx_id, index)).fetchone()
+        if row is None:
+            raise ExchangeError(f"answer spool: query {query_tx_id.hex()} lacks chunk {index}")
+        return ledger_pb2.SealedPayload.FromString(row[0])
+
+    def begin(self, query_tx_id: bytes) -> None:
+        """Forget any chunks a preparation interrupted by a crash left for this query."""
+        with self._lock:
+            self._db.execute("DELETE FROM chunks WHERE query_tx_id=?", (query_tx_id,))
+
+    def put_chunk(self, query_tx_id: bytes, index: int,
+                  sealed: ledger_pb2.SealedPayload) -> None:
+        """One sealed chunk, as it is made (durable with the `put` that follows)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)",
+                             (query_tx_id, index, sealed.SerializeToString(deterministic=True)))
 
     def put(self, query_tx_id: bytes, prepared: Prepared,
             sent: tuple[str, bytes, int] | None = None) -> None:
-        """Store a prepared answer (and the envelope about to be sent for it, as slot,
-        envelope, created_ms) in one fsynced transaction, which also carries out the
-        drops asked for since the last one."""
+        """Store a prepared answer, whose chunks are already put (and the envelope about
+        to be sent for it, as slot, envelope, created_ms) in one fsynced transaction,
+        which also carries out the drops asked for since the last one."""
         with self._lock:
             self._db.execute("BEGIN")
             self._drop_pending()
@@ -137,10 +172,7 @@ class AnswerSpool:
             refusal = prepared.refusal or (None, None)
             self._db.execute("INSERT OR REPLACE INTO prepared VALUES (?, ?, ?, ?, ?)",
                              (query_tx_id, refusal[0], refusal[1], prepared.row_count,
-                              len(prepared.chunks)))
-            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)",
-                                 [(query_tx_id, i, c.SerializeToString(deterministic=True))
-                                  for i, c in enumerate(prepared.chunks)])
+                              prepared.chunk_count))
             self._db.execute("COMMIT")
 
     def sent(self, query_tx_id: bytes, slot: str) -> tuple[bytes, int] | None:
@@ -176,21 +208,44 @@ class AnswerSpool:
             return [bytes(r[0]) for r in self._db.execute("SELECT query_tx_id FROM prepared")]
 
 
-def split_rows(rows: Sequence[bytes], chunk_bytes: int = CHUNK_PLAINTEXT_BYTES) -> list[bytes]:
+class ChunkSealer:
     """Canonical row lines grouped into chunk plaintexts of at most `chunk_bytes` (a row
-    is never split; a single larger row makes a chunk of its own). No rows: one empty
-    chunk."""
-    chunks: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
-    for line in rows:
-        if current and size + len(line) > chunk_bytes:
-            chunks.append(b"".join(current))
-            current, size = [], 0
-        current.append(line)
-        size += len(line)
-    chunks.append(b"".join(current))
-    return chunks
+    is never split; a single larger row makes a chunk of its own), each sealed and handed
+    to `put` as soon as it is full, so an answer of any size is held one chunk at a time.
+    No rows: one empty chunk."""
+
+    def __init__(self, chunk_bytes: int,
+                 seal_chunk: Callable[[int, bytes], ledger_pb2.SealedPayload],
+                 put: Callable[[int, ledger_pb2.SealedPayload], None]) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._seal = seal_chunk
+        self._put = put
+        self._lines: list[bytes] = []
+        self._size = 0
+        self.rows = 0
+        self.commitments: list[bytes] = []
+        self.first: ledger_pb2.SealedPayload | None = None
+
+    def add(self, line: bytes) -> None:
+        if self._lines and self._size + len(line) > self.chunk_bytes:
+            self._flush()
+        self._lines.append(line)
+        self._size += len(line)
+        self.rows += 1
+
+    def _flush(self) -> None:
+        index = len(self.commitments)
+        sealed = self._seal(index, b"".join(self._lines))
+        self._put(index, sealed)
+        self.commitments.append(bytes(sealed.commitment))
+        if index == 0:
+            self.first = sealed
+        self._lines, self._size = [], 0
+
+    def close(self) -> Prepared:
+        self._flush()
+        return Prepared(None, tuple(self.commitments), self.rows,
+                        self.first if len(self.commitments) == 1 else None)
 
 
 class Responder:
@@ -268,12 +323,12 @@ class Responder:
         if prepared is None:
             prepared = await self._run(self.prepare, rec)
             sent = None
-            if prepared.refusal is not None or len(prepared.chunks) == 1:
+            if prepared.refusal is not None or prepared.chunk_count == 1:
                 body = self._outcome_body(rec, prepared)
                 fresh = seal_envelope(body, self.node.signer)
                 sent = ("outcome", fresh, body.created_at_ms)
             await self._run(self.spool.put, qid, prepared, sent)
-        if prepared.refusal is None and len(prepared.chunks) > 1:
+        if prepared.refusal is None and prepared.chunk_count > 1:
             await self._submit_chunks(rec, prepared)
             still_open = self._is_open(qid)
             if still_open is None:
@@ -288,19 +343,20 @@ class Responder:
         m.ANSWER_SECONDS.observe(time.perf_counter() - started)
         log.info("query answered", query=qid.hex(), requester=rec.requester,
                  dataset=rec.dataset, refusal=prepared.refusal[0] if prepared.refusal else "",
-                 rows=prepared.row_count, chunks=len(prepared.chunks))
+                 rows=prepared.row_count, chunks=prepared.chunk_count)
         await self._run(self.spool.drop, qid)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _submit_chunks(self, rec: QueryRecord, prepared: Prepared) -> None:
-        missing = [i for i in range(len(prepared.chunks)) if i not in rec.chunks]
-        for start in range(0, len(missing), 8):
-            batch = missing[start:start + 8]
+        missing = [i for i in range(prepared.chunk_count) if i not in rec.chunks]
+        for start in range(0, len(missing), CHUNKS_IN_FLIGHT):
+            batch = missing[start:start + CHUNKS_IN_FLIGHT]
+            sealed = [await self._run(self.spool.chunk, rec.tx_id, i) for i in batch]
             await asyncio.gather(*(self._submit_slot(
-                rec, f"chunk-{i}", lambda i=i: self._chunk_body(rec, i, prepared.chunks[i]))
-                for i in batch))
+                rec, f"chunk-{i}", lambda i=i, c=c: self._chunk_body(rec, i, c))
+                for i, c in zip(batch, sealed, strict=True)))
 
     async def _submit_slot(self, rec: QueryRecord, slot: str, make_body: Any,
                            envelope: bytes | None = None) -> Any:
@@ -340,20 +396,19 @@ class Responder:
                                                      reason=reason))
             return body
         manifest = ledger_pb2.AnswerManifest(query_tx_id=rec.tx_id,
-                                             chunk_count=len(prepared.chunks),
+                                             chunk_count=prepared.chunk_count,
                                              row_count=prepared.row_count)
-        if len(prepared.chunks) == 1:
-            manifest.inline_chunk.CopyFrom(prepared.chunks[0])
-            manifest.commitment = prepared.chunks[0].commitment
+        if prepared.inline is not None:
+            manifest.inline_chunk.CopyFrom(prepared.inline)
+            manifest.commitment = prepared.inline.commitment
         else:
             digests = []
-            for i, sealed in enumerate(prepared.chunks):
-                tx_id, commitment = rec.chunks[i]
-                assert commitment == bytes(sealed.commitment), "spooled chunk differs"
+            for i, commitment in enumerate(prepared.commitments):
+                tx_id, committed = rec.chunks[i]
+                assert committed == commitment, "spooled chunk differs"
                 digests.append(tx_id)
             manifest.chunk_digests.extend(digests)
-            manifest.commitment = chunks_commitment(bytes(c.commitment)
-                                                    for c in prepared.chunks)
+            manifest.commitment = chunks_commitment(prepared.commitments)
         body.answer_manifest.CopyFrom(manifest)
         return body
 
@@ -366,7 +421,7 @@ class Responder:
             request = self.node.reader.open_request(rec)
         except Exception:  # noqa: BLE001 - any malformed request is refused, never fatal
             return Prepared((REFUSE_BAD_REQUEST, REFUSAL_TEXT[REFUSE_BAD_REQUEST]))
-        from agents.lookup import LookupRefused, LookupRequest, lookup
+        from agents.lookup import LookupRefused, LookupRequest, lookup_iter
 
         subjects = request.subjects
         shape_ok = {int(SHAPE.QUERY_SHAPE_SUBJECT): len(subjects) == 1,
@@ -381,33 +436,40 @@ class Responder:
         asked = LookupRequest(dataset=rec.dataset, subjects=subjects, period=request.period,
                               fields=rec.fields)
         own_period_wide = rec.requester == rec.target and not subjects
+        recipients = list(dict.fromkeys([
+            bytes(self.node.registry.members[rec.requester].data_public_key),
+            self.data_key.public_key]))
+
+        def seal_chunk(index: int, plaintext: bytes) -> ledger_pb2.SealedPayload:
+            sealed, _ = seal(plaintext, recipients, chain_id=self.node.chain_id,
+                             context_tx_id=rec.tx_id, chunk=index)
+            return sealed
+
+        self.spool.begin(rec.tx_id)
+        sealer = ChunkSealer(self.node.config.answer_chunk_bytes, seal_chunk,
+                             lambda index, sealed: self.spool.put_chunk(rec.tx_id, index, sealed))
         try:
             with self._store_lock:
-                if own_period_wide:  # a rule's own inputs: the owner reads its own data
-                    from agents.own_inputs import read_own
+                store = self._agency_store()
+            if own_period_wide:  # a rule's own inputs: the owner reads its own data
+                from agents.own_inputs import iter_own
 
-                    rows = read_own(self._agency_store(), rec.dataset, request.period)
-                else:
-                    rows = lookup(self._agency_store(), asked,
-                                  rec.row_limit or ROWS_DEFAULT_MAX)
+                rows = iter_own(store, rec.dataset, request.period)
+            else:
+                rows = lookup_iter(store, asked, rec.row_limit or ROWS_DEFAULT_MAX)
+            for row in rows:
+                sealer.add(canonical_json(row) + b"\n")
         except LookupRefused as exc:
+            self.spool.begin(rec.tx_id)  # nothing of a refused answer stays
             # the reason on the ledger is fixed text: the exception's names the subject,
             # which is sealed and must not appear in clear
             return Prepared((exc.code, REFUSAL_TEXT.get(exc.code, "the query cannot be "
                                                                   "answered")))
+        except ExchangeError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a store that is down: try again later
             raise Unavailable(f"{self.node.agency}'s store: {exc}") from exc
-        lines = [canonical_json(row) + b"\n" for row in rows]
-        recipients = list(dict.fromkeys([
-            bytes(self.node.registry.members[rec.requester].data_public_key),
-            self.data_key.public_key]))
-        chunks = []
-        for index, plaintext in enumerate(split_rows(lines,
-                                                    self.node.config.answer_chunk_bytes)):
-            sealed, _ = seal(plaintext, recipients, chain_id=self.node.chain_id,
-                             context_tx_id=rec.tx_id, chunk=index)
-            chunks.append(sealed)
-        return Prepared(None, tuple(chunks), len(rows))
+        return sealer.close()
 
     def _agency_store(self) -> Any:
         if self._store is None:

@@ -155,6 +155,23 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return await self.node.get_answer(bytes(request.query_tx_id), request.wait_ms,
                                           str(who))
 
+    async def StreamAnswer(self, request: node_pb2.GetAnswerRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[node_pb2.AnswerPart]:
+        """GetAnswer one chunk a message, for answers of any size."""
+        try:
+            who = _own_person(self.auth, context)
+            if len(request.query_tx_id) != 32:
+                raise errors.MalformedInput("a query tx id is 32 bytes")
+            if request.wait_ms > 60_000:
+                raise errors.MalformedInput("wait_ms is at most 60,000")
+            parts = self.node.stream_answer(bytes(request.query_tx_id), request.wait_ms,
+                                            str(who))
+            async for part in parts:
+                yield part
+        except errors.ExchangeError as exc:
+            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+
     @_mapped
     async def Audit(self, request: node_pb2.AuditRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.AuditReply:
