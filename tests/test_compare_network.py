@@ -1,6 +1,11 @@
 """The reference rules run on a real four-node cluster through each owner's automation:
 the findings equal ground_truth.csv exactly, every run replays to its digest, reruns
-supersede, and only registered rules run."""
+supersede, and only registered rules run.
+
+The cluster runs with small bounds (answers in chunks of 2 KiB, subject sets in queries of
+50 subjects, findings outputs in chunks of 600 bytes), so that every input spans several
+chunks and the findings of the larger runs several transactions: the paths a city-sized
+register takes, at a size CI runs in a minute."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ RULES = {"tax": ("export-rebate-without-exports", "revenue-below-bank-inflows"),
          "customs": ("import-undervaluation",), "pboc": ("payments-without-imports",),
          "police": ("officer-with-police-record",)}
 UNBOUND = "officer-with-police-record"
+ANSWER_CHUNK_BYTES = 2048
+BOUNDS = ("--subjects-per-query", "50", "--findings-chunk-bytes", "600")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("cmp"))
     try:
         c.init()
+        for agency in c.agencies:
+            config = c.node_config(agency)
+            text = config.read_text()
+            assert "answer_chunk_bytes = 524288" in text
+            config.write_text(text.replace("answer_chunk_bytes = 524288",
+                                           f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}"))
         c.load_sample(SEED, COMPANIES)
         c.start()
         yield c
@@ -74,7 +87,7 @@ def swept(cluster: Cluster) -> list[tuple[str, dict[str, Any]]]:
                                        _profile(cluster, agency, "supervisor-1"))
             assert reg.returncode == 0, reg.stderr
             for period in ((None,) if rule_id == UNBOUND else PERIODS):
-                out = _run(cluster, agency, "compare", "run", rule_id,
+                out = _run(cluster, agency, "compare", "run", rule_id, *BOUNDS,
                            *(("--period", period) if period else ()))
                 assert out["result"] == "OK", out
                 runs.append((agency, out))
@@ -87,6 +100,11 @@ def test_reference_rules_find_exactly_the_planted_cases_and_replay(
     with open(cluster.root / "data" / "ground_truth.csv", encoding="utf-8") as f:
         truth = {(r["rule_id"], r["subject"], r["period"]) for r in csv.DictReader(f)}
     assert found == truth
+    # the chunked paths were taken: inputs of many chunks, subject sets in several
+    # queries, findings in several transactions
+    assert all(out["answer_chunks"] > out["inputs"] for _, out in swept), swept
+    assert max(out["inputs"] for _, out in swept) > 3
+    assert any(out["findings_chunks"] > 1 for _, out in swept)
     for agency, out in swept[:3] + swept[-1:]:
         replay = _run(cluster, agency, "compare", "replay", out["findings_tx"])
         assert replay["matches"] and replay["output_digest"] == out["output_digest"]

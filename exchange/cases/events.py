@@ -48,6 +48,10 @@ class EventSource(Protocol):
     def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
         """The run's owner and the agencies whose data it used."""
 
+    def finding_summaries(self, run_tx_id: bytes, findings: ledger_pb2.Findings
+                          ) -> list[tuple[str, str]]:
+        """(finding id, severity) of each finding of a run whose output is in chunks."""
+
     def case_opener(self, case_id: str) -> str:
         """The agency that opened the case ("" if unknown)."""
 
@@ -94,9 +98,11 @@ def block_events(height: int, time_ms: int,
             lines = source.finding_lines(txid, f)
             parties = frozenset(source.finding_parties(txid, f))
             scope = run_case(bytes(f.parameters))
-            for index, summary in enumerate(f.findings):
+            summaries = (source.finding_summaries(txid, f) if f.chunk_tx_ids
+                         else [(s.finding_id, s.severity) for s in f.findings])
+            for index, (finding_id, severity) in enumerate(summaries):
                 data: dict[str, Any] = {
-                    "finding": summary.finding_id, "severity": summary.severity,
+                    "finding": finding_id, "severity": severity,
                     "rule": f.rule_id, "period": f.period, "owner": body.agency, "run": tx}
                 if scope:
                     data["case"] = scope
@@ -104,7 +110,7 @@ def block_events(height: int, time_ms: int,
                 if line is not None:
                     data["subject"] = line.get("subject")
                     data["amount"] = line.get("amount")
-                out.append(Event(f"{tx}/{summary.finding_id}", "finding", height, time_ms, tx,
+                out.append(Event(f"{tx}/{finding_id}", "finding", height, time_ms, tx,
                                  data, parties))
         elif kind == "case_event":
             ev = body.case_event

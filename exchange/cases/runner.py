@@ -623,10 +623,7 @@ class PlaybookRunner:
                     raise Deferred(f"rule {rule.id} for the case judged {result.result}")
                 with self._lock:
                     report.steps["rule run"] += 1
-                run_tx, summaries = result.findings_tx_id, [
-                    f.finding_id for f in ledger_pb2.TxBody.FromString(
-                        ledger_pb2.Envelope.FromString(self.client.get_transaction(
-                            result.findings_tx_id).envelope).body).findings.findings]
+                run_tx, summaries = result.findings_tx_id, result.finding_ids
             else:
                 run_tx, summaries = bytes(run.tx_id), [f.finding_id for f in run.findings]
             for finding_id in summaries:

@@ -113,13 +113,28 @@ def compare() -> None:
 @compare.command("run")
 @click.argument("rule")
 @click.option("--period", default=None, help="Month YYYY-MM (for period-bound rules).")
+@click.option("--subjects-per-query", "subjects_per_query", type=int, default=None,
+              help="Subjects one query of a subject set names; more subjects make more "
+                   "queries (default 20,000).")
+@click.option("--findings-chunk-bytes", type=int, default=None,
+              help="Output bytes a findings transaction carries inline; a larger output "
+                   "goes in chunk transactions of this size (default 393,216).")
+@click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Where answers are spooled while they stream in "
+                                 "(default: the system's temporary folder).")
 @node_options
 @json_option
-def compare_run(rule: str, period: str | None, profile_option: str | None,
-                timeout_s: float, as_json: bool) -> None:
+def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
+                findings_chunk_bytes: int | None, spool_dir: Path | None,
+                profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Ask the rule's queries (and its owner's own inputs), run its SQL and commit the
-    findings. Use the owner's automation profile."""
-    from exchange.compare.network import NetworkRun
+    findings. Use the owner's automation profile. Every answer streams into the run's
+    DuckDB chunk by chunk, so no input is held whole in memory."""
+    from exchange.compare.network import NetworkRun, RunBounds
+
+    bounds = RunBounds.with_overrides(subjects_per_query_max=subjects_per_query,
+                                      findings_chunk_bytes=findings_chunk_bytes,
+                                      spool_dir=spool_dir)
 
     profile_path, client = connect(profile_option, max(timeout_s, 60.0))
     with client:
@@ -130,7 +145,7 @@ def compare_run(rule: str, period: str | None, profile_option: str | None,
         steps = len(r.own) + len(r.queries) + 1  # each input, then the SQL
         if as_json or not sys.stdout.isatty():
             progress = None if as_json else (lambda msg: console.print(f"  {msg}"))
-            result = NetworkRun(client, signer, genesis, r, progress).run(params)
+            result = NetworkRun(client, signer, genesis, r, progress, bounds).run(params)
         else:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -143,12 +158,13 @@ def compare_run(rule: str, period: str | None, profile_option: str | None,
                     bar.update(task, advance=1, description=f"{r.id}: {msg}")
                     console.print(f"  {msg}")
 
-                result = NetworkRun(client, signer, genesis, r, advance).run(params)
+                result = NetworkRun(client, signer, genesis, r, advance, bounds).run(params)
     out = {"rule": result.rule_id, "period": result.period,
            "findings_tx": result.findings_tx_id.hex(), "height": result.height,
            "result": result.result, "findings": len(result.output.rows),
            "output_digest": result.output.digest.hex(), "inputs": len(result.input_tx_ids),
            "rows_in": result.rows_in, "seconds": round(result.seconds, 2),
+           "answer_chunks": result.answer_chunks, "findings_chunks": result.findings_chunks,
            "supersedes": [t.hex() for t in result.superseded],
            "subjects": [row["subject"] for row in result.output.rows]}
     if as_json:

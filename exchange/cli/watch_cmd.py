@@ -64,6 +64,15 @@ class ClientEventSource:
     def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
         return set()  # watch shows what the node shows; it does not filter by party
 
+    def finding_summaries(self, run_tx_id: bytes, findings: ledger_pb2.Findings
+                          ) -> list[tuple[str, str]]:
+        listing = self.client.list_findings(node_pb2.ListFindingsRequest(
+            rule_id=findings.rule_id, period=findings.period, all_runs=True))
+        for run in listing.runs:
+            if bytes(run.tx_id) == run_tx_id:
+                return [(f.finding_id, f.severity) for f in run.findings]
+        return []
+
     def case_opener(self, case_id: str) -> str:
         if case_id not in self._openers:
             cases = self.client.list_cases(case_id).cases

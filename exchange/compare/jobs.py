@@ -65,6 +65,10 @@ class JobsConfig:
     follow_ups_per_hour_per_agency: int = 500
     playbook_workers: int = 4
     playbook_spool: Path | None = None
+    # bounds of each rule run (exchange.compare.network.RunBounds; 0 / None: default)
+    subjects_per_query_max: int = 0
+    findings_chunk_bytes: int = 0
+    spool_dir: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
@@ -75,7 +79,8 @@ class JobsConfig:
         known = {"profile", "rules", "periods", "recent_months", "interval_s",
                  "agency_store", "state_file", "playbooks", "run_playbooks",
                  "follow_ups_per_finding_max", "follow_ups_per_hour_per_agency",
-                 "playbook_workers", "playbook_spool"}
+                 "playbook_workers", "playbook_spool", "subjects_per_query_max",
+                 "findings_chunk_bytes", "spool_dir"}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise MalformedInput(f"{path}: unknown key(s) {', '.join(unknown)}")
@@ -128,7 +133,19 @@ class JobsConfig:
                                                           500, 1, 100_000),
                    playbook_workers=bounded("playbook_workers", 4, 1, 32),
                    playbook_spool=rel(doc["playbook_spool"], "playbook_spool")
-                   if "playbook_spool" in doc else None)
+                   if "playbook_spool" in doc else None,
+                   subjects_per_query_max=bounded("subjects_per_query_max", 0, 0, 100_000),
+                   findings_chunk_bytes=bounded("findings_chunk_bytes", 0, 0, 512 * 1024),
+                   spool_dir=rel(doc["spool_dir"], "spool_dir") if "spool_dir" in doc
+                   else None)
+
+    def run_bounds(self) -> Any:
+        """The bounds of each rule run (exchange.compare.network.RunBounds)."""
+        from exchange.compare.network import RunBounds
+
+        return RunBounds.with_overrides(
+            subjects_per_query_max=self.subjects_per_query_max or None,
+            findings_chunk_bytes=self.findings_chunk_bytes or None, spool_dir=self.spool_dir)
 
     def spool_path(self, base: Path, agency: str) -> Path:
         """Where the playbook runner keeps its spool: as configured, else beside the state
@@ -267,7 +284,7 @@ class Runner:
                     # the owner's data was loaded anew since: a new run supersedes
                 try:
                     result = NetworkRun(self.client, self.signer, self.genesis, rule,
-                                        self.progress).run(
+                                        self.progress, self.config.run_bounds()).run(
                         {"period": period} if period else {})
                 except ExchangeError as exc:
                     log.warning("rule run failed", rule=rule.id, period=period, error=str(exc))

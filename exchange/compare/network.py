@@ -30,6 +30,11 @@ SUBMIT_BATCH_MAX = 500
 # Subjects one query of a subject set names: its sealed request (about 30 bytes a
 # subject) stays far below the genesis's envelope limit (1 MiB by default).
 SUBJECTS_PER_QUERY_MAX_DEFAULT = 20_000
+# Output bytes a Findings transaction carries inline; a larger output goes in chunks of
+# at most this many bytes of lines, whose summaries (about 40 % more) and sealing
+# overhead keep each envelope below the 1 MiB default limit.
+FINDINGS_CHUNK_BYTES_DEFAULT = 384 * 1024
+FINDINGS_CHUNK_BYTES_MAX = 512 * 1024
 Progress = Callable[[str], None]
 
 
@@ -39,11 +44,21 @@ class RunBounds:
 
     subjects_per_query_max: int = SUBJECTS_PER_QUERY_MAX_DEFAULT
     spool_dir: Path | None = None  # where streamed inputs are spooled (default: $TMPDIR)
+    # A run's output larger than this goes in FindingsChunk transactions.
+    findings_chunk_bytes: int = FINDINGS_CHUNK_BYTES_DEFAULT
+
+    @classmethod
+    def with_overrides(cls, **given: Any) -> RunBounds:
+        """The defaults, with each bound given (not None) instead."""
+        return cls(**{k: v for k, v in given.items() if v is not None})
 
     def __post_init__(self) -> None:
         if not 1 <= self.subjects_per_query_max <= SUBJECTS_MAX:
             raise MalformedInput(f"subjects_per_query_max is 1..{SUBJECTS_MAX}, got "
                                  f"{self.subjects_per_query_max}")
+        if not 256 <= self.findings_chunk_bytes <= FINDINGS_CHUNK_BYTES_MAX:
+            raise MalformedInput(f"findings_chunk_bytes is 256..{FINDINGS_CHUNK_BYTES_MAX}, "
+                                 f"got {self.findings_chunk_bytes}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,13 @@ class RunResult:
     seconds: float
     own_rows: int = 0
     superseded: list[bytes] = field(default_factory=list)
+    answer_chunks: int = 0  # chunks of the inputs' answers streamed in
+    findings_chunks: int = 0  # FindingsChunk transactions of the output (0: inline)
+
+    @property
+    def finding_ids(self) -> list[str]:
+        """The ids of the run's findings, in output order."""
+        return [finding_id(self.rule_id, self.period, n) for n in range(len(self.output.rows))]
 
 
 class NetworkRun:
@@ -105,6 +127,8 @@ class NetworkRun:
         self.rule = rule
         self.progress = progress or (lambda _msg: None)
         self.bounds = bounds or RunBounds()
+        self._answer_chunks = 0
+        self._findings_chunks = 0
         self._asked_agencies: set[str] = set()
 
     def ensure_registered(self) -> None:
@@ -143,6 +167,7 @@ class NetworkRun:
             if answer.status == "answered":
                 for plaintext in answer:
                     session.append_jsonl(name, plaintext)
+                    self._answer_chunks += 1
                 return answer.rows
             q = answer.query
             if answer.status == "refused":
@@ -212,7 +237,8 @@ class NetworkRun:
         return RunResult(self.rule.id, plan.period, _tx_id(envelope), result.height,
                          result.result, output, input_ids, rows_in + own_rows,
                          time.perf_counter() - started, superseded=supersedes,
-                         own_rows=own_rows)
+                         own_rows=own_rows, answer_chunks=self._answer_chunks,
+                         findings_chunks=self._findings_chunks)
 
     def _ask_input(self, session: RunSession, q: PlannedQuery, scope: RunScope | None,
                    case_id: str) -> list[bytes]:
@@ -243,23 +269,71 @@ class NetworkRun:
 
     def _findings_envelope(self, period: str, parameters: bytes, input_ids: list[bytes],
                            output: RuleOutput, supersedes: list[bytes]) -> bytes:
+        """The run's Findings envelope. An output larger than `findings_chunk_bytes`
+        goes first, in FindingsChunk transactions (committed here), which it names."""
         from exchange.ledger.findings import inputs_digest
 
         members = {m.agency: bytes(m.data_public_key) for m in self.genesis.members}
         used = [self.rule.owner] + sorted(set(self._asked_agencies) - {self.rule.owner})
-        sealed, salt = seal(output.canonical_bytes, [members[a] for a in used],
-                         chain_id=self.signer.chain_id,
-                         context_tx_id=inputs_digest(input_ids), chunk=0)
+        recipients = [members[a] for a in used]
+        context = inputs_digest(input_ids)
         lines = output.lines
+        groups = _line_groups(lines, self.bounds.findings_chunk_bytes)
         findings = ledger_pb2.Findings(
             rule_digest=self.rule.digest, rule_id=self.rule.id, period=period,
             parameters=parameters, input_tx_ids=input_ids, output_digest=output.digest,
-            finding_count=len(lines), sealed_output=sealed, supersedes=supersedes,
-            engine_version=f"duckdb {output.duckdb_version}",
-            findings=[summary_of(finding_id(self.rule.id, period, n),
-                                 str(row.get("severity", self.rule.severity)), line, salt)
-                      for n, (row, line) in enumerate(zip(output.rows, lines, strict=True))])
+            finding_count=len(lines), supersedes=supersedes,
+            engine_version=f"duckdb {output.duckdb_version}")
+        parts = []
+        for index, (start, end) in enumerate(groups):
+            sealed, salt = seal(b"".join(lines[start:end]), recipients,
+                                chain_id=self.signer.chain_id, context_tx_id=context,
+                                chunk=index)
+            summaries = [summary_of(finding_id(self.rule.id, period, n),
+                                    str(output.rows[n].get("severity", self.rule.severity)),
+                                    lines[n], salt) for n in range(start, end)]
+            parts.append((sealed, summaries))
+        if len(parts) == 1:
+            sealed, summaries = parts[0]
+            findings.sealed_output.CopyFrom(sealed)
+            findings.findings.extend(summaries)
+        else:
+            chunk_envs = []
+            for index, (sealed, summaries) in enumerate(parts):
+                chunk = ledger_pb2.FindingsChunk(
+                    rule_digest=self.rule.digest, period=period, run_inputs_digest=context,
+                    index=index, findings=summaries, sealed_output=sealed)
+                chunk_envs.append(self.signer.make_envelope(_setting_chunk(chunk)))
+            for start in range(0, len(chunk_envs), SUBMIT_BATCH_MAX):
+                batch = chunk_envs[start:start + SUBMIT_BATCH_MAX]
+                for r in self.client.submit_batch(batch, wait=True):
+                    if r.error_code or r.result != "OK":
+                        raise ExchangeError(f"findings chunk refused: {r.error_code or r.result}"
+                                            f": {r.error}")
+            findings.chunk_tx_ids.extend(_tx_id(e) for e in chunk_envs)
+            self._findings_chunks = len(chunk_envs)
+            self.progress(f"findings in {len(chunk_envs)} chunks")
         return self.signer.make_envelope(lambda body: body.findings.CopyFrom(findings))
+
+
+def _setting_chunk(chunk: ledger_pb2.FindingsChunk) -> Callable[[ledger_pb2.TxBody], None]:
+    def fill(body: ledger_pb2.TxBody) -> None:
+        body.findings_chunk.CopyFrom(chunk)
+    return fill
+
+
+def _line_groups(lines: Sequence[bytes], chunk_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of lines of at most `chunk_bytes` each (a longer line alone);
+    no lines: one empty range."""
+    groups: list[tuple[int, int]] = []
+    start = size = 0
+    for n, line in enumerate(lines):
+        if n > start and size + len(line) > chunk_bytes:
+            groups.append((start, n))
+            start, size = n, 0
+        size += len(line)
+    groups.append((start, len(lines)))
+    return groups
 
 
 def finding_id(rule_id: str, period: str, index: int) -> str:

@@ -48,7 +48,7 @@ def case_tx_ids(store: BlockStore, case_id: str) -> list[bytes]:
                     wanted.append(rule.tx_id)
                 for qid in run.input_tx_ids:
                     wanted += _query_and_outcome(state.queries.queries[qid])
-                wanted.append(run.tx_id)
+                wanted += [*run.chunk_tx_ids, run.tx_id]
             else:
                 wanted.append(ref_tx)
     for rec in list(state.queries.queries.values()):
@@ -57,7 +57,8 @@ def case_tx_ids(store: BlockStore, case_id: str) -> list[bytes]:
     for run in list(state.findings.runs.values()):
         if run.case_id == case_id:
             rule = state.findings.rules.get(run.rule_digest)
-            wanted += ([rule.tx_id] if rule is not None else []) + [run.tx_id]
+            wanted += ([rule.tx_id] if rule is not None else []) + [*run.chunk_tx_ids,
+                                                                     run.tx_id]
     playbooks = state.playbooks
     for digest in {s.ref.digest for s in list(playbooks.steps.values())
                    if s.case_id == case_id}:
@@ -101,9 +102,17 @@ def reveals_for(store: BlockStore, tx_ids: Iterable[bytes],
                                               chunk=c.index)
             elif opened.kind == "findings":
                 f = body.findings
+                if f.chunk_tx_ids:
+                    continue  # its output is in its chunks, revealed each
                 plaintext, salt = open_sealed(
                     f.sealed_output, data_key, chain_id=chain_id,
                     context_tx_id=inputs_digest([bytes(t) for t in f.input_tx_ids]), chunk=0)
+            elif opened.kind == "findings_chunk":
+                part = body.findings_chunk
+                plaintext, salt = open_sealed(part.sealed_output, data_key,
+                                              chain_id=chain_id,
+                                              context_tx_id=bytes(part.run_inputs_digest),
+                                              chunk=part.index)
             elif opened.kind == "query":
                 q = body.query
                 plaintext, salt = open_sealed(q.sealed_request, data_key, chain_id=chain_id,

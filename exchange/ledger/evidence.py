@@ -359,6 +359,8 @@ def _commitments(body: ledger_pb2.TxBody) -> dict[str, bytes]:
         out[""] = bytes(body.answer_chunk.sealed.commitment)
     elif kind == "findings":
         out[""] = bytes(body.findings.sealed_output.commitment)
+    elif kind == "findings_chunk":
+        out[""] = bytes(body.findings_chunk.sealed_output.commitment)
     return {k: v for k, v in out.items() if v}
 
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from exchange.errors import StoreCorrupted
+from exchange.identity.keys import DataKey
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo
 from exchange.ledger.block import OpenedEnvelope
-from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, Rejected
-from exchange.ledger.sealing import check_sealed_form
+from exchange.ledger.queries import CHUNKS_MAX, STATUS_ANSWERED, QueryBook, Rejected
+from exchange.ledger.sealing import check_sealed_form, open_sealed
 from exchange.v1 import ledger_pb2
 
 CODE_RULE_INVALID = "RULE_INVALID"
@@ -81,6 +84,22 @@ class FindingsRecord:
     summaries: tuple[tuple[str, str, bytes], ...]  # (finding id, severity, digest)
     superseded_by: bytes = b""
     case_id: str = ""  # a run restricted to a case's subjects
+    chunk_tx_ids: tuple[bytes, ...] = ()  # a large run's output, in these chunks
+
+
+@dataclass
+class FindingsChunkRecord:
+    """A committed part of a large run's output, waiting for (or used by) its run."""
+
+    tx_id: bytes
+    owner: str
+    rule_digest: bytes
+    period: str
+    run_inputs_digest: bytes
+    index: int
+    summaries: tuple[tuple[str, str, bytes], ...]
+    recipients: frozenset[bytes]
+    used_by: bytes = b""  # the run that named it
 
 
 @dataclass
@@ -88,6 +107,7 @@ class FindingsBook:
     queries: QueryBook
     rules: dict[bytes, RuleRecord] = field(default_factory=dict)  # by digest
     runs: dict[bytes, FindingsRecord] = field(default_factory=dict)  # by tx id
+    chunks: dict[bytes, FindingsChunkRecord] = field(default_factory=dict)  # by tx id
     _keys: set[tuple[bytes, str, bytes]] = field(default_factory=set)
     _latest: dict[tuple[str, str, str, str], bytes] = field(default_factory=dict)
 
@@ -115,20 +135,45 @@ class FindingsBook:
         self.rules[digest] = RuleRecord(env.body.agency, reg.rule_id, reg.version, digest,
                                         bytes(reg.canonical), env.tx_id, height)
 
-    def record(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> None:
-        f = env.body.findings
-        owner = env.body.agency
+    def _check_runner(self, signer: KeyInfo, owner: str, rule_digest: bytes,
+                      rule_id: str | None) -> None:
         if not (signer.subject == ROLE_NODE or RUN_ROLES & set(signer.roles)):
             raise Rejected(CODE_FINDINGS_INVALID, "findings are signed by the owner's "
                                                   "automation or node")
-        rule = self.rules.get(bytes(f.rule_digest))
-        if rule is None or rule.owner != owner or rule.rule_id != f.rule_id:
+        rule = self.rules.get(bytes(rule_digest))
+        if rule is None or rule.owner != owner or rule_id not in (None, rule.rule_id):
             raise Rejected(CODE_FINDINGS_INVALID, f"{owner} registered no rule "
-                                                  f"{f.rule_id} with that digest")
+                                                  f"{rule_id or ''} with that digest")
+
+    def record_chunk(self, env: OpenedEnvelope, signer: KeyInfo) -> None:
+        """A part of a large run's output, committed before the run names it."""
+        c = env.body.findings_chunk
+        owner = env.body.agency
+        self._check_runner(signer, owner, bytes(c.rule_digest), None)
+        if len(c.run_inputs_digest) != 32 or c.index >= CHUNKS_MAX or \
+                len(c.findings) > FINDINGS_MAX:
+            raise Rejected(CODE_FINDINGS_INVALID, "findings chunk: inputs digest, index or "
+                                                  "size malformed")
+        if not c.HasField("sealed_output"):
+            raise Rejected(CODE_FINDINGS_INVALID, "a findings chunk carries its sealed output")
+        try:
+            check_sealed_form(c.sealed_output)
+        except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
+            raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
+        recipients = frozenset(bytes(w.recipient_key_id) for w in c.sealed_output.recipients)
+        if self.queries.data_key_id(owner) not in recipients:
+            raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner")
+        self.chunks[env.tx_id] = FindingsChunkRecord(
+            env.tx_id, owner, bytes(c.rule_digest), c.period, bytes(c.run_inputs_digest),
+            c.index, tuple((s.finding_id, s.severity, bytes(s.digest)) for s in c.findings),
+            recipients)
+
+    def record(self, env: OpenedEnvelope, signer: KeyInfo, height: int, time_ms: int) -> None:
+        f = env.body.findings
+        owner = env.body.agency
+        self._check_runner(signer, owner, bytes(f.rule_digest), f.rule_id)
         if len(f.output_digest) != 32 or len(f.input_tx_ids) > INPUTS_MAX:
             raise Rejected(CODE_FINDINGS_INVALID, "output digest or inputs malformed")
-        if f.finding_count != len(f.findings) or f.finding_count > FINDINGS_MAX:
-            raise Rejected(CODE_FINDINGS_INVALID, "finding count differs from the summaries")
         inputs = [bytes(t) for t in f.input_tx_ids]
         for qid in inputs:
             rec = self.queries.get(qid)
@@ -136,18 +181,16 @@ class FindingsBook:
                     rec.on_behalf_of != f.rule_digest.hex():
                 raise Rejected(CODE_FINDINGS_INVALID, f"input {qid.hex()} is not an answered "
                                                       f"query of {owner} for this rule")
-        if not f.HasField("sealed_output"):
-            raise Rejected(CODE_FINDINGS_INVALID, "findings carry their sealed output")
-        try:
-            check_sealed_form(f.sealed_output)
-        except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
-            raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
         parties = {owner} | {self.queries.queries[q].target for q in inputs}
         allowed = {self.queries.data_key_id(a) for a in parties}
-        recipients = {bytes(w.recipient_key_id) for w in f.sealed_output.recipients}
-        if self.queries.data_key_id(owner) not in recipients or not recipients <= allowed:
-            raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and at "
-                                                  "most the agencies whose data they used")
+        chunks = self._chunks_of(f, owner, inputs, allowed)
+        if chunks:
+            summaries = tuple(s for c in chunks for s in c.summaries)
+        else:
+            summaries = tuple((s.finding_id, s.severity, bytes(s.digest)) for s in f.findings)
+            self._check_inline_output(f, owner, allowed)
+        if f.finding_count != len(summaries) or f.finding_count > FINDINGS_MAX:
+            raise Rejected(CODE_FINDINGS_INVALID, "finding count differs from the summaries")
         key = (bytes(f.rule_digest), f.period, inputs_digest(inputs))
         if key in self._keys:
             raise Rejected(CODE_FINDINGS_INVALID, "this run (rule, period, inputs) is "
@@ -162,15 +205,55 @@ class FindingsBook:
             self._keys.add(scoped)
         run = FindingsRecord(env.tx_id, height, time_ms, owner, f.rule_id,
                              bytes(f.rule_digest), f.period, bytes(f.output_digest),
-                             f.finding_count, tuple(inputs),
-                             tuple((s.finding_id, s.severity, bytes(s.digest))
-                                   for s in f.findings), case_id=case_id)
+                             f.finding_count, tuple(inputs), summaries, case_id=case_id,
+                             chunk_tx_ids=tuple(c.tx_id for c in chunks))
+        for c in chunks:
+            c.used_by = env.tx_id
         named = (owner, f.rule_id, f.period, case_id)
         self.runs[env.tx_id] = run  # before _latest: readers on other threads use both
         earlier = self._latest.get(named)
         if earlier is not None:
             self.runs[earlier].superseded_by = env.tx_id
         self._latest[named] = env.tx_id
+
+    def _check_inline_output(self, f: ledger_pb2.Findings, owner: str,
+                             allowed: set[bytes]) -> None:
+        if not f.HasField("sealed_output"):
+            raise Rejected(CODE_FINDINGS_INVALID, "findings carry their sealed output")
+        try:
+            check_sealed_form(f.sealed_output)
+        except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
+            raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
+        recipients = {bytes(w.recipient_key_id) for w in f.sealed_output.recipients}
+        if self.queries.data_key_id(owner) not in recipients or not recipients <= allowed:
+            raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and at "
+                                                  "most the agencies whose data they used")
+
+    def _chunks_of(self, f: ledger_pb2.Findings, owner: str, inputs: list[bytes],
+                   allowed: set[bytes]) -> list[FindingsChunkRecord]:
+        """The committed chunks a run names, each checked to be this run's, in order and
+        not named by another run ([] for a run with its output inline)."""
+        named = [bytes(t) for t in f.chunk_tx_ids]
+        if not named:
+            return []
+        if f.findings or f.HasField("sealed_output") or len(named) > CHUNKS_MAX:
+            raise Rejected(CODE_FINDINGS_INVALID, "a run with chunks carries its output in "
+                                                  f"them alone (at most {CHUNKS_MAX})")
+        digest = inputs_digest(inputs)
+        chunks = []
+        for index, tx in enumerate(named):
+            c = self.chunks.get(tx)
+            if c is None or c.used_by or c.index != index or c.owner != owner or \
+                    c.rule_digest != bytes(f.rule_digest) or c.period != f.period or \
+                    c.run_inputs_digest != digest:
+                raise Rejected(CODE_FINDINGS_INVALID, f"chunk {index} ({tx.hex()}) is not an "
+                                                      "unused chunk of this run at its place")
+            if not c.recipients <= allowed:
+                raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and "
+                                                      "at most the agencies whose data they "
+                                                      "used")
+            chunks.append(c)
+        return chunks
 
     def latest(self) -> list[FindingsRecord]:
         """The runs in force (not superseded), oldest first."""
@@ -261,3 +344,46 @@ class CaseBook:
         if ref is not None:
             case.refs.append(ref)
         case.events.append(env.tx_id)
+
+
+def output_parts(f: ledger_pb2.Findings,
+                 chunk_of: Callable[[bytes], ledger_pb2.FindingsChunk | None]
+                 ) -> Iterator[tuple[int, ledger_pb2.SealedPayload]]:
+    """A run's sealed output, part by part: (chunk index, sealed payload), the inline
+    output as chunk 0 or each named chunk's (`chunk_of` reads a FindingsChunk by tx id;
+    StoreCorrupted if one is missing)."""
+    if not f.chunk_tx_ids:
+        yield 0, f.sealed_output
+        return
+    for index, tx in enumerate(f.chunk_tx_ids):
+        chunk = chunk_of(bytes(tx))
+        if chunk is None:
+            raise StoreCorrupted(f"findings chunk {bytes(tx).hex()} is not in the store")
+        yield index, chunk.sealed_output
+
+
+def open_output(f: ledger_pb2.Findings, data_key: DataKey, chain_id: str,
+                chunk_of: Callable[[bytes], ledger_pb2.FindingsChunk | None]
+                ) -> Iterator[tuple[int, bytes, bytes]]:
+    """Each part of a run's output opened with `data_key`: (chunk index, plaintext,
+    salt). An ExchangeError from the first part means the key is not a recipient."""
+    context = inputs_digest([bytes(t) for t in f.input_tx_ids])
+    for index, sealed in output_parts(f, chunk_of):
+        plaintext, salt = open_sealed(sealed, data_key, chain_id=chain_id,
+                                      context_tx_id=context, chunk=index)
+        yield index, plaintext, salt
+
+
+def findings_chunk_reader(tx_of: Callable[[bytes], bytes | None], chain_id: str
+                          ) -> Callable[[bytes], ledger_pb2.FindingsChunk | None]:
+    """`chunk_of` for output_parts from a store's envelope lookup (tx id -> envelope)."""
+    from exchange.ledger.block import open_envelope
+
+    def chunk_of(tx: bytes) -> ledger_pb2.FindingsChunk | None:
+        envelope = tx_of(tx)
+        if envelope is None:
+            return None
+        body = open_envelope(envelope, chain_id).body
+        return body.findings_chunk if body.WhichOneof("kind") == "findings_chunk" else None
+
+    return chunk_of

@@ -194,6 +194,11 @@ def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
         period = f" (period {f.period})" if f.period else ""
         found = f"{f.finding_count} finding{'s' * (f.finding_count != 1)}"
         return f"{agency}'s rule {f.rule_id}{period} found {found}"
+    if kind == "findings_chunk":
+        part = body.findings_chunk
+        n = len(part.findings)
+        return (f"{agency} committed part {part.index} of a rule's findings "
+                f"({n} finding{'s' * (n != 1)})")
     if kind == "case_event":
         return _case_line(body.case_event, agency)
     if kind == "rule_registration":

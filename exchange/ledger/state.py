@@ -102,7 +102,8 @@ class LedgerState:
             if code == RESULT_OK and step is not None:
                 self.playbooks.done(step, env.tx_id, height)
             return code
-        elif kind in ("rule_registration", "findings", "case_event", "playbook_registration"):
+        elif kind in ("rule_registration", "findings", "findings_chunk", "case_event",
+                      "playbook_registration"):
             try:
                 if kind == "rule_registration":
                     self.findings.register(env, signer, height)
@@ -110,6 +111,8 @@ class LedgerState:
                     self.playbooks.register(env, signer, height)
                 elif kind == "findings":
                     self.findings.record(env, signer, height, time_ms)
+                elif kind == "findings_chunk":
+                    self.findings.record_chunk(env, signer)
                 else:
                     step = self.playbooks.check_case_event(env, signer)
                     self.cases.judge_event(env, signer, height)

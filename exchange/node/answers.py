@@ -176,25 +176,30 @@ class QueryReader:
     def open_findings(self, listing: node_pb2.FindingsList, subject: str = "") -> None:
         """Fill in the finding lines of each run whose output is sealed to this agency,
         keeping only those about `subject` when given."""
-        from exchange.ledger.findings import inputs_digest
+        from exchange.ledger.findings import findings_chunk_reader, open_output
 
+        chunk_of = findings_chunk_reader(self._envelope_of, self.chain_id)
         for run in listing.runs:
             stored = self.store.tx(bytes(run.tx_id))
             if stored is None:
                 continue
             f = open_envelope(stored.envelope, self.chain_id).body.findings
+            index = 0
             try:
-                plaintext, _ = open_sealed(
-                    f.sealed_output, self.data_key, chain_id=self.chain_id,
-                    context_tx_id=inputs_digest([bytes(t) for t in f.input_tx_ids]), chunk=0)
+                for _chunk, plaintext, _salt in open_output(f, self.data_key, self.chain_id,
+                                                            chunk_of):
+                    run.opened = True
+                    for line in plaintext.splitlines(keepends=True):
+                        if not subject or _about(line, subject):
+                            run.lines.append(line)
+                            run.line_index.append(index)
+                        index += 1
             except ExchangeError:
                 continue  # not a recipient (or not readable): ids and severities only
-            run.opened = True
-            for index, line in enumerate(plaintext.splitlines(keepends=True)):
-                if subject and not _about(line, subject):
-                    continue
-                run.lines.append(line)
-                run.line_index.append(index)
+
+    def _envelope_of(self, tx_id: bytes) -> bytes | None:
+        stored = self.store.tx(tx_id)
+        return stored.envelope if stored is not None else None
 
     # -- the audit trail ----------------------------------------------------------------
     def audit(self, request: node_pb2.AuditRequest, time_ms: int) -> node_pb2.AuditReply:

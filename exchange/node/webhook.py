@@ -39,8 +39,7 @@ from exchange.cases.events import Event, QueryFacts, block_events
 from exchange.errors import ExchangeError
 from exchange.identity.config import WebhookSettings
 from exchange.ledger.block import open_envelope
-from exchange.ledger.findings import inputs_digest
-from exchange.ledger.sealing import open_sealed
+from exchange.ledger.findings import findings_chunk_reader, open_output
 from exchange.node.metrics import REGISTRY
 from exchange.v1 import ledger_pb2
 
@@ -164,14 +163,26 @@ class NodeEventSource:
 
     def finding_lines(self, run_tx_id: bytes,
                       findings: ledger_pb2.Findings) -> Mapping[int, Mapping[str, Any]]:
+        reader = self.node.reader
+        chunk_of = findings_chunk_reader(
+            lambda tx: (lambda s: s.envelope if s is not None else None)(reader.store.tx(tx)),
+            self.node.chain_id)
+        lines: dict[int, Mapping[str, Any]] = {}
         try:
-            plaintext, _ = open_sealed(
-                findings.sealed_output, self.node.reader.data_key, chain_id=self.node.chain_id,
-                context_tx_id=inputs_digest([bytes(t) for t in findings.input_tx_ids]),
-                chunk=0)
+            for _chunk, plaintext, _salt in open_output(findings, reader.data_key,
+                                                        self.node.chain_id, chunk_of):
+                for line in plaintext.splitlines():
+                    lines[len(lines)] = json.loads(line)
         except ExchangeError:
             return {}  # not sealed to this agency
-        return {i: json.loads(line) for i, line in enumerate(plaintext.splitlines())}
+        return lines
+
+    def finding_summaries(self, run_tx_id: bytes, findings: ledger_pb2.Findings
+                          ) -> list[tuple[str, str]]:
+        run = self.node.applier.state.findings.runs.get(run_tx_id)
+        if run is not None:
+            return [(f, sev) for f, sev, _d in run.summaries]
+        return [(s.finding_id, s.severity) for s in findings.findings]
 
     def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
         state = self.node.applier.state
