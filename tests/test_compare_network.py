@@ -3,7 +3,7 @@ the findings equal ground_truth.csv exactly, every run replays to its digest, re
 supersede, and only registered rules run.
 
 The cluster runs with small bounds (answers in chunks of 2 KiB, subject sets in queries of
-50 subjects, findings outputs in chunks of 600 bytes), so that every input spans several
+5 subjects, findings outputs in chunks of 600 bytes), so that every input spans several
 chunks and the findings of the larger runs several transactions: the paths a city-sized
 register takes, at a size CI runs in a minute."""
 
@@ -28,7 +28,7 @@ RULES = {"tax": ("export-rebate-without-exports", "revenue-below-bank-inflows"),
          "police": ("officer-with-police-record",)}
 UNBOUND = "officer-with-police-record"
 ANSWER_CHUNK_BYTES = 2048
-BOUNDS = ("--subjects-per-query", "50", "--findings-chunk-bytes", "600")
+BOUNDS = ("--subjects-per-query", "5", "--findings-chunk-bytes", "600")
 
 
 @pytest.fixture(scope="module")
