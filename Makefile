@@ -9,6 +9,7 @@ GEN_STAMP := exchange/v1/.generated
 SEEDS ?= 1000
 SEED ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install proto test lint typecheck bench sim demo clean cluster stop status logs
 
@@ -35,7 +36,7 @@ lint: install
 	$(VENV)/bin/mypy exchange agents
 
 bench: install
-	$(PY) -m exchange.bench
+	$(PY) -m exchange.bench $(BENCH_ARGS)
 
 sim: install
 	$(PY) -m tests.sim $(if $(SEED),--seed $(SEED) --verbose,--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS),)

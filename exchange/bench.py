@@ -270,104 +270,15 @@ def _bulk_answers(cluster: Cluster) -> Result:
 
 
 SWEEP_COMPANIES = 100_000
-SWEEP_PERIOD = "2026-09"
 
 
-def _load_agency(args: tuple[str, str, str]) -> float:
-    import agents
+def bench_sweep(companies: int = SWEEP_COMPANIES, work_dir: Path | None = None
+                ) -> list[Result]:
+    """The five reference rules for one period on a local cluster holding the
+    generator's data for `companies` companies (exchange.bench_sweep)."""
+    from exchange.bench_sweep import results
 
-    agency, db, folder = args
-    started = time.perf_counter()
-    with agents.open_store(agency, Path(db)) as store:
-        agents.load_dataset_dir(agency, Path(folder), store)
-    return time.perf_counter() - started
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def bench_sweep() -> list[Result]:
-    """All five reference rules for one period on the local cluster holding the
-    generator's data for 100,000 companies, each owner's runs in parallel as their
-    runners would: wall time, rows moved between agencies, peak memory of each node."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from agents.generate import GeneratorConfig, generate
-    from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
-    from exchange.compare.network import NetworkRun
-    from exchange.compare.rules import load_rules
-    from exchange.v1 import ledger_pb2 as lpb
-
-    out: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        cluster = Cluster(Path(tmp))
-        try:
-            cluster.init()
-            data = Path(tmp) / "data"
-            started = time.perf_counter()
-            generate(GeneratorConfig(seed=9, companies=SWEEP_COMPANIES), data)
-            gen_s = time.perf_counter() - started
-            started = time.perf_counter()
-            with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-                list(pool.map(_load_agency, [
-                    (a, str(cluster.net / a / "data" / "agency.db"), str(data / a))
-                    for a in cluster.agencies]))
-            load_s = time.perf_counter() - started
-            cluster.start()
-            runs = []
-            for agency in cluster.agencies:
-                sup = cluster.net / agency / "analysts" / "supervisor-1.toml"
-                auto = cluster.net / agency / "analysts" / "automation.toml"
-                _, _, genesis = load_genesis(sup)
-                with ExchangeClient(load_client_profile(sup)) as client:
-                    signer = Signer.load(client.profile, genesis.chain_id)
-                    for rule in load_rules(agency):
-                        def fill(body: lpb.TxBody, r: object = rule) -> None:
-                            body.rule_registration.CopyFrom(lpb.RuleRegistration(
-                                rule_id=r.id, version=r.version,  # type: ignore[attr-defined]
-                                digest=r.digest,  # type: ignore[attr-defined]
-                                canonical=r.canonical_bytes))  # type: ignore[attr-defined]
-                        assert client.submit(signer.make_envelope(fill)).result == "OK"
-                        runs.append((auto, rule))
-
-            def one(auto: Path, rule: object) -> tuple[str, int, int, float]:
-                _, _, genesis = load_genesis(auto)
-                with ExchangeClient(load_client_profile(auto), deadline_s=120) as client:
-                    signer = Signer.load(client.profile, genesis.chain_id)
-                    params = {"period": SWEEP_PERIOD} if rule.period_bound else {}  # type: ignore[attr-defined]
-                    r = NetworkRun(client, signer, genesis, rule).run(params)  # type: ignore[arg-type]
-                    moved = r.rows_in - r.own_rows
-                    return r.rule_id, len(r.output.rows), moved, r.seconds
-
-            started = time.perf_counter()
-            by_owner: dict[str, list[tuple[Path, object]]] = {}
-            for auto, rule in runs:
-                by_owner.setdefault(rule.owner, []).append((auto, rule))
-
-            def owner_runs(items: list[tuple[Path, object]]) -> list[tuple[str, int, int, float]]:
-                return [one(a, r) for a, r in items]
-
-            with cf.ThreadPoolExecutor(len(by_owner)) as threads:
-                results = [x for batch in threads.map(owner_runs, by_owner.values())
-                           for x in batch]
-            sweep_s = time.perf_counter() - started
-            peaks = {a: round(_peak_rss_mib(p.pid)) for a, p in cluster.procs.items()}
-            out.append({"name": f"rule sweep: all 5 reference rules, one period, "
-                                f"{SWEEP_COMPANIES:,} companies, owners in parallel",
-                        "value": round(sweep_s, 1), "unit": "s",
-                        "rows_moved_between_agencies": sum(r[2] for r in results),
-                        "findings": sum(r[1] for r in results),
-                        "per_rule_s": {r[0]: round(r[3], 1) for r in results},
-                        "node_peak_rss_mib": peaks,
-                        "generate_s": round(gen_s, 1), "load_s": round(load_s, 1)})
-        finally:
-            cluster.stop()
-    return out
+    return results(companies, work_dir)
 
 
 def _node_cpu_s(cluster: Cluster) -> float:
@@ -449,14 +360,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", choices=sorted(PARTS))
     parser.add_argument("--json", action="store_true", help="JSON lines only")
+    parser.add_argument("--companies", type=int, default=SWEEP_COMPANIES,
+                        help="companies the sweep part generates (default 100,000)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the sweep keeps its cluster and data (default $TMPDIR)")
     args = parser.parse_args()
+    parts = {**PARTS, "sweep": lambda: bench_sweep(args.companies, args.work_dir)}
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"exchange benchmarks ({os.cpu_count()} cores)", title_justify="left")
     for col in ("part", "figure", "value", "unit", "extra"):
         table.add_column(col)
-    for part, fn in PARTS.items():
+    for part, fn in parts.items():
         if args.only and part not in args.only:
             continue
         for result in fn():
