@@ -346,3 +346,39 @@ def test_cases_are_listed_shown_and_closed_by_their_opener(
     after = next(c for c in cluster.cli_json("case", "list", agency="tax")["cases"]
                  if c["case"] == "CASE-C1")
     assert after["status"] == "closed"
+
+
+def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offline(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    agency, out = next((a, o) for a, o in swept if o["findings_chunks"] > 1)
+    listing = cluster.cli_json("findings", "--rule", out["rule"], "--all-runs", "--open",
+                               agency=agency)
+    mine = [f for f in listing["findings"] if f["run"] == out["findings_tx"]]
+    assert len(mine) == out["findings"] and all(f["subject"] != "(sealed)" for f in mine)
+    assert sorted(f["subject"] for f in mine) == sorted(out["subjects"])
+    last = mine[-1]  # in the run's last chunk
+    opened = cluster.cli_json("findings", "open", last["finding"], "--run", out["findings_tx"],
+                              "--case", "CASE-CHUNKS", agency=agency)
+    assert opened
+    bundle = tmp_path / "chunks.evidence"
+    export = cluster.run_exchange(
+        "evidence", "export", "--store", str(cluster.net / agency / "data" / "blocks.db"),
+        "--case", "CASE-CHUNKS", "--profile", str(cluster.profile(agency)),
+        "--reveal-with", str(cluster.net / agency / "keys" / "data.key"), "--out", str(bundle))
+    assert export.returncode == 0, export.stderr
+    verified = cluster.run_exchange("evidence", "verify", str(bundle), "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)
+    kinds = [t["kind"] for t in report["transactions"]]
+    assert kinds.count("findings_chunk") == out["findings_chunks"]
+    assert report["reveals"] >= out["findings_chunks"]
+    # a revealed chunk changed by one byte is refused
+    from exchange.ledger.evidence import BundleInvalid, decode_bundle, encode_bundle, verify_bundle
+
+    tampered = decode_bundle(bundle.read_bytes())
+    chunk_ids = {bytes.fromhex(t["tx_id"]) for t in report["transactions"]
+                 if t["kind"] == "findings_chunk"}
+    reveal = next(r for r in tampered.reveals if bytes(r.tx_id) in chunk_ids)
+    reveal.plaintext = reveal.plaintext.replace(b"subject", b"subjecT", 1)
+    with pytest.raises(BundleInvalid, match="reveals"):
+        verify_bundle(encode_bundle(tampered))
