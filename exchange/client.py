@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -349,15 +349,25 @@ class ExchangeClient:
         if len(query_tx_id) != TX_ID_BYTES:
             raise MalformedInput(f"a query id is {TX_ID_BYTES} bytes, got {len(query_tx_id)}")
         request = node_pb2.GetAnswerRequest(query_tx_id=query_tx_id, wait_ms=wait_ms)
-        timeout = max(self.deadline_s, wait_ms / 1000 + 5.0)
+        return self._stream(self._stub.StreamAnswer, request,
+                            max(self.deadline_s, wait_ms / 1000 + 5.0))
+
+    def _stream(self, method: Callable[..., Any], request: object,
+                first_timeout_s: float) -> Iterator[Any]:
+        """A server stream whose messages each come within the call's deadline
+        (`first_timeout_s` for the first). UNAVAILABLE before the first message is
+        retried like a unary call; a stream broken later raises. An empty stream gives
+        an empty iterator."""
         give_up = time.monotonic() + self.retry_unavailable_s
         backoff = RETRY_BACKOFF_S_MIN
         while True:
-            # the deadline covers the wait; each later chunk renews it (below)
-            call = self._stub.StreamAnswer(request, timeout=None)
+            call = method(request, timeout=None)  # deadlines per message, below
             try:
-                first = _next_within(call, timeout)
+                first = _next_within(call, first_timeout_s)
                 break
+            except StopIteration:
+                call.cancel()
+                return iter(())
             except grpc.RpcError as exc:
                 call.cancel()
                 if (exc.code() == grpc.StatusCode.UNAVAILABLE
@@ -365,11 +375,10 @@ class ExchangeClient:
                     time.sleep(backoff)
                     backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
                     continue
-                raise map_rpc_error(exc, self.address, timeout) from None
+                raise map_rpc_error(exc, self.address, first_timeout_s) from None
         return self._rest_of(call, first)
 
-    def _rest_of(self, call: Any, first: node_pb2.AnswerPart
-                 ) -> Iterator[node_pb2.AnswerPart]:
+    def _rest_of(self, call: Any, first: Any) -> Iterator[Any]:
         try:
             yield first
             while True:
@@ -406,7 +415,17 @@ class ExchangeClient:
                 owner_agency=owner, with_steps=with_steps, digest=digest)))
 
     def list_findings(self, request: node_pb2.ListFindingsRequest) -> node_pb2.FindingsList:
-        return cast(node_pb2.FindingsList, self._unary(self._stub.ListFindings, request))
+        """Every run matching `request`, read streamed (one run, or a slice of a large
+        run, a message) and put together here; the height is the node's when it began."""
+        height = self.status().height
+        listing = node_pb2.FindingsList(height=height)
+        listing.runs.extend(merge_run_parts(self.stream_findings(request)))
+        return listing
+
+    def stream_findings(self, request: node_pb2.ListFindingsRequest
+                        ) -> Iterator[node_pb2.FindingsRun]:
+        """The node's findings runs one message at a time (StreamFindings)."""
+        return self._stream(self._stub.StreamFindings, request, self.deadline_s)
 
     def follow_blocks(self, from_height: int = 0) -> Iterator[ledger_pb2.Block]:
         """Blocks as the node applies them, from `from_height` on (0: the next one). No
@@ -420,6 +439,27 @@ class ExchangeClient:
             raise map_rpc_error(exc, self.address) from None
         finally:
             call.cancel()
+
+
+def merge_run_parts(parts: Iterable[node_pb2.FindingsRun]) -> list[node_pb2.FindingsRun]:
+    """StreamFindings' messages put together into whole runs, in the order they came.
+    NodeError for a slice that does not continue its run where the last one ended."""
+    runs: dict[bytes, node_pb2.FindingsRun] = {}
+    for part in parts:
+        run = runs.get(bytes(part.tx_id))
+        if run is None:
+            if part.first_finding != 0:
+                raise NodeError(f"findings of run {bytes(part.tx_id).hex()} began at "
+                                f"{part.first_finding}, not 0")
+            run = runs[bytes(part.tx_id)] = node_pb2.FindingsRun()
+            run.CopyFrom(part)
+            continue
+        if part.first_finding != len(run.findings):
+            raise NodeError(f"findings of run {bytes(part.tx_id).hex()} came out of order")
+        run.findings.extend(part.findings)
+        run.lines.extend(part.lines)
+        run.line_index.extend(part.line_index)
+    return list(runs.values())
 
 
 def _next_within(call: Any, timeout_s: float) -> Any:

@@ -204,6 +204,32 @@ def test_findings_outputs_split_into_bounded_chunks_of_whole_lines() -> None:
     assert _line_groups([b"b" * 500 + b"\n"], 120) == [(0, 1)]
 
 
+def test_a_large_findings_run_streams_in_slices_that_put_back_together() -> None:
+    from exchange.client import merge_run_parts
+    from exchange.node.server import FINDINGS_PER_MESSAGE, _run_parts
+
+    count = FINDINGS_PER_MESSAGE * 2 + 17
+    run = node_pb2.FindingsRun(tx_id=b"r" * 32, rule_id="x", finding_count=count, findings=[
+        ledger_pb2.FindingSummary(finding_id=f"x/-/{n + 1}", severity="high")
+        for n in range(count)])
+    for n in range(0, count, 3):
+        run.line_index.append(n)
+        run.lines.append(b'{"n":%d}\n' % n)
+    small = node_pb2.FindingsRun(tx_id=b"s" * 32, rule_id="y", findings=run.findings[:3])
+    parts = _run_parts(run)
+    assert len(parts) == 3 and [p.first_finding for p in parts] == [0, FINDINGS_PER_MESSAGE,
+                                                                     2 * FINDINGS_PER_MESSAGE]
+    assert all(len(p.findings) <= FINDINGS_PER_MESSAGE for p in parts)
+    merged = merge_run_parts([*parts, *_run_parts(small)])
+    assert merged == [run, small]
+    from exchange.client import NodeError
+
+    with pytest.raises(NodeError, match="out of order"):
+        merge_run_parts([parts[0], parts[2]])
+    with pytest.raises(NodeError, match="began at"):
+        merge_run_parts(parts[1:])
+
+
 # -- reads that stream from the store -------------------------------------------------------
 
 def test_period_wide_views_and_own_reads_stream_in_the_whole_reads_order(

@@ -343,28 +343,9 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def ListFindings(self, request: node_pb2.ListFindingsRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
-        if request.open or request.subject:
-            who = _own_person(self.auth, context)
-            log.info("findings read", reader=str(who), rule=request.rule_id,
-                     period=request.period, subject_filter=bool(request.subject))
-        else:
-            self.auth.own_agency_or_node(context)
-        book = self.node.applier.state.findings
-        runs = list(book.runs.values()) if request.all_runs else book.latest()
-        listing = node_pb2.FindingsList(
-            runs=[node_pb2.FindingsRun(
-                tx_id=r.tx_id, height=r.height, time_ms=r.time_ms, owner_agency=r.owner,
-                rule_id=r.rule_id, rule_digest=r.rule_digest, period=r.period,
-                output_digest=r.output_digest, finding_count=r.finding_count,
-                input_tx_ids=list(r.input_tx_ids), superseded_by=r.superseded_by,
-                case_id=r.case_id,
-                findings=[ledger_pb2.FindingSummary(finding_id=f, severity=sev, digest=d)
-                          for f, sev, d in r.summaries])
-                for r in runs
-                if request.owner_agency in ("", r.owner)
-                and request.rule_id in ("", r.rule_id)
-                and request.period in ("", r.period)],
-            height=self.node.store.height)
+        self._findings_reader(request, context)
+        listing = node_pb2.FindingsList(runs=self._runs(request),
+                                        height=self.node.store.height)
         if request.open or request.subject:
             await asyncio.to_thread(self.node.reader.open_findings, listing, request.subject)
             if request.subject:
@@ -372,6 +353,75 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 del listing.runs[:]
                 listing.runs.extend(kept)
         return listing
+
+    async def StreamFindings(self, request: node_pb2.ListFindingsRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[node_pb2.FindingsRun]:
+        """ListFindings one run a message, a run of many findings in slices of
+        FINDINGS_PER_MESSAGE (each with the run's fields and those findings' lines)."""
+        try:
+            self._findings_reader(request, context)
+            for run in self._runs(request):
+                if request.open or request.subject:
+                    one = node_pb2.FindingsList(runs=[run])
+                    await asyncio.to_thread(self.node.reader.open_findings, one,
+                                            request.subject)
+                    if request.subject and not run.lines:
+                        continue
+                for part in _run_parts(run):
+                    yield part
+        except errors.ExchangeError as exc:
+            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+
+    def _findings_reader(self, request: node_pb2.ListFindingsRequest,
+                         context: grpc.aio.ServicerContext) -> None:
+        """Who may list findings: opened lines and subject filters are a person's read."""
+        if request.open or request.subject:
+            who = _own_person(self.auth, context)
+            log.info("findings read", reader=str(who), rule=request.rule_id,
+                     period=request.period, subject_filter=bool(request.subject))
+        else:
+            self.auth.own_agency_or_node(context)
+
+    def _runs(self, request: node_pb2.ListFindingsRequest) -> list[node_pb2.FindingsRun]:
+        book = self.node.applier.state.findings
+        runs = list(book.runs.values()) if request.all_runs else book.latest()
+        return [node_pb2.FindingsRun(
+            tx_id=r.tx_id, height=r.height, time_ms=r.time_ms, owner_agency=r.owner,
+            rule_id=r.rule_id, rule_digest=r.rule_digest, period=r.period,
+            output_digest=r.output_digest, finding_count=r.finding_count,
+            input_tx_ids=list(r.input_tx_ids), superseded_by=r.superseded_by,
+            case_id=r.case_id,
+            findings=[ledger_pb2.FindingSummary(finding_id=f, severity=sev, digest=d)
+                      for f, sev, d in r.summaries])
+            for r in runs
+            if request.owner_agency in ("", r.owner)
+            and request.rule_id in ("", r.rule_id)
+            and request.period in ("", r.period)]
+
+
+# Findings (with their opened lines) one StreamFindings message carries.
+FINDINGS_PER_MESSAGE = 2_000
+
+
+def _run_parts(run: node_pb2.FindingsRun) -> list[node_pb2.FindingsRun]:
+    """A run as StreamFindings sends it: one message, or slices of its findings."""
+    if len(run.findings) <= FINDINGS_PER_MESSAGE:
+        return [run]
+    parts = []
+    lines = list(zip(run.line_index, run.lines, strict=True))
+    for first in range(0, len(run.findings), FINDINGS_PER_MESSAGE):
+        part = node_pb2.FindingsRun()
+        part.CopyFrom(run)
+        del part.findings[:], part.lines[:], part.line_index[:]
+        part.first_finding = first
+        part.findings.extend(run.findings[first:first + FINDINGS_PER_MESSAGE])
+        for index, line in lines:
+            if first <= index < first + FINDINGS_PER_MESSAGE:
+                part.line_index.append(index)
+                part.lines.append(line)
+        parts.append(part)
+    return parts
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
