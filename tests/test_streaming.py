@@ -14,6 +14,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import agents
 from agents.generate import GeneratorConfig, generate
@@ -272,3 +274,34 @@ def test_a_streamed_read_holds_its_own_connection(tmp_path: Path) -> None:
         assert list(rows) == [(2,)]
     finally:
         store.close()
+
+
+# -- the fast row writer ----------------------------------------------------------------------
+
+_values = st.one_of(
+    st.text(), st.none(), st.booleans(),
+    st.integers(min_value=-(2**60), max_value=2**60),
+    st.decimals(allow_nan=False, allow_infinity=False, places=None),
+    st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(keys=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=5, unique=True),
+       data=st.data())
+def test_row_lines_write_exactly_what_canonical_json_writes(keys: list[str],
+                                                            data: st.DataObject) -> None:
+    from exchange.ledger.sealing import RowLines, canonical_json
+
+    writer = RowLines(keys)
+    for _ in range(3):
+        row = {k: data.draw(_values) for k in keys}
+        if data.draw(st.booleans()):
+            row.pop(keys[0])
+            row[keys[0] + "x"] = 1
+        try:
+            expected = canonical_json(row) + b"\n"
+        except MalformedInput:
+            with pytest.raises(MalformedInput):
+                writer.line(row)
+            continue
+        assert writer.line(row) == expected

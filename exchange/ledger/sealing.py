@@ -38,6 +38,7 @@ import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from json.encoder import encode_basestring
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -354,6 +355,13 @@ def _canonical_value(value: object, depth: int) -> object:
 
 
 def _decimal_text(value: Decimal) -> str:
+    # the common case first: a plain text no longer than DECIMAL_DIGITS_MAX holds at
+    # most that many digits and an exponent of at most that size, so it passes the
+    # checks below (`adjusted` bounds the text before it is made)
+    if value.is_finite() and -DECIMAL_DIGITS_MAX <= value.adjusted() <= DECIMAL_DIGITS_MAX:
+        text = format(value, "f")
+        if len(text) <= DECIMAL_DIGITS_MAX:
+            return text[1:] if text[0] == "-" and value.is_zero() else text
     if not value.is_finite():
         raise MalformedInput(f"decimal {value} is not finite")
     _, digits, exponent = value.as_tuple()
@@ -364,3 +372,41 @@ def _decimal_text(value: Decimal) -> str:
     if value.is_zero():
         value = value.copy_abs()
     return format(value, "f")
+
+
+class RowLines:
+    """`canonical_json(row) + b"\\n"` for rows that all have the same keys, several times
+    faster: the key order is worked out once, and each value is written by its type
+    exactly as canonical_json writes it (a row of other keys or another value type takes
+    the general path). What an answer of millions of rows is written with."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        ordered = sorted(keys, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
+        self._keys = tuple(ordered)
+        self._prefixes = tuple(("{" if i == 0 else ",") + encode_basestring(k) + ":"
+                               for i, k in enumerate(ordered))
+
+    def line(self, row: Mapping[str, object]) -> bytes:
+        if len(row) != len(self._keys):
+            return canonical_json(row) + b"\n"
+        parts = []
+        for prefix, key in zip(self._prefixes, self._keys, strict=True):
+            if key not in row:
+                return canonical_json(row) + b"\n"
+            value = row[key]
+            kind = type(value)
+            if isinstance(value, str) and kind is str:
+                parts.append(prefix + encode_basestring(value))
+            elif isinstance(value, Decimal) and kind is Decimal:
+                parts.append(prefix + '"' + _decimal_text(value) + '"')
+            elif isinstance(value, int) and kind is int and abs(value) <= JSON_INT_ABS_MAX:
+                parts.append(prefix + str(value))
+            elif value is None:
+                parts.append(prefix + "null")
+            else:  # bool, a large int, anything nested: the general path
+                return canonical_json(row) + b"\n"
+        parts.append("}\n")
+        try:
+            return "".join(parts).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MalformedInput("a string is not valid Unicode (lone surrogate)") from exc

@@ -35,10 +35,7 @@ from exchange.errors import ExchangeError, Unavailable
 from exchange.identity.keys import DataKey
 from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
-from exchange.ledger.sealing import (
-    canonical_json,
-    seal,
-)
+from exchange.ledger.sealing import RowLines, seal
 from exchange.node import metrics as m
 from exchange.v1 import ledger_pb2
 
@@ -457,8 +454,11 @@ class Responder:
                 rows = iter_own(store, rec.dataset, request.period)
             else:
                 rows = lookup_iter(store, asked, rec.row_limit or ROWS_DEFAULT_MAX)
+            writer: RowLines | None = None
             for row in rows:
-                sealer.add(canonical_json(row) + b"\n")
+                if writer is None:  # an answer's rows all have the same columns
+                    writer = RowLines(row)
+                sealer.add(writer.line(row))
         except LookupRefused as exc:
             self.spool.begin(rec.tx_id)  # nothing of a refused answer stays
             # the reason on the ledger is fixed text: the exception's names the subject,
