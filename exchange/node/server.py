@@ -363,9 +363,10 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             self._findings_reader(request, context)
             for run in self._runs(request):
                 if request.open or request.subject:
-                    one = node_pb2.FindingsList(runs=[run])
+                    one = node_pb2.FindingsList(runs=[run])  # a copy of the run
                     await asyncio.to_thread(self.node.reader.open_findings, one,
                                             request.subject)
+                    run = one.runs[0]
                     if request.subject and not run.lines:
                         continue
                 for part in _run_parts(run):
