@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.common.bulk import BATCH_ROWS, BulkFileReader, NotBulk
+from agents.common.bulk import BATCH_ROWS, BulkFileReader, NotBulk, code_memory, read_ahead
 from agents.common.csvread import DataFileError, DatasetFileReader, FileProblem, ProblemFound
 from agents.common.schema import Dataset
 from agents.common.store import AgencyStore, LoadSession, RowsRefused, SqliteAgencyStore
@@ -140,31 +140,38 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
     present = [d for d in datasets if d.name in files]
     by_name = {d.name: d for d in datasets}
     loads: list[FileLoad] = []
+    codes = code_memory()
+    readers = [BulkFileReader(files[d.name], d, _display(folder, d.file_name), batch_rows,
+                              codes) for d in present]
     try:
         with store.bulk_session() as session:
-            for dataset in present:
-                started = time.perf_counter()
-                reader = BulkFileReader(files[dataset.name], dataset,
-                                        _display(folder, dataset.file_name), batch_rows)
-                before = session.rows_stored(dataset)
-                session.begin(dataset, replace)
-                for batch in reader.batches():
+            current: BulkFileReader | None = None
+            started = before = 0.0
+            for reader, batch in read_ahead(readers):
+                dataset = reader.dataset
+                if reader is not current:
+                    current, started = reader, time.perf_counter()
+                    before = session.rows_stored(dataset)
+                    session.begin(dataset, replace)
+                if batch is not None:
                     session.write(dataset, batch)
                     if progress is not None:
                         progress(LoadProgress(dataset.name, reader.display_name, "bulk",
                                               reader.rows, reader.bytes_read,
                                               reader.size_bytes,
                                               time.perf_counter() - started, False))
+                    continue
                 session.finish(dataset)
                 seconds = time.perf_counter() - started
-                load = FileLoad(dataset.name, reader.display_name, reader.rows, before,
-                                session.rows_stored(dataset), reader.sha256, "bulk",
-                                reader.size_bytes, round(seconds, 3))
-                loads.append(load)
+                loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
+                                      int(before), session.rows_stored(dataset),
+                                      reader.sha256, "bulk", reader.size_bytes,
+                                      round(seconds, 3)))
                 if progress is not None:
                     progress(LoadProgress(dataset.name, reader.display_name, "bulk",
                                           reader.rows, reader.size_bytes, reader.size_bytes,
                                           seconds, True))
+            assert len(loads) == len(present)
             for dataset in present:
                 for ref in dataset.references:
                     session.check_references(dataset, ref, by_name[ref.target])

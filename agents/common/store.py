@@ -476,9 +476,11 @@ class SqliteBulkSession(_SqliteLoadSession):
                   else _stage_table(dataset))
         col = _quote(dataset.stored(ref.column))
         target_key = _quote(target.stored(target.key[0]))
+        # each distinct value once (an index leads with the column: see store_indexes)
         row = self._db.execute(
-            f"SELECT 1 FROM {source} s WHERE NOT EXISTS (SELECT 1 FROM "
-            f"{_main_table(target)} t WHERE t.{target_key} = s.{col}) LIMIT 1").fetchone()
+            f"SELECT 1 FROM (SELECT DISTINCT {col} AS v FROM {source}) s WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {_main_table(target)} t WHERE t.{target_key} = s.v) LIMIT 1"
+        ).fetchone()
         if row is not None:
             raise RowsRefused(f"{dataset.name}.{ref.column}: a reference does not resolve")
 
