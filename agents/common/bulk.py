@@ -132,6 +132,12 @@ def code_memory() -> CodeMemory:
             Kind.DATE: _Checked(_date_valid), Kind.PERIOD: _Checked(_period_valid)}
 
 
+def _joined(values: Sequence[str]) -> str | None:
+    """The values one a line, or None if a value holds a line break itself."""
+    joined = "\n".join(values)
+    return joined if joined.count("\n") == len(values) - 1 else None
+
+
 class _ColumnCheck:
     """Checks and converts whole columns of one dataset."""
 
@@ -150,7 +156,8 @@ class _ColumnCheck:
     def _strict(self, column: Column, values: Sequence[str]) -> Sequence[object]:
         kind = column.kind
         if kind is Kind.IDENTIFIER or kind is Kind.HOLDER_ID:
-            if _IDENTIFIERS.fullmatch("\n".join(values)) is None:
+            joined = _joined(values)
+            if joined is None or _IDENTIFIERS.fullmatch(joined) is None:
                 raise NotBulk(f"{column.name}: a value is no identifier")
             return values
         if kind is Kind.TEXT:
@@ -164,8 +171,8 @@ class _ColumnCheck:
                 raise NotBulk(f"{column.name}: a value is not valid")
             return values
         if kind is Kind.AMOUNT:
-            joined = "\n".join(values)
-            if _AMOUNTS.fullmatch(joined) is None:
+            joined = _joined(values)
+            if joined is None or _AMOUNTS.fullmatch(joined) is None:
                 raise NotBulk(f"{column.name}: a value is no amount")
             joined = _ONE_DECIMAL.sub(r"\g<0>0", _NO_DECIMALS.sub(r"\g<0>00", joined))
             fen = list(map(int, joined.replace(".", "").split("\n")))

@@ -147,17 +147,19 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
         with store.bulk_session() as session:
             current: BulkFileReader | None = None
             started = before = 0.0
+            written = 0
             for reader, batch in read_ahead(readers):
                 dataset = reader.dataset
                 if reader is not current:
-                    current, started = reader, time.perf_counter()
+                    current, started, written = reader, time.perf_counter(), 0
                     before = session.rows_stored(dataset)
                     session.begin(dataset, replace)
                 if batch is not None:
                     session.write(dataset, batch)
-                    if progress is not None:
+                    written += len(batch)
+                    if progress is not None:  # the reader may be a few batches ahead
                         progress(LoadProgress(dataset.name, reader.display_name, "bulk",
-                                              reader.rows, reader.bytes_read,
+                                              written, reader.bytes_read,
                                               reader.size_bytes,
                                               time.perf_counter() - started, False))
                     continue
