@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.common.bulk import BATCH_ROWS, BulkFileReader, NotBulk, code_memory, read_ahead
@@ -48,9 +48,11 @@ class FileLoad:
     rows_before: int  # rows the dataset held before
     rows_after: int  # rows it holds now
     sha256: str  # of the file's bytes
-    method: str = "rows"  # "bulk" or "rows": which path loaded it
-    size_bytes: int = 0
-    seconds: float = 0.0  # reading, checking and writing it (and building its indexes)
+    # how it was loaded, which is no part of what it did (so not compared):
+    method: str = field(default="rows", compare=False)  # "bulk" or "rows": which path
+    size_bytes: int = field(default=0, compare=False)
+    # reading, checking and writing it (and building its indexes)
+    seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
