@@ -128,7 +128,7 @@ def load(agency: str | None, folder: Path, store: str | None, config: Path | Non
 
 @data.command("generate")
 @click.option("--seed", type=int, required=True, help="Same seed and size, same bytes.")
-@click.option("--companies", type=click.IntRange(100, 2_000_000), required=True,
+@click.option("--companies", type=click.IntRange(100, 3_000_000), required=True,
               help="Number of companies.")
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write tax/, police/, customs/, pboc/ and ground_truth.csv into.")
