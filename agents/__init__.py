@@ -14,7 +14,8 @@ from types import ModuleType
 from typing import Any
 
 from agents import customs, market, pboc, police, tax
-from agents.common.loader import FileLoad, LoadReport, load_datasets
+from agents.common.bulk import BATCH_ROWS
+from agents.common.loader import FileLoad, LoadProgress, LoadReport, Progress, load_datasets
 from agents.common.schema import Dataset
 from agents.common.store import AgencyStore, SqliteAgencyStore
 from agents.common.view import View
@@ -36,7 +37,8 @@ _MODULES: dict[str, tuple[ModuleType, ModuleType]] = {
     "market": (market, market_views),
 }
 
-__all__ = ["AGENCIES", "JOINING_AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadReport", "View",
+__all__ = ["AGENCIES", "JOINING_AGENCIES", "AgencyStore", "Dataset", "FileLoad", "LoadProgress", "LoadReport",
+           "View",
            "datasets_of", "load_dataset_dir", "open_agency_store", "open_store", "views_of"]
 
 
@@ -77,9 +79,13 @@ def open_agency_store(agency: str, location: str | Path) -> AgencyStore:
 
 
 def load_dataset_dir(agency: str, folder: Path, store: AgencyStore,
-                     replace: bool = False) -> LoadReport:
+                     replace: bool = False, *, progress: Progress | None = None,
+                     batch_rows: int = BATCH_ROWS, bulk: bool = True) -> LoadReport:
     """Load every dataset file in `folder` (one CSV per dataset, named after it) into
     the agency's store in one transaction: all of it, or nothing and a DataFileError
     naming file, line and column. With `replace` each dataset loaded becomes exactly
-    its file."""
-    return load_datasets(agency, datasets_of(agency), Path(folder), store, replace)
+    its file. `progress` hears after each batch of `batch_rows` rows and at the end of
+    each file (rows, bytes, seconds); `bulk=False` skips the bulk path (see
+    agents.common.loader)."""
+    return load_datasets(agency, datasets_of(agency), Path(folder), store, replace,
+                         progress=progress, batch_rows=batch_rows, bulk=bulk)

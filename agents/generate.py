@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import TextIO
 
 from agents.common.checks import (
     USCC_ALPHABET,
+    USCC_LENGTH,
     check_period,
     org_code_check_char,
     pair_subject,
@@ -54,7 +55,7 @@ RULE_IDS = (RULE_EXPORT_REBATE, RULE_REVENUE, RULE_IMPORT_UNDERVALUATION,
             RULE_PAYMENTS_WITHOUT_IMPORTS, RULE_OFFICER_RECORD)
 
 COMPANIES_MIN = 100
-COMPANIES_MAX = 2_000_000
+COMPANIES_MAX = 3_000_000
 MONTHS_MAX = 24
 DEFAULT_END_PERIOD = "2026-09"
 DEFAULT_MONTHS = 3
@@ -332,11 +333,50 @@ _PERSON_SCENARIOS: tuple[tuple[str, bool], ...] = (
 )
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """SplitMix64's finalizer: 64 well-mixed bits of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+@dataclass(slots=True)
+class _Company:
+    """What the generator knows of one company: drawn from its index and the seed alone
+    (see _Generator), so that it is never kept for every company."""
+
+    c: int
+    taxpayer: bool
+    region: str
+    status: str
+    exporter: bool
+    importer: bool
+    size: int  # typical monthly revenue, fen
+    account_count: int
+
+
 class _Generator:
+    """Writes the data set in one pass over the companies, keeping no more than a fixed
+    amount per company in memory (their codes, 18 bytes each) and the planted cases.
+
+    A company's and a person's own traits (taxpayer or not, status, size, accounts,
+    legal representative, police records) are drawn from bits of a hash of the seed
+    and the index, so that any company's traits are known when another refers to it
+    (an invoice's buyer, a payer's account) without being stored. What each does month
+    by month is drawn from one `random.Random(seed)` in company order.
+    """
+
     def __init__(self, config: GeneratorConfig, out: Path) -> None:
         self.config = config
         self.out = out
         self.rng = random.Random(config.seed)
+        self.salt = _mix(config.seed & _MASK64) ^ (config.seed >> 64)
+        self.n = config.companies
+        self.n_persons = self.n + self.n // 2
         self.periods = config.periods
         self.month_days: list[list[str]] = []
         for period in self.periods:
@@ -346,103 +386,177 @@ class _Generator:
             self.month_days.append([date.fromordinal(o).isoformat()
                                     for o in range(first, last)])
         self.planted: list[Planted] = []
+        # the few companies the planted cases change
+        self.taxpayer_override: dict[int, bool] = {}
+        self.status_override: dict[int, str] = {}
+        self.rep_override: dict[int, int] = {}
+        self.found: list[tuple[str, str, str]] = []
+        self.extra_accounts = 0
+
+    # -- traits drawn from the index ----------------------------------------------------
+
+    def _bits(self, index: int, stream: int) -> int:
+        return _mix(self.salt ^ (index * 8 + stream))
+
+    def company(self, c: int) -> _Company:
+        h0, h1 = self._bits(c, 0), self._bits(c, 1)
+        taxpayer = (h0 & 0xFFFF) >= 3277  # 95 in 100
+        regions = SHENZHEN_DISTRICTS if taxpayer else OTHER_REGIONS
+        u = ((h0 >> 16) & 0xFFFF) / 65536
+        status = "active" if u < 0.92 else "abnormal" if u < 0.97 else "deregistered"
+        # lognormal monthly revenue: median 300,000 CNY (Box-Muller on two 26-bit draws)
+        u1 = ((h1 & 0x3FFFFFF) + 1) / 67108864
+        u2 = ((h1 >> 26) & 0x3FFFFFF) / 67108864
+        gauss = math.sqrt(-2.0 * math.log(u1)) * math.cos(2 * math.pi * u2)
+        size = min(200_000_000 * CNY, int(300_000 * CNY * math.exp(1.1 * gauss))) + CNY
+        u = ((h0 >> 52) & 0xFF) / 256
+        count = (1 if u < 0.5 else 2 if u < 0.85 else 3) + (size > 3_000_000 * CNY)
+        h7 = self._bits(c, 7)
+        return _Company(c, self.taxpayer_override.get(c, taxpayer),
+                        regions[((h0 >> 32) & 0xFFFF) % 10],
+                        self.status_override.get(c, status),
+                        (h7 & 0x3FF) < 82, ((h7 >> 10) & 0x3FF) < 82,  # 8 in 100 each
+                        size, count)
+
+    def rep(self, c: int) -> int:
+        """The person index of the company's legal representative: its own, or (3 in
+        100) that of an earlier company."""
+        while True:
+            override = self.rep_override.get(c)
+            if override is not None:
+                return override
+            h = self._bits(c, 2)
+            if not c or (h & 0xFFFF) >= 1966:
+                return c
+            c = (h >> 16) % c
+
+    def uscc_of(self, c: int) -> str:
+        at = c * USCC_LENGTH
+        return self.usccs[at:at + USCC_LENGTH].decode("ascii")
+
+    def company_account(self, c: int, k: int) -> str:
+        bank = (self._bits(c, 3) >> (6 * k)) % len(BANKS)
+        return f"{BANKS[bank][1]}{((c * 8 + k + 1) * 7_919) % 10**13:013d}"
+
+    def person_region(self, i: int) -> str:
+        h = self._bits(i, 4)
+        if (h & 0xFFFF) < 39322:  # 60 in 100
+            return SHENZHEN_DISTRICTS[(h >> 16) % 10]
+        return OTHER_REGIONS[(h >> 32) % 10]
+
+    def person_id(self, i: int) -> str:
+        return _person_id(i, self.person_region(i))
+
+    def person_has_account(self, i: int) -> bool:
+        return i >= self.n or (self._bits(i, 5) & 0xFFFF) < 19661  # 30 in 100
+
+    def person_account(self, i: int) -> str:
+        bank = (self._bits(i, 5) >> 16) % len(BANKS)
+        return f"{BANKS[bank][1]}{((self.n * 8 + i + 1) * 7_919) % 10**13:013d}"
+
+    def random_person_account(self) -> str:
+        """An account of one of the persons who are no legal representative."""
+        return self.person_account(self.n + int(self.rng.random() * (self.n_persons - self.n)))
+
+    def natural_records(self, i: int) -> tuple[str, ...]:
+        """The kinds of the police records of a person no planted case is about."""
+        h = self._bits(i, 6)
+        if (h & 0xFFFF) >= 655:  # 1 in 100
+            return ()
+        first = RECORD_KINDS[(h >> 16) & 3]
+        if ((h >> 18) & 0xFF) < 51:  # 1 in 5 of them has two
+            return (first, RECORD_KINDS[(h >> 26) & 3])
+        return (first,)
+
+    def record_kinds(self, person: int) -> tuple[str, ...]:
+        planted = self.planted_records.get(person)
+        return planted if planted is not None else self.natural_records(person)
 
     # -- the population ---------------------------------------------------------------
 
     def people_and_companies(self) -> None:
-        rng, r = self.rng, self.rng.random
-        n = self.config.companies
-        n_holders = n // 2
-        self.n_persons = n + n_holders
-        self.person_ids = [_person_id(i, SHENZHEN_DISTRICTS[int(r() * 10)] if r() < 0.6
-                                      else OTHER_REGIONS[int(r() * 10)])
-                           for i in range(self.n_persons)]
-        self.person_names = [SURNAMES[int(r() * len(SURNAMES))]
-                             + "".join(GIVEN[int(r() * len(GIVEN))]
-                                       for _ in range(1 + (r() < 0.7)))
-                             for _ in range(self.n_persons)]
-
-        self.uscc: list[str] = []
-        self.company_names: list[str] = []
-        self.taxpayer: list[bool] = []
-        self.status: list[str] = []
-        self.exporter: list[bool] = []
-        self.importer: list[bool] = []
-        self.size: list[int] = []  # typical monthly revenue, fen
-        self.rep: list[int] = []
+        """Every company's code (18 bytes each: invoices name any company as buyer)."""
+        n = self.n
+        self.usccs = bytearray(n * USCC_LENGTH)
         for c in range(n):
-            is_taxpayer = r() >= 0.05
-            region = (SHENZHEN_DISTRICTS[int(r() * 10)] if is_taxpayer
-                      else OTHER_REGIONS[int(r() * 10)])
-            self.uscc.append(_uscc(region, _org8(c)))
-            if r() < 0.02:
-                name = (f'Shenzhen {LATIN_WORDS[int(r() * 8)]} "{LATIN_WORDS[int(r() * 8)]}" '
-                        "Trading Co., Ltd.")
-            else:
-                city = "深圳市" if is_taxpayer else ""
-                name = (f"{city}{WORDS[int(r() * 20)]}{TRADES[int(r() * 12)]}"
-                        f"{'股份' if r() < 0.1 else ''}有限公司")
-            self.company_names.append(_csv_text(name))
-            self.taxpayer.append(is_taxpayer)
-            u = r()
-            self.status.append("active" if u < 0.92 else "abnormal" if u < 0.97
-                               else "deregistered")
-            self.exporter.append(r() < 0.08)
-            self.importer.append(r() < 0.08)
-            # lognormal monthly revenue: median 300,000 CNY
-            self.size.append(min(200_000_000 * CNY,
-                                 int(300_000 * CNY * math.exp(rng.gauss(0.0, 1.1)))) + CNY)
-            # 3 in 100 companies share a legal representative with an earlier one
-            self.rep.append(self.rep[int(r() * c)] if c and r() < 0.03 else c)
-        assert len(set(self.uscc)) == n
-        assert len(set(self.person_ids)) == self.n_persons
+            code = _uscc(self.company(c).region, _org8(c)).encode("ascii")
+            self.usccs[c * USCC_LENGTH:(c + 1) * USCC_LENGTH] = code
+        assert len(set(self.uscc_of(c) for c in range(min(n, 50_000)))) == min(n, 50_000)
+
+    def _walk(self, pool: str) -> Iterator[int]:
+        """The companies of a pool, in an order drawn from the seed, each once."""
+        n = self.n
+        step = 1 + int(self.rng.random() * (n - 1))
+        while math.gcd(step, n) != 1:
+            step += 1
+        start = int(self.rng.random() * n)
+        for k in range(n):
+            c = (start + k * step) % n
+            co = self.company(c)
+            if co.exporter or co.importer:
+                continue
+            if pool == "non_taxpayer":
+                if not co.taxpayer:
+                    yield c
+            elif co.taxpayer and co.status == "active" and self.rep(c) == c:
+                yield c
 
     def assign_scenarios(self) -> None:
-        """Choose the planted companies, months and persons; set their attributes."""
+        """Choose the planted companies, months and persons; set their traits."""
         r = self.rng.random
-        n = self.config.companies
-        per = max(1, n // 2_500)
-        domestic = [c for c in range(n)
-                    if self.taxpayer[c] and self.status[c] == "active" and self.rep[c] == c
-                    and not self.exporter[c] and not self.importer[c]]
-        non_taxpayers = [c for c in range(n) if not self.taxpayer[c]
-                         and not self.exporter[c] and not self.importer[c]]
-        self.rng.shuffle(domestic)
-        self.rng.shuffle(non_taxpayers)
-        pools = {"domestic": domestic, "non_taxpayer": non_taxpayers}
+        per = max(1, self.n // 2_500)
+        domestic = self._walk("domestic")
+        non_taxpayers = self._walk("non_taxpayer")
+        taken: set[int] = set()
+
+        def take(pool: Iterator[int]) -> int | None:
+            for c in pool:
+                if c not in taken:
+                    taken.add(c)
+                    return c
+            return None
+
         months = len(self.periods)
-        self.scenario_of: dict[tuple[int, int], str] = {}
+        self.scenario_of: dict[int, list[tuple[int, str]]] = {}
         for name, _rule, pool_name, needs_before, _finding in _SCENARIOS:
             if needs_before and months < 2:
                 continue
-            pool = pools[pool_name]
             for _ in range(per):
-                if not pool and pool_name == "non_taxpayer" and domestic:
+                c = take(non_taxpayers if pool_name == "non_taxpayer" else domestic)
+                if c is None and pool_name == "non_taxpayer":
                     # a small population may lack one: make a company unknown to tax
-                    self.taxpayer[domestic[-1]] = False
-                    pool.append(domestic.pop())
-                if not pool:
+                    c = take(domestic)
+                    if c is not None:
+                        self.taxpayer_override[c] = False
+                if c is None:
                     raise MalformedInput(f"too few companies to plant every case; "
                                          f"use at least {COMPANIES_MIN}")
-                c = pool.pop()
                 p = (1 if needs_before else 0) + int(r() * (months - (1 if needs_before else 0)))
-                self.scenario_of[(c, p)] = name
+                self.scenario_of.setdefault(c, []).append((p, name))
         self.person_scenarios: list[tuple[str, int, int | None]] = []  # (name, c, c2)
         for name, _finding in _PERSON_SCENARIOS:
             for _ in range(per):
-                if len(domestic) < 2:
+                c = take(domestic)
+                c2 = take(domestic) if name == "r5_two_companies" else None
+                if c is None or (name == "r5_two_companies" and c2 is None):
                     raise MalformedInput(f"too few companies to plant every case; "
                                          f"use at least {COMPANIES_MIN}")
-                c = domestic.pop()
-                c2 = None
-                if name == "r5_two_companies":
-                    c2 = domestic.pop()
-                    self.rep[c2] = self.rep[c]
+                if c2 is not None:
+                    self.rep_override[c2] = self.rep(c)
                 elif name == "r5_deregistered":
-                    self.status[c] = "deregistered"
+                    self.status_override[c] = "deregistered"
                 elif name == "r5_abnormal":
-                    self.status[c] = "abnormal"
+                    self.status_override[c] = "abnormal"
                 self.person_scenarios.append((name, c, c2))
+        self.planted_records: dict[int, tuple[str, ...]] = {}
+        for name, c, _c2 in self.person_scenarios:
+            kinds = {"r5_fraud_conviction": ("fraud_conviction",),
+                     "r5_two_companies": ("fraud_conviction",),
+                     "r5_lost_id_report": ("lost_id_report",),
+                     "r5_under_investigation": ("under_investigation",),
+                     "r5_also_under_investigation": ("under_investigation", "wanted"),
+                     }.get(name, ("wanted",))  # r5_wanted, the inactive taxpayers' reps
+            self.planted_records[self.rep(c)] = kinds
 
     # -- writing ------------------------------------------------------------------------
 
@@ -450,9 +564,8 @@ class _Generator:
         self.w = _Writer(self.out)
         try:
             self.write_persons_and_records()
-            self.write_taxpayers()
-            self.write_accounts()
-            self.write_activity()
+            self.write_companies()
+            self.rich_persons()
         finally:
             self.w.close()
         self.write_ground_truth()
@@ -461,114 +574,106 @@ class _Generator:
         r = self.rng.random
         w = self.w
         persons = w.buffer("police/persons")
-        for i in range(self.n_persons):
-            persons.append(f"{self.person_ids[i]},{self.person_names[i]}\n")
-            if len(persons) >= FLUSH_LINES:
-                w.flush("police/persons")
         records = w.buffer("police/records")
-        self.record_kinds: dict[int, set[str]] = {}
-        planted_persons = {self.rep[c] for _, c, _ in self.person_scenarios}
-        n_records = [0]
-
-        def record(person: int, kind: str) -> None:
-            n_records[0] += 1
-            year = 2012 + int(r() * 14)
-            recorded_on = f"{year}-{1 + int(r() * 12):02d}-{1 + int(r() * 28):02d}"
-            case_no = ("" if kind == "lost_id_report" and r() < 0.7
-                       else f"深公经〔{year}〕{1 + int(r() * 9999)}号")
-            records.append(f"R{n_records[0]:09d},{self.person_ids[person]},{kind},{case_no},"
-                           f"{recorded_on}\n")
-            self.record_kinds.setdefault(person, set()).add(kind)
-
-        for i in range(self.n_persons):
-            if i not in planted_persons and r() < 0.01:
-                record(i, RECORD_KINDS[int(r() * 4)])
-                if r() < 0.2:
-                    record(i, RECORD_KINDS[int(r() * 4)])
-        for name, c, _c2 in self.person_scenarios:
-            person = self.rep[c]
-            if name == "r5_fraud_conviction" or name == "r5_two_companies":
-                record(person, "fraud_conviction")
-            elif name == "r5_lost_id_report":
-                record(person, "lost_id_report")
-            elif name == "r5_under_investigation":
-                record(person, "under_investigation")
-            elif name == "r5_also_under_investigation":
-                record(person, "under_investigation")
-                record(person, "wanted")
-            else:  # r5_wanted and the inactive taxpayers' representatives
-                record(person, "wanted")
-        w.flush("police/persons")
-        w.flush("police/records")
-
-    def write_taxpayers(self) -> None:
-        r = self.rng.random
-        w = self.w
-        lines = w.buffer("tax/taxpayers")
-        start = date(1995, 1, 1).toordinal()
-        span = date.fromisoformat(period_bounds(self.periods[0])[0]).toordinal() - start - 30
-        for c in range(self.config.companies):
-            if not self.taxpayer[c]:
-                continue
-            registered_on = date.fromordinal(start + int(r() * span)).isoformat()
-            lines.append(f"{self.uscc[c]},{self.company_names[c]},"
-                         f"{self.person_ids[self.rep[c]]},{self.status[c]},{registered_on}\n")
-            if len(lines) >= FLUSH_LINES:
-                w.flush("tax/taxpayers")
-        w.flush("tax/taxpayers")
-
-    def write_accounts(self) -> None:
-        r = self.rng.random
-        w = self.w
-        lines = w.buffer("pboc/accounts")
+        accounts = w.buffer("pboc/accounts")
         start = date(2003, 1, 1).toordinal()
         span = date.fromisoformat(period_bounds(self.periods[0])[0]).toordinal() - start - 1
-        n = self.config.companies
-        self.company_accounts: list[list[str]] = []
-        self.account_owner: dict[str, int] = {}  # company accounts only
-        seq = 0
-
-        def open_account(holder_kind: str, holder_id: str) -> str:
-            nonlocal seq
-            seq += 1
-            bank, prefix = BANKS[int(r() * len(BANKS))]
-            account_no = f"{prefix}{(seq * 7_919) % 10**13:013d}"
-            opened_on = date.fromordinal(start + int(r() * span)).isoformat()
-            lines.append(f"{account_no},{holder_kind},{holder_id},{bank},{opened_on}\n")
-            if len(lines) >= FLUSH_LINES:
-                w.flush("pboc/accounts")
-            return account_no
-
-        for c in range(n):
-            u = r()
-            count = 1 if u < 0.5 else 2 if u < 0.85 else 3
-            if self.size[c] > 3_000_000 * CNY:
-                count += 1
-            accounts = [open_account("company", self.uscc[c]) for _ in range(count)]
-            self.company_accounts.append(accounts)
-            for a in accounts:
-                self.account_owner[a] = c
-        self.person_accounts: list[str] = []
+        n_records = 0
         for i in range(self.n_persons):
-            if i >= n or r() < 0.3:
-                self.person_accounts.append(open_account("person", self.person_ids[i]))
+            person_id = self.person_id(i)
+            name = (SURNAMES[int(r() * len(SURNAMES))]
+                    + "".join(GIVEN[int(r() * len(GIVEN))] for _ in range(1 + (r() < 0.7))))
+            persons.append(f"{person_id},{name}\n")
+            for kind in self.record_kinds(i):
+                n_records += 1
+                year = 2012 + int(r() * 14)
+                recorded_on = f"{year}-{1 + int(r() * 12):02d}-{1 + int(r() * 28):02d}"
+                case_no = ("" if kind == "lost_id_report" and r() < 0.7
+                           else f"深公经〔{year}〕{1 + int(r() * 9999)}号")
+                records.append(f"R{n_records:09d},{person_id},{kind},{case_no},"
+                               f"{recorded_on}\n")
+            if self.person_has_account(i):
+                bank = BANKS[(self._bits(i, 5) >> 16) % len(BANKS)][0]
+                opened_on = date.fromordinal(start + int(r() * span)).isoformat()
+                accounts.append(f"{self.person_account(i)},person,{person_id},{bank},"
+                                f"{opened_on}\n")
+            if len(persons) >= FLUSH_LINES:
+                w.flush("police/persons")
+                w.flush("police/records")
+                w.flush("pboc/accounts")
+        w.flush("police/persons")
+        w.flush("police/records")
         w.flush("pboc/accounts")
-        assert len(self.account_owner) == sum(len(a) for a in self.company_accounts)
+
+    def write_companies(self) -> None:
+        """Each company in turn: its taxpayer row, its accounts, its months."""
+        r = self.rng.random
+        w = self.w
+        taxpayers = w.buffer("tax/taxpayers")
+        accounts = w.buffer("pboc/accounts")
+        tax_start = date(1995, 1, 1).toordinal()
+        first_day = date.fromisoformat(period_bounds(self.periods[0])[0]).toordinal()
+        tax_span = first_day - tax_start - 30
+        bank_start = date(2003, 1, 1).toordinal()
+        bank_span = first_day - bank_start - 1
+        months = len(self.periods)
+        self.seq = {"txn": 0, "invoice": 0, "decl": 0, "claim": 0}
+        for c in range(self.n):
+            co = self.co = self.company(c)
+            uscc = self.uscc_of(c)
+            if co.taxpayer:
+                if r() < 0.02:
+                    name = (f'Shenzhen {LATIN_WORDS[int(r() * 8)]} "{LATIN_WORDS[int(r() * 8)]}" '
+                            "Trading Co., Ltd.")
+                else:
+                    name = (f"深圳市{WORDS[int(r() * 20)]}{TRADES[int(r() * 12)]}"
+                            f"{'股份' if r() < 0.1 else ''}有限公司")
+                registered_on = date.fromordinal(tax_start + int(r() * tax_span)).isoformat()
+                taxpayers.append(f"{uscc},{_csv_text(name)},{self.person_id(self.rep(c))},"
+                                 f"{co.status},{registered_on}\n")
+            self.accounts = [self.company_account(c, k) for k in range(co.account_count)]
+            for k, account_no in enumerate(self.accounts):
+                bank = BANKS[(self._bits(c, 3) >> (6 * k)) % len(BANKS)][0]
+                opened_on = date.fromordinal(bank_start + int(r() * bank_span)).isoformat()
+                accounts.append(f"{account_no},company,{uscc},{bank},{opened_on}\n")
+            self.account_owner = dict.fromkeys(self.accounts, c)
+            # The books of this company, per month, in fen.
+            self.book_inflow = [0] * months
+            self.book_outbound_cb = [0] * months
+            self.book_imports = [0] * months
+            self.book_import_count = [0] * months
+            self.book_exports = [0] * months
+            self.book_claimed = [0] * months
+            self.book_claims = [0] * months
+            self.book_declared: list[int | None] = [None] * months
+            plans = [self.base_plan(c) for _ in range(months)]
+            for p, name in sorted(self.scenario_of.get(c, ())):
+                plans[p] = self.scenario_plan(name, c, p, plans)
+            for p in range(months):
+                self.emit_month(c, p, plans[p])
+            self.company_findings(co, uscc)
+            for key in ("tax/taxpayers", "pboc/accounts"):
+                if len(w.buffers[key]) >= FLUSH_LINES:
+                    w.flush(key)
+        for key in w.buffers:
+            w.flush(key)
 
     # -- the monthly activity -------------------------------------------------------------
 
     def base_plan(self, c: int) -> MonthPlan:
         r = self.rng.random
-        revenue = max(10_000 * CNY, int(self.size[c] * (0.8 + 0.4 * r())))
+        co = self.co
+        assert co.c == c
+        revenue = max(10_000 * CNY, int(co.size * (0.8 + 0.4 * r())))
         plan = MonthPlan()
-        if self.taxpayer[c] and self.status[c] == "deregistered":
+        if co.taxpayer and co.status == "deregistered":
             plan.invoices = False
             return plan  # a dormant company: its accounts stay quiet
         plan.inflow = int(revenue * (0.75 + 0.5 * r()))
-        if not self.taxpayer[c]:
+        if not co.taxpayer:
             plan.inflow = min(plan.inflow, 900_000 * CNY)  # declares its revenue elsewhere
             plan.invoices = False
-        elif self.status[c] == "abnormal":
+        elif co.status == "abnormal":
             plan.invoices = False  # an abnormal taxpayer has stopped declaring;
             if r() < 0.9:  # most have also stopped trading
                 plan.inflow = min(plan.inflow, int(900_000 * CNY * r()) + CNY)
@@ -576,17 +681,17 @@ class _Generator:
             plan.inflow = min(plan.inflow, 900_000 * CNY)  # a month not declared
         else:
             plan.declared = revenue
-        if len(self.company_accounts[c]) > 1 and r() < 0.3:
+        if len(self.accounts) > 1 and r() < 0.3:
             plan.internal = int(revenue * (0.1 + 0.4 * r())) + CNY
         plan.out_domestic = int(revenue * (0.6 + 0.35 * r())) + CNY
-        if self.exporter[c]:
+        if co.exporter:
             exports = int(revenue * (0.3 + 0.6 * r())) + CNY
             plan.exports = [(v, None) for v in _split(exports, 1 + int(r() * 4), r)]
             plan.inflow_cross_border_share = 0.5 + 0.4 * r()
-            if self.taxpayer[c] and r() < 0.85:
+            if co.taxpayer and r() < 0.85:
                 claimed = int(exports * (0.85 + 0.35 * r())) + CNY
                 plan.claims = _split(claimed, 1 + int(r() * 2), r)
-        if self.importer[c]:
+        if co.importer:
             imports = int(revenue * (0.2 + 0.5 * r())) + CNY
             plan.imports = [(v, None) for v in _split(imports, 1 + int(r() * 4), r)]
             plan.outbound_cb = int(imports * (0.85 + 0.3 * r())) + CNY
@@ -637,8 +742,8 @@ class _Generator:
                 declared = amount(500_000, 2_000_000)
                 inflow = declared * 11 // 10
                 plan.internal = declared * 5 + R2_EXCESS_MIN * 5
-                if len(self.company_accounts[c]) < 2:
-                    self.company_accounts[c].append(self.extra_account(c))
+                if len(self.accounts) < 2:
+                    self.accounts.append(self.extra_account(c))
             else:  # r2_inbound_cross_border: receipts from abroad count as inflows
                 declared = amount(200_000, 1_000_000)
                 inflow = declared * 2 + R2_EXCESS_MIN
@@ -695,39 +800,12 @@ class _Generator:
 
     def extra_account(self, c: int) -> str:
         """A second account for a planted company that moves money between its own."""
-        self.extra_accounts.append(c)
-        account_no = f"{EXTRA_ACCOUNT_PREFIX}{len(self.extra_accounts):013d}"
+        self.extra_accounts += 1
+        account_no = f"{EXTRA_ACCOUNT_PREFIX}{self.extra_accounts:013d}"
         self.account_owner[account_no] = c
         self.w.buffer("pboc/accounts").append(
-            f"{account_no},company,{self.uscc[c]},{BANKS[0][0]},2020-01-02\n")
+            f"{account_no},company,{self.uscc_of(c)},{BANKS[0][0]},2020-01-02\n")
         return account_no
-
-    def write_activity(self) -> None:
-        n = self.config.companies
-        months = len(self.periods)
-        self.extra_accounts: list[int] = []
-        # The books: per company and month (index c * months + p), in fen.
-        self.book_inflow = [0] * (n * months)
-        self.book_outbound_cb = [0] * (n * months)
-        self.book_imports = [0] * (n * months)
-        self.book_import_count = [0] * (n * months)
-        self.book_exports = [0] * (n * months)
-        self.book_claimed = [0] * (n * months)
-        self.book_claims = [0] * (n * months)
-        self.book_declared: list[int | None] = [None] * (n * months)
-        self.seq = {"txn": 0, "invoice": 0, "decl": 0, "claim": 0}
-
-        plans_of: dict[int, list[MonthPlan]] = {}
-        for (c, p), name in sorted(self.scenario_of.items()):
-            plans = plans_of.setdefault(c, [self.base_plan(c) for _ in range(months)])
-            plans[p] = self.scenario_plan(name, c, p, plans)
-        for c in range(n):
-            plans = plans_of.get(c) or [self.base_plan(c) for _ in range(months)]
-            for p in range(months):
-                self.emit_month(c, p, plans[p])
-        self.rich_persons()
-        for key in self.w.buffers:
-            self.w.flush(key)
 
     def emit_month(self, c: int, p: int, plan: MonthPlan) -> None:
         r = self.rng.random
@@ -735,9 +813,9 @@ class _Generator:
         days = self.month_days[p]
         n_days = len(days)
         period = self.periods[p]
-        uscc = self.uscc[c]
-        at = c * len(self.periods) + p
-        accounts = self.company_accounts[c]
+        uscc = self.uscc_of(c)
+        at = p
+        accounts = self.accounts
         txns = w.buffer("pboc/transactions")
         txn = self.txn
 
@@ -759,14 +837,14 @@ class _Generator:
                     continue
                 u = r()
                 if u < 0.35:
-                    payer = int(r() * (self.config.companies - 1))
+                    payer = int(r() * (self.n - 1))
                     payer += payer >= c
-                    payer_accounts = self.company_accounts[payer]
-                    other = payer_accounts[int(r() * len(payer_accounts))]
+                    other = self.company_account(
+                        payer, int(r() * self.company(payer).account_count))
                     txn(other, account, amount, "out", 0, day, p)
                     txn(account, other, amount, "in", 0, day, p)
                 elif u < 0.5:
-                    person = self.person_accounts[int(r() * len(self.person_accounts))]
+                    person = self.random_person_account()
                     txn(person, account, amount, "out", 0, day, p)
                     txn(account, person, amount, "in", 0, day, p)
                 else:
@@ -783,7 +861,7 @@ class _Generator:
                 account = accounts[int(r() * len(accounts))]
                 day = days[int(r() * n_days)]
                 if r() < 0.3:  # wages
-                    person = self.person_accounts[int(r() * len(self.person_accounts))]
+                    person = self.random_person_account()
                     txn(account, person, amount, "out", 0, day, p)
                     txn(person, account, amount, "in", 0, day, p)
                 else:
@@ -825,16 +903,16 @@ class _Generator:
             self.book_claims[at] += 1
 
         # VAT invoices: most of the revenue, in many invoices; exporters' part as export
-        if plan.invoices and self.taxpayer[c]:
+        if plan.invoices and self.co.taxpayer:
             invoices = w.buffer("tax/vat_invoices")
-            revenue = plan.declared or plan.inflow or self.size[c]
+            revenue = plan.declared or plan.inflow or self.co.size
             count = 1 + int(r() * r() * 12) + int(revenue > 2_000_000 * CNY) * 3
             export_value = sum(v for v, _ in plan.exports)
             n_export = min(count - 1, len(plan.exports)) if export_value else 0
             domestic = max(revenue - export_value, count * CNY)
             amounts = (_split(domestic, count - n_export, r)
                        + (_split(export_value, n_export, r) if n_export else []))
-            n = self.config.companies
+            n = self.n
             for k, amount in enumerate(amounts):
                 self.seq["invoice"] += 1
                 kind = "export" if k >= count - n_export else "domestic"
@@ -843,7 +921,7 @@ class _Generator:
                 buyer = int(r() * (n - 1))
                 buyer += buyer >= c
                 invoices.append(
-                    f"{period[2:4]}442000{self.seq['invoice']:012d},{uscc},{self.uscc[buyer]},"
+                    f"{period[2:4]}442000{self.seq['invoice']:012d},{uscc},{self.uscc_of(buyer)},"
                     f"{fmt_fen(amount)},{fmt_fen((amount * rate + 50) // 100)},"
                     f"{days[int(r() * n_days)]},{kind}\n")
             if len(invoices) >= FLUSH_LINES:
@@ -851,20 +929,19 @@ class _Generator:
 
     def txn(self, account: str, counterparty: str, amount: int, direction: str,
             cross_border: int, day: str, p: int) -> None:
-        """Write one transaction and keep the books, as the contract counts."""
+        """Write one transaction and keep the books of the company being written (the
+        other side of a transfer is the payer's out, which no book counts)."""
         self.seq["txn"] += 1
         self.w.buffers["pboc/transactions"].append(
             f"T{day[:4]}{self.seq['txn']:011d},{account},{counterparty},{fmt_fen(amount)},"
             f"{direction},{cross_border},{day}\n")
-        owner = self.account_owner.get(account)
-        if owner is None:
-            return  # a person's account: no subject
-        at = owner * len(self.periods) + p
+        if account not in self.account_owner:
+            return  # a person's account or another company's out: no book counts it
         if direction == "in":
-            if self.account_owner.get(counterparty) != owner:
-                self.book_inflow[at] += amount
+            if counterparty not in self.account_owner:
+                self.book_inflow[p] += amount
         elif cross_border:
-            self.book_outbound_cb[at] += amount
+            self.book_outbound_cb[p] += amount
 
     def outside_account(self) -> str:
         r = self.rng.random
@@ -878,9 +955,10 @@ class _Generator:
     def rich_persons(self) -> None:
         """Decoys: persons with large inflows and payments abroad make no subject."""
         r = self.rng.random
-        count = max(1, self.config.companies // 2_500) * 3
+        self.account_owner = {}
+        count = max(1, self.n // 2_500) * 3
         for _ in range(count):
-            account = self.person_accounts[int(r() * len(self.person_accounts))]
+            account = self.random_person_account()
             p = int(r() * len(self.periods))
             days = self.month_days[p]
             self.txn(account, self.outside_account(), int((2_000_000 + 8_000_000 * r()) * CNY),
@@ -890,56 +968,50 @@ class _Generator:
 
     # -- ground truth ---------------------------------------------------------------------
 
-    def findings(self) -> list[tuple[str, str, str]]:
-        """(rule_id, subject, period) for every finding, from the books."""
-        found: list[tuple[str, str, str]] = []
-        months = len(self.periods)
-        for c in range(self.config.companies):
-            uscc = self.uscc[c]
-            for p, period in enumerate(self.periods):
-                at = c * months + p
-                claimed, exports = self.book_claimed[at], self.book_exports[at]
-                if self.book_claims[at] and 5 * exports < 4 * claimed:
-                    found.append((RULE_EXPORT_REBATE, uscc, period))
-                inflow, declared = self.book_inflow[at], self.book_declared[at] or 0
-                excess = inflow - declared
-                if 2 * excess > declared and excess > R2_EXCESS_MIN:
-                    found.append((RULE_REVENUE, uscc, period))
-                payments, imports = self.book_outbound_cb[at], self.book_imports[at]
-                excess = payments - imports
-                if (self.book_import_count[at] and 10 * excess > 3 * imports
-                        and excess > R3_EXCESS_MIN):
-                    found.append((RULE_IMPORT_UNDERVALUATION, uscc, period))
-                if payments > R4_PAYMENTS_MIN and not self.book_import_count[at]:
-                    found.append((RULE_PAYMENTS_WITHOUT_IMPORTS, uscc, period))
-            if self.taxpayer[c] and self.status[c] == "active":
-                kinds = self.record_kinds.get(self.rep[c], set())
-                if any(k in kinds for k in FLAGGING_KINDS):
-                    found.append((RULE_OFFICER_RECORD,
-                                  pair_subject(uscc, self.person_ids[self.rep[c]]), ""))
-        return sorted(found)
+    def company_findings(self, co: _Company, uscc: str) -> None:
+        """The findings about the company just written, from its books."""
+        found = self.found
+        for p, period in enumerate(self.periods):
+            claimed, exports = self.book_claimed[p], self.book_exports[p]
+            if self.book_claims[p] and 5 * exports < 4 * claimed:
+                found.append((RULE_EXPORT_REBATE, uscc, period))
+            inflow, declared = self.book_inflow[p], self.book_declared[p] or 0
+            excess = inflow - declared
+            if 2 * excess > declared and excess > R2_EXCESS_MIN:
+                found.append((RULE_REVENUE, uscc, period))
+            payments, imports = self.book_outbound_cb[p], self.book_imports[p]
+            excess = payments - imports
+            if (self.book_import_count[p] and 10 * excess > 3 * imports
+                    and excess > R3_EXCESS_MIN):
+                found.append((RULE_IMPORT_UNDERVALUATION, uscc, period))
+            if payments > R4_PAYMENTS_MIN and not self.book_import_count[p]:
+                found.append((RULE_PAYMENTS_WITHOUT_IMPORTS, uscc, period))
+        if co.taxpayer and co.status == "active":
+            rep = self.rep(co.c)
+            if any(k in FLAGGING_KINDS for k in self.record_kinds(rep)):
+                found.append((RULE_OFFICER_RECORD, pair_subject(uscc, self.person_id(rep)), ""))
 
     def write_ground_truth(self) -> None:
-        found = self.findings()
-        self.check_planted(set(found))
-        lines = ["rule_id,subject,period\n"]
-        lines.extend(f"{rule},{subject},{period}\n" for rule, subject, period in found)
-        (self.out / "ground_truth.csv").write_text("".join(lines), encoding="utf-8")
-        self.found = found
+        self.found.sort()
+        self.check_planted(set(self.found))
+        with open(self.out / "ground_truth.csv", "w", encoding="utf-8", newline="") as f:
+            f.write("rule_id,subject,period\n")
+            f.writelines(f"{rule},{subject},{period}\n" for rule, subject, period in self.found)
 
     def check_planted(self, found: set[tuple[str, str, str]]) -> None:
         """Every planted case must be found and every decoy must not: a generator bug
         otherwise."""
         rules = {name: (rule, finding) for name, rule, _, _, finding in _SCENARIOS}
-        for (c, p), name in sorted(self.scenario_of.items()):
-            rule, finding = rules[name]
-            item = Planted(name, rule, self.uscc[c], self.periods[p], finding)
-            self.planted.append(item)
-            assert ((rule, item.subject, item.period) in found) == finding, item
+        for c, cases in sorted(self.scenario_of.items()):
+            for p, name in sorted(cases):
+                rule, finding = rules[name]
+                item = Planted(name, rule, self.uscc_of(c), self.periods[p], finding)
+                self.planted.append(item)
+                assert ((rule, item.subject, item.period) in found) == finding, item
         expected = dict(_PERSON_SCENARIOS)
         for name, c, c2 in self.person_scenarios:
             for company in (c,) if c2 is None else (c, c2):
-                subject = pair_subject(self.uscc[company], self.person_ids[self.rep[company]])
+                subject = pair_subject(self.uscc_of(company), self.person_id(self.rep(company)))
                 item = Planted(name, RULE_OFFICER_RECORD, subject, "", expected[name])
                 self.planted.append(item)
                 assert ((RULE_OFFICER_RECORD, subject, "") in found) == expected[name], item

@@ -14,17 +14,27 @@ One load is one transaction over every dataset file in the folder:
 
 Any problem rolls the whole load back and raises DataFileError; nothing is written.
 Dataset files absent from the folder leave their datasets as they are.
+
+A store that offers a bulk session (SQLite) is loaded by the bulk path first: whole
+columns checked at once (agents.common.bulk), rows written straight into the tables with
+their indexes built after, references checked on the tables, all in one transaction. It
+takes only a load without any problem; at the first sign of one it rolls back and the
+load runs again by the steps above, which name the problem as they always have. So both
+paths accept the same loads, store the same rows and refuse the rest with the same
+errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.common.bulk import BATCH_ROWS, BulkFileReader, NotBulk, code_memory, read_ahead
 from agents.common.csvread import DataFileError, DatasetFileReader, FileProblem, ProblemFound
 from agents.common.schema import Dataset
-from agents.common.store import AgencyStore, LoadSession
+from agents.common.store import AgencyStore, LoadSession, RowsRefused, SqliteAgencyStore
 from exchange.errors import MalformedInput
 
 
@@ -38,6 +48,33 @@ class FileLoad:
     rows_before: int  # rows the dataset held before
     rows_after: int  # rows it holds now
     sha256: str  # of the file's bytes
+    # how it was loaded, which is no part of what it did (so not compared):
+    method: str = field(default="rows", compare=False)  # "bulk" or "rows": which path
+    size_bytes: int = field(default=0, compare=False)
+    # reading, checking and writing it (and building its indexes)
+    seconds: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """How far the load of one file is: sent to a load's progress callback after each
+    batch of rows and when the file is done."""
+
+    dataset: str
+    file: str
+    method: str  # "bulk" or "rows"
+    rows: int  # rows read so far
+    bytes_read: int
+    size_bytes: int
+    seconds: float  # since the file's reading began
+    done: bool  # the file is read, checked and written (its indexes built)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+Progress = Callable[[LoadProgress], None]
 
 
 @dataclass(frozen=True)
@@ -79,23 +116,97 @@ def dataset_files(datasets: Sequence[Dataset], folder: Path) -> dict[str, Path]:
 
 
 def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
-                  store: AgencyStore, replace: bool = False) -> LoadReport:
-    """Load the dataset files of `folder` into `store`, atomically (see the module)."""
+                  store: AgencyStore, replace: bool = False, *,
+                  progress: Progress | None = None, batch_rows: int = BATCH_ROWS,
+                  bulk: bool = True) -> LoadReport:
+    """Load the dataset files of `folder` into `store`, atomically (see the module).
+
+    `progress` is called after each batch of `batch_rows` rows and at the end of each
+    file; `bulk=False` takes the row path straight away."""
+    assert batch_rows > 0
     if store.agency != agency:
         raise MalformedInput(f"the store holds {store.agency!r} data, not {agency!r}")
     files = dataset_files(datasets, folder)
+    if bulk and isinstance(store, SqliteAgencyStore):
+        try:
+            return _load_bulk(agency, datasets, folder, files, store, replace, progress,
+                              batch_rows)
+        except (NotBulk, RowsRefused):
+            pass  # rolled back: the row path finds and names the problem
+    return _load_rows(agency, datasets, folder, files, store, replace, progress, batch_rows)
+
+
+def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
+               files: dict[str, Path], store: SqliteAgencyStore, replace: bool,
+               progress: Progress | None, batch_rows: int) -> LoadReport:
+    present = [d for d in datasets if d.name in files]
+    by_name = {d.name: d for d in datasets}
+    loads: list[FileLoad] = []
+    codes = code_memory()
+    readers = [BulkFileReader(files[d.name], d, _display(folder, d.file_name), batch_rows,
+                              codes) for d in present]
+    try:
+        with store.bulk_session() as session:
+            current: BulkFileReader | None = None
+            started = before = 0.0
+            written = 0
+            for reader, batch in read_ahead(readers):
+                dataset = reader.dataset
+                if reader is not current:
+                    current, started, written = reader, time.perf_counter(), 0
+                    before = session.rows_stored(dataset)
+                    session.begin(dataset, replace)
+                if batch is not None:
+                    session.write(dataset, batch)
+                    written += len(batch)
+                    if progress is not None:  # the reader may be a few batches ahead
+                        progress(LoadProgress(dataset.name, reader.display_name, "bulk",
+                                              written, reader.bytes_read,
+                                              reader.size_bytes,
+                                              time.perf_counter() - started, False))
+                    continue
+                session.finish(dataset)
+                seconds = time.perf_counter() - started
+                loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
+                                      int(before), session.rows_stored(dataset),
+                                      reader.sha256, "bulk", reader.size_bytes,
+                                      round(seconds, 3)))
+                if progress is not None:
+                    progress(LoadProgress(dataset.name, reader.display_name, "bulk",
+                                          reader.rows, reader.size_bytes, reader.size_bytes,
+                                          seconds, True))
+            assert len(loads) == len(present)
+            for dataset in present:
+                for ref in dataset.references:
+                    session.check_references(dataset, ref, by_name[ref.target])
+            if replace and _check_orphans(session, datasets, files, folder):
+                raise RowsRefused("replace would orphan stored rows")
+            for dataset, load in zip(present, loads, strict=True):
+                session.log_file(dataset, dataset.file_name, load.sha256, load.rows, replace)
+    except OSError as exc:
+        raise MalformedInput(f"{exc.filename}: {exc.strerror} (nothing was loaded)") from exc
+    return LoadReport(agency=agency, folder=str(folder), replace=replace, files=tuple(loads))
+
+
+def _load_rows(agency: str, datasets: Sequence[Dataset], folder: Path,
+               files: dict[str, Path], store: AgencyStore, replace: bool,
+               progress: Progress | None, batch_rows: int) -> LoadReport:
     present = [d for d in datasets if d.name in files]
     by_name = {d.name: d for d in datasets}
     problems: list[FileProblem] = []
     readers: dict[str, DatasetFileReader] = {}
     loads: list[FileLoad] = []
+    started: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     try:
         with store.load_session() as session:
             for dataset in present:
+                started[dataset.name] = time.perf_counter()
                 reader = DatasetFileReader(files[dataset.name], dataset,
-                                           _display(folder, dataset.file_name))
+                                           _display(folder, dataset.file_name), batch_rows)
                 readers[dataset.name] = reader
                 problem = _stage_file(session, reader)
+                seconds[dataset.name] = time.perf_counter() - started[dataset.name]
                 if problem is not None:
                     problems.append(problem)
             if problems:
@@ -110,10 +221,17 @@ def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
                 raise DataFileError(problems)
 
             for dataset in present:
+                merged_at = time.perf_counter()
                 counts = session.merge(dataset, replace)
                 reader = readers[dataset.name]
+                took = seconds[dataset.name] + time.perf_counter() - merged_at
+                size = files[dataset.name].stat().st_size
                 loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
-                                      counts.rows_before, counts.rows_after, reader.sha256))
+                                      counts.rows_before, counts.rows_after, reader.sha256,
+                                      "rows", size, round(took, 3)))
+                if progress is not None:
+                    progress(LoadProgress(dataset.name, reader.display_name, "rows",
+                                          reader.rows, size, size, took, True))
 
             if replace:
                 problems.extend(_check_orphans(session, datasets, files, folder))

@@ -166,8 +166,7 @@ def create_table_sql(dataset: Dataset) -> list[str]:
     statements = [f'CREATE TABLE IF NOT EXISTS "{dataset.name}" '
                   f'({", ".join(cols)}, PRIMARY KEY ({key}))']
     for index in store_indexes(dataset):
-        name = f"{dataset.name}_by_{'_'.join(index)}"
-        statements.append(f'CREATE INDEX IF NOT EXISTS "{name}" '
+        statements.append(f'CREATE INDEX IF NOT EXISTS "{_index_name(dataset, index)}" '
                           f'ON "{dataset.name}" ({_columns(index)})')
     return statements
 
@@ -241,6 +240,21 @@ class SqliteAgencyStore:
     def load_session(self) -> Iterator[LoadSession]:
         with self._lock:
             session = _SqliteLoadSession(self._db)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield session
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                session.drop_staging()
+                raise
+            self._db.execute("COMMIT")
+            session.drop_staging()
+
+    @contextlib.contextmanager
+    def bulk_session(self) -> Iterator[SqliteBulkSession]:
+        """One atomic load through the bulk path (see SqliteBulkSession)."""
+        with self._lock:
+            session = SqliteBulkSession(self._db)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield session
@@ -410,6 +424,97 @@ class _SqliteLoadSession:
             self._db.execute(f"DROP TABLE IF EXISTS {_stage_table(dataset)}")
         self._staged.clear()
         self._insert_sql.clear()
+
+
+class RowsRefused(Exception):
+    """The bulk path met a problem (a key repeated in a file, a reference that does not
+    resolve, a row a replace would orphan) that the row path must find and name."""
+
+
+class SqliteBulkSession(_SqliteLoadSession):
+    """A load written straight into the tables, for rows already known to be valid.
+
+    A dataset that is empty (or emptied by replace) gets its rows inserted into its table
+    with its secondary indexes dropped and built again after, in the same transaction;
+    its primary key catches a repeated key. A dataset with stored rows gets them through
+    a staging table keyed like it, then merged as the row path merges. References and
+    orphans are checked on the tables once every file is in. Any problem raises
+    RowsRefused, and the caller rolls the whole load back.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        super().__init__(db)
+        self._direct: dict[str, bool] = {}
+        self._sql: dict[str, str] = {}
+
+    def rows_stored(self, dataset: Dataset) -> int:
+        (n,) = self._db.execute(f"SELECT COUNT(*) FROM {_main_table(dataset)}").fetchone()
+        return int(n)
+
+    def begin(self, dataset: Dataset, replace: bool) -> None:
+        """Prepare to write the dataset's rows."""
+        assert dataset.name not in self._direct, dataset.name
+        main = _main_table(dataset)
+        if replace:
+            self._db.execute(f"DELETE FROM {main}")
+        direct = self.rows_stored(dataset) == 0
+        self._direct[dataset.name] = direct
+        placeholders = ", ".join("?" * len(dataset.columns))
+        cols = _columns(dataset.stored_names)
+        if direct:
+            for index in store_indexes(dataset):
+                self._db.execute(f'DROP INDEX IF EXISTS "{_index_name(dataset, index)}"')
+            self._sql[dataset.name] = f"INSERT INTO {main} ({cols}) VALUES ({placeholders})"
+            return
+        table = _stage_table(dataset)
+        types = ", ".join(f"{_quote(c.stored_name)} {c.sql_type}" for c in dataset.columns)
+        key = _columns([dataset.stored(k) for k in dataset.key])
+        self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        self._db.execute(f"CREATE TABLE {table} ({types}, PRIMARY KEY ({key}))")
+        self._staged[dataset.name] = dataset
+        self._sql[dataset.name] = f"INSERT INTO {table} ({cols}) VALUES ({placeholders})"
+
+    def write(self, dataset: Dataset, rows: Sequence[tuple[object, ...]]) -> None:
+        """Rows of stored values in dataset column order (no line number)."""
+        try:
+            self._db.executemany(self._sql[dataset.name], rows)
+        except sqlite3.IntegrityError:
+            raise RowsRefused(f"{dataset.name}: a repeated key") from None
+
+    def finish(self, dataset: Dataset) -> None:
+        """Build the indexes again, or merge the staged rows into the table."""
+        if self._direct[dataset.name]:
+            for statement in create_table_sql(dataset)[1:]:
+                self._db.execute(statement)
+            return
+        key_names = [dataset.stored(k) for k in dataset.key]
+        updates = ", ".join(f"{_quote(n)} = excluded.{_quote(n)}"
+                            for n in dataset.stored_names if n not in key_names)
+        cols = _columns(dataset.stored_names)
+        self._db.execute(f"INSERT INTO {_main_table(dataset)} ({cols}) "
+                         f"SELECT {cols} FROM {_stage_table(dataset)} WHERE 1 "
+                         f"ON CONFLICT ({_columns(key_names)}) DO UPDATE SET {updates}")
+
+    def check_references(self, dataset: Dataset, ref: Reference, target: Dataset) -> None:
+        """Every value of `ref.column` in the rows this load wrote is a key of the
+        target's table (which holds, by now, what the row path resolves against: the
+        stored rows, the rows of this load, or with replace exactly the file's)."""
+        assert len(target.key) == 1, target.name
+        source = (_main_table(dataset) if self._direct[dataset.name]
+                  else _stage_table(dataset))
+        col = _quote(dataset.stored(ref.column))
+        target_key = _quote(target.stored(target.key[0]))
+        # each distinct value once (an index leads with the column: see store_indexes)
+        row = self._db.execute(
+            f"SELECT 1 FROM (SELECT DISTINCT {col} AS v FROM {source}) s WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {_main_table(target)} t WHERE t.{target_key} = s.v) LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            raise RowsRefused(f"{dataset.name}.{ref.column}: a reference does not resolve")
+
+
+def _index_name(dataset: Dataset, index: tuple[str, ...]) -> str:
+    return f"{dataset.name}_by_{'_'.join(index)}"
 
 
 def sqlite_store_path(data_dir: Path) -> Path:

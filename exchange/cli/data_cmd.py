@@ -4,14 +4,43 @@ data (DATA_CONTRACT.md, docs/data.md)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from exchange.cli.output import emit_json, table
 from exchange.errors import MalformedInput
 
+if TYPE_CHECKING:
+    from agents.common.loader import LoadProgress
+
 _AGENCIES = ("tax", "police", "customs", "pboc")
+# A load shows its progress on stderr once it has run this long, then this often.
+PROGRESS_AFTER_S = 2.0
+PROGRESS_EVERY_S = 2.0
+
+
+class _ProgressLines:
+    """Progress of a long load on stderr: rows, megabytes and MB/s of the file being
+    loaded every few seconds, and a line when each file is done."""
+
+    def __init__(self, agency: str) -> None:
+        self.agency = agency
+        self.started = self.shown = time.monotonic()
+
+    def __call__(self, p: LoadProgress) -> None:
+        now = time.monotonic()
+        if now - self.started < PROGRESS_AFTER_S:
+            return
+        if not p.done and now - self.shown < PROGRESS_EVERY_S:
+            return
+        self.shown = now
+        state = (f"done in {p.seconds:.1f} s ({p.method})" if p.done
+                 else f"{p.bytes_read / 1e6:.0f} of {p.size_bytes / 1e6:.0f} MB")
+        click.echo(f"{self.agency}: {p.file}: {p.rows:,} rows, {state}, "
+                   f"{p.mb_per_s:.1f} MB/s", err=True)
 
 
 @click.group("data")
@@ -79,22 +108,27 @@ def load(agency: str | None, folder: Path, store: str | None, config: Path | Non
     agency, location = _store_location(agency, store, config)
     shown = _display(location)
     with contextlib.closing(agents.open_agency_store(agency, location)) as agency_store:
-        report = agents.load_dataset_dir(agency, folder, agency_store, replace=replace)
+        report = agents.load_dataset_dir(agency, folder, agency_store, replace=replace,
+                                         progress=_ProgressLines(agency))
     if as_json:
         emit_json({"agency": report.agency, "store": shown, "replace": report.replace,
                    "files": [{"dataset": f.dataset, "file": f.file, "rows": f.rows,
                               "rows_before": f.rows_before, "rows_after": f.rows_after,
-                              "sha256": f.sha256} for f in report.files]})
+                              "sha256": f.sha256, "method": f.method,
+                              "size_bytes": f.size_bytes, "seconds": f.seconds}
+                             for f in report.files]})
         return
     click.echo(f"{agency}: loaded {folder} into {shown}" + (" (replace)" if replace else ""))
-    table("", ("dataset", "file rows", "stored before", "stored now", "sha256"),
-          [(f.dataset, f.rows, f.rows_before, f.rows_after, f.sha256[:16])
-           for f in report.files])
+    table("", ("dataset", "file rows", "stored before", "stored now", "MB", "MB/s",
+               "sha256"),
+          [(f.dataset, f.rows, f.rows_before, f.rows_after, f"{f.size_bytes / 1e6:.1f}",
+            f"{f.size_bytes / 1e6 / f.seconds:.1f}" if f.seconds > 0 else "-",
+            f.sha256[:16]) for f in report.files])
 
 
 @data.command("generate")
 @click.option("--seed", type=int, required=True, help="Same seed and size, same bytes.")
-@click.option("--companies", type=click.IntRange(100, 2_000_000), required=True,
+@click.option("--companies", type=click.IntRange(100, 3_000_000), required=True,
               help="Number of companies.")
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write tax/, police/, customs/, pboc/ and ground_truth.csv into.")
