@@ -26,6 +26,11 @@ def evidence() -> None:
               help="Everything about a case: its events, the findings that opened or "
                    "joined it with their rules, queries and answers, and every query "
                    "naming it with its answer or refusal.")
+@click.option("--with-inputs", is_flag=True,
+              help="With --case: also every chunk of the answers its findings' runs read "
+                   "(a month of a register at city scale), for a reader who replays the "
+                   "runs offline. Without it, each input is its manifest, which commits to "
+                   "its chunks.")
 @click.option("--reveal-with", "reveal_key", type=click.Path(path_type=Path, exists=True,
                                                              dir_okay=False),
               default=None, help="Your agency's data key: add the plaintext of every "
@@ -38,7 +43,7 @@ def evidence() -> None:
                    "statements of the case, so the verifier can check the bundle holds "
                    "every transaction of it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
+def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inputs: bool,
                reveal_key: Path | None, passphrase_env: str | None,
                profile_option: str | None, out: Path) -> None:
     """Bundle transactions with their proofs, headers, attestations and credentials."""
@@ -55,7 +60,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
         raise MalformedInput(f"transaction id is not hex: {exc}") from exc
     with BlockStore.open(store_path) as store:
         if case_id:
-            ids = list(dict.fromkeys(case_tx_ids(store, case_id) + ids))
+            ids = list(dict.fromkeys(case_tx_ids(store, case_id, with_inputs) + ids))
         reveals = []
         if reveal_key is not None:
             passphrase = None

@@ -1,8 +1,15 @@
 """What belongs to a case, for `exchange evidence export --case`: its case events, the
-findings runs that opened or joined it (with their rules' registrations and every query
-and answer they used), and every query naming the case with its answer or refusal; and
-where a playbook worked on the case, the playbook's registration and the runs of its rule
-steps restricted to the case (those that found nothing too).
+findings runs that opened or joined it (with their rules' registrations, every query they
+used with its answer's manifest or refusal, and of a run in chunks the chunks holding the
+case's findings), and every query naming the case with its answer or refusal; and where a
+playbook worked on the case, the playbook's registration and the runs of its rule steps
+restricted to the case (those that found nothing too).
+
+A run's inputs are committed by their manifests (each lists its chunks' tx ids and
+commits to their salted digests), so a bundle proves what the run read without carrying
+a month of the city's register: a bundle's size follows the case, not the register
+(DESIGN.md decision 13). `with_inputs` adds every input answer's chunks, for a reader
+who replays the run offline.
 An agency that can open some of the sealed payloads (its own answers, its findings) may
 add their reveals, which the verifier checks against the committed digests.
 
@@ -32,7 +39,11 @@ def _query_and_outcome(rec: QueryRecord) -> list[bytes]:
     return out
 
 
-def case_tx_ids(store: BlockStore, case_id: str) -> list[bytes]:
+def _query_and_manifest(rec: QueryRecord) -> list[bytes]:
+    return [rec.tx_id] + ([rec.outcome_tx_id] if rec.outcome_tx_id else [])
+
+
+def case_tx_ids(store: BlockStore, case_id: str, with_inputs: bool = False) -> list[bytes]:
     """Every transaction of the case, in chain order. MalformedInput if the ledger knows
     no such case and no query names it."""
     state = LedgerApplier(store).state
@@ -40,15 +51,23 @@ def case_tx_ids(store: BlockStore, case_id: str) -> list[bytes]:
     case = state.cases.cases.get(case_id)
     if case is not None:
         wanted += case.events
+        referenced: dict[bytes, set[str]] = {}
+        for ref_tx, finding in case.refs:
+            if finding:
+                referenced.setdefault(ref_tx, set()).add(finding)
         for ref_tx, finding in case.refs:
             run = state.findings.runs.get(ref_tx)
             if finding and run is not None:
                 rule = state.findings.rules.get(run.rule_digest)
                 if rule is not None:
                     wanted.append(rule.tx_id)
+                inputs = _query_and_outcome if with_inputs else _query_and_manifest
                 for qid in run.input_tx_ids:
-                    wanted += _query_and_outcome(state.queries.queries[qid])
-                wanted += [*run.chunk_tx_ids, run.tx_id]
+                    wanted += inputs(state.queries.queries[qid])
+                wanted += [c for c in run.chunk_tx_ids
+                           if {f for f, _, _ in state.findings.chunks[c].summaries}
+                           & referenced[ref_tx]]
+                wanted.append(run.tx_id)
             else:
                 wanted.append(ref_tx)
     for rec in list(state.queries.queries.values()):
