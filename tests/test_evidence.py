@@ -98,7 +98,7 @@ def test_transaction_outside_bundled_headers_is_refused(chain) -> None:  # type:
     _, store, _ = chain
     bundle = build_bundle(store, [_tx_at(store, 5, 0)])
     del bundle.headers[4]
-    with pytest.raises(BundleInvalid, match="not in the bundle"):
+    with pytest.raises(BundleInvalid, match="outside the bundled headers"):
         verify_bundle(encode_bundle(bundle))
 
 

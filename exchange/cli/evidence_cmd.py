@@ -9,7 +9,13 @@ import click
 
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
-from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle, verify_bundle
+from exchange.ledger.evidence import (
+    BundleInvalid,
+    add_case_statements,
+    build_bundle,
+    encode_bundle,
+    verify_bundle,
+)
 from exchange.ledger.store import BlockStore
 
 
@@ -72,7 +78,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
             _, client = connect(profile_option, 30.0)
             with client:
                 stated = client.case_statements(case_id, len(bundle.headers))
-            bundle.case_statements.extend(stated.statements)
+            add_case_statements(bundle, stated.statements)
         data = encode_bundle(bundle)
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)
