@@ -200,8 +200,8 @@ def decode_bundle(data: bytes) -> evidence_pb2.EvidenceBundle:
         bundle.ParseFromString(body)
     except DecodeError as exc:
         raise BundleInvalid("file", f"does not parse: {exc}") from exc
-    where = _unknown_fields(bundle, "bundle")
-    if where:
+    where = _unknown_fields(bundle, "")
+    if where is not None:
         raise BundleInvalid(where, "unknown field (altered or foreign encoding)")
     if bundle.SerializeToString(deterministic=True) != body:
         raise BundleInvalid("file", "encoding is not canonical (altered bytes)")
@@ -211,14 +211,17 @@ def decode_bundle(data: bytes) -> evidence_pb2.EvidenceBundle:
 
 
 def _unknown_fields(msg: Message, path: str) -> str | None:
+    """The path of the first message holding an unknown field ("file" for the bundle
+    itself, else e.g. "headers[2].attestations[0]"), or None."""
     if len(UnknownFieldSet(msg)):
-        return path
+        return path or "file"
     for fd, value in msg.ListFields():
         if fd.message_type is None:
             continue
         items = value if fd.is_repeated else [value]
         for i, item in enumerate(items):
-            found = _unknown_fields(item, f"{path}.{fd.name}[{i}]")
+            step = f"{fd.name}[{i}]" if fd.is_repeated else fd.name
+            found = _unknown_fields(item, f"{path}.{step}" if path else step)
             if found:
                 return found
     return None
@@ -290,7 +293,6 @@ class _Verifier:
                                             f"headers (1 to {self.headers_count})")
         self._check_order("transactions", self.bundle.transactions)
         self._check_order("key_history", self.bundle.key_history)
-        self._check_history_complete()
         self._check_credentials()
         report = BundleReport(self.chain_id, sorted(self.registry.members),
                               self.registry.quorum, self.headers_count)
@@ -322,18 +324,16 @@ class _Verifier:
             bytes(header.tx_root))
 
     def _place_entries(self) -> None:
-        """Every entry names a bundled block, and one whose envelope provably sits at
-        another place of the bundled blocks than it says is refused before anything
-        else, so its wrong height or index is blamed on it and not on what follows."""
+        """An entry whose envelope provably sits in another bundled block than it says is
+        refused before anything else, so its wrong height is blamed on it and not on
+        what fails later for want of it (a key it adds, a node key it rotates)."""
         for e in self.entries:
             height, index = e.position
             if self._included(e.tx, height, index):
                 continue
-            header = self._header(height)
-            places = [(h, index) for h in range(1, self.headers_count + 1) if h != height]
-            places += [(height, i) for i in range(header.tx_count if header else 0)
-                       if i != index]
-            for h, i in places:
+            # Only other heights: at its own height, a header whose tx_count was altered
+            # can make a genuine proof fit another index.
+            for h, i in ((h, index) for h in range(1, self.headers_count + 1) if h != height):
                 found = self._header(h)  # a header in its place: it says its height
                 if found is not None and found.height == h and self._included(e.tx, h, i):
                     raise BundleInvalid(e.name, f"says height {height}, index {index}; its "
@@ -366,6 +366,7 @@ class _Verifier:
             for index in sorted(entries):
                 for e in entries[index]:
                     self._verify_entry(e, header, attested, root, quorum)
+                self._check_history_holds(entries[index])
                 for e in entries[index]:
                     if e.history:
                         self._apply(e, height)
@@ -513,15 +514,16 @@ class _Verifier:
                                     f"out of chain order: {here[0]}.{here[1]} after "
                                     f"{before[0]}.{before[1]}")
 
-    def _check_history_complete(self) -> None:
-        """A bundled key change is in the key history too (which holds them all)."""
-        history = {(b.height, b.index) for b in self.bundle.key_history}
-        for i, b in enumerate(self.bundle.transactions):
-            name = f"transactions[{i}]"
-            if (b.result_code == RESULT_OK and self.opened[name].kind in REGISTRY_KINDS
-                    and (b.height, b.index) not in history):
-                raise BundleInvalid(name, f"a key change judged OK at {b.height}.{b.index} "
-                                          "that the key history leaves out")
+    def _check_history_holds(self, at_one_place: list[_Entry]) -> None:
+        """A bundled key change judged OK is in the key history too (which holds every
+        one up to the highest bundled height)."""
+        if any(e.history for e in at_one_place):
+            return
+        for e in at_one_place:
+            if e.tx.result_code == RESULT_OK and self.opened[e.name].kind in REGISTRY_KINDS:
+                raise BundleInvalid("key_history", f"leaves out the key change {e.name} "
+                                                   f"(judged OK at {e.tx.height}."
+                                                   f"{e.tx.index})")
 
     def _check_credentials(self) -> None:
         """`credentials` holds exactly the credentials of the bundled transactions'
