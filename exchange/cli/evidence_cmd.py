@@ -59,7 +59,12 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
         ids = [bytes.fromhex(t) for t in tx_ids]
     except ValueError as exc:
         raise MalformedInput(f"transaction id is not hex: {exc}") from exc
+    with_statements = bool(case_id) and profile_option is not None
     with BlockStore.open(store_path) as store:
+        # statements are asked as of this height (taken before the case is read, so the
+        # case's transactions up to it are all bundled), with the keys the members sign
+        # with today (after any rotation): headers and key history run to it
+        through = store.height if with_statements else 0
         if case_id:
             ids = list(dict.fromkeys(case_tx_ids(store, case_id) + ids))
         reveals = []
@@ -71,8 +76,8 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
                     raise MalformedInput(f"${passphrase_env} is not set")
                 passphrase = value.encode()
             reveals = reveals_for(store, ids, read_data_key(reveal_key, passphrase))
-        bundle = build_bundle(store, ids, reveals)
-        if case_id and profile_option is not None:
+        bundle = build_bundle(store, ids, reveals, through_height=through)
+        if with_statements:
             from exchange.cli.node_cmds import connect
 
             _, client = connect(profile_option, 30.0)

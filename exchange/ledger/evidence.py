@@ -53,10 +53,13 @@ class BundleInvalid(ProofInvalid):
 
 # -- export -------------------------------------------------------------------------
 def build_bundle(store: BlockStore, tx_ids: Iterable[bytes],
-                 reveals: Sequence[evidence_pb2.Reveal] = ()) -> evidence_pb2.EvidenceBundle:
+                 reveals: Sequence[evidence_pb2.Reveal] = (),
+                 through_height: int = 0) -> evidence_pb2.EvidenceBundle:
     """Bundle the given transactions from `store` (which must hold them in final blocks),
     in the canonical form the verifier requires: every list in its defined order, each
-    entry once (docs/evidence-bundle.md section 3)."""
+    entry once (docs/evidence-bundle.md section 3). Headers and key history run to the
+    highest transaction, or to `through_height` if higher: the height case statements
+    will be asked at, so that the keys the members sign them with are in the bundle."""
     from exchange.ledger.apply import LedgerApplier  # the registry as of the tip
 
     registry = LedgerApplier(store).registry
@@ -67,7 +70,9 @@ def build_bundle(store: BlockStore, tx_ids: Iterable[bytes],
             raise MalformedInput(f"no transaction {tid.hex()} in the store")
         places.add((stored.height, stored.index))
     bundled = [_bundle_tx(store, h, i) for h, i in sorted(places)]
-    top = max((b.height for b in bundled), default=0)
+    top = max([b.height for b in bundled] + [through_height])
+    if top > store.height:
+        raise MalformedInput(f"height {top} is beyond the store's {store.height}")
     history = [_bundle_tx(store, h, i) for h, i in _key_history(store, top)]
     heights_with_tx = {b.height for b in bundled} | {b.height for b in history}
     headers = []
