@@ -19,7 +19,7 @@ from tests.test_evidence import _assert_refused_naming, part_map
 VECTORS = Path(__file__).resolve().parent.parent / "docs" / "evidence-vectors"
 MANIFEST = json.loads((VECTORS / "vectors.json").read_text())["vectors"]
 GENUINE = [v["file"] for v in MANIFEST if v["verdict"] == "valid"]
-FLIPS_PER_BUNDLE = 300
+FLIPS_PER_BUNDLE = 1000
 
 
 def _data(name: str) -> bytes:
