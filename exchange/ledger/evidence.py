@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -204,15 +205,65 @@ def decode_bundle(data: bytes) -> evidence_pb2.EvidenceBundle:
     try:
         bundle.ParseFromString(body)
     except DecodeError as exc:
-        raise BundleInvalid("file", f"does not parse: {exc}") from exc
+        raise BundleInvalid(_encoding_fault(body), f"does not parse: {exc}") from exc
     where = _unknown_fields(bundle, "")
     if where is not None:
         raise BundleInvalid(where, "unknown field (altered or foreign encoding)")
     if bundle.SerializeToString(deterministic=True) != body:
-        raise BundleInvalid("file", "encoding is not canonical (altered bytes)")
+        raise BundleInvalid(_encoding_fault(body), "encoding is not canonical (altered "
+                                                   "bytes)")
     if bundle.version != FORMAT_VERSION:
         raise BundleInvalid("version", f"unsupported format version {bundle.version}")
     return bundle
+
+
+def _encoding_fault(body: bytes) -> str:
+    """The top-level part (e.g. "transactions[3]") whose own bytes do not parse or are
+    not canonical; "file" when the framing between the parts is what is wrong."""
+    fields = {fd.number: fd for fd in evidence_pb2.EvidenceBundle.DESCRIPTOR.fields}
+    seen: dict[int, int] = {}
+    at = 0
+    try:
+        while at < len(body):
+            key, at = _varint(body, at)
+            fd = fields.get(key >> 3)
+            if fd is None or key & 7 not in (0, 2):
+                return "file"
+            if key & 7 == 0:
+                value, at = _varint(body, at)
+                if value == 0:  # a default value written out
+                    return fd.name
+                continue
+            length, at = _varint(body, at)
+            end = at + length
+            if end > len(body) or fd.message_type is None:
+                return "file"
+            index = seen.get(fd.number, 0)
+            seen[fd.number] = index + 1
+            part = message_factory.GetMessageClass(fd.message_type)()  # type: ignore[arg-type]
+            try:
+                part.ParseFromString(body[at:end])
+            except DecodeError:
+                return f"{fd.name}[{index}]" if fd.is_repeated else fd.name
+            if part.SerializeToString(deterministic=True) != body[at:end]:
+                return f"{fd.name}[{index}]" if fd.is_repeated else fd.name
+            at = end
+    except IndexError:
+        return "file"
+    return "file"
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
 
 
 def _unknown_fields(msg: Message, path: str) -> str | None:
