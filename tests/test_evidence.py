@@ -529,3 +529,89 @@ def test_any_changed_byte_is_refused_naming_its_part(keyed, data) -> None:  # ty
     offset = data.draw(st.integers(0, len(blob) - 1), label="offset")
     mask = data.draw(st.integers(1, 255), label="xor")
     _assert_refused_naming(blob, offset, mask, part_map(blob))
+
+
+# -- an answer in chunks (docs/evidence-bundle.md section 4.3) ---------------------------
+def _reforged_last_block(bundle: evidence_pb2.EvidenceBundle, store: BlockStore, net: Net,
+                         index: int, envelope: bytes) -> None:
+    """Replace the envelope at `index` of the bundle's last block, with the block
+    re-signed by its proposer and re-attested by every member, as colluding members
+    could: everything but the manifest's own consistency checks out."""
+    from exchange.identity.keys import Domain
+    from exchange.ledger import merkle
+    from exchange.ledger.block import attest, block_hash
+
+    height = len(bundle.headers)
+    leaves = store.envelopes(height)
+    leaves[index] = envelope
+    header = ledger_pb2.BlockHeader.FromString(bundle.headers[-1].header)
+    header.tx_root = merkle.root(leaves)
+    raw = header.SerializeToString(deterministic=True)
+    codes = store.results(height)
+    bundle.headers[-1].CopyFrom(evidence_pb2.BundledHeader(
+        header=raw, proposer_signature=net.nodes[header.proposer].sign(
+            Domain.BLOCK, net.chain_id, raw),
+        attestations=[attest(net.chain_id, a, height, block_hash(raw), codes, net.nodes[a])
+                      for a in sorted(net.nodes)]))
+    for t in bundle.transactions:
+        if t.height == height:
+            t.envelope = leaves[t.index]
+            del t.inclusion_proof[:]
+            t.inclusion_proof.extend(merkle.inclusion_proof(leaves, t.index))
+
+
+def test_an_answer_in_chunks_is_checked_against_its_manifest(tmp_path: Path) -> None:
+    from exchange.ledger.block import RESULT_OK, attest
+    from exchange.ledger.policy import default_policies
+    from exchange.ledger.sealing import open_sealed
+    from tests.ledger_net import AGENCIES
+    from tests.test_queries import (
+        ACCOUNT_ROWS,
+        _ledger,
+        _three_chunks,
+        chunked_manifest,
+        committed_query,
+        manifest_for,
+    )
+
+    net = make_net(policies=default_policies(AGENCIES))
+    led = _ledger(net, tmp_path / "s.db")
+    query_tx = committed_query(led)
+    chunks = _three_chunks(led, query_tx)
+    assert led.block(*[c.envelope for c in chunks]) == ("OK", "OK", "OK")
+    manifest = manifest_for(led, query_tx, chunks, len(ACCOUNT_ROWS))
+    assert led.one(manifest) == RESULT_OK
+    store = led.applier.store
+    for h in range(1, store.height + 1):
+        store.add_attestations([attest(net.chain_id, a, h, store.block_hash_at(h),
+                                       store.results(h), net.nodes[a]) for a in net.nodes])
+    reveals = []
+    for i, c in enumerate(chunks):
+        plaintext, salt = open_sealed(c.sealed, net.data_keys["tax"], chain_id=net.chain_id,
+                                      context_tx_id=query_tx, chunk=i)
+        reveals.append(evidence_pb2.Reveal(tx_id=c.tx_id, salt=salt, plaintext=plaintext))
+    ids = [query_tx, *(c.tx_id for c in chunks), tx_id(ledger_pb2.Envelope.FromString(
+        manifest).body)]
+    bundle = build_bundle(store, ids, reveals)
+    report = verify_bundle(encode_bundle(bundle))
+    assert report.transactions[-1].kind == "answer_manifest" and report.transactions[-1].revealed
+    assert [t.index for t in report.transactions[1:4]] == [0, 1, 2]
+
+    # the manifest lists the chunks in another order (its commitment follows that order)
+    swapped = [chunks[1], chunks[0], chunks[2]]
+    forged = _copy(bundle)
+    _reforged_last_block(forged, store, net, 0, manifest_for(led, query_tx, swapped, 5))
+    err = _refusal(forged)
+    assert err.where == "transactions[1]" and "not the chunk the manifest" in str(err)
+    # the manifest lists the right chunks but commits to other contents
+    forged = _copy(bundle)
+    _reforged_last_block(forged, store, net, 0, chunked_manifest(
+        led, query_tx, [c.tx_id for c in chunks],
+        [bytes(c.sealed.commitment) for c in reversed(chunks)], 5))
+    err = _refusal(forged)
+    assert err.where == "transactions[4]" and "hash of its chunks" in str(err)
+    # a reveal addressed to the manifest is refused: its chunks are revealed one by one
+    forged = _copy(bundle)
+    forged.reveals.append(evidence_pb2.Reveal(tx_id=ids[-1], salt=bytes(32), plaintext=b""))
+    err = _refusal(forged)
+    assert err.where == "reveals[3]" and "chunk by chunk" in str(err)
