@@ -382,18 +382,24 @@ class _Verifier:
     def _place_entries(self) -> None:
         """An entry whose envelope provably sits in another bundled block than it says is
         refused before anything else, so its wrong height is blamed on it and not on
-        what fails later for want of it (a key it adds, a node key it rotates)."""
-        for e in self.entries:
-            height, index = e.position
-            if self._included(e.tx, height, index):
-                continue
-            # Only other heights: at its own height, a header whose tx_count was altered
-            # can make a genuine proof fit another index.
-            for h, i in ((h, index) for h in range(1, self.headers_count + 1) if h != height):
-                found = self._header(h)  # a header in its place: it says its height
-                if found is not None and found.height == h and self._included(e.tx, h, i):
-                    raise BundleInvalid(e.name, f"says height {height}, index {index}; its "
-                                                f"envelope is at height {h}, index {i}")
+        what fails later for want of it (a key it adds, a node key it rotates). Only the
+        first entry that is not where it says is looked for elsewhere: one search of
+        the headers, however many entries a hostile bundle holds (the walk refuses the
+        bundle at that entry anyway)."""
+        misplaced = next((e for e in self.entries
+                          if not self._included(e.tx, e.tx.height, e.tx.index)), None)
+        if misplaced is None:
+            return
+        height, index = misplaced.position
+        # Only other heights: at its own height, a header whose tx_count was altered can
+        # make a genuine proof fit another index.
+        for h in range(1, self.headers_count + 1):
+            found = self._header(h)  # a header in its place: it says its height
+            if h != height and found is not None and found.height == h and \
+                    self._included(misplaced.tx, h, index):
+                raise BundleInvalid(misplaced.name, f"says height {height}, index {index}; "
+                                                    f"its envelope is at height {h}, "
+                                                    f"index {index}")
 
     # -- the chain ------------------------------------------------------------------
     def _walk(self) -> None:
