@@ -9,7 +9,13 @@ import click
 
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
-from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle, verify_bundle
+from exchange.ledger.evidence import (
+    BundleInvalid,
+    add_case_statements,
+    build_bundle,
+    encode_bundle,
+    verify_bundle,
+)
 from exchange.ledger.store import BlockStore
 
 
@@ -58,7 +64,12 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
         ids = [bytes.fromhex(t) for t in tx_ids]
     except ValueError as exc:
         raise MalformedInput(f"transaction id is not hex: {exc}") from exc
+    with_statements = bool(case_id) and profile_option is not None
     with BlockStore.open(store_path) as store:
+        # statements are asked as of this height (taken before the case is read, so the
+        # case's transactions up to it are all bundled), with the keys the members sign
+        # with today (after any rotation): headers and key history run to it
+        through = store.height if with_statements else 0
         if case_id:
             ids = list(dict.fromkeys(case_tx_ids(store, case_id, with_inputs) + ids))
         reveals = []
@@ -70,14 +81,14 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
                     raise MalformedInput(f"${passphrase_env} is not set")
                 passphrase = value.encode()
             reveals = reveals_for(store, ids, read_data_key(reveal_key, passphrase))
-        bundle = build_bundle(store, ids, reveals)
-        if case_id and profile_option is not None:
+        bundle = build_bundle(store, ids, reveals, through_height=through)
+        if with_statements:
             from exchange.cli.node_cmds import connect
 
             _, client = connect(profile_option, 30.0)
             with client:
                 stated = client.case_statements(case_id, len(bundle.headers))
-            bundle.case_statements.extend(stated.statements)
+            add_case_statements(bundle, stated.statements)
         data = encode_bundle(bundle)
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)

@@ -11,14 +11,17 @@ is detected and the report names where.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid
-from exchange.identity.genesis import genesis_hash, verify_genesis
+from exchange.identity.genesis import genesis_hash
+from exchange.identity.keys import Domain, verify
 from exchange.identity.registry import REGISTRY_KINDS, KeyInfo, KeyRegistry
 from exchange.ledger import merkle
 from exchange.ledger.block import (
@@ -27,10 +30,14 @@ from exchange.ledger.block import (
     OpenedEnvelope,
     check_header,
     open_envelope,
+    parse_header,
+    verify_attestation,
     verify_envelope,
 )
+from exchange.ledger.judge import CODE_DUPLICATE, STANDING_CODES, standing_code
+from exchange.ledger.queries import chunks_commitment
 from exchange.ledger.store import BlockStore
-from exchange.ledger.verify import check_attestations, proposer_key_lookup
+from exchange.ledger.verify import proposer_key_lookup
 from exchange.v1 import evidence_pb2, identity_pb2, ledger_pb2
 
 MAGIC = b"EXCHANGE-EVIDENCE/1\n"
@@ -47,25 +54,33 @@ class BundleInvalid(ProofInvalid):
 
 # -- export -------------------------------------------------------------------------
 def build_bundle(store: BlockStore, tx_ids: Iterable[bytes],
-                 reveals: Sequence[evidence_pb2.Reveal] = ()) -> evidence_pb2.EvidenceBundle:
-    """Bundle the given transactions from `store` (which must hold them in final blocks)."""
+                 reveals: Sequence[evidence_pb2.Reveal] = (),
+                 through_height: int = 0) -> evidence_pb2.EvidenceBundle:
+    """Bundle the given transactions from `store` (which must hold them in final blocks),
+    in the canonical form the verifier requires: every list in its defined order, each
+    entry once (docs/evidence-bundle.md section 3). Headers and key history run to the
+    highest transaction, or to `through_height` if higher: the height case statements
+    will be asked at, so that the keys the members sign them with are in the bundle."""
     from exchange.ledger.apply import LedgerApplier  # the registry as of the tip
 
     registry = LedgerApplier(store).registry
-    wanted = list(dict.fromkeys(bytes(t) for t in tx_ids))
-    bundled: list[evidence_pb2.BundledTransaction] = []
-    for tid in wanted:
+    places = set()
+    for tid in dict.fromkeys(bytes(t) for t in tx_ids):
         stored = store.tx(tid)
         if stored is None:
             raise MalformedInput(f"no transaction {tid.hex()} in the store")
-        bundled.append(_bundle_tx(store, stored.height, stored.index))
-    top = max((b.height for b in bundled), default=0)
+        places.add((stored.height, stored.index))
+    bundled = [_bundle_tx(store, h, i) for h, i in sorted(places)]
+    top = max([b.height for b in bundled] + [through_height])
+    if top > store.height:
+        raise MalformedInput(f"height {top} is beyond the store's {store.height}")
     history = [_bundle_tx(store, h, i) for h, i in _key_history(store, top)]
     heights_with_tx = {b.height for b in bundled} | {b.height for b in history}
     headers = []
     for height in range(1, top + 1):
         header, sig = store.header(height)
-        atts = store.attestations(height) if height in heights_with_tx else []
+        atts = _one_per_agency(store.attestations(height)) if height in heights_with_tx \
+            else []
         headers.append(evidence_pb2.BundledHeader(header=header, proposer_signature=sig,
                                                   attestations=atts))
     signers = {_opened(store, b).signer_key_id for b in bundled}
@@ -74,9 +89,45 @@ def build_bundle(store: BlockStore, tx_ids: Iterable[bytes],
         info = registry.resolve(kid)
         if info.credential:
             creds.append(identity_pb2.SignedCredential.FromString(info.credential))
+    genesis = identity_pb2.SignedGenesis()
+    genesis.CopyFrom(store.signed_genesis)
+    ordered = sorted(genesis.signatures, key=lambda sig: sig.agency)
+    del genesis.signatures[:]
+    genesis.signatures.extend(ordered)
     return evidence_pb2.EvidenceBundle(
-        version=FORMAT_VERSION, genesis=store.signed_genesis, credentials=creds,
-        headers=headers, transactions=bundled, reveals=list(reveals), key_history=history)
+        version=FORMAT_VERSION, genesis=genesis, credentials=creds, headers=headers,
+        transactions=bundled, reveals=_reveals_in_order(store, reveals), key_history=history)
+
+
+def _one_per_agency(atts: Sequence[ledger_pb2.Attestation]) -> list[ledger_pb2.Attestation]:
+    """One attestation per agency, in ascending agency order (a store may keep two of
+    one agency: the old and the new node key around a rotation)."""
+    chosen: dict[str, ledger_pb2.Attestation] = {}
+    for att in atts:
+        chosen.setdefault(att.agency, att)
+    return [chosen[a] for a in sorted(chosen)]
+
+
+def _reveals_in_order(store: BlockStore, reveals: Sequence[evidence_pb2.Reveal]
+                      ) -> list[evidence_pb2.Reveal]:
+    """Each reveal once, in the chain order of the transaction it reveals, then part."""
+    keyed: dict[tuple[int, int, str], evidence_pb2.Reveal] = {}
+    for rev in reveals:
+        stored = store.tx(bytes(rev.tx_id))
+        if stored is None:
+            raise MalformedInput(f"a reveal of {bytes(rev.tx_id).hex()}, which is not in "
+                                 "the store")
+        keyed.setdefault((stored.height, stored.index, rev.part), rev)
+    return [keyed[k] for k in sorted(keyed)]
+
+
+def add_case_statements(bundle: evidence_pb2.EvidenceBundle,
+                        statements: Iterable[evidence_pb2.SignedCaseStatement]) -> None:
+    """Add members' statements of a case, one per agency in ascending agency order."""
+    chosen: dict[str, evidence_pb2.SignedCaseStatement] = {}
+    for st in statements:
+        chosen.setdefault(st.agency, st)
+    bundle.case_statements.extend(chosen[a] for a in sorted(chosen))
 
 
 def _opened(store: BlockStore, b: evidence_pb2.BundledTransaction) -> OpenedEnvelope:
@@ -126,6 +177,7 @@ class VerifiedTx:
     attested_by: list[str]
     summary: dict[str, object]
     revealed: bool = False
+    quorum: int = 0  # members that had to attest its block
 
 
 @dataclass
@@ -153,207 +205,579 @@ def decode_bundle(data: bytes) -> evidence_pb2.EvidenceBundle:
     try:
         bundle.ParseFromString(body)
     except DecodeError as exc:
-        raise BundleInvalid("file", f"does not parse: {exc}") from exc
-    where = _unknown_fields(bundle, "bundle")
-    if where:
+        raise BundleInvalid(_encoding_fault(body), f"does not parse: {exc}") from exc
+    where = _unknown_fields(bundle, "")
+    if where is not None:
         raise BundleInvalid(where, "unknown field (altered or foreign encoding)")
     if bundle.SerializeToString(deterministic=True) != body:
-        raise BundleInvalid("file", "encoding is not canonical (altered bytes)")
+        raise BundleInvalid(_encoding_fault(body), "encoding is not canonical (altered "
+                                                   "bytes)")
     if bundle.version != FORMAT_VERSION:
-        raise BundleInvalid("bundle", f"unsupported format version {bundle.version}")
+        raise BundleInvalid("version", f"unsupported format version {bundle.version}")
     return bundle
 
 
+def _encoding_fault(body: bytes) -> str:
+    """The top-level part (e.g. "transactions[3]") whose own bytes do not parse or are
+    not canonical; "file" when the framing between the parts is what is wrong."""
+    fields = {fd.number: fd for fd in evidence_pb2.EvidenceBundle.DESCRIPTOR.fields}
+    seen: dict[int, int] = {}
+    at = 0
+    try:
+        while at < len(body):
+            key, at = _varint(body, at)
+            fd = fields.get(key >> 3)
+            if fd is None or key & 7 not in (0, 2):
+                return "file"
+            if key & 7 == 0:
+                value, at = _varint(body, at)
+                if value == 0:  # a default value written out
+                    return fd.name
+                continue
+            length, at = _varint(body, at)
+            end = at + length
+            if end > len(body) or fd.message_type is None:
+                return "file"
+            index = seen.get(fd.number, 0)
+            seen[fd.number] = index + 1
+            part = message_factory.GetMessageClass(fd.message_type)()  # type: ignore[arg-type]
+            try:
+                part.ParseFromString(body[at:end])
+            except DecodeError:
+                return f"{fd.name}[{index}]" if fd.is_repeated else fd.name
+            if part.SerializeToString(deterministic=True) != body[at:end]:
+                return f"{fd.name}[{index}]" if fd.is_repeated else fd.name
+            at = end
+    except IndexError:
+        return "file"
+    return "file"
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
 def _unknown_fields(msg: Message, path: str) -> str | None:
+    """The path of the first message holding an unknown field ("file" for the bundle
+    itself, else e.g. "headers[2].attestations[0]"), or None."""
     if len(UnknownFieldSet(msg)):
-        return path
+        return path or "file"
     for fd, value in msg.ListFields():
         if fd.message_type is None:
             continue
         items = value if fd.is_repeated else [value]
         for i, item in enumerate(items):
-            found = _unknown_fields(item, f"{path}.{fd.name}[{i}]")
+            step = f"{fd.name}[{i}]" if fd.is_repeated else fd.name
+            found = _unknown_fields(item, f"{path}.{step}" if path else step)
             if found:
                 return found
     return None
 
 
 def verify_bundle(data: bytes) -> BundleReport:
-    """Verify a bundle completely; raise BundleInvalid naming the first bad part."""
+    """Verify a bundle completely; raise BundleInvalid naming the first bad part.
+
+    The checks run in the order of docs/evidence-bundle.md section 4. Each refusal names
+    the part whose bytes are wrong (`genesis`, `headers[i]`, `headers[i].attestations[j]`,
+    `transactions[i]`, `key_history[i]`, `credentials[i]`, `reveals[i]`,
+    `case_statements[i]`, `version` or `file`), not a later part that merely fails
+    because of it."""
     bundle = decode_bundle(data)
+    return _Verifier(bundle, _open_genesis(bundle.genesis)).run()
+
+
+def _open_genesis(signed: identity_pb2.SignedGenesis) -> KeyRegistry:
     try:
-        verify_genesis(bundle.genesis)
-        registry = KeyRegistry(bundle.genesis)
+        registry = KeyRegistry(signed)
     except ExchangeError as exc:
         raise BundleInvalid("genesis", str(exc)) from exc
-    chain_id = registry.chain_id
-    report = BundleReport(chain_id, sorted(registry.members), registry.quorum,
-                          len(bundle.headers))
+    agencies = [s.agency for s in signed.signatures]
+    if agencies != sorted(set(agencies)):
+        raise BundleInvalid("genesis", f"signatures must be one per member in ascending "
+                                       f"agency order, found {agencies}")
+    return registry
 
-    by_height: dict[int, list[tuple[str, evidence_pb2.BundledTransaction]]] = {}
-    for i, b in enumerate(bundle.key_history):
-        by_height.setdefault(b.height, []).append((f"key_history[{i}]", b))
-    for i, b in enumerate(bundle.transactions):
-        by_height.setdefault(b.height, []).append((f"transactions[{i}]", b))
 
-    # Walk the header chain from genesis, applying key history as it comes.
-    prev_hash, prev_ts = genesis_hash(bundle.genesis), 0
-    proposer_key = proposer_key_lookup(registry)
-    verified: dict[str, VerifiedTx] = {}
-    for pos, bh in enumerate(bundle.headers):
-        height = pos + 1
-        where = f"headers[{pos}] (height {height})"
-        try:
-            header = check_header(bh.header, bh.proposer_signature, chain_id, height,
-                                  prev_hash, prev_ts, proposer_key)
-        except BlockInvalid as exc:
-            raise BundleInvalid(where, exc.what) from exc
-        hash_ = hashlib.sha256(bh.header).digest()
-        roots = {bytes(a.results_root) for a in bh.attestations}
-        if len(roots) > 1:
-            raise BundleInvalid(where, "attestations disagree on the transaction results")
-        root = roots.pop() if roots else None
-        try:
-            attested = check_attestations(registry, height, hash_, root or b"",
-                                          list(bh.attestations))
-        except BlockInvalid as exc:
-            raise BundleInvalid(where, exc.what) from exc
-        if len(attested) != len(bh.attestations):
-            raise BundleInvalid(where, "an agency attests twice")
-        for name, b in sorted(by_height.get(height, []), key=lambda x: x[1].index):
-            vtx = _verify_tx(registry, name, b, header, attested, root)
-            if name.startswith("key_history") and vtx.result == RESULT_OK:
-                opened = open_envelope(b.envelope, chain_id)
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A bundled transaction or key history entry, with the name a refusal gives it."""
+
+    name: str
+    tx: evidence_pb2.BundledTransaction
+    history: bool
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.tx.height, self.tx.index
+
+
+class _Verifier:
+    """One verification of one decoded bundle (docs/evidence-bundle.md section 4)."""
+
+    def __init__(self, bundle: evidence_pb2.EvidenceBundle, registry: KeyRegistry) -> None:
+        self.bundle = bundle
+        self.registry = registry
+        self.chain_id = registry.chain_id
+        self.headers_count = len(bundle.headers)
+        self.entries = ([_Entry(f"key_history[{i}]", b, True)
+                         for i, b in enumerate(bundle.key_history)]
+                        + [_Entry(f"transactions[{i}]", b, False)
+                           for i, b in enumerate(bundle.transactions)])
+        self.verified: dict[str, VerifiedTx] = {}
+        self.opened: dict[str, OpenedEnvelope] = {}
+        self._parsed: dict[int, ledger_pb2.BlockHeader | None] = {}
+        self.statement_height = self._statement_height()
+        # members and quorum as of the case statement's height (after that block)
+        self.stated_members: list[str] = sorted(registry.members)
+        self.stated_quorum = registry.quorum
+
+    def run(self) -> BundleReport:
+        self._place_entries()
+        self._walk()
+        for e in self.entries:
+            if not 1 <= e.tx.height <= self.headers_count:
+                raise BundleInvalid(e.name, f"at height {e.tx.height}, outside the bundled "
+                                            f"headers (1 to {self.headers_count})")
+        self._check_order("transactions", self.bundle.transactions)
+        self._check_order("key_history", self.bundle.key_history)
+        self._check_credentials()
+        report = BundleReport(self.chain_id, sorted(self.registry.members),
+                              self.registry.quorum, self.headers_count)
+        report.transactions = [self.verified[f"transactions[{i}]"]
+                               for i in range(len(self.bundle.transactions))]
+        self._check_reveals(report)
+        self._check_chunks(report)
+        if len(self.bundle.case_statements):
+            report.case = self._check_case_statements()
+        self._check_header_span()
+        return report
+
+    # -- placement -----------------------------------------------------------------
+    def _header(self, height: int) -> ledger_pb2.BlockHeader | None:
+        """The bundled header at `height` as it claims to be (not yet verified)."""
+        if not 1 <= height <= self.headers_count:
+            return None
+        if height not in self._parsed:
+            try:
+                self._parsed[height] = parse_header(bytes(self.bundle.headers[height - 1].header))
+            except BlockInvalid:
+                self._parsed[height] = None
+        return self._parsed[height]
+
+    def _included(self, b: evidence_pb2.BundledTransaction, height: int, index: int) -> bool:
+        header = self._header(height)
+        return header is not None and index < header.tx_count and merkle.verify_inclusion(
+            b.envelope, index, header.tx_count, list(b.inclusion_proof),
+            bytes(header.tx_root))
+
+    def _place_entries(self) -> None:
+        """An entry whose envelope provably sits in another bundled block than it says is
+        refused before anything else, so its wrong height is blamed on it and not on
+        what fails later for want of it (a key it adds, a node key it rotates). Only the
+        first entry that is not where it says is looked for elsewhere: one search of
+        the headers, however many entries a hostile bundle holds (the walk refuses the
+        bundle at that entry anyway)."""
+        misplaced = next((e for e in self.entries
+                          if not self._included(e.tx, e.tx.height, e.tx.index)), None)
+        if misplaced is None:
+            return
+        height, index = misplaced.position
+        # Only other heights: at its own height, a header whose tx_count was altered can
+        # make a genuine proof fit another index.
+        for h in range(1, self.headers_count + 1):
+            found = self._header(h)  # a header in its place: it says its height
+            if h != height and found is not None and found.height == h and \
+                    self._included(misplaced.tx, h, index):
+                raise BundleInvalid(misplaced.name, f"says height {height}, index {index}; "
+                                                    f"its envelope is at height {h}, "
+                                                    f"index {index}")
+
+    # -- the chain ------------------------------------------------------------------
+    def _walk(self) -> None:
+        """Headers from genesis, each block's attestations, and the entries in chain
+        order, the key history applied to the registry as it comes."""
+        at: dict[int, dict[int, list[_Entry]]] = {}
+        for e in self.entries:
+            at.setdefault(e.tx.height, {}).setdefault(e.tx.index, []).append(e)
+        prev_hash, prev_ts = genesis_hash(self.bundle.genesis), 0
+        proposer_key = proposer_key_lookup(self.registry)
+        if self.statement_height == 0:
+            self._state_members()
+        for pos, bh in enumerate(self.bundle.headers):
+            height = pos + 1
+            if height == 1:
+                self._check_genesis_link(bh, prev_hash)
+            try:
+                header = check_header(bh.header, bh.proposer_signature, self.chain_id, height,
+                                      prev_hash, prev_ts, proposer_key)
+            except BlockInvalid as exc:
+                raise BundleInvalid(f"headers[{pos}]", f"height {height}: {exc.what}") from exc
+            hash_ = hashlib.sha256(bh.header).digest()
+            quorum = self.registry.quorum
+            attested, root = self._attestations(pos, height, hash_, list(bh.attestations))
+            entries = at.get(height, {})
+            for index in sorted(entries):
+                for e in entries[index]:
+                    self._verify_entry(e, header, attested, root, quorum)
+                self._check_history_holds(entries[index])
+                for e in entries[index]:
+                    if e.history:
+                        self._apply(e, height)
+                        break
+            if height == self.statement_height:
+                self._state_members()
+            prev_hash, prev_ts = hash_, header.timestamp_ms
+
+    def _state_members(self) -> None:
+        self.stated_members = sorted(self.registry.members)
+        self.stated_quorum = self.registry.quorum
+
+    def _check_genesis_link(self, bh: evidence_pb2.BundledHeader, expected: bytes) -> None:
+        """A first header that is genuine but not of this genesis (another chain's, or
+        another genesis made with the same keys) means the genesis was swapped."""
+        header = self._header(1)
+        if header is None or bytes(header.prev_hash) == expected:
+            return
+        foreign = header.chain_id != self.chain_id
+        if not foreign:
+            try:
+                key = self.registry.node_key_at(header.proposer,
+                                                bytes(header.proposer_key_id), 1)
+            except ExchangeError:
+                foreign = True  # a proposer key this genesis does not have
+            else:
                 try:
-                    registry.apply(opened.body, registry.resolve(opened.signer_key_id), height)
-                except ExchangeError as exc:
-                    raise BundleInvalid(name, f"key history does not apply: {exc}") from exc
-            elif name.startswith("transactions"):
-                verified[name] = vtx
-        prev_hash, prev_ts = hash_, header.timestamp_ms
+                    verify(key.public_key, Domain.BLOCK, self.chain_id, bytes(bh.header),
+                           bytes(bh.proposer_signature))
+                    foreign = True  # signed, so the header is genuine: the genesis is not
+                except ExchangeError:
+                    foreign = False
+        if foreign:
+            raise BundleInvalid("genesis", f"the bundled headers continue chain "
+                                           f"{header.chain_id!r} from a genesis with hash "
+                                           f"{bytes(header.prev_hash).hex()}; this genesis "
+                                           f"is of chain {self.chain_id!r} with hash "
+                                           f"{expected.hex()}")
 
-    for name, items in ((n, b) for n, b in
-                        ((f"transactions[{i}]", t) for i, t in enumerate(bundle.transactions))):
-        if name not in verified:
-            raise BundleInvalid(name, f"its block (height {items.height}) is not in the bundle")
-    report.transactions = [verified[f"transactions[{i}]"]
-                           for i in range(len(bundle.transactions))]
-    _check_credentials(bundle, registry)
-    _check_reveals(bundle, report, chain_id)
-    if len(bundle.case_statements):
-        report.case = _check_case_statements(bundle, registry, chain_id)
-    return report
+    def _attestations(self, pos: int, height: int, hash_: bytes,
+                      atts: list[ledger_pb2.Attestation]) -> tuple[set[str], bytes | None]:
+        """Each attestation checked on its own, then their agreement: the agencies that
+        attested the block and the results root they sign."""
+        members = set(self.registry.members)
+        for j, att in enumerate(atts):
+            where = f"headers[{pos}].attestations[{j}]"
+            if att.height != height or bytes(att.block_hash) != hash_:
+                raise BundleInvalid(where, f"attestation of another block (height "
+                                           f"{att.height}, hash {bytes(att.block_hash).hex()}"
+                                           f"), not of block {height}")
+            if att.agency not in members:
+                raise BundleInvalid(where, f"{att.agency!r} is not a member at block {height}")
+            try:
+                node = self.registry.node_key_at(att.agency, bytes(att.signer_key_id), height)
+                verify_attestation(att, self.chain_id, node.public_key)
+            except ExchangeError as exc:
+                raise BundleInvalid(where, f"attestation of {att.agency}: {exc}") from exc
+            if j and att.agency <= atts[j - 1].agency:
+                raise BundleInvalid(where, f"{att.agency} attests twice" if att.agency ==
+                                    atts[j - 1].agency else "attestations are in ascending "
+                                                            "agency order")
+        roots = [bytes(a.results_root) for a in atts]
+        if not roots:
+            return set(), None
+        common = Counter(roots).most_common(1)[0][0]
+        for j, r in enumerate(roots):
+            if r != common:
+                raise BundleInvalid(f"headers[{pos}].attestations[{j}]",
+                                    "signs other transaction results than the other "
+                                    "attestations of the block")
+        return {a.agency for a in atts}, common
 
-
-def _check_case_statements(bundle: evidence_pb2.EvidenceBundle, registry: KeyRegistry,
-                           chain_id: str) -> dict[str, object]:
-    """A quorum of members' identical, signed statements of the case's count and running
-    hash at a height, and the bundle's own transactions of the case give the same."""
-    from exchange.identity.keys import Domain, verify
-    from exchange.ledger.casechain import EMPTY, case_named, extend
-
-    raw = bytes(bundle.case_statements[0].statement)
-    try:
-        statement_height = evidence_pb2.CaseStatement.FromString(raw).height
-    except DecodeError as exc:
-        raise BundleInvalid("case_statements[0]", f"does not parse: {exc}") from exc
-    agencies: list[str] = []
-    for i, signed in enumerate(bundle.case_statements):
-        where = f"case_statements[{i}]"
-        if bytes(signed.statement) != raw:
-            raise BundleInvalid(where, "the members' statements differ")
-        if signed.agency in agencies:
-            raise BundleInvalid(where, f"{signed.agency} states twice")
+    def _verify_entry(self, e: _Entry, header: ledger_pb2.BlockHeader, attested: set[str],
+                      root: bytes | None, quorum: int) -> None:
+        b, name = e.tx, e.name
+        if b.index >= header.tx_count:
+            raise BundleInvalid(name, f"index {b.index} outside block {b.height} "
+                                      f"({header.tx_count} transactions)")
         try:
-            node = registry.node_key_at(signed.agency, bytes(signed.signer_key_id),
-                                        statement_height)
-            verify(node.public_key, Domain.CASE_STATEMENT, chain_id, raw,
-                   bytes(signed.signature))
-        except BundleInvalid:
-            raise
+            opened = open_envelope(b.envelope, self.chain_id)
         except ExchangeError as exc:
-            raise BundleInvalid(where, str(exc)) from exc
-        agencies.append(signed.agency)
-    if len(agencies) < registry.quorum:
-        raise BundleInvalid("case_statements", f"{len(agencies)} members state the case; "
-                                               f"{registry.quorum} are needed")
-    st = evidence_pb2.CaseStatement.FromString(raw)
-    if st.height > len(bundle.headers):
-        raise BundleInvalid("case_statements", f"stated at height {st.height}, beyond the "
-                                               "bundle's headers")
-    ordered = sorted(bundle.transactions, key=lambda t: (t.height, t.index))
-    opened = [(t, open_envelope(t.envelope, chain_id)) for t in ordered
-              if t.result_code == RESULT_OK and t.height <= st.height]
-    query_case = {o.tx_id: o.body.query.case_id for _, o in opened if o.kind == "query"}
-    count, running = 0, EMPTY
-    for _, o in opened:
-        if case_named(o.body, query_case.get) == st.case_id:
-            count += 1
-            running = extend(running, o.tx_id)
-    if (count, running) != (st.count, bytes(st.running_hash)):
-        raise BundleInvalid("case_statements", f"case {st.case_id}: the bundle holds {count} "
-                                               f"of its transactions up to height "
-                                               f"{st.height}, the members state {st.count}; "
-                                               "a transaction of the case is missing, or "
-                                               "one was swapped")
-    return {"case_id": st.case_id, "height": st.height, "count": st.count,
-            "complete": True, "stated_by": sorted(agencies)}
-
-
-def _verify_tx(registry: KeyRegistry, name: str, b: evidence_pb2.BundledTransaction,
-               header: ledger_pb2.BlockHeader, attested: set[str],
-               root: bytes | None) -> VerifiedTx:
-    if b.index >= header.tx_count:
-        raise BundleInvalid(name, f"index {b.index} outside block {b.height}")
-    try:
-        opened = open_envelope(b.envelope, registry.chain_id)
-    except ExchangeError as exc:
-        raise BundleInvalid(name, f"envelope: {exc}") from exc
-    tid = opened.tx_id.hex()
-    where = f"{name} (tx {tid[:16]})"
-    if not merkle.verify_inclusion(b.envelope, b.index, header.tx_count,
-                                   list(b.inclusion_proof), bytes(header.tx_root)):
-        raise BundleInvalid(where, f"inclusion proof does not lead to the Merkle root of "
-                                   f"block {b.height}")
-    try:
-        signer: KeyInfo = registry.resolve(opened.signer_key_id)
-        verify_envelope(opened, signer.public_key)
-    except ExchangeError as exc:
-        raise BundleInvalid(where, f"signature: {exc}") from exc
-    if signer.agency != opened.body.agency:
-        raise BundleInvalid(where, f"signed by {signer.agency} but claims {opened.body.agency}")
-    if len(attested) < registry.quorum or root is None:
-        raise BundleInvalid(where, f"block {b.height} is attested by {len(attested)} "
-                                   f"members, {registry.quorum} needed")
-    if not merkle.verify_inclusion(b.result_code.encode(), b.index, header.tx_count,
-                                   list(b.result_proof), root):
-        raise BundleInvalid(where, "result code is not the one the attestations sign")
-    result = b.result_code
-    if result == RESULT_OK:
+            raise BundleInvalid(name, f"envelope: {exc}") from exc
+        tid = opened.tx_id.hex()
+        tx = f"tx {tid[:16]}"
+        if e.history and opened.kind not in REGISTRY_KINDS:
+            raise BundleInvalid(name, f"{tx}: a {opened.kind} transaction is not a key change")
+        if not merkle.verify_inclusion(b.envelope, b.index, header.tx_count,
+                                       list(b.inclusion_proof), bytes(header.tx_root)):
+            raise BundleInvalid(name, f"{tx}: inclusion proof does not lead to the Merkle "
+                                      f"root of block {b.height}")
         try:
-            registry.check_signer(opened.signer_key_id, b.height, header.timestamp_ms)
+            signer: KeyInfo = self.registry.resolve(opened.signer_key_id)
+            verify_envelope(opened, signer.public_key)
         except ExchangeError as exc:
-            raise BundleInvalid(where, f"signer: {exc}") from exc
-    return VerifiedTx(
-        tx_id=tid, height=b.height, index=b.index, kind=opened.kind, agency=signer.agency,
-        signer=f"{signer.agency}/{signer.subject}", roles=list(signer.roles),
-        created_at_ms=opened.body.created_at_ms, block_timestamp_ms=header.timestamp_ms,
-        result=result, attested_by=sorted(attested), summary=summarize(opened.body))
+            raise BundleInvalid(name, f"{tx}: signature: {exc}") from exc
+        if len(attested) < quorum or root is None:
+            raise BundleInvalid(name, f"{tx}: block {b.height} is attested by "
+                                      f"{len(attested)} members, {quorum} needed")
+        if not merkle.verify_inclusion(b.result_code.encode(), b.index, header.tx_count,
+                                       list(b.result_proof), root):
+            raise BundleInvalid(name, f"{tx}: result code is not the one the attestations "
+                                      "sign")
+        result = b.result_code
+        if e.history and result != RESULT_OK:
+            raise BundleInvalid(name, f"{tx}: key history holds only transactions judged "
+                                      f"OK; this one was judged {result}")
+        if result != CODE_DUPLICATE:
+            standing, _ = standing_code(self.registry, opened, b.height, header.timestamp_ms)
+            if standing != RESULT_OK and result != standing:
+                raise BundleInvalid(name, f"{tx}: judged {result} by a quorum, but the key "
+                                          f"history makes it {standing}: the key history is "
+                                          "incomplete or altered")
+            if standing == RESULT_OK and result in STANDING_CODES:
+                raise BundleInvalid(name, f"{tx}: judged {result} by a quorum, but its "
+                                          "signer, agency and time are valid as of its "
+                                          "block: the key history is incomplete or altered")
+        self.opened[name] = opened
+        self.verified[name] = VerifiedTx(
+            tx_id=tid, height=b.height, index=b.index, kind=opened.kind,
+            agency=signer.agency, signer=f"{signer.agency}/{signer.subject}",
+            roles=list(signer.roles), created_at_ms=opened.body.created_at_ms,
+            block_timestamp_ms=header.timestamp_ms, result=result,
+            attested_by=sorted(attested), summary=summarize(opened.body), quorum=quorum)
 
+    def _apply(self, e: _Entry, height: int) -> None:
+        opened = self.opened[e.name]
+        try:
+            self.registry.apply(opened.body, self.registry.resolve(opened.signer_key_id),
+                                height)
+        except ExchangeError as exc:
+            raise BundleInvalid(e.name, f"does not apply to the key registry: {exc}") from exc
 
-def _check_credentials(bundle: evidence_pb2.EvidenceBundle, registry: KeyRegistry) -> None:
-    for i, signed in enumerate(bundle.credentials):
-        raw = signed.SerializeToString(deterministic=True)
-        if not any(info.credential == raw for info in registry.credentials()):
-            raise BundleInvalid(f"credentials[{i}]", "not a credential issued on this chain")
+    # -- canonical lists ----------------------------------------------------------
+    @staticmethod
+    def _check_order(field_name: str,
+                     items: Sequence[evidence_pb2.BundledTransaction]) -> None:
+        for i in range(1, len(items)):
+            before, here = (items[i - 1].height, items[i - 1].index), \
+                (items[i].height, items[i].index)
+            if here == before:
+                raise BundleInvalid(f"{field_name}[{i}]", f"the same transaction as "
+                                                          f"{field_name}[{i - 1}]")
+            if here < before:
+                raise BundleInvalid(f"{field_name}[{i}]",
+                                    f"out of chain order: {here[0]}.{here[1]} after "
+                                    f"{before[0]}.{before[1]}")
+
+    def _check_history_holds(self, at_one_place: list[_Entry]) -> None:
+        """A bundled key change judged OK is in the key history too (which holds every
+        one up to the highest bundled height)."""
+        if any(e.history for e in at_one_place):
+            return
+        for e in at_one_place:
+            if e.tx.result_code == RESULT_OK and self.opened[e.name].kind in REGISTRY_KINDS:
+                raise BundleInvalid("key_history", f"leaves out the key change {e.name} "
+                                                   f"(judged OK at {e.tx.height}."
+                                                   f"{e.tx.index})")
+
+    def _check_credentials(self) -> None:
+        """`credentials` holds exactly the credentials of the bundled transactions'
+        signers, each once, in ascending key id order."""
+        wanted: dict[bytes, KeyInfo] = {}
+        for name, opened in self.opened.items():
+            if name.startswith("transactions"):
+                info = self.registry.resolve(opened.signer_key_id)
+                if info.credential:
+                    wanted[info.key_id] = info
+        expected = [wanted[k] for k in sorted(wanted)]
+        given = [c.SerializeToString(deterministic=True) for c in self.bundle.credentials]
+        for i, raw in enumerate(given):
+            where = f"credentials[{i}]"
+            if i < len(expected) and raw == expected[i].credential:
+                continue
+            if not any(info.credential == raw for info in self.registry.credentials()):
+                raise BundleInvalid(where, "not a credential issued on this chain")
+            if not any(info.credential == raw for info in expected):
+                raise BundleInvalid(where, "not the credential of a bundled transaction's "
+                                           "signer")
+            raise BundleInvalid(where, "credentials are listed once each, in ascending key "
+                                       "id order")
+        if len(given) < len(expected):
+            missing = expected[len(given)]
+            raise BundleInvalid("credentials", f"lacks the credential of {missing.agency}/"
+                                               f"{missing.subject} (key "
+                                               f"{missing.key_id.hex()}), a bundled "
+                                               "transaction's signer")
+
+    # -- reveals and answers in chunks ------------------------------------------------
+    def _tx_items(self) -> list[tuple[str, evidence_pb2.BundledTransaction, OpenedEnvelope]]:
+        return [(f"transactions[{i}]", b, self.opened[f"transactions[{i}]"])
+                for i, b in enumerate(self.bundle.transactions)]
+
+    def _check_reveals(self, report: BundleReport) -> None:
+        place: dict[bytes, tuple[int, int, str]] = {}
+        for name, b, opened in self._tx_items():
+            place.setdefault(opened.tx_id, (b.height, b.index, name))
+        previous: tuple[int, int, str] | None = None
+        for i, rev in enumerate(self.bundle.reveals):
+            where = f"reveals[{i}]"
+            tid = bytes(rev.tx_id)
+            if tid not in place:
+                raise BundleInvalid(where, f"reveals tx {tid.hex()[:16]}, which is not in the "
+                                           "bundle")
+            height, index, name = place[tid]
+            if rev.part != "":
+                raise BundleInvalid(where, f"part {rev.part!r} is not defined: version 1 "
+                                           "reveals a transaction's own commitment (part "
+                                           "\"\"); a chunk is revealed as its answer_chunk "
+                                           "transaction")
+            body = self.opened[name].body
+            commitment = _commitments(body).get(rev.part)
+            if commitment is None:
+                what = ("an answer in several chunks is revealed chunk by chunk"
+                        if body.WhichOneof("kind") == "answer_manifest" else
+                        "the transaction commits to no payload")
+                raise BundleInvalid(where, f"tx {tid.hex()[:16]} has no commitment to "
+                                           f"reveal: {what}")
+            if len(rev.salt) != 32:
+                raise BundleInvalid(where, f"the salt is {len(rev.salt)} bytes, not 32")
+            if hashlib.sha256(bytes(rev.salt) + bytes(rev.plaintext)).digest() != commitment:
+                raise BundleInvalid(where, "SHA-256(salt + plaintext) is not the committed "
+                                           "digest: the salt or the plaintext is not the "
+                                           "committed one")
+            key = (height, index, rev.part)
+            if previous is not None and key <= previous:
+                raise BundleInvalid(where, "reveals are listed once each, in the chain order "
+                                           "of the transactions they reveal")
+            previous = key
+            self.verified[name].revealed = True
+            report.reveals += 1
+        for name, _, opened in self._tx_items():  # every copy of a revealed tx id
+            self.verified[name].revealed = self.verified[place[opened.tx_id][2]].revealed
+
+    def _check_chunks(self, report: BundleReport) -> None:
+        """Chunks of an answer bundled with its manifest are the ones it lists, and when
+        all are bundled their commitments hash to the manifest's commitment."""
+        ok = [(n, b, o) for n, b, o in self._tx_items() if b.result_code == RESULT_OK]
+        chunks: dict[bytes, dict[int, tuple[str, OpenedEnvelope]]] = {}
+        for name, _, o in ok:
+            if o.kind == "answer_chunk":
+                c = o.body.answer_chunk
+                chunks.setdefault(bytes(c.query_tx_id), {}).setdefault(c.index, (name, o))
+        for name, _, o in ok:
+            if o.kind != "answer_manifest" or o.body.answer_manifest.chunk_count <= 1:
+                continue
+            m = o.body.answer_manifest
+            listed = [bytes(d) for d in m.chunk_digests]
+            have = chunks.get(bytes(m.query_tx_id), {})
+            for index, (chunk_name, chunk) in sorted(have.items()):
+                if index >= len(listed) or listed[index] != chunk.tx_id:
+                    raise BundleInvalid(chunk_name, f"chunk {index} of the answer is not the "
+                                                    f"chunk the manifest {name} lists")
+            if len(have) == len(listed):
+                commitments = [bytes(have[i][1].body.answer_chunk.sealed.commitment)
+                               for i in range(len(listed))]
+                if chunks_commitment(commitments) != bytes(m.commitment):
+                    raise BundleInvalid(name, "commitment is not the hash of its chunks' "
+                                              "commitments")
+                self.verified[name].revealed = all(self.verified[have[i][0]].revealed
+                                                   for i in range(len(listed)))
+
+    # -- case statements and the headers' span ------------------------------------------
+    def _statement_height(self) -> int | None:
+        if not len(self.bundle.case_statements):
+            return None
+        try:
+            return evidence_pb2.CaseStatement.FromString(
+                self.bundle.case_statements[0].statement).height
+        except DecodeError:
+            return None  # refused, naming the statement, by _check_case_statements
+
+    def _check_case_statements(self) -> dict[str, object]:
+        """A quorum of members' identical, signed statements of the case's count and
+        running hash at a height, and the bundle's own transactions of the case give the
+        same."""
+        from exchange.ledger.casechain import EMPTY, case_named, extend
+
+        raw = bytes(self.bundle.case_statements[0].statement)
+        try:
+            st = evidence_pb2.CaseStatement.FromString(raw)
+        except DecodeError as exc:
+            raise BundleInvalid("case_statements[0]", f"does not parse: {exc}") from exc
+        if st.height > self.headers_count:
+            raise BundleInvalid("case_statements[0]", f"stated at height {st.height}, beyond "
+                                                      "the bundle's headers")
+        agencies: list[str] = []
+        for i, signed in enumerate(self.bundle.case_statements):
+            where = f"case_statements[{i}]"
+            if bytes(signed.statement) != raw:
+                raise BundleInvalid(where, "the members' statements differ")
+            if signed.agency not in self.stated_members:
+                raise BundleInvalid(where, f"{signed.agency!r} is not a member at height "
+                                           f"{st.height}")
+            try:
+                node = self.registry.node_key_at(signed.agency, bytes(signed.signer_key_id),
+                                                 st.height)
+                verify(node.public_key, Domain.CASE_STATEMENT, self.chain_id, raw,
+                       bytes(signed.signature))
+            except ExchangeError as exc:
+                raise BundleInvalid(where, str(exc)) from exc
+            if agencies and signed.agency <= agencies[-1]:
+                raise BundleInvalid(where, f"{signed.agency} states twice" if signed.agency
+                                    == agencies[-1] else "statements are in ascending agency "
+                                                         "order")
+            agencies.append(signed.agency)
+        if len(agencies) < self.stated_quorum:
+            raise BundleInvalid("case_statements", f"{len(agencies)} members state the case; "
+                                                   f"{self.stated_quorum} are needed")
+        ordered = [(b, o) for _, b, o in self._tx_items()
+                   if b.result_code == RESULT_OK and b.height <= st.height]
+        query_case = {o.tx_id: o.body.query.case_id for _, o in ordered if o.kind == "query"}
+        count, running = 0, EMPTY
+        for _, o in ordered:
+            if case_named(o.body, query_case.get) == st.case_id:
+                count += 1
+                running = extend(running, o.tx_id)
+        if (count, running) != (st.count, bytes(st.running_hash)):
+            raise BundleInvalid("case_statements", f"case {st.case_id}: the bundle holds "
+                                                   f"{count} of its transactions up to height "
+                                                   f"{st.height}, the members state {st.count}; "
+                                                   "a transaction of the case is missing, or "
+                                                   "one was swapped")
+        return {"case_id": st.case_id, "height": st.height, "count": st.count,
+                "complete": True, "stated_by": agencies}
+
+    def _check_header_span(self) -> None:
+        """Headers run from 1 to the highest bundled transaction (or the case
+        statement's height, if higher), and no further; only blocks that hold a bundled
+        transaction or key history entry carry attestations."""
+        holding = {e.tx.height for e in self.entries}
+        for pos, bh in enumerate(self.bundle.headers):
+            if len(bh.attestations) and pos + 1 not in holding:
+                raise BundleInvalid(f"headers[{pos}].attestations[0]",
+                                    f"block {pos + 1} holds no bundled transaction or key "
+                                    "history entry, so it carries no attestations")
+        top = max([b.height for b in self.bundle.transactions]
+                  + [self.statement_height or 0], default=0)
+        if self.headers_count > top:
+            raise BundleInvalid(f"headers[{top}]", f"height {top + 1} is beyond every bundled "
+                                                   f"transaction (the highest is at {top})")
 
 
 def _commitments(body: ledger_pb2.TxBody) -> dict[str, bytes]:
+    """The salted commitments a reveal may name, by part: a transaction's own payload."""
     kind = body.WhichOneof("kind")
     out: dict[str, bytes] = {}
     if kind == "query":
         out[""] = bytes(body.query.sealed_request.commitment)
-    elif kind == "answer_manifest":
+    elif kind == "answer_manifest" and body.answer_manifest.chunk_count <= 1:
         out[""] = bytes(body.answer_manifest.commitment)
     elif kind == "answer_chunk":
         out[""] = bytes(body.answer_chunk.sealed.commitment)
@@ -362,27 +786,6 @@ def _commitments(body: ledger_pb2.TxBody) -> dict[str, bytes]:
     elif kind == "findings_chunk":
         out[""] = bytes(body.findings_chunk.sealed_output.commitment)
     return {k: v for k, v in out.items() if v}
-
-
-def _check_reveals(bundle: evidence_pb2.EvidenceBundle, report: BundleReport,
-                   chain_id: str) -> None:
-    by_id = {t.tx_id: t for t in report.transactions}
-    envs = {open_envelope(t.envelope, chain_id).tx_id.hex(): t for t in bundle.transactions}
-    for i, rev in enumerate(bundle.reveals):
-        where = f"reveals[{i}]"
-        tid = bytes(rev.tx_id).hex()
-        if tid not in envs:
-            raise BundleInvalid(where, "reveals a transaction that is not in the bundle")
-        body = open_envelope(envs[tid].envelope, chain_id).body
-        commitment = _commitments(body).get(rev.part)
-        if commitment is None:
-            raise BundleInvalid(where, f"transaction has no commitment {rev.part!r}")
-        if len(rev.salt) != 32:
-            raise BundleInvalid(where, "salt must be 32 bytes")
-        if hashlib.sha256(bytes(rev.salt) + bytes(rev.plaintext)).digest() != commitment:
-            raise BundleInvalid(where, "plaintext does not match the committed digest")
-        by_id[tid].revealed = True
-        report.reveals += 1
 
 
 def summarize(body: ledger_pb2.TxBody) -> dict[str, object]:

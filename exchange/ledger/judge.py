@@ -42,28 +42,40 @@ def judge_block(state: StateJudge, checked: CheckedBlock,
     registry = state.registry
     height = checked.header.height
     timestamp_ms = checked.header.timestamp_ms
-    window_ms = registry.genesis.params.admission_window_ms
     in_block: set[bytes] = set()
     codes: list[str] = []
     for env in checked.envelopes:
-        code = RESULT_OK
         if env.tx_id in in_block or seen(env.tx_id):
             code = CODE_DUPLICATE
         else:
-            try:
-                signer = registry.check_signer(env.signer_key_id, height, timestamp_ms)
-            except ExchangeError:
-                code = CODE_SIGNER
-            else:
-                if signer.agency != env.body.agency:
-                    code = CODE_AGENCY
-                elif window_ms and abs(env.body.created_at_ms - timestamp_ms) > window_ms:
-                    code = CODE_TIME
-                else:
-                    code = state.judge(env, signer, height, timestamp_ms)
+            code, signer = standing_code(registry, env, height, timestamp_ms)
+            if signer is not None:
+                code = state.judge(env, signer, height, timestamp_ms)
         in_block.add(env.tx_id)
         codes.append(code)
     return codes
+
+
+STANDING_CODES = frozenset({CODE_SIGNER, CODE_AGENCY, CODE_TIME})
+
+
+def standing_code(registry: KeyRegistry, env: OpenedEnvelope, height: int,
+                  timestamp_ms: int) -> tuple[str, KeyInfo | None]:
+    """The judgement that needs only the key registry (and no other state): the signer's
+    key valid at `height` and `timestamp_ms`, the body's agency the signer's, the body's
+    time within the admission window of the block's. Returns (a code of STANDING_CODES,
+    None) or (RESULT_OK, the signer). An offline verifier holding the key history
+    recomputes it for every bundled transaction."""
+    try:
+        signer = registry.check_signer(env.signer_key_id, height, timestamp_ms)
+    except ExchangeError:
+        return CODE_SIGNER, None
+    if signer.agency != env.body.agency:
+        return CODE_AGENCY, None
+    window_ms = registry.genesis.params.admission_window_ms
+    if window_ms and abs(env.body.created_at_ms - timestamp_ms) > window_ms:
+        return CODE_TIME, None
+    return RESULT_OK, signer
 
 
 def valid_attestation_record(registry: KeyRegistry, body: ledger_pb2.TxBody, signer: KeyInfo,

@@ -125,7 +125,7 @@ def build_report(data: bytes, verified_at_ms: int, bundle_name: str = "") -> Rep
             seen.append(bytes(rev.plaintext))
 
     ordered = sorted(verified.transactions, key=lambda t: (t.height, t.index))
-    timeline = [_item(t, bodies[t.tx_id], plaintexts.get(t.tx_id, []), verified.quorum)
+    timeline = [_item(t, bodies[t.tx_id], plaintexts.get(t.tx_id, []), t.quorum)
                 for t in ordered]
     invalid = sum(1 for t in ordered if t.result != RESULT_OK)
     n_tx, n_rev = len(ordered), verified.reveals
