@@ -356,6 +356,7 @@ class _Verifier:
                                for i in range(len(self.bundle.transactions))]
         self._check_reveals(report)
         self._check_chunks(report)
+        self._check_findings_chunks()
         if len(self.bundle.case_statements):
             report.case = self._check_case_statements()
         self._check_header_span()
@@ -689,6 +690,34 @@ class _Verifier:
                                               "commitments")
                 self.verified[name].revealed = all(self.verified[have[i][0]].revealed
                                                    for i in range(len(listed)))
+
+    def _check_findings_chunks(self) -> None:
+        """A findings chunk bundled with its run (the run of the same agency, rule,
+        period and inputs) is one the run names, at the chunk's place. (The run's output
+        digest is over all its chunks' plaintexts: a reader with every chunk revealed can
+        check it; docs/evidence-bundle.md.)"""
+        from exchange.ledger.findings import inputs_digest
+
+        ok = [(n, b, o) for n, b, o in self._tx_items() if b.result_code == RESULT_OK]
+        runs: dict[tuple[str, bytes, str, bytes], tuple[str, list[bytes]]] = {}
+        for name, _, o in ok:
+            if o.kind == "findings":
+                f = o.body.findings
+                key = (o.body.agency, bytes(f.rule_digest), f.period,
+                       inputs_digest([bytes(t) for t in f.input_tx_ids]))
+                runs[key] = (name, [bytes(t) for t in f.chunk_tx_ids])
+        for name, _, o in ok:
+            if o.kind != "findings_chunk":
+                continue
+            c = o.body.findings_chunk
+            run = runs.get((o.body.agency, bytes(c.rule_digest), c.period,
+                            bytes(c.run_inputs_digest)))
+            if run is None:
+                continue  # its run is not bundled: nothing to hold it against
+            listed = run[1]
+            if c.index >= len(listed) or listed[c.index] != o.tx_id:
+                raise BundleInvalid(name, f"findings chunk {c.index} is not the chunk "
+                                          f"{run[0]} names at that place")
 
     # -- case statements and the headers' span ------------------------------------------
     def _statement_height(self) -> int | None:
