@@ -370,8 +370,11 @@ def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offlin
     assert verified.returncode == 0, verified.stdout + verified.stderr
     report = json.loads(verified.stdout)
     kinds = [t["kind"] for t in report["transactions"]]
-    assert kinds.count("findings_chunk") == out["findings_chunks"]
-    assert report["reveals"] >= out["findings_chunks"]
+    # the run, the chunk holding the case's finding (not the others), and each input as
+    # its query and manifest, not its chunks
+    assert kinds.count("findings") == 1 and kinds.count("findings_chunk") == 1
+    assert "answer_chunk" not in kinds and kinds.count("answer_manifest") == out["inputs"]
+    assert report["reveals"] >= 1
     # a revealed chunk changed by one byte is refused
     from exchange.ledger.evidence import BundleInvalid, decode_bundle, encode_bundle, verify_bundle
 
@@ -382,3 +385,32 @@ def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offlin
     reveal.plaintext = reveal.plaintext.replace(b"subject", b"subjecT", 1)
     with pytest.raises(BundleInvalid, match="reveals"):
         verify_bundle(encode_bundle(tampered))
+
+    # a chunk of the same rule, period and inputs that the run does not name (valid on
+    # the ledger, where it stays unused) bundled beside the run is refused
+    from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
+    from exchange.ledger.block import open_envelope
+    from exchange.ledger.case_export import case_tx_ids
+    from exchange.ledger.evidence import build_bundle
+    from exchange.ledger.store import BlockStore
+    from exchange.v1 import ledger_pb2
+
+    auto = cluster.net / agency / "analysts" / "automation.toml"
+    _, _, genesis = load_genesis(auto)
+    with ExchangeClient(load_client_profile(auto)) as client:
+        signer = Signer.load(client.profile, genesis.chain_id)
+        (bundled,) = chunk_ids
+        body = open_envelope(client.get_transaction(bundled).envelope, genesis.chain_id).body
+        stray = ledger_pb2.FindingsChunk()
+        stray.CopyFrom(body.findings_chunk)
+
+        def fill(b: ledger_pb2.TxBody) -> None:
+            b.findings_chunk.CopyFrom(stray)
+
+        envelope = signer.make_envelope(fill)
+        assert client.submit(envelope).result == "OK"  # committed at this node
+        stray_id = open_envelope(envelope, genesis.chain_id).tx_id
+    with BlockStore.open(cluster.net / agency / "data" / "blocks.db") as store:
+        ids = case_tx_ids(store, "CASE-CHUNKS") + [stray_id]
+        with pytest.raises(BundleInvalid, match="is not the chunk"):
+            verify_bundle(encode_bundle(build_bundle(store, ids)))
