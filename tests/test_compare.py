@@ -35,7 +35,7 @@ from exchange.compare import (
     rules_dir,
     run_rule,
 )
-from exchange.compare.engine import inputs_digest
+from exchange.compare.engine import RuleLimitExceeded, inputs_digest
 from exchange.compare.local import gather_inputs, run_locally
 from exchange.compare.rules import Rule
 from exchange.errors import MalformedInput
@@ -470,7 +470,7 @@ def test_yaml_syntax_errors_and_missing_keys_name_the_line(tmp_path: Path) -> No
     ("SELECT 1 AS subject; SELECT 2 AS amount", None, "one SELECT statement"),
     ("CREATE TABLE x AS SELECT 1", None, "must be a SELECT"),
     ("SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
-     "FROM read_csv('/etc/passwd')", "read_csv", "file system operations are disabled"),
+     "FROM read_csv('/etc/passwd')", "read_csv", "read_csv() is not allowed in FROM"),
 ])
 def test_sql_errors_map_to_the_rule_file_line(tmp_path: Path, sql: str, needle: str | None,
                                               message: str) -> None:
@@ -485,6 +485,135 @@ def test_sql_errors_map_to_the_rule_file_line(tmp_path: Path, sql: str, needle: 
     if needle is not None:
         assert caught.value.line == line_of(text, needle), str(caught.value)
     assert str(path) in str(caught.value) and BASE[end:]  # the file is named
+
+
+def _with_sql(tmp_path: Path, sql: str) -> tuple[Path, str]:
+    """BASE with `sql` (lines unindented) as its SQL block, and the file's text."""
+    start = BASE.index("sql: |")
+    body = "".join(f"  {line}\n" for line in sql.splitlines())
+    text = BASE[:start] + "sql: |\n" + body + "output:\n  subject: the company\n"
+    return write_rule(tmp_path, text), text
+
+
+@pytest.mark.parametrize(("expression", "named"), [
+    ("(SELECT count(*) FROM duckdb_settings())", "duckdb_settings()"),
+    ("(SELECT count(*) FROM duckdb_functions())", "duckdb_functions()"),
+    ("(SELECT count(*) FROM duckdb_settings)", "table duckdb_settings"),
+    ("(SELECT count(*) FROM duckdb_tables)", "table duckdb_tables"),
+    ("(SELECT count(*) FROM pg_class)", "table pg_class"),
+    ("(SELECT count(*) FROM information_schema.tables)", "table information_schema.tables"),
+    ("(SELECT count(*) FROM range(10))", "range()"),
+    ("random()", "random()"),
+    ("now()::VARCHAR", "now()"),
+    ("get_current_timestamp()::VARCHAR", "get_current_timestamp()"),
+    ("current_localtimestamp()::VARCHAR", "current_localtimestamp()"),
+    ("current_setting('threads')::VARCHAR", "current_setting()"),
+    ("getenv('HOME')", "getenv()"),
+    ("getvariable('x')::VARCHAR", "getvariable()"),
+    ("version()", "version()"),
+    ("uuid()::VARCHAR", "uuid()"),
+    ("hash(uscc)::VARCHAR", "hash()"),
+    ("system.main.abs(1)::VARCHAR", "system.main.abs()"),
+    ("current_user", "current_user"),
+    ("current_schema", "current_schema"),
+    ("'2026-01-01'::TIMESTAMPTZ::VARCHAR", "TIMESTAMPTZ"),
+])
+def test_registration_refuses_any_function_outside_the_allow_list(
+        tmp_path: Path, expression: str, named: str) -> None:
+    sql = ("SELECT uscc AS subject,\n       outbound_cross_border_cny AS amount,\n"
+           f"       {expression} AS detail\nFROM flows")
+    path, text = _with_sql(tmp_path, sql)
+    with pytest.raises(RuleError) as caught:
+        load_rule(path)
+    assert named in caught.value.message and "not allowed" in caught.value.message, \
+        str(caught.value)
+    assert caught.value.line == line_of(text, expression), str(caught.value)
+
+
+def test_a_with_query_may_not_take_the_name_of_a_duckdb_view(tmp_path: Path) -> None:
+    sql = ("SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
+           "FROM (WITH duckdb_tables AS (SELECT * FROM flows) SELECT * FROM flows)\n"
+           "WHERE uscc NOT IN (SELECT table_name FROM duckdb_tables)")
+    with pytest.raises(RuleError, match="may not be named duckdb_tables"):
+        load_rule(_with_sql(tmp_path, sql)[0])
+
+
+def test_every_reference_rule_passes_the_allow_list_on_any_thread_count() -> None:
+    for agency in agents.AGENCIES:
+        for rule in load_rules(agency):
+            con = duck.connect()
+            try:
+                shape = duck.check_statement(con, rule.sql, list(rule.input_names))
+            finally:
+                con.close()
+            # the police rule's string_agg has its own ORDER BY, but is still run on one
+            # thread: an aggregate's order is the engine's to make canonical
+            assert (shape.order_sensitive is None) == (rule.id != R5), (rule.id, shape)
+
+
+@pytest.mark.parametrize(("expression", "why"), [
+    ("string_agg(t.uscc, ',')", "string_agg()"),
+    ("list(t.uscc)::VARCHAR", "list()"),
+    ("CAST(sum(CAST(f.outbound_cross_border_cny AS DOUBLE)) AS BIGINT)", "DOUBLE"),
+    ("CAST(avg(f.outbound_cross_border_cny) AS BIGINT)", "avg()"),
+    ("CAST(sum(f.outbound_cross_border_cny / 3) AS BIGINT)", "/()"),
+])
+def test_order_sensitive_sql_gives_the_same_bytes_on_any_thread_count(
+        tmp_path: Path, expression: str, why: str) -> None:
+    sql = ("SELECT f.uscc AS subject, SUM(f.outbound_cross_border_cny) AS amount,\n"
+           f"       {expression} AS detail\nFROM flows f, trade t\n"
+           "WHERE t.import_declarations = f.uscc_n\nGROUP BY f.uscc")
+    sql = sql.replace("f.uscc_n", "CAST(substr(f.uscc, 9, 8) AS BIGINT) % 50")
+    rule = load_rule(_with_sql(tmp_path, sql)[0])
+    con = duck.connect()
+    try:
+        assert why in (duck.check_statement(con, rule.sql, list(rule.input_names))
+                       .order_sensitive or "")
+    finally:
+        con.close()
+    # more rows than one DuckDB row group (122,880), so that threads would split them
+    flows = [{"uscc": uscc(i % 2_000), "outbound_cross_border_cny": d(f"{i % 9973}.{i % 97:02d}")}
+             for i in range(150_000)]
+    trade = [{"uscc": uscc(i), "import_declarations": i % 50} for i in range(200)]
+    digests = {run_rule(rule, {"flows": rng_sample, "trade": trade}, {"period": P},
+                        limits=duck.RuleLimits(threads=threads)).digest
+               for threads, rng_sample in ((1, flows), (4, flows[::-1]), (2, flows))}
+    assert len(digests) == 1
+
+
+def test_a_rule_over_its_time_limit_fails_naming_the_limit(tmp_path: Path) -> None:
+    sql = ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r)\n"
+           "SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
+           "FROM flows WHERE uscc NOT IN (SELECT CAST(n AS VARCHAR) FROM r)")
+    path, _ = _with_sql(tmp_path, sql)
+    rule = load_rule(path)  # registration cannot tell: the recursion is deterministic
+    flows = [{"uscc": uscc(1), "outbound_cross_border_cny": d("1.00")}]
+    started = __import__("time").monotonic()
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(time_s=1.0, memory_mib=4096))
+    assert __import__("time").monotonic() - started < 30  # interrupted, not run to the end
+    assert f"rule {rule.id}: exceeded the 1 s time limit" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_a_rule_over_its_memory_limit_fails_naming_the_limit(tmp_path: Path) -> None:
+    sql = ("SELECT a.uscc AS subject, SUM(a.outbound_cross_border_cny) AS amount,\n"
+           "       count(DISTINCT a.uscc || b.uscc || c.uscc) AS pairs\n"
+           "FROM flows a, flows b, flows c GROUP BY a.uscc")
+    rule = load_rule(_with_sql(tmp_path, sql)[0])
+    flows = [{"uscc": uscc(i), "outbound_cross_border_cny": d("1.00")} for i in range(300)]
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(time_s=600, memory_mib=64))
+    assert f"rule {rule.id}: exceeded the memory limit 64 MiB" in str(caught.value)
+
+
+def test_rule_limits_are_checked() -> None:
+    for bad in ({"time_s": 0}, {"time_s": -1.0}, {"memory_mib": 1}, {"memory_mib": 1.5},
+                {"threads": 0}, {"threads": True}):
+        with pytest.raises(ValueError):
+            duck.RuleLimits(**bad)  # type: ignore[arg-type]
 
 
 def test_output_notes_must_name_returned_columns(tmp_path: Path) -> None:
