@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from exchange.client import ExchangeClient, Signer
+from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput, run_rule
 from exchange.compare.rules import Rule, load_rule_bytes
 from exchange.crossquery import QuerySpec, build_query, read_answer
@@ -91,7 +92,8 @@ class NetworkRun:
     """One run of `rule` by the owner's automation, through its node."""
 
     def __init__(self, client: ExchangeClient, signer: Signer, genesis: identity_pb2.Genesis,
-                 rule: Rule, progress: Progress | None = None) -> None:
+                 rule: Rule, progress: Progress | None = None,
+                 limits: RuleLimits | None = None) -> None:
         if signer.agency != rule.owner:
             raise MalformedInput(f"rule {rule.id} is {rule.owner}'s; the profile is "
                                  f"{signer.agency}'s")
@@ -100,6 +102,7 @@ class NetworkRun:
         self.genesis = genesis
         self.rule = rule
         self.progress = progress or (lambda _msg: None)
+        self.limits = limits or RuleLimits()
         self._asked_agencies: set[str] = set()
 
     def ensure_registered(self) -> None:
@@ -194,7 +197,7 @@ class NetworkRun:
             inputs[q.name] = rows
             self.progress(f"{q.agency} {q.dataset}: {len(rows)} rows")
         typed = {name: _typed(self.rule, name, rows) for name, rows in inputs.items()}
-        output = run_rule(self.rule, typed, params)
+        output = run_rule(self.rule, typed, params, limits=self.limits)
         self.progress(f"{len(output.rows)} findings")
         earlier = self.client.list_findings(node_pb2.ListFindingsRequest(
             owner_agency=plan.owner, rule_id=self.rule.id, period=plan.period)).runs
@@ -243,10 +246,11 @@ def _tx_id(envelope: bytes) -> bytes:
     return tx_id(ledger_pb2.Envelope.FromString(envelope).body)
 
 
-def replay(client: ExchangeClient, run_tx_id: bytes) -> tuple[node_pb2.FindingsRun, RuleOutput]:
+def replay(client: ExchangeClient, run_tx_id: bytes, limits: RuleLimits | None = None
+           ) -> tuple[node_pb2.FindingsRun, RuleOutput]:
     """Re-run a findings run from the ledger: the registered rule's canonical bytes, the
-    answers it names (opened by the caller's node), the same parameters; ProofInvalid
-    unless the output digest is the one committed."""
+    answers it names (opened by the caller's node), the same parameters, within `limits`;
+    ProofInvalid unless the output digest is the one committed."""
     runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=True)).runs
     run = next((r for r in runs if bytes(r.tx_id) == run_tx_id), None)
     if run is None:
@@ -276,7 +280,7 @@ def replay(client: ExchangeClient, run_tx_id: bytes) -> tuple[node_pb2.FindingsR
         by_query[qid] = name
         inputs[name] += read_answer(view).rows
     typed = {name: _typed(rule, name, rows) for name, rows in inputs.items()}
-    output = run_rule(rule, typed, params)
+    output = run_rule(rule, typed, params, limits=limits)
     if output.digest != bytes(run.output_digest):
         raise ProofInvalid(f"replayed output digest {output.digest.hex()} differs from the "
                            f"committed {bytes(run.output_digest).hex()}")
