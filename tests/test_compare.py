@@ -763,30 +763,105 @@ def test_a_rule_whose_sql_fails_at_run_time_names_file_and_line(tmp_path: Path) 
         run_rule(rule, {"flows": two, "trade": []}, {"period": P})
 
 
-def test_the_session_reads_nothing_but_its_tables(tmp_path: Path) -> None:
-    secret = tmp_path / "secret.csv"
-    secret.write_text("a\n1\n", encoding="utf-8")
-    con = duck.connect()
+# -- the sandbox itself ------------------------------------------------------------------
+# Each escape runs straight against the locked-down session (no rule file, so no SQL
+# check): each test fails if its part of the lock-down (duck.CONNECT_CONFIG, duck.lock)
+# is removed, because the statement would then succeed or fail for another reason.
+
+FS_DISABLED = "file system operations are disabled by configuration"
+
+
+@pytest.fixture
+def session() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A rule's session as the engine makes it: one input table, then locked."""
+    con = duck.connect(duck.RuleLimits(memory_mib=32))
     try:
         duck.create_table(con, "flows", (duck.Column("uscc", duck.VARCHAR),),
                           [{"uscc": "x"}])
         duck.lock(con)
         assert con.execute("SELECT * FROM flows").fetchall() == [("x",)]
-        for statement in (f"SELECT * FROM read_csv('{secret}')",
-                          "SELECT * FROM read_csv('/etc/passwd')",
-                          "SELECT * FROM read_text('/etc/hostname')",
-                          "SELECT * FROM glob('/*')",
-                          f"COPY flows TO '{tmp_path / 'out.csv'}'",
-                          "INSTALL httpfs", "LOAD httpfs",
-                          f"ATTACH '{tmp_path / 'other.db'}' AS other",
-                          "SET enable_external_access = true",
-                          "SET lock_configuration = false",
-                          "SELECT * FROM 'https://example.com/x.csv'"):
-            with pytest.raises(duckdb.Error):
-                con.execute(statement).fetchall()
-        assert not (tmp_path / "out.csv").exists() and not (tmp_path / "other.db").exists()
+        yield con
     finally:
         con.close()
+
+
+def _refused(con: duckdb.DuckDBPyConnection, statement: str,
+             error: type[duckdb.Error], message: str) -> None:
+    with pytest.raises(duckdb.Error) as caught:
+        con.execute(statement).fetchall()
+    assert isinstance(caught.value, error) and message in str(caught.value), \
+        f"{statement}: {type(caught.value).__name__}: {caught.value}"
+
+
+def test_the_sandbox_refuses_reading_a_file(session: duckdb.DuckDBPyConnection,
+                                            tmp_path: Path) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n", encoding="utf-8")
+    for statement in (f"SELECT * FROM read_csv('{secret}')", f"SELECT * FROM '{secret}'",
+                      f"SELECT * FROM read_text('{secret}')", f"SELECT * FROM glob('{tmp_path}/*')"):
+        _refused(session, statement, duckdb.PermissionException, FS_DISABLED)
+
+
+def test_the_sandbox_refuses_writing_a_file(session: duckdb.DuckDBPyConnection,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    _refused(session, f"COPY flows TO '{out}'", duckdb.PermissionException, FS_DISABLED)
+    assert not out.exists()
+
+
+def test_the_sandbox_refuses_installing_or_loading_an_extension(
+        session: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    fake = tmp_path / "evil.duckdb_extension"
+    fake.write_bytes(b"\x7fELF" + bytes(4096))
+    _refused(session, "INSTALL httpfs", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"INSTALL '{fake}'", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"LOAD '{fake}'", duckdb.PermissionException,
+             "Loading external extensions is disabled through configuration")
+    _refused(session, "LOAD httpfs", duckdb.PermissionException,
+             "Loading external extensions is disabled through configuration")
+
+
+def test_the_sandbox_refuses_the_network(session: duckdb.DuckDBPyConnection) -> None:
+    # without the lock-down DuckDB would try to auto-install httpfs instead
+    for url in ("https://example.com/x.csv", "http://127.0.0.1:9/x.parquet",
+                "s3://bucket/x.parquet"):
+        _refused(session, f"SELECT * FROM '{url}'", duckdb.PermissionException, FS_DISABLED)
+        _refused(session, f"SELECT * FROM read_csv('{url}')", duckdb.PermissionException,
+                 FS_DISABLED)
+
+
+def test_the_sandbox_refuses_attaching_a_database(session: duckdb.DuckDBPyConnection,
+                                                  tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    duckdb.connect(str(other)).close()
+    _refused(session, f"ATTACH '{other}' AS other", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"ATTACH '{tmp_path / 'new.db'}' AS new", duckdb.PermissionException,
+             FS_DISABLED)
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_the_sandbox_settings_cannot_be_changed_back(
+        session: duckdb.DuckDBPyConnection) -> None:
+    for setting in ("enable_external_access = true", "lock_configuration = false",
+                    "autoload_known_extensions = true", "autoinstall_known_extensions = true",
+                    "python_enable_replacements = true", "temp_directory = '/tmp'",
+                    "memory_limit = '64GiB'", "threads = 64"):
+        _refused(session, f"SET {setting}", duckdb.InvalidInputException,
+                 "the configuration has been locked")
+
+
+def test_the_sandbox_reads_no_python_variable(session: duckdb.DuckDBPyConnection) -> None:
+    secret_relation = session.sql("SELECT 'leaked' AS a")  # in this frame, by name
+    assert secret_relation is not None
+    _refused(session, "SELECT * FROM secret_relation", duckdb.CatalogException,
+             "secret_relation does not exist")
+
+
+def test_the_sandbox_spills_nothing_to_disk(session: duckdb.DuckDBPyConnection) -> None:
+    # over the 32 MiB memory limit a sort would otherwise spill to a temporary directory
+    _refused(session, "SELECT count(*) FROM (SELECT range::VARCHAR || 'x' AS s "
+             "FROM range(3000000) ORDER BY s DESC)", duckdb.OutOfMemoryException,
+             "no temporary directory is specified")
 
 
 @pytest.mark.parametrize("statement", [
