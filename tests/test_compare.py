@@ -851,10 +851,20 @@ def test_the_sandbox_settings_cannot_be_changed_back(
 
 
 def test_the_sandbox_reads_no_python_variable(session: duckdb.DuckDBPyConnection) -> None:
-    secret_relation = session.sql("SELECT 'leaked' AS a")  # in this frame, by name
+    # DuckDB's Python replacement scan looks names up in the frame that calls execute
+    secret_relation = session.sql("SELECT 'leaked' AS a")
     assert secret_relation is not None
-    _refused(session, "SELECT * FROM secret_relation", duckdb.CatalogException,
-             "secret_relation does not exist")
+    with pytest.raises(duckdb.CatalogException, match="secret_relation does not exist"):
+        session.execute("SELECT * FROM secret_relation").fetchall()
+
+
+def test_the_sandbox_keeps_its_second_walls(session: duckdb.DuckDBPyConnection) -> None:
+    # each is behind disabled external access (which alone already refuses extension
+    # auto-install and auto-load and Python replacement scans), and so not reachable by
+    # an escape of its own: a second wall should the first one fall
+    for name in ("autoinstall_known_extensions", "autoload_known_extensions",
+                 "python_enable_replacements"):
+        assert session.execute(f"SELECT current_setting('{name}')").fetchone() == (False,)
 
 
 def test_the_sandbox_spills_nothing_to_disk(session: duckdb.DuckDBPyConnection) -> None:
