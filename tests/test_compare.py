@@ -610,10 +610,30 @@ def test_a_rule_over_its_memory_limit_fails_naming_the_limit(tmp_path: Path) -> 
 
 
 def test_rule_limits_are_checked() -> None:
-    for bad in ({"time_s": 0}, {"time_s": -1.0}, {"memory_mib": 1}, {"memory_mib": 1.5},
-                {"threads": 0}, {"threads": True}):
+    for bad in ({"time_s": 0}, {"time_s": -1.0}, {"time_s": "5"}, {"time_s": True},
+                {"memory_mib": 1}, {"memory_mib": 1.5}, {"threads": 0}, {"threads": True}):
         with pytest.raises(ValueError):
             duck.RuleLimits(**bad)  # type: ignore[arg-type]
+
+
+def test_the_jobs_config_reads_rule_limits_and_refuses_bad_ones(tmp_path: Path) -> None:
+    from exchange.compare.jobs import JobsConfig
+
+    path = tmp_path / "jobs.toml"
+    path.write_text('profile = "p.toml"\n', encoding="utf-8")
+    assert JobsConfig.load(path).rule_limits == duck.RuleLimits(
+        time_s=duck.TIME_LIMIT_S_DEFAULT, memory_mib=duck.MEMORY_LIMIT_MIB_DEFAULT,
+        threads=duck.THREADS_DEFAULT)
+    path.write_text('profile = "p.toml"\n[rule_limits]\ntime_s = 5\nmemory_mib = 256\n'
+                    'threads = 4\n', encoding="utf-8")
+    assert JobsConfig.load(path).rule_limits == duck.RuleLimits(5, 256, 4)
+    for bad, message in (("rule_limits = 3", "rule_limits is a table"),
+                         ("[rule_limits]\ntime_s = 0", "time_s is a number of seconds"),
+                         ("[rule_limits]\nmemory = 5", "unknown key(s) memory"),
+                         ("[rule_limits]\nthreads = 1000", "threads is an integer")):
+        path.write_text(f'profile = "p.toml"\n{bad}\n', encoding="utf-8")
+        with pytest.raises(MalformedInput, match=re.escape(message)):
+            JobsConfig.load(path)
 
 
 def test_output_notes_must_name_returned_columns(tmp_path: Path) -> None:

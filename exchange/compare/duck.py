@@ -73,13 +73,13 @@ _DECIMAL_TYPE = re.compile(r"DECIMAL\((\d+),(\d+)\)")
 # and every other table function...) is refused at registration.
 ORDER_FREE_FUNCTIONS = frozenset({
     # arithmetic, comparison-like and bit operators
-    "+", "-", "*", "//", "%", "&", "|", "<<", ">>", "xor", "@",
+    "+", "-", "*", "%", "&", "|", "<<", ">>", "xor", "@",
     # text operators: concatenation, LIKE, ILIKE, GLOB, SIMILAR TO, ^@ (starts with)
     "||", "~~", "!~~", "~~*", "!~~*", "~~~", "^@", "like_escape", "not_like_escape",
     "ilike_escape", "not_ilike_escape", "regexp_full_match",
     # numbers
     "abs", "sign", "round", "floor", "ceil", "ceiling", "trunc", "greatest", "least",
-    "gcd", "lcm", "even",
+    "gcd", "lcm",
     # nulls
     "nullif", "ifnull",
     # text
@@ -109,7 +109,7 @@ ORDER_SENSITIVE_FUNCTIONS = frozenset({
     "string_agg", "group_concat", "listagg", "list", "array_agg", "first", "last",
     "any_value", "arbitrary", "arg_min", "arg_max", "argmin", "argmax", "min_by",
     "max_by", "row_number", "ntile", "lag", "lead", "first_value", "last_value",
-    "nth_value", "/", "avg", "mean", "percent_rank", "cume_dist",
+    "nth_value", "/", "//", "avg", "mean", "percent_rank", "cume_dist",
 })
 ALLOWED_FUNCTIONS = ORDER_FREE_FUNCTIONS | ORDER_SENSITIVE_FUNCTIONS
 # Floating-point types: arithmetic on them is not associative, so a sum's last bits
@@ -168,7 +168,8 @@ class RuleLimits:
     threads: int = THREADS_DEFAULT
 
     def __post_init__(self) -> None:
-        if not 0 < self.time_s <= TIME_LIMIT_S_MAX:
+        if isinstance(self.time_s, bool) or not isinstance(self.time_s, int | float) or \
+                not 0 < self.time_s <= TIME_LIMIT_S_MAX:
             raise ValueError(f"time_s is a number of seconds in (0, {TIME_LIMIT_S_MAX:g}]")
         if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) or \
                 not MEMORY_LIMIT_MIB_MIN <= self.memory_mib <= MEMORY_LIMIT_MIB_MAX:
