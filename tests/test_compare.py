@@ -609,6 +609,16 @@ def test_a_rule_over_its_memory_limit_fails_naming_the_limit(tmp_path: Path) -> 
     assert f"rule {rule.id}: exceeded the memory limit 64 MiB" in str(caught.value)
 
 
+def test_inputs_over_the_memory_limit_fail_naming_the_limit() -> None:
+    rule = rule_of(R4)
+    flows = [{"uscc": uscc(i), "outbound_cross_border_cny": d("1.00")}
+             for i in range(600_000)]
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(memory_mib=16))
+    assert f"rule {R4}: its inputs exceed the memory limit 16 MiB" in str(caught.value)
+
+
 def test_rule_limits_are_checked() -> None:
     for bad in ({"time_s": 0}, {"time_s": -1.0}, {"time_s": "5"}, {"time_s": True},
                 {"memory_mib": 1}, {"memory_mib": 1.5}, {"threads": 0}, {"threads": True}):
