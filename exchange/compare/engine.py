@@ -78,7 +78,7 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
     receives the seconds spent loading, in SQL and canonicalising.
     """
     limits = limits or RuleLimits()
-    period = rule.run_period(params)
+    rule.run_period(params)  # parameters checked before any work
     expected = set(rule.input_names)
     if set(inputs) != expected:
         missing = sorted(expected - set(inputs))
@@ -92,11 +92,6 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
     con = duck.connect(limits)
     try:
         try:
-            shape = duck.check_statement(con, rule.sql, list(rule.input_names))
-        except duck.SqlProblem as problem:
-            raise rule.sql_error(problem.message, problem.sql_line) from None
-        duck.set_threads(con, 1 if shape.order_sensitive else limits.threads)
-        try:
             for name, columns in duck_columns(rule).items():
                 duck.create_table(con, name, columns, inputs[name], loader)
         except duck.InputProblem as exc:
@@ -104,16 +99,36 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
         except duckdb.OutOfMemoryException:
             raise RuleLimitExceeded(rule, f"its inputs exceed the memory limit "
                                     f"{limits.memory_mib} MiB") from None
-        duck.lock(con)
         loaded = time.perf_counter()
-        try:
-            names, result = duck.run_limited(con, rule.sql, limits, OUTPUT_ROWS_MAX + 1)
-        except duck.SqlProblem as problem:
-            raise rule.sql_error(problem.message, problem.sql_line) from None
-        except duck.LimitExceeded as exc:
-            raise RuleLimitExceeded(rule, str(exc)) from None
+        output = execute_locked(rule, con, params, timings, limits)
     finally:
         con.close()
+    if timings is not None:
+        timings["load_s"] = loaded - started
+    return output
+
+
+def execute_locked(rule: Rule, con: duckdb.DuckDBPyConnection, params: Mapping[str, str],
+                   timings: dict[str, float] | None = None,
+                   limits: RuleLimits | None = None) -> RuleOutput:
+    """Check the rule's SQL again (the allow-list), set the thread count (one for
+    order-sensitive SQL), lock `con` (its input tables loaded) down and run the SQL in it
+    within `limits`: the canonical output. `timings` receives sql_s and canonical_s."""
+    limits = limits or RuleLimits()
+    period = rule.run_period(params)
+    try:
+        shape = duck.check_statement(con, rule.sql, list(rule.input_names))
+    except duck.SqlProblem as problem:
+        raise rule.sql_error(problem.message, problem.sql_line) from None
+    duck.set_threads(con, 1 if shape.order_sensitive else limits.threads)
+    duck.lock(con)
+    started = time.perf_counter()
+    try:
+        names, result = duck.run_limited(con, rule.sql, limits, OUTPUT_ROWS_MAX + 1)
+    except duck.SqlProblem as problem:
+        raise rule.sql_error(problem.message, problem.sql_line) from None
+    except duck.LimitExceeded as exc:
+        raise RuleLimitExceeded(rule, str(exc)) from None
     ran = time.perf_counter()
     if len(result) > OUTPUT_ROWS_MAX:
         raise rule.sql_error(f"more than {OUTPUT_ROWS_MAX} findings", None)
@@ -123,7 +138,7 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
     rows, data = canonical_output(rule, period, names, result)
     done = time.perf_counter()
     if timings is not None:
-        timings.update(load_s=loaded - started, sql_s=ran - loaded, canonical_s=done - ran)
+        timings.update(sql_s=ran - started, canonical_s=done - ran)
     return RuleOutput(rule_id=rule.id, period=period, rows=tuple(rows), canonical_bytes=data,
                       digest=hashlib.sha256(data).digest(), duckdb_version=DUCKDB_VERSION)
 
