@@ -35,7 +35,7 @@ from exchange.compare import (
     rules_dir,
     run_rule,
 )
-from exchange.compare.engine import inputs_digest
+from exchange.compare.engine import RuleLimitExceeded, inputs_digest
 from exchange.compare.local import gather_inputs, run_locally
 from exchange.compare.rules import Rule
 from exchange.errors import MalformedInput
@@ -470,7 +470,7 @@ def test_yaml_syntax_errors_and_missing_keys_name_the_line(tmp_path: Path) -> No
     ("SELECT 1 AS subject; SELECT 2 AS amount", None, "one SELECT statement"),
     ("CREATE TABLE x AS SELECT 1", None, "must be a SELECT"),
     ("SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
-     "FROM read_csv('/etc/passwd')", "read_csv", "file system operations are disabled"),
+     "FROM read_csv('/etc/passwd')", "read_csv", "read_csv() is not allowed in FROM"),
 ])
 def test_sql_errors_map_to_the_rule_file_line(tmp_path: Path, sql: str, needle: str | None,
                                               message: str) -> None:
@@ -485,6 +485,165 @@ def test_sql_errors_map_to_the_rule_file_line(tmp_path: Path, sql: str, needle: 
     if needle is not None:
         assert caught.value.line == line_of(text, needle), str(caught.value)
     assert str(path) in str(caught.value) and BASE[end:]  # the file is named
+
+
+def _with_sql(tmp_path: Path, sql: str) -> tuple[Path, str]:
+    """BASE with `sql` (lines unindented) as its SQL block, and the file's text."""
+    start = BASE.index("sql: |")
+    body = "".join(f"  {line}\n" for line in sql.splitlines())
+    text = BASE[:start] + "sql: |\n" + body + "output:\n  subject: the company\n"
+    return write_rule(tmp_path, text), text
+
+
+@pytest.mark.parametrize(("expression", "named"), [
+    ("(SELECT count(*) FROM duckdb_settings())", "duckdb_settings()"),
+    ("(SELECT count(*) FROM duckdb_functions())", "duckdb_functions()"),
+    ("(SELECT count(*) FROM duckdb_settings)", "table duckdb_settings"),
+    ("(SELECT count(*) FROM duckdb_tables)", "table duckdb_tables"),
+    ("(SELECT count(*) FROM pg_class)", "table pg_class"),
+    ("(SELECT count(*) FROM information_schema.tables)", "table information_schema.tables"),
+    ("(SELECT count(*) FROM range(10))", "range()"),
+    ("random()", "random()"),
+    ("now()::VARCHAR", "now()"),
+    ("get_current_timestamp()::VARCHAR", "get_current_timestamp()"),
+    ("current_localtimestamp()::VARCHAR", "current_localtimestamp()"),
+    ("current_setting('threads')::VARCHAR", "current_setting()"),
+    ("getenv('HOME')", "getenv()"),
+    ("getvariable('x')::VARCHAR", "getvariable()"),
+    ("version()", "version()"),
+    ("uuid()::VARCHAR", "uuid()"),
+    ("hash(uscc)::VARCHAR", "hash()"),
+    ("system.main.abs(1)::VARCHAR", "system.main.abs()"),
+    ("current_user", "current_user"),
+    ("current_schema", "current_schema"),
+    ("'2026-01-01'::TIMESTAMPTZ::VARCHAR", "TIMESTAMPTZ"),
+])
+def test_registration_refuses_any_function_outside_the_allow_list(
+        tmp_path: Path, expression: str, named: str) -> None:
+    sql = ("SELECT uscc AS subject,\n       outbound_cross_border_cny AS amount,\n"
+           f"       {expression} AS detail\nFROM flows")
+    path, text = _with_sql(tmp_path, sql)
+    with pytest.raises(RuleError) as caught:
+        load_rule(path)
+    assert named in caught.value.message and "not allowed" in caught.value.message, \
+        str(caught.value)
+    assert caught.value.line == line_of(text, expression), str(caught.value)
+
+
+def test_a_with_query_may_not_take_the_name_of_a_duckdb_view(tmp_path: Path) -> None:
+    sql = ("SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
+           "FROM (WITH duckdb_tables AS (SELECT * FROM flows) SELECT * FROM flows)\n"
+           "WHERE uscc NOT IN (SELECT table_name FROM duckdb_tables)")
+    with pytest.raises(RuleError, match="may not be named duckdb_tables"):
+        load_rule(_with_sql(tmp_path, sql)[0])
+
+
+def test_every_reference_rule_passes_the_allow_list_on_any_thread_count() -> None:
+    for agency in agents.AGENCIES:
+        for rule in load_rules(agency):
+            con = duck.connect()
+            try:
+                shape = duck.check_statement(con, rule.sql, list(rule.input_names))
+            finally:
+                con.close()
+            # the police rule's string_agg has its own ORDER BY, but is still run on one
+            # thread: an aggregate's order is the engine's to make canonical
+            assert (shape.order_sensitive is None) == (rule.id != R5), (rule.id, shape)
+
+
+@pytest.mark.parametrize(("expression", "why"), [
+    ("string_agg(t.uscc, ',')", "string_agg()"),
+    ("list(t.uscc)::VARCHAR", "list()"),
+    ("CAST(sum(CAST(f.outbound_cross_border_cny AS DOUBLE)) AS BIGINT)", "DOUBLE"),
+    ("CAST(avg(f.outbound_cross_border_cny) AS BIGINT)", "avg()"),
+    ("CAST(sum(f.outbound_cross_border_cny / 3) AS BIGINT)", "/()"),
+])
+def test_order_sensitive_sql_gives_the_same_bytes_on_any_thread_count(
+        tmp_path: Path, expression: str, why: str) -> None:
+    sql = ("SELECT f.uscc AS subject, SUM(f.outbound_cross_border_cny) AS amount,\n"
+           f"       {expression} AS detail\nFROM flows f, trade t\n"
+           "WHERE t.import_declarations = f.uscc_n\nGROUP BY f.uscc")
+    sql = sql.replace("f.uscc_n", "CAST(substr(f.uscc, 9, 8) AS BIGINT) % 50")
+    rule = load_rule(_with_sql(tmp_path, sql)[0])
+    con = duck.connect()
+    try:
+        assert why in (duck.check_statement(con, rule.sql, list(rule.input_names))
+                       .order_sensitive or "")
+    finally:
+        con.close()
+    # more rows than one DuckDB row group (122,880), so that threads would split them
+    flows = [{"uscc": uscc(i % 2_000), "outbound_cross_border_cny": d(f"{i % 9973}.{i % 97:02d}")}
+             for i in range(150_000)]
+    trade = [{"uscc": uscc(i), "import_declarations": i % 50} for i in range(200)]
+    digests = {run_rule(rule, {"flows": rng_sample, "trade": trade}, {"period": P},
+                        limits=duck.RuleLimits(threads=threads)).digest
+               for threads, rng_sample in ((1, flows), (4, flows[::-1]), (2, flows))}
+    assert len(digests) == 1
+
+
+def test_a_rule_over_its_time_limit_fails_naming_the_limit(tmp_path: Path) -> None:
+    sql = ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r)\n"
+           "SELECT uscc AS subject, outbound_cross_border_cny AS amount\n"
+           "FROM flows WHERE uscc NOT IN (SELECT CAST(n AS VARCHAR) FROM r)")
+    path, _ = _with_sql(tmp_path, sql)
+    rule = load_rule(path)  # registration cannot tell: the recursion is deterministic
+    flows = [{"uscc": uscc(1), "outbound_cross_border_cny": d("1.00")}]
+    started = __import__("time").monotonic()
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(time_s=1.0, memory_mib=4096))
+    assert __import__("time").monotonic() - started < 30  # interrupted, not run to the end
+    assert f"rule {rule.id}: exceeded the 1 s time limit" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_a_rule_over_its_memory_limit_fails_naming_the_limit(tmp_path: Path) -> None:
+    sql = ("SELECT a.uscc AS subject, SUM(a.outbound_cross_border_cny) AS amount,\n"
+           "       count(DISTINCT a.uscc || b.uscc || c.uscc) AS pairs\n"
+           "FROM flows a, flows b, flows c GROUP BY a.uscc")
+    rule = load_rule(_with_sql(tmp_path, sql)[0])
+    flows = [{"uscc": uscc(i), "outbound_cross_border_cny": d("1.00")} for i in range(300)]
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(time_s=600, memory_mib=64))
+    assert f"rule {rule.id}: exceeded the memory limit 64 MiB" in str(caught.value)
+
+
+def test_inputs_over_the_memory_limit_fail_naming_the_limit() -> None:
+    rule = rule_of(R4)
+    flows = [{"uscc": uscc(i), "outbound_cross_border_cny": d("1.00")}
+             for i in range(600_000)]
+    with pytest.raises(RuleLimitExceeded) as caught:
+        run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
+                 limits=duck.RuleLimits(memory_mib=16))
+    assert f"rule {R4}: its inputs exceed the memory limit 16 MiB" in str(caught.value)
+
+
+def test_rule_limits_are_checked() -> None:
+    for bad in ({"time_s": 0}, {"time_s": -1.0}, {"time_s": "5"}, {"time_s": True},
+                {"memory_mib": 1}, {"memory_mib": 1.5}, {"threads": 0}, {"threads": True}):
+        with pytest.raises(ValueError):
+            duck.RuleLimits(**bad)  # type: ignore[arg-type]
+
+
+def test_the_jobs_config_reads_rule_limits_and_refuses_bad_ones(tmp_path: Path) -> None:
+    from exchange.compare.jobs import JobsConfig
+
+    path = tmp_path / "jobs.toml"
+    path.write_text('profile = "p.toml"\n', encoding="utf-8")
+    assert JobsConfig.load(path).rule_limits == duck.RuleLimits(
+        time_s=duck.TIME_LIMIT_S_DEFAULT, memory_mib=duck.MEMORY_LIMIT_MIB_DEFAULT,
+        threads=duck.THREADS_DEFAULT)
+    path.write_text('profile = "p.toml"\n[rule_limits]\ntime_s = 5\nmemory_mib = 256\n'
+                    'threads = 4\n', encoding="utf-8")
+    assert JobsConfig.load(path).rule_limits == duck.RuleLimits(5, 256, 4)
+    for bad, message in (("rule_limits = 3", "rule_limits is a table"),
+                         ("[rule_limits]\ntime_s = 0", "time_s is a number of seconds"),
+                         ("[rule_limits]\nmemory = 5", "unknown key(s) memory"),
+                         ("[rule_limits]\nthreads = 1000", "threads is an integer")):
+        path.write_text(f'profile = "p.toml"\n{bad}\n', encoding="utf-8")
+        with pytest.raises(MalformedInput, match=re.escape(message)):
+            JobsConfig.load(path)
 
 
 def test_output_notes_must_name_returned_columns(tmp_path: Path) -> None:
@@ -634,30 +793,115 @@ def test_a_rule_whose_sql_fails_at_run_time_names_file_and_line(tmp_path: Path) 
         run_rule(rule, {"flows": two, "trade": []}, {"period": P})
 
 
-def test_the_session_reads_nothing_but_its_tables(tmp_path: Path) -> None:
-    secret = tmp_path / "secret.csv"
-    secret.write_text("a\n1\n", encoding="utf-8")
-    con = duck.connect()
+# -- the sandbox itself ------------------------------------------------------------------
+# Each escape runs straight against the locked-down session (no rule file, so no SQL
+# check): each test fails if its part of the lock-down (duck.CONNECT_CONFIG, duck.lock)
+# is removed, because the statement would then succeed or fail for another reason.
+
+FS_DISABLED = "file system operations are disabled by configuration"
+
+
+@pytest.fixture
+def session() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A rule's session as the engine makes it: one input table, then locked."""
+    con = duck.connect(duck.RuleLimits(memory_mib=32))
     try:
         duck.create_table(con, "flows", (duck.Column("uscc", duck.VARCHAR),),
                           [{"uscc": "x"}])
         duck.lock(con)
         assert con.execute("SELECT * FROM flows").fetchall() == [("x",)]
-        for statement in (f"SELECT * FROM read_csv('{secret}')",
-                          "SELECT * FROM read_csv('/etc/passwd')",
-                          "SELECT * FROM read_text('/etc/hostname')",
-                          "SELECT * FROM glob('/*')",
-                          f"COPY flows TO '{tmp_path / 'out.csv'}'",
-                          "INSTALL httpfs", "LOAD httpfs",
-                          f"ATTACH '{tmp_path / 'other.db'}' AS other",
-                          "SET enable_external_access = true",
-                          "SET lock_configuration = false",
-                          "SELECT * FROM 'https://example.com/x.csv'"):
-            with pytest.raises(duckdb.Error):
-                con.execute(statement).fetchall()
-        assert not (tmp_path / "out.csv").exists() and not (tmp_path / "other.db").exists()
+        yield con
     finally:
         con.close()
+
+
+def _refused(con: duckdb.DuckDBPyConnection, statement: str,
+             error: type[duckdb.Error], message: str) -> None:
+    with pytest.raises(duckdb.Error) as caught:
+        con.execute(statement).fetchall()
+    assert isinstance(caught.value, error) and message in str(caught.value), \
+        f"{statement}: {type(caught.value).__name__}: {caught.value}"
+
+
+def test_the_sandbox_refuses_reading_a_file(session: duckdb.DuckDBPyConnection,
+                                            tmp_path: Path) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n", encoding="utf-8")
+    for statement in (f"SELECT * FROM read_csv('{secret}')", f"SELECT * FROM '{secret}'",
+                      f"SELECT * FROM read_text('{secret}')", f"SELECT * FROM glob('{tmp_path}/*')"):
+        _refused(session, statement, duckdb.PermissionException, FS_DISABLED)
+
+
+def test_the_sandbox_refuses_writing_a_file(session: duckdb.DuckDBPyConnection,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    _refused(session, f"COPY flows TO '{out}'", duckdb.PermissionException, FS_DISABLED)
+    assert not out.exists()
+
+
+def test_the_sandbox_refuses_installing_or_loading_an_extension(
+        session: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
+    fake = tmp_path / "evil.duckdb_extension"
+    fake.write_bytes(b"\x7fELF" + bytes(4096))
+    _refused(session, "INSTALL httpfs", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"INSTALL '{fake}'", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"LOAD '{fake}'", duckdb.PermissionException,
+             "Loading external extensions is disabled through configuration")
+    _refused(session, "LOAD httpfs", duckdb.PermissionException,
+             "Loading external extensions is disabled through configuration")
+
+
+def test_the_sandbox_refuses_the_network(session: duckdb.DuckDBPyConnection) -> None:
+    # without the lock-down DuckDB would try to auto-install httpfs instead
+    for url in ("https://example.com/x.csv", "http://127.0.0.1:9/x.parquet",
+                "s3://bucket/x.parquet"):
+        _refused(session, f"SELECT * FROM '{url}'", duckdb.PermissionException, FS_DISABLED)
+        _refused(session, f"SELECT * FROM read_csv('{url}')", duckdb.PermissionException,
+                 FS_DISABLED)
+
+
+def test_the_sandbox_refuses_attaching_a_database(session: duckdb.DuckDBPyConnection,
+                                                  tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    duckdb.connect(str(other)).close()
+    _refused(session, f"ATTACH '{other}' AS other", duckdb.PermissionException, FS_DISABLED)
+    _refused(session, f"ATTACH '{tmp_path / 'new.db'}' AS new", duckdb.PermissionException,
+             FS_DISABLED)
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_the_sandbox_settings_cannot_be_changed_back(
+        session: duckdb.DuckDBPyConnection) -> None:
+    for setting in ("enable_external_access = true", "lock_configuration = false",
+                    "autoload_known_extensions = true", "autoinstall_known_extensions = true",
+                    "python_enable_replacements = true", "temp_directory = '/tmp'",
+                    "memory_limit = '64GiB'", "threads = 64"):
+        _refused(session, f"SET {setting}", duckdb.InvalidInputException,
+                 "the configuration has been locked")
+
+
+def test_the_sandbox_reads_no_python_variable(session: duckdb.DuckDBPyConnection) -> None:
+    # DuckDB's Python replacement scan looks names up in the frame that calls execute
+    secret_relation = session.sql("SELECT 'leaked' AS a")
+    assert secret_relation is not None
+    with pytest.raises(duckdb.CatalogException, match="secret_relation does not exist"):
+        session.execute("SELECT * FROM secret_relation").fetchall()
+
+
+def test_the_sandbox_keeps_its_second_walls(session: duckdb.DuckDBPyConnection) -> None:
+    # each is behind disabled external access (which alone already refuses extension
+    # auto-install and auto-load and Python replacement scans), and so not reachable by
+    # an escape of its own: a second wall should the first one fall
+    for name in ("autoinstall_known_extensions", "autoload_known_extensions",
+                 "python_enable_replacements"):
+        assert session.execute(f"SELECT current_setting('{name}')").fetchone() == (False,)
+
+
+def test_the_sandbox_spills_nothing_to_disk(session: duckdb.DuckDBPyConnection) -> None:
+    # over the 32 MiB memory limit a sort would otherwise spill to a temporary directory
+    _refused(session, "SELECT count(*) FROM (SELECT range::VARCHAR || 'x' AS s "
+             "FROM range(3000000) ORDER BY s DESC)", duckdb.OutOfMemoryException,
+             "no temporary directory is specified")
 
 
 @pytest.mark.parametrize("statement", [

@@ -180,6 +180,57 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
     assert served.returncode == 0, served.stderr
 
 
+def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_next(
+        cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    """An endless rule (WITH RECURSIVE with no end) fails naming the limit in the jobs
+    runner's round; the good rule after it still runs and its findings commit."""
+    import re
+
+    from exchange.compare.jobs import JobsConfig, Runner
+    from exchange.compare.rules import rules_dir
+    from exchange.v1 import node_pb2
+
+    reference = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()
+    folder = tmp_path / "rules"
+    folder.mkdir()
+    good = reference.replace("id: payments-without-imports", "id: large-outbound-payments")
+    sql = ("sql: |\n  WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r)\n"
+           "  SELECT f.uscc AS subject, f.outbound_cross_border_cny AS amount\n"
+           "  FROM flows f WHERE f.uscc NOT IN (SELECT CAST(n AS VARCHAR) FROM r)\n")
+    endless = re.sub(r"sql: \|\n(  .*\n)+", sql, good).replace(
+        "id: large-outbound-payments", "id: endless-recursion")
+    assert endless != good
+    (folder / "large-outbound-payments.yaml").write_text(good)
+    (folder / "endless-recursion.yaml").write_text(endless)
+    for name in ("endless-recursion", "large-outbound-payments"):
+        reg = cluster.run_exchange("rules", "register", str(folder / f"{name}.yaml"),
+                                   "--profile", _profile(cluster, "pboc", "supervisor-1"))
+        assert reg.returncode == 0, reg.stderr
+    config_path = tmp_path / "jobs.toml"
+    config_path.write_text(
+        f'profile = "{_profile(cluster, "pboc", "automation")}"\n'
+        f'rules_dir = "{folder}"\nperiods = ["{PERIODS[0]}"]\n'
+        f'state_file = "{tmp_path / "state.json"}"\nrun_playbooks = false\n'
+        "[rule_limits]\ntime_s = 2\nmemory_mib = 256\n")
+    runner = Runner(JobsConfig.load(config_path))
+    try:
+        report = runner.one_round()
+        [(rule_id, period, error)] = report.failed
+        assert (rule_id, period) == ("endless-recursion", PERIODS[0])
+        assert "rule endless-recursion: exceeded the 2 s time limit" in error, error
+        [(ran_id, ran_period, count)] = report.ran
+        assert (ran_id, ran_period) == ("large-outbound-payments", PERIODS[0])
+        runs = runner.client.list_findings(node_pb2.ListFindingsRequest(
+            owner_agency="pboc", period=PERIODS[0])).runs
+        assert not [r for r in runs if r.rule_id == "endless-recursion"]
+        [committed] = [r for r in runs if r.rule_id == "large-outbound-payments"]
+        [reference_run] = [r for r in runs if r.rule_id == "payments-without-imports"
+                           and not r.case_id]
+        assert committed.finding_count == count == reference_run.finding_count > 0
+    finally:
+        runner.close()
+
+
 def test_findings_are_readable_by_their_parties_and_open_as_cases(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]]) -> None:
     # the tax bureau's revenue rule used pboc's data: tax and pboc read it, customs not

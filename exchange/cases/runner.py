@@ -45,6 +45,7 @@ from exchange.cases.playbooks import (
     RuleStep,
 )
 from exchange.client import ExchangeClient, NotFound, Signer
+from exchange.compare.duck import RuleLimits
 from exchange.crossquery import QuerySpec, build_query, read_answer
 from exchange.errors import ExchangeError, TimeOutOfWindow
 from exchange.ledger.block import tx_id
@@ -78,6 +79,7 @@ class PlaybookSettings:
     workers: int = 4
     follow_up_deadline_s: int = 600
     answer_wait_s: float = 60.0
+    rule_limits: RuleLimits = field(default_factory=RuleLimits)  # a rule step's run
 
 
 # -- the spool ---------------------------------------------------------------------------
@@ -617,7 +619,8 @@ class PlaybookRunner:
             run = next((r for r in runs if r.case_id == case_id
                         and bytes(r.rule_digest) == rule.digest), None)
             if run is None:
-                result = NetworkRun(self.client, self.signer, self.genesis, rule).run(
+                result = NetworkRun(self.client, self.signer, self.genesis, rule,
+                                    limits=self.settings.rule_limits).run(
                     {"period": period} if period else {}, scope)
                 if result.result != "OK":
                     raise Deferred(f"rule {rule.id} for the case judged {result.result}")

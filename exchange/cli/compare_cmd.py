@@ -29,6 +29,29 @@ def _rule(spec: str, agency: str):  # type: ignore[no-untyped-def]
     raise MalformedInput(f"{agency} has no rule {spec!r} in agents/{agency}/rules")
 
 
+def rule_limit_options(fn: Any) -> Any:
+    """--time-limit-s, --memory-limit-mib, --threads: the limits of a rule's run (the
+    jobs runner takes them from its config's [rule_limits])."""
+    from exchange.compare import duck
+
+    fn = click.option("--threads", type=click.IntRange(1, duck.THREADS_MAX),
+                      default=duck.THREADS_DEFAULT, show_default=True,
+                      help="DuckDB threads for the rule's SQL.")(fn)
+    fn = click.option("--memory-limit-mib", type=click.IntRange(
+        duck.MEMORY_LIMIT_MIB_MIN, duck.MEMORY_LIMIT_MIB_MAX),
+        default=duck.MEMORY_LIMIT_MIB_DEFAULT, show_default=True,
+        help="DuckDB's memory limit for the run, inputs included.")(fn)
+    return click.option("--time-limit-s", type=click.FloatRange(
+        0, duck.TIME_LIMIT_S_MAX, min_open=True), default=duck.TIME_LIMIT_S_DEFAULT,
+        show_default=True, help="Wall-clock limit of the rule's SQL.")(fn)
+
+
+def _limits(time_limit_s: float, memory_limit_mib: int, threads: int) -> Any:
+    from exchange.compare.duck import RuleLimits
+
+    return RuleLimits(time_s=time_limit_s, memory_mib=memory_limit_mib, threads=threads)
+
+
 @click.group("rules")
 def rules() -> None:
     """Comparison rules: list the local files and the registered ones, register one."""
@@ -122,10 +145,12 @@ def compare() -> None:
 @click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Where answers are spooled while they stream in "
                                  "(default: the system's temporary folder).")
+@rule_limit_options
 @node_options
 @json_option
 def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
                 findings_chunk_bytes: int | None, spool_dir: Path | None,
+                time_limit_s: float, memory_limit_mib: int, threads: int,
                 profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Ask the rule's queries (and its owner's own inputs), run its SQL and commit the
     findings. Use the owner's automation profile. Every answer streams into the run's
@@ -143,9 +168,11 @@ def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
         signer = Signer.load(client.profile, genesis.chain_id)
         params = {"period": period} if period else {}
         steps = len(r.own) + len(r.queries) + 1  # each input, then the SQL
+        limits = _limits(time_limit_s, memory_limit_mib, threads)
         if as_json or not sys.stdout.isatty():
             progress = None if as_json else (lambda msg: console.print(f"  {msg}"))
-            result = NetworkRun(client, signer, genesis, r, progress, bounds).run(params)
+            result = NetworkRun(client, signer, genesis, r, progress, bounds,
+                                limits).run(params)
         else:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -158,7 +185,8 @@ def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
                     bar.update(task, advance=1, description=f"{r.id}: {msg}")
                     console.print(f"  {msg}")
 
-                result = NetworkRun(client, signer, genesis, r, advance, bounds).run(params)
+                result = NetworkRun(client, signer, genesis, r, advance, bounds,
+                                    limits).run(params)
     out = {"rule": result.rule_id, "period": result.period,
            "findings_tx": result.findings_tx_id.hex(), "height": result.height,
            "result": result.result, "findings": len(result.output.rows),
@@ -183,16 +211,18 @@ def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
 
 @compare.command("replay")
 @click.argument("run_tx")
+@rule_limit_options
 @node_options
 @json_option
-def compare_replay(run_tx: str, profile_option: str | None, timeout_s: float,
-                   as_json: bool) -> None:
+def compare_replay(run_tx: str, time_limit_s: float, memory_limit_mib: int, threads: int,
+                   profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Re-run a findings run from the ledger and check its output digest."""
     from exchange.compare.network import replay
 
     _, client = connect(profile_option, max(timeout_s, 60.0))
     with client:
-        run, output = replay(client, parse_tx_id(run_tx))
+        run, output = replay(client, parse_tx_id(run_tx),
+                             _limits(time_limit_s, memory_limit_mib, threads))
     if as_json:
         emit_json({"run": run_tx, "rule": run.rule_id, "period": run.period,
                    "output_digest": output.digest.hex(), "matches": True,

@@ -1,15 +1,22 @@
 """The DuckDB a rule's SQL runs in, and what is checked of that SQL.
 
-A session is an in-memory database with external access disabled and extension
-auto-install and auto-load off: the inputs are loaded as typed tables, then the
-configuration is locked, so the rule's SQL can read nothing but those tables (no file,
-no URL, no extension, no ATTACH, no COPY) and cannot turn the settings back. One thread,
-and every input table stored in a canonical row order, so that even an order-sensitive
-aggregate sees the same rows in the same order whatever order the inputs came in.
+A session is an in-memory database with external access disabled, extension
+auto-install and auto-load off, no Python replacement scans and no temporary directory:
+the inputs are loaded as typed tables, then the configuration is locked, so the rule's
+SQL can read nothing but those tables (no file, no URL, no extension, no ATTACH, no COPY,
+no Python variable, nothing spilled to disk) and cannot turn the settings back. A run has
+limits (`RuleLimits`): a memory limit (DuckDB's own), a thread count, and a wall-clock
+limit enforced by interrupting the query from a timer.
 
-The SQL of a rule is one SELECT (a WITH ... SELECT is one), free of the functions whose
-result is not a function of the inputs (the clock, random numbers, sequences, samples),
-and returns columns of types that have a canonical form.
+The SQL of a rule is one SELECT (a WITH ... SELECT is one) that reads only its input
+tables and calls only the functions of an allow-list (`ALLOWED_FUNCTIONS`): functions
+whose result is a function of their arguments alone, so no clock, random number,
+sequence, sample, setting, environment or catalog reading. The functions are found in
+DuckDB's own parse tree (json_serialize_sql), not in the text. Every input table is
+stored in a canonical row order; a query whose result could still depend on the order
+rows reach an operator (an order-sensitive aggregate or window function, LIMIT, DISTINCT
+ON, a ROWS frame, floating-point arithmetic) runs on one thread, so it sees the rows in
+that canonical order whatever thread count the limits allow.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -31,8 +39,17 @@ CONNECT_CONFIG: dict[str, str | bool | int] = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
+    "python_enable_replacements": False,
+    "temp_directory": "",
     "threads": 1,
 }
+
+TIME_LIMIT_S_DEFAULT = 60.0
+MEMORY_LIMIT_MIB_DEFAULT = 1024
+THREADS_DEFAULT = 1
+TIME_LIMIT_S_MAX = 24 * 3600.0
+MEMORY_LIMIT_MIB_MIN, MEMORY_LIMIT_MIB_MAX = 16, 1024 * 1024
+THREADS_MAX = 256
 
 VARCHAR = "VARCHAR"
 BIGINT = "BIGINT"
@@ -50,20 +67,68 @@ OUTPUT_TEXT_TYPES = frozenset({"VARCHAR"})
 OUTPUT_BOOLEAN_TYPES = frozenset({"BOOLEAN"})
 _DECIMAL_TYPE = re.compile(r"DECIMAL\((\d+),(\d+)\)")
 
-# Calls whose result depends on something besides the inputs.
-NONDETERMINISTIC_FUNCTIONS = frozenset({
-    "random", "setseed", "uuid", "gen_random_uuid", "uuidv4", "uuidv7", "nextval",
-    "currval", "now", "today", "get_current_time", "get_current_timestamp",
-    "transaction_timestamp", "current_date", "current_time", "current_timestamp",
-    "current_localtime", "current_localtimestamp", "localtime", "localtimestamp",
-    "current_query", "current_setting", "current_database", "current_schema",
-    "current_schemas", "current_catalog", "pg_backend_pid", "getenv",
+# The functions a rule may call: their result is a function of their arguments alone.
+# Operators are functions in DuckDB's parse tree ("+", "~~" for LIKE...). Anything not
+# named here (random(), now(), current_setting(), getenv(), version(), the duckdb_*()
+# and every other table function...) is refused at registration.
+ORDER_FREE_FUNCTIONS = frozenset({
+    # arithmetic, comparison-like and bit operators
+    "+", "-", "*", "%", "&", "|", "<<", ">>", "xor", "@",
+    # text operators: concatenation, LIKE, ILIKE, GLOB, SIMILAR TO, ^@ (starts with)
+    "||", "~~", "!~~", "~~*", "!~~*", "~~~", "^@", "like_escape", "not_like_escape",
+    "ilike_escape", "not_ilike_escape", "regexp_full_match",
+    # numbers
+    "abs", "sign", "round", "floor", "ceil", "ceiling", "trunc", "greatest", "least",
+    "gcd", "lcm",
+    # nulls
+    "nullif", "ifnull",
+    # text
+    "length", "len", "strlen", "char_length", "lower", "upper", "lcase", "ucase", "trim",
+    "ltrim", "rtrim", "substring", "substr", "left", "right", "replace", "concat",
+    "concat_ws", "starts_with", "ends_with", "prefix", "suffix", "contains", "strpos",
+    "instr", "position", "lpad", "rpad", "split_part", "reverse", "repeat",
+    "regexp_matches", "regexp_replace", "regexp_extract", "md5", "sha256", "format",
+    "typeof",
+    # lists and structs (the [..] and {..} literals and their subscripts)
+    "list_value", "struct_pack", "list_extract", "array_extract", "struct_extract",
+    "list_contains", "array_contains", "list_has", "array_length", "unnest",
+    # dates (no time zone: nothing here reads the TimeZone setting)
+    "date_part", "datepart", "year", "month", "day", "quarter", "make_date", "date_trunc",
+    "datetrunc", "date_diff", "datediff", "last_day", "strftime", "strptime",
+    "try_strptime", "to_days", "to_months", "to_years",
+    # aggregates whose result is the same for the same multiset of rows
+    "count", "count_star", "count_if", "countif", "sum", "min", "max", "bool_and",
+    "bool_or", "bit_and", "bit_or", "bit_xor",
+    # window functions that give peers (ties) the same value
+    "rank", "dense_rank",
 })
+# Allowed, but their result can depend on the order rows reach them (or, for floating
+# point, on how partial results are combined): a query calling one runs on one thread,
+# over the input tables' canonical order.
+ORDER_SENSITIVE_FUNCTIONS = frozenset({
+    "string_agg", "group_concat", "listagg", "list", "array_agg", "first", "last",
+    "any_value", "arbitrary", "arg_min", "arg_max", "argmin", "argmax", "min_by",
+    "max_by", "row_number", "ntile", "lag", "lead", "first_value", "last_value",
+    "nth_value", "/", "//", "avg", "mean", "percent_rank", "cume_dist",
+})
+ALLOWED_FUNCTIONS = ORDER_FREE_FUNCTIONS | ORDER_SENSITIVE_FUNCTIONS
+# Floating-point types: arithmetic on them is not associative, so a sum's last bits
+# depend on the order of its terms.
+FLOAT_TYPES = frozenset({"FLOAT", "FLOAT4", "REAL", "DOUBLE", "FLOAT8"})
+# Types whose values depend on the session's TimeZone setting.
+ZONED_TYPES = frozenset({"TIMESTAMPTZ", "TIMESTAMP WITH TIME ZONE", "TIMETZ",
+                         "TIME WITH TIME ZONE"})
 # The SQL value functions parse as column references (no input column has these names).
-NONDETERMINISTIC_COLUMNS = frozenset({
+SQL_VALUE_FUNCTIONS = frozenset({
     "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
-    "current_localtime", "current_localtimestamp",
+    "current_localtime", "current_localtimestamp", "user", "current_user", "session_user",
+    "current_role", "current_catalog", "current_schema",
 })
+# The table references a rule's FROM may hold: tables, joins, subqueries, VALUES, PIVOT,
+# and none. Table functions (read_csv(), range(), duckdb_settings()...) and SHOW /
+# SUMMARIZE / DESCRIBE are refused.
+TABLE_REF_TYPES = frozenset({"BASE_TABLE", "JOIN", "SUBQUERY", "EXPRESSION_LIST", "PIVOT",
+                             "EMPTY", "EMPTY_FROM"})
 
 _LINE = re.compile(r"\bLINE (\d+):")
 
@@ -89,6 +154,39 @@ class InputProblem(Exception):
     """An input table's rows do not have the columns or value types declared."""
 
 
+class LimitExceeded(Exception):
+    """A run went over one of its limits; the message names the limit."""
+
+
+@dataclass(frozen=True)
+class RuleLimits:
+    """What one run of a rule may take: wall-clock seconds for the SQL, DuckDB's memory
+    (the input tables included), and threads."""
+
+    time_s: float = TIME_LIMIT_S_DEFAULT
+    memory_mib: int = MEMORY_LIMIT_MIB_DEFAULT
+    threads: int = THREADS_DEFAULT
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time_s, bool) or not isinstance(self.time_s, int | float) or \
+                not 0 < self.time_s <= TIME_LIMIT_S_MAX:
+            raise ValueError(f"time_s is a number of seconds in (0, {TIME_LIMIT_S_MAX:g}]")
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int) or \
+                not MEMORY_LIMIT_MIB_MIN <= self.memory_mib <= MEMORY_LIMIT_MIB_MAX:
+            raise ValueError(f"memory_mib is an integer {MEMORY_LIMIT_MIB_MIN}.."
+                             f"{MEMORY_LIMIT_MIB_MAX}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or \
+                not 1 <= self.threads <= THREADS_MAX:
+            raise ValueError(f"threads is an integer 1..{THREADS_MAX}")
+
+
+@dataclass(frozen=True)
+class SqlShape:
+    """What the check learned of a rule's SQL."""
+
+    order_sensitive: str | None  # what makes it depend on row order; None: nothing
+
+
 @dataclass(frozen=True)
 class Column:
     """One column of an input table."""
@@ -102,17 +200,60 @@ def pyarrow_available() -> bool:
     return _pyarrow is not None
 
 
-def connect() -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory database, external access already disabled."""
-    return duckdb.connect(":memory:", config=dict(CONNECT_CONFIG))
+def connect(limits: RuleLimits | None = None) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory database, external access already disabled, within `limits`'
+    memory (one thread until `set_threads`)."""
+    config: dict[str, str | bool | int | float | list[str]] = dict(CONNECT_CONFIG)
+    config["memory_limit"] = f"{(limits or RuleLimits()).memory_mib}MiB"
+    return duckdb.connect(":memory:", config=config)
 
 
-def connect_for_loading() -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory database that may still read files: a streamed run's own spool
+def set_threads(con: duckdb.DuckDBPyConnection, threads: int) -> None:
+    """Before `lock`: the thread count queries run on."""
+    assert 1 <= threads <= THREADS_MAX, threads
+    con.execute(f"SET threads = {int(threads)}")
+
+
+def run_limited(con: duckdb.DuckDBPyConnection, sql: str, limits: RuleLimits,
+                rows_max: int) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names and at most `rows_max` rows of `sql`. LimitExceeded naming the
+    limit when the query runs past `limits.time_s` (interrupted from a timer) or past
+    the memory limit; SqlProblem for any other DuckDB error."""
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(limits.time_s, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        cursor = con.execute(sql)
+        names = [str(d[0]) for d in cursor.description or []]
+        rows = cursor.fetchmany(rows_max)
+    except duckdb.InterruptException:
+        if fired.is_set():
+            raise LimitExceeded(f"exceeded the {limits.time_s:g} s time limit") from None
+        raise
+    except duckdb.OutOfMemoryException:
+        raise LimitExceeded(f"exceeded the memory limit {limits.memory_mib} MiB") from None
+    except duckdb.Error as exc:
+        if fired.is_set():  # interrupted while DuckDB raised something else
+            raise LimitExceeded(f"exceeded the {limits.time_s:g} s time limit") from None
+        raise sql_problem(exc) from None
+    finally:
+        timer.cancel()
+    return names, rows
+
+
+def connect_for_loading(limits: RuleLimits | None = None) -> duckdb.DuckDBPyConnection:
+    """`connect`, but the database may still read files: a streamed run's own spool
     files (exchange.compare.session). `lock` turns external access off for good before
     any rule SQL runs in it."""
     config: dict[str, str | bool | int | float | list[str]] = {
-        **CONNECT_CONFIG, "enable_external_access": True}
+        **CONNECT_CONFIG, "enable_external_access": True,
+        "memory_limit": f"{(limits or RuleLimits()).memory_mib}MiB"}
     return duckdb.connect(":memory:", config=config)
 
 
@@ -146,8 +287,11 @@ def line_of_offset(sql: str, offset: int) -> int:
 
 # -- checking the SQL --------------------------------------------------------------------
 
-def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """One SELECT statement, calling nothing nondeterministic; SqlProblem otherwise."""
+def check_statement(con: duckdb.DuckDBPyConnection, sql: str,
+                    tables: Sequence[str]) -> SqlShape:
+    """One SELECT statement reading only `tables` (and its own WITH names), calling only
+    allowed functions; SqlProblem (with the SQL line where DuckDB gives the place)
+    otherwise."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
@@ -163,36 +307,153 @@ def check_statement(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     tree = json.loads(text)
     if tree.get("error"):
         raise SqlProblem(f"the SQL does not parse: {tree.get('error_message')}", None)
-    found = _nondeterministic(tree)
-    if found:
-        name, offset = found
-        raise SqlProblem(f"{name} is not allowed: its result does not depend on the inputs "
-                         "alone, so the run would not be reproducible",
-                         None if offset is None else line_of_offset(sql, offset))
+    return _Walk(sql, frozenset(t.lower() for t in tables), _catalog_names()).run(tree)
 
 
-def _nondeterministic(tree: object) -> tuple[str, int | None] | None:
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(reversed(node))
-            continue
-        if not isinstance(node, dict):
-            continue
-        name = node.get("function_name")
+_CATALOG_NAMES: frozenset[str] | None = None
+
+
+def _catalog_names() -> frozenset[str]:
+    """Names a table reference could resolve to besides the inputs: DuckDB's own views
+    (duckdb_settings is one unqualified, pg_class another)."""
+    global _CATALOG_NAMES
+    if _CATALOG_NAMES is None:
+        con = duckdb.connect(":memory:", config=dict(CONNECT_CONFIG))
+        try:
+            rows = con.execute("SELECT lower(view_name) FROM duckdb_views() UNION "
+                               "SELECT lower(table_name) FROM duckdb_tables()").fetchall()
+        finally:
+            con.close()
+        _CATALOG_NAMES = frozenset(str(r[0]) for r in rows)
+    return _CATALOG_NAMES
+
+
+class _Walk:
+    """One pass over the parse tree: refuse what is not allowed, note what is
+    order-sensitive."""
+
+    def __init__(self, sql: str, tables: frozenset[str], catalog: frozenset[str]) -> None:
+        self.sql = sql
+        self.tables = tables
+        self.catalog = catalog
+        self.order_sensitive: str | None = None
+
+    def problem(self, what: str, node: Mapping[str, Any]) -> SqlProblem:
         where = node.get("query_location")
         offset = where if isinstance(where, int) and where < 2**62 else None
-        if isinstance(name, str) and name.lower() in NONDETERMINISTIC_FUNCTIONS:
-            return f"{name}()", offset
-        columns = node.get("column_names")
-        if (node.get("class") == "COLUMN_REF" and isinstance(columns, list)
-                and len(columns) == 1 and str(columns[0]).lower() in NONDETERMINISTIC_COLUMNS):
-            return str(columns[0]), offset
+        return SqlProblem(what, None if offset is None else line_of_offset(self.sql, offset))
+
+    def sensitive(self, why: str) -> None:
+        if self.order_sensitive is None:
+            self.order_sensitive = why
+
+    def run(self, tree: object) -> SqlShape:
+        ctes = self._cte_names(tree)
+        shadowing = sorted(ctes & (self.catalog - self.tables))
+        if shadowing:
+            raise SqlProblem(f"a WITH query may not be named {shadowing[0]}: DuckDB has a "
+                             "view of that name", None)
+        self.allowed_tables = self.tables | ctes
+        stack = [tree]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(reversed(node))
+                continue
+            if not isinstance(node, dict):
+                continue
+            self._node(node)
+            stack.extend(reversed(list(node.values())))
+        return SqlShape(self.order_sensitive)
+
+    @staticmethod
+    def _cte_names(tree: object) -> set[str]:
+        names: set[str] = set()
+        stack = [tree]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, dict):
+                cte_map = node.get("cte_map")
+                if isinstance(cte_map, dict):
+                    names.update(str(e.get("key", "")).lower() for e in cte_map.get("map", [])
+                                 if isinstance(e, dict))
+                stack.extend(node.values())
+        return names
+
+    def _node(self, node: dict[str, Any]) -> None:
+        kind = node.get("class")
         if node.get("sample") is not None:
-            return "a sample (USING SAMPLE / TABLESAMPLE)", offset
-        stack.extend(reversed(list(node.values())))
-    return None
+            raise self.problem("a sample (USING SAMPLE / TABLESAMPLE) is not allowed: its "
+                               "rows are chosen at random", node)
+        if kind in ("FUNCTION", "WINDOW", "AGGREGATE"):
+            self._function(node)
+        elif kind == "COLUMN_REF":
+            columns = node.get("column_names")
+            if isinstance(columns, list) and len(columns) == 1 and \
+                    str(columns[0]).lower() in SQL_VALUE_FUNCTIONS:
+                raise self.problem(f"{columns[0]} is not allowed: its result does not "
+                                   "depend on the inputs alone, so the run would not be "
+                                   "reproducible", node)
+        elif kind == "CAST":
+            type_name = str((node.get("type_expr") or {}).get("type_name", "")).upper()
+            if type_name in ZONED_TYPES:
+                raise self.problem(f"a cast to {type_name} is not allowed: its value "
+                                   "depends on the machine's time zone", node)
+            if type_name in FLOAT_TYPES:
+                self.sensitive(f"a cast to {type_name}")
+        elif kind == "CONSTANT":
+            literal = node.get("literal")
+            if isinstance(literal, dict) and literal.get("kind") == "NUMERIC" and \
+                    any(c in str(literal.get("text", "")) for c in "eE"):
+                self.sensitive(f"the floating-point literal {literal.get('text')}")
+        elif kind is None:
+            self._table_ref_or_modifier(node)
+        window_frame = (node.get("start"), node.get("end")) if kind == "WINDOW" else ()
+        if any(isinstance(b, str) and (b.endswith("_ROWS") or b.endswith("_GROUPS"))
+               for b in window_frame):
+            self.sensitive("a window with a ROWS or GROUPS frame")
+
+    def _function(self, node: dict[str, Any]) -> None:
+        name = str(node.get("function_name", ""))
+        if node.get("schema") or node.get("catalog"):
+            qualified = ".".join(str(p) for p in (node.get("catalog"), node.get("schema"),
+                                                  name) if p)
+            raise self.problem(f"{qualified}() is not allowed: call functions by their "
+                               "plain name", node)
+        lowered = name.lower()
+        if lowered not in ALLOWED_FUNCTIONS:
+            raise self.problem(f"{name}() is not allowed: a rule may call only functions "
+                               "whose result depends on their arguments alone (see "
+                               "docs/rules.md)", node)
+        if lowered in ORDER_SENSITIVE_FUNCTIONS:
+            self.sensitive(f"{name}()")
+
+    def _table_ref_or_modifier(self, node: dict[str, Any]) -> None:
+        kind = node.get("type")
+        if kind in ("LIMIT_MODIFIER", "LIMIT_PERCENT_MODIFIER"):
+            self.sensitive("LIMIT / OFFSET")
+        elif kind == "DISTINCT_MODIFIER" and node.get("distinct_on_targets"):
+            self.sensitive("DISTINCT ON")
+        elif kind == "TABLE_FUNCTION":
+            function = node.get("function") or {}
+            raise self.problem(f"{function.get('function_name', '?')}() is not allowed in "
+                               "FROM: a rule reads its input tables only", node)
+        elif kind == "SHOW_REF":
+            raise self.problem("SHOW / DESCRIBE / SUMMARIZE is not allowed: a rule reads "
+                               "its input tables only", node)
+        elif kind == "BASE_TABLE":
+            name = str(node.get("table_name", ""))
+            qualified = node.get("schema_name") or node.get("catalog_name")
+            if qualified or name.lower() not in self.allowed_tables:
+                shown = ".".join(str(p) for p in (node.get("catalog_name"),
+                                                  node.get("schema_name"), name) if p)
+                raise self.problem(f"table {shown} is not allowed: a rule reads its input "
+                                   f"tables only ({', '.join(sorted(self.tables))})", node)
+        elif isinstance(kind, str) and "sample" in node and kind not in TABLE_REF_TYPES \
+                and not kind.endswith("_NODE"):  # a query node (SELECT_NODE...) has one too
+            raise self.problem(f"a {kind} in FROM is not allowed", node)
 
 
 def output_type_problem(name: str, type_name: str) -> str | None:

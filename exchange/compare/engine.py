@@ -3,8 +3,10 @@ output (DESIGN.md decision 9).
 
 Pure apart from DuckDB in memory: inputs in (rows as dicts of str, int and Decimal, as
 agents.lookup answers and agents.own_inputs reads them), bytes out. The same inputs in
-any row order give the same bytes: every input table is stored in a canonical row order,
-DuckDB runs on one thread, and the output is sorted by subject.
+any row order give the same bytes, whatever the thread count: every input table is stored
+in a canonical row order, SQL whose result could depend on row order runs on one thread
+(exchange.compare.duck), and the output is sorted by subject. A run is bounded by
+`RuleLimits` (time, memory, threads); a run over one fails naming it.
 
 The output is JSON Lines, one finding a line, each the canonical JSON (sorted keys) of
 the SQL's columns with decimals as strings with exactly two places, plus `rule_id`,
@@ -23,7 +25,8 @@ import duckdb
 
 from agents.common.checks import format_fen
 from exchange.compare import duck
-from exchange.compare.rules import Rule, duck_columns
+from exchange.compare.duck import RuleLimits
+from exchange.compare.rules import Rule, RuleError, duck_columns
 from exchange.errors import MalformedInput
 from exchange.ledger.sealing import canonical_json
 
@@ -31,6 +34,14 @@ DUCKDB_VERSION = duck.DUCKDB_VERSION
 OUTPUT_ROWS_MAX = 1_000_000
 
 Rows = Sequence[Mapping[str, object]]
+
+
+class RuleLimitExceeded(RuleError):
+    """A run of a rule went over one of its limits (time, memory): nothing of the run is
+    kept, and the message names the rule and the limit."""
+
+    def __init__(self, rule: Rule, what: str) -> None:
+        super().__init__(rule.source, None, f"rule {rule.id}: {what}")
 
 
 @dataclass(frozen=True)
@@ -56,13 +67,17 @@ class RuleOutput:
 
 
 def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], *,
-             loader: str = "auto", timings: dict[str, float] | None = None) -> RuleOutput:
-    """Run `rule` over `inputs` (every input the rule declares, by name) for `params`.
+             loader: str = "auto", timings: dict[str, float] | None = None,
+             limits: RuleLimits | None = None) -> RuleOutput:
+    """Run `rule` over `inputs` (every input the rule declares, by name) for `params`,
+    within `limits` (the defaults when None).
 
-    RuleError for SQL that fails (naming the rule file and the line), MalformedInput for
-    inputs missing, unknown, or not of the declared columns and types. `timings`, if
-    given, receives the seconds spent loading, in SQL and canonicalising.
+    RuleError for SQL that fails (naming the rule file and the line), RuleLimitExceeded
+    for a run over a limit (naming the rule and the limit), MalformedInput for inputs
+    missing, unknown, or not of the declared columns and types. `timings`, if given,
+    receives the seconds spent loading, in SQL and canonicalising.
     """
+    limits = limits or RuleLimits()
     rule.run_period(params)  # parameters checked before any work
     expected = set(rule.input_names)
     if set(inputs) != expected:
@@ -74,15 +89,18 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
                                  f"unknown {', '.join(unknown)}" if unknown else "")
                                  if part))
     started = time.perf_counter()
-    con = duck.connect()
+    con = duck.connect(limits)
     try:
         try:
             for name, columns in duck_columns(rule).items():
                 duck.create_table(con, name, columns, inputs[name], loader)
         except duck.InputProblem as exc:
             raise MalformedInput(f"{rule.source}: rule {rule.id}: {exc}") from None
+        except duckdb.OutOfMemoryException:
+            raise RuleLimitExceeded(rule, f"its inputs exceed the memory limit "
+                                    f"{limits.memory_mib} MiB") from None
         loaded = time.perf_counter()
-        output = execute_locked(rule, con, params, timings)
+        output = execute_locked(rule, con, params, timings, limits)
     finally:
         con.close()
     if timings is not None:
@@ -91,20 +109,26 @@ def run_rule(rule: Rule, inputs: Mapping[str, Rows], params: Mapping[str, str], 
 
 
 def execute_locked(rule: Rule, con: duckdb.DuckDBPyConnection, params: Mapping[str, str],
-                   timings: dict[str, float] | None = None) -> RuleOutput:
-    """Lock `con` (its input tables loaded) down and run the rule's SQL in it: the
-    canonical output. `timings` receives sql_s and canonical_s."""
+                   timings: dict[str, float] | None = None,
+                   limits: RuleLimits | None = None) -> RuleOutput:
+    """Check the rule's SQL again (the allow-list), set the thread count (one for
+    order-sensitive SQL), lock `con` (its input tables loaded) down and run the SQL in it
+    within `limits`: the canonical output. `timings` receives sql_s and canonical_s."""
+    limits = limits or RuleLimits()
     period = rule.run_period(params)
+    try:
+        shape = duck.check_statement(con, rule.sql, list(rule.input_names))
+    except duck.SqlProblem as problem:
+        raise rule.sql_error(problem.message, problem.sql_line) from None
+    duck.set_threads(con, 1 if shape.order_sensitive else limits.threads)
     duck.lock(con)
     started = time.perf_counter()
     try:
-        cursor = con.execute(rule.sql)
-        description = cursor.description or []
-        names = [str(d[0]) for d in description]
-        result = cursor.fetchmany(OUTPUT_ROWS_MAX + 1)
-    except duckdb.Error as exc:
-        problem = duck.sql_problem(exc)
+        names, result = duck.run_limited(con, rule.sql, limits, OUTPUT_ROWS_MAX + 1)
+    except duck.SqlProblem as problem:
         raise rule.sql_error(problem.message, problem.sql_line) from None
+    except duck.LimitExceeded as exc:
+        raise RuleLimitExceeded(rule, str(exc)) from None
     ran = time.perf_counter()
     if len(result) > OUTPUT_ROWS_MAX:
         raise rule.sql_error(f"more than {OUTPUT_ROWS_MAX} findings", None)

@@ -11,6 +11,7 @@ Config (TOML):
 
     profile = "deploy/local/tax/analysts/automation.toml"
     rules = ["export-rebate-without-exports"]   # default: every rule of the agency
+    rules_dir = "rules"                         # default: agents/<agency>/rules
     periods = ["2026-08", "2026-09"]            # or: recent_months = 3
     interval_s = 60                             # between rounds
     agency_store = "deploy/local/tax/data/agency.db"   # optional: watch its load log
@@ -25,6 +26,14 @@ on the findings it may read:
     playbook_workers = 4                        # findings worked on side by side
     playbook_spool = "var/jobs/tax.playbooks.db"  # default: beside state_file
     run_playbooks = true
+
+Every run of a rule (and of a playbook's rule step) is bounded; a run over a limit fails
+naming it, commits nothing, and the runner goes on with the other rules:
+
+    [rule_limits]
+    time_s = 60          # wall clock of the rule's SQL
+    memory_mib = 1024    # DuckDB's memory limit, the input tables included
+    threads = 1          # DuckDB threads (order-sensitive SQL always runs on one)
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from typing import Any
 
 import structlog
 
+from exchange.compare.duck import RuleLimits
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.v1 import node_pb2
 
@@ -54,6 +64,7 @@ INTERVAL_S_MIN = 1.0
 class JobsConfig:
     profile: Path
     rules: tuple[str, ...] = ()
+    rules_dir: Path | None = None
     periods: tuple[str, ...] = ()
     recent_months: int = 0
     interval_s: float = 60.0
@@ -69,6 +80,7 @@ class JobsConfig:
     subjects_per_query_max: int = 0
     findings_chunk_bytes: int = 0
     spool_dir: Path | None = None
+    rule_limits: RuleLimits = field(default_factory=RuleLimits)
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
@@ -80,7 +92,7 @@ class JobsConfig:
                  "agency_store", "state_file", "playbooks", "run_playbooks",
                  "follow_ups_per_finding_max", "follow_ups_per_hour_per_agency",
                  "playbook_workers", "playbook_spool", "subjects_per_query_max",
-                 "findings_chunk_bytes", "spool_dir"}
+                 "findings_chunk_bytes", "spool_dir", "rule_limits", "rules_dir"}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise MalformedInput(f"{path}: unknown key(s) {', '.join(unknown)}")
@@ -118,10 +130,23 @@ class JobsConfig:
                 raise MalformedInput(f"{path}: {key} is an integer {low}..{high}")
             return value
 
+        limits = doc.get("rule_limits", {})
+        if not isinstance(limits, dict):
+            raise MalformedInput(f"{path}: rule_limits is a table (time_s, memory_mib, "
+                                 "threads)")
+        unknown = sorted(set(limits) - {"time_s", "memory_mib", "threads"})
+        if unknown:
+            raise MalformedInput(f"{path}: rule_limits: unknown key(s) {', '.join(unknown)}")
+        try:
+            rule_limits = RuleLimits(**limits)
+        except (TypeError, ValueError) as exc:
+            raise MalformedInput(f"{path}: rule_limits: {exc}") from None
         run_playbooks = doc.get("run_playbooks", True)
         if not isinstance(run_playbooks, bool):
             raise MalformedInput(f"{path}: run_playbooks is true or false")
         return cls(profile=rel(doc["profile"], "profile"), rules=strings("rules"),
+                   rules_dir=rel(doc["rules_dir"], "rules_dir") if "rules_dir" in doc
+                   else None,
                    periods=strings("periods"), recent_months=months,
                    interval_s=float(interval), agency_store=store,
                    state_file=rel(doc["state_file"], "state_file")
@@ -137,7 +162,8 @@ class JobsConfig:
                    subjects_per_query_max=bounded("subjects_per_query_max", 0, 0, 100_000),
                    findings_chunk_bytes=bounded("findings_chunk_bytes", 0, 0, 512 * 1024),
                    spool_dir=rel(doc["spool_dir"], "spool_dir") if "spool_dir" in doc
-                   else None)
+                   else None,
+                   rule_limits=rule_limits)
 
     def run_bounds(self) -> Any:
         """The bounds of each rule run (exchange.compare.network.RunBounds)."""
@@ -232,7 +258,7 @@ class Runner:
             spool=self.config.spool_path(base, self.agency),
             follow_ups_per_finding_max=self.config.follow_ups_per_finding_max,
             follow_ups_per_hour_per_agency=self.config.follow_ups_per_hour_per_agency,
-            workers=self.config.playbook_workers)
+            workers=self.config.playbook_workers, rule_limits=self.config.rule_limits)
         return PlaybookRunner(self.client, self.signer, self.genesis, playbooks, settings,
                               self.progress)
 
@@ -252,7 +278,7 @@ class Runner:
     def rules(self) -> list[Any]:
         from exchange.compare.rules import load_rules
 
-        rules = load_rules(self.agency)
+        rules = load_rules(self.agency, self.config.rules_dir)
         if self.config.rules:
             missing = set(self.config.rules) - {r.id for r in rules}
             if missing:
@@ -284,7 +310,8 @@ class Runner:
                     # the owner's data was loaded anew since: a new run supersedes
                 try:
                     result = NetworkRun(self.client, self.signer, self.genesis, rule,
-                                        self.progress, self.config.run_bounds()).run(
+                                        self.progress, self.config.run_bounds(),
+                                        self.config.rule_limits).run(
                         {"period": period} if period else {})
                 except ExchangeError as exc:
                     log.warning("rule run failed", rule=rule.id, period=period, error=str(exc))

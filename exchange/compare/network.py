@@ -14,6 +14,7 @@ from typing import Any
 
 from agents.lookup import SUBJECTS_MAX
 from exchange.client import ExchangeClient, Signer
+from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput
 from exchange.compare.rules import PlannedQuery, Rule, load_rule_bytes
 from exchange.compare.session import RunSession
@@ -117,7 +118,8 @@ class NetworkRun:
 
     def __init__(self, client: ExchangeClient, signer: Signer, genesis: identity_pb2.Genesis,
                  rule: Rule, progress: Progress | None = None,
-                 bounds: RunBounds | None = None) -> None:
+                 bounds: RunBounds | None = None,
+                 limits: RuleLimits | None = None) -> None:
         if signer.agency != rule.owner:
             raise MalformedInput(f"rule {rule.id} is {rule.owner}'s; the profile is "
                                  f"{signer.agency}'s")
@@ -129,6 +131,7 @@ class NetworkRun:
         self.bounds = bounds or RunBounds()
         self._answer_chunks = 0
         self._findings_chunks = 0
+        self.limits = limits or RuleLimits()
         self._asked_agencies: set[str] = set()
 
     def ensure_registered(self) -> None:
@@ -195,7 +198,7 @@ class NetworkRun:
         case_id = scope.case_id if scope is not None else ""
         input_ids: list[bytes] = []
         rows_in = own_rows = 0
-        with RunSession(self.rule, self.bounds.spool_dir) as session:
+        with RunSession(self.rule, self.bounds.spool_dir, self.limits) as session:
             # the owner's own inputs, as answers its own node gives it
             own_specs: list[tuple[Any, QuerySpec | None]] = []
             for o in plan.own:
@@ -348,11 +351,12 @@ def _tx_id(envelope: bytes) -> bytes:
     return tx_id(ledger_pb2.Envelope.FromString(envelope).body)
 
 
-def replay(client: ExchangeClient, run_tx_id: bytes, spool_dir: Path | None = None
-           ) -> tuple[node_pb2.FindingsRun, RuleOutput]:
+def replay(client: ExchangeClient, run_tx_id: bytes, limits: RuleLimits | None = None,
+           spool_dir: Path | None = None) -> tuple[node_pb2.FindingsRun, RuleOutput]:
     """Re-run a findings run from the ledger: the registered rule's canonical bytes, the
     answers it names (opened by the caller's node, streamed into the run's DuckDB), the
-    same parameters; ProofInvalid unless the output digest is the one committed."""
+    same parameters, within `limits`; ProofInvalid unless the output digest is the one
+    committed."""
     runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=True)).runs
     run = next((r for r in runs if bytes(r.tx_id) == run_tx_id), None)
     if run is None:
@@ -372,7 +376,7 @@ def replay(client: ExchangeClient, run_tx_id: bytes, spool_dir: Path | None = No
     params.pop("case", None)  # a run restricted to a case's subjects: its inputs say which
     plan = rule.plan(params)
     names = [o.name for o in plan.own]
-    with RunSession(rule, spool_dir) as session:
+    with RunSession(rule, spool_dir, limits) as session:
         for qid in [bytes(t) for t in run.input_tx_ids]:
             answer = CheckedAnswer.of_stream(client.stream_answer(qid))
             name = _input_name(rule, answer.query, names)

@@ -9,7 +9,8 @@ change nothing); the digest, SHA-256 of those bytes, is what the ledger register
 canonical bytes are themselves a valid rule file (JSON is YAML): `load_rule_bytes` reads
 them back to the same rule.
 
-The SQL is checked at load too: one SELECT, nothing nondeterministic, bound against
+The SQL is checked at load too: one SELECT reading only its inputs and calling only
+allowed functions (exchange.compare.duck), bound against
 empty input tables of the declared types, returning `subject` (text) and `amount` (a
 decimal) and detail columns that have a canonical form.
 """
@@ -810,7 +811,7 @@ def _check_sql(rule: Rule) -> list[tuple[str, str]]:
             duck.create_table(con, name, _duck_columns(input_columns), None)
         duck.lock(con)
         try:
-            duck.check_statement(con, rule.sql)
+            duck.check_statement(con, rule.sql, list(rule.input_columns))
             result = duck.describe(con, rule.sql)
         except duck.SqlProblem as sql_problem:
             raise rule.sql_error(sql_problem.message, sql_problem.sql_line) from None

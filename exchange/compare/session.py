@@ -22,8 +22,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+import duckdb
+
 from exchange.compare import duck
-from exchange.compare.engine import Rows, RuleOutput, execute_locked
+from exchange.compare.duck import RuleLimits
+from exchange.compare.engine import Rows, RuleLimitExceeded, RuleOutput, execute_locked
 from exchange.compare.rules import Rule, duck_columns
 from exchange.errors import MalformedInput
 
@@ -34,8 +37,10 @@ _AMOUNT_PATTERN = r"-?[0-9]{1,16}(\.[0-9]{1,2}0*)?"
 class RunSession:
     """The inputs of one run of `rule`, loaded into DuckDB as they stream in."""
 
-    def __init__(self, rule: Rule, spool_dir: Path | None = None) -> None:
+    def __init__(self, rule: Rule, spool_dir: Path | None = None,
+                 limits: RuleLimits | None = None) -> None:
         self.rule = rule
+        self.limits = limits or RuleLimits()
         self.columns = duck_columns(rule)
         self._dir = Path(tempfile.mkdtemp(prefix="run-", dir=spool_dir))
         self._files: dict[str, BinaryIO] = {}
@@ -43,7 +48,7 @@ class RunSession:
         self._loaded: set[str] = set()
         # external access stays on only while the session reads its own spool files;
         # duck.lock turns it off for good before the rule's SQL runs
-        self.con = duck.connect_for_loading()
+        self.con = duck.connect_for_loading(self.limits)
         self._locked = False
         for name, columns in self.columns.items():
             duck.create_table(self.con, name, columns, None)
@@ -110,6 +115,9 @@ class RunSession:
             self._load_file(name, path)
         except duck.InputProblem as exc:
             raise MalformedInput(f"{self.rule.source}: rule {self.rule.id}: {exc}") from None
+        except duckdb.OutOfMemoryException:
+            raise RuleLimitExceeded(self.rule, f"its inputs exceed the memory limit "
+                                    f"{self.limits.memory_mib} MiB") from None
         finally:
             path.unlink(missing_ok=True)
         return self._rows[name]
@@ -187,7 +195,7 @@ class RunSession:
                                  f"{', '.join(sorted(missing))}")
         assert not self._locked, "a session runs its rule once"
         self._locked = True
-        return execute_locked(self.rule, self.con, params, timings)
+        return execute_locked(self.rule, self.con, params, timings, self.limits)
 
 
 def _typed(column: duck.Column) -> str:

@@ -5,7 +5,9 @@ Who may call what: the public API serves the node's own agency's identities (ana
 automations) and member nodes (forwarded submissions, reads); the Peer service serves
 member nodes only. Identities come from the TLS certificate and are checked against the
 issuing agency's CA (exchange.identity.peer_auth). Domain errors are mapped to gRPC
-status codes here, once.
+status codes here, once (`_abort`): what a status echoes is cut to DETAILS_CHARS_MAX, so
+a huge value in a message never turns the error into RESOURCE_EXHAUSTED; a request body
+that does not decode is INVALID_ARGUMENT (`_Decoding`), not UNKNOWN with a traceback.
 """
 
 from __future__ import annotations
@@ -56,12 +58,122 @@ _STATUS = {
 
 T = TypeVar("T")
 
+# What a status's details may hold: gRPC refuses metadata over 8 KiB (by default), and
+# a client would then see RESOURCE_EXHAUSTED instead of the error.
+DETAILS_CHARS_MAX = 1_024
+# No chain reaches a height past this (heights are signed 64-bit in the stores).
+HEIGHT_MAX = 2**63 - 1
+
 
 def status_of(exc: errors.ExchangeError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in _STATUS:
             return _STATUS[cls]
     return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def details_of(message: str) -> str:
+    """`message`, cut to DETAILS_CHARS_MAX characters (saying how many were cut)."""
+    if len(message) <= DETAILS_CHARS_MAX:
+        return message
+    cut = len(message) - DETAILS_CHARS_MAX
+    return f"{message[:DETAILS_CHARS_MAX]}... ({cut} characters cut)"
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                 message: str) -> None:
+    """End the call with `code` and `message` (cut); raises, as context.abort does."""
+    await context.abort(code, details_of(message))
+
+
+async def _abort_error(context: grpc.aio.ServicerContext, exc: errors.ExchangeError) -> None:
+    await _abort(context, status_of(exc), f"{exc.code}: {exc}")
+
+
+def _check_height(height: int, what: str = "height") -> int:
+    if height > HEIGHT_MAX:
+        raise errors.MalformedInput(f"{what} {height} is beyond any chain's reach "
+                                    f"(at most {HEIGHT_MAX})")
+    return height
+
+
+class _Undecodable:
+    """A request body that is not the message its method takes."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Decoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every method's request decoding: bytes that do not decode end the call with
+    INVALID_ARGUMENT naming the method, instead of gRPC's UNKNOWN and a logged
+    traceback."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        method = str(details.method).rsplit("/", 1)[-1]
+
+        def safe_decode(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
+                return _Undecodable(exc)
+
+        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+            log.warning("undecodable request", method=method, peer=context.peer(),
+                        error=str(request.error)[:200])
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{errors.MalformedInput.code}: the request is not a valid "
+                         f"{method} request: {request.error}")
+
+        async def checked(requests: AsyncIterator[Any],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                yield request
+
+        changes: dict[str, Any] = {"request_deserializer": safe_decode}
+        if handler.unary_unary is not None:
+            unary_unary = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await unary_unary(request, context)
+            changes["unary_unary"] = unary
+        elif handler.unary_stream is not None:
+            unary_stream = handler.unary_stream
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for item in unary_stream(request, context):
+                    yield item
+            changes["unary_stream"] = streaming
+        elif handler.stream_unary is not None:
+            stream_unary = handler.stream_unary
+
+            async def stream_in(requests: AsyncIterator[Any],
+                                context: grpc.aio.ServicerContext) -> Any:
+                return await stream_unary(checked(requests, context), context)
+            changes["stream_unary"] = stream_in
+        elif handler.stream_stream is not None:
+            stream_stream = handler.stream_stream
+
+            async def stream_both(requests: AsyncIterator[Any],
+                                  context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in stream_stream(checked(requests, context), context):
+                    yield item
+            changes["stream_stream"] = stream_both
+        return handler._replace(**changes)
 
 
 def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -75,7 +187,7 @@ def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         try:
             return await fn(self, request, context)
         except errors.ExchangeError as exc:
-            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            await _abort_error(context, exc)
             raise  # unreachable: abort raises
         finally:
             histogram.observe(time.perf_counter() - started)
@@ -170,7 +282,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             async for part in parts:
                 yield part
         except errors.ExchangeError as exc:
-            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            await _abort_error(context, exc)
 
     @_mapped
     async def Audit(self, request: node_pb2.AuditRequest,
@@ -202,11 +314,13 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     async def GetTransaction(self, request: node_pb2.GetTransactionRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.TransactionInfo:
         self.auth.own_agency_or_node(context)
+        if len(request.tx_id) != 32:
+            raise errors.MalformedInput("a transaction id is 32 bytes")
         store = self.node.store
         stored = store.tx(bytes(request.tx_id))
         if stored is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"NOT_FOUND: no transaction {bytes(request.tx_id).hex()}")
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
+                         f"NOT_FOUND: no transaction {bytes(request.tx_id).hex()}")
         assert stored is not None
         leaves = store.envelopes(stored.height)
         codes = store.results(stored.height)
@@ -226,15 +340,16 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         self.auth.own_agency_or_node(context)
         height = request.height or self.node.store.height
         if not 1 <= height <= self.node.store.height:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no block {height}")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no block {height}")
         return self.node.store.block(height)
 
     async def FollowBlocks(self, request: node_pb2.FollowBlocksRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
         try:
             self.auth.own_agency_or_node(context)
+            _check_height(request.from_height, "from_height")
         except errors.ExchangeError as exc:
-            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            await _abort_error(context, exc)
         store = self.node.store
         queue = self.node.follow()
         try:
@@ -285,7 +400,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     async def CaseStatements(self, request: node_pb2.CaseStatementsRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.CaseStatementSet:
         _own_person(self.auth, context)
-        return await self.node.case_statements(request.case_id, request.height)
+        return await self.node.case_statements(request.case_id, _check_height(request.height))
 
     @_mapped
     async def ListCases(self, request: node_pb2.ListCasesRequest,
@@ -372,7 +487,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 for part in _run_parts(run):
                     yield part
         except errors.ExchangeError as exc:
-            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            await _abort_error(context, exc)
 
     def _findings_reader(self, request: node_pb2.ListFindingsRequest,
                          context: grpc.aio.ServicerContext) -> None:
@@ -456,7 +571,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         try:
             self.auth.member_node(context)
         except errors.ExchangeError as exc:
-            await context.abort(status_of(exc), f"{exc.code}: {exc}")
+            await _abort_error(context, exc)
         store = self.node.store
         top = store.height if request.final_only is False else self.node.final_height
         if request.to_height:
@@ -486,14 +601,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                             context: grpc.aio.ServicerContext
                             ) -> evidence_pb2.SignedCaseStatement:
         self.auth.member_node(context)
-        return self.node.case_statement(request.case_id, request.height)
+        return self.node.case_statement(request.case_id, _check_height(request.height))
 
 
 async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None) -> None:
     """Run a node until SIGTERM or SIGINT."""
     node = Node(config)
     server_creds = node.tls.server_credentials()
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Decoding()])
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
