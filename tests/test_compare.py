@@ -801,13 +801,26 @@ def test_a_rule_whose_sql_fails_at_run_time_names_file_and_line(tmp_path: Path) 
 FS_DISABLED = "file system operations are disabled by configuration"
 
 
-@pytest.fixture
-def session() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A rule's session as the engine makes it: one input table, then locked."""
-    con = duck.connect(duck.RuleLimits(memory_mib=32))
+@pytest.fixture(params=["in-memory", "streamed"])
+def session(request: pytest.FixtureRequest, tmp_path: Path
+            ) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A rule's session as the engine makes it: one input table, then locked. Both ways:
+    from rows in memory (external access off from the start), and as a streamed run makes
+    it (external access on while it reads its own spool file, then locked)."""
+    limits = duck.RuleLimits(memory_mib=32)
+    streamed = request.param == "streamed"
+    con = duck.connect_for_loading(duck.RuleLimits(memory_mib=256)) if streamed \
+        else duck.connect(limits)
     try:
-        duck.create_table(con, "flows", (duck.Column("uscc", duck.VARCHAR),),
-                          [{"uscc": "x"}])
+        if streamed:  # the JSON reader's buffers need more than the tests' small limit
+            spool = tmp_path / "flows.jsonl"
+            spool.write_text('{"uscc":"x"}\n', encoding="utf-8")
+            con.execute(f"CREATE TABLE flows AS SELECT uscc FROM read_json('{spool}', "
+                        "columns = {'uscc': 'VARCHAR'})")
+            con.execute(f"SET memory_limit = '{limits.memory_mib}MiB'")
+        else:
+            duck.create_table(con, "flows", (duck.Column("uscc", duck.VARCHAR),),
+                              [{"uscc": "x"}])
         duck.lock(con)
         assert con.execute("SELECT * FROM flows").fetchall() == [("x",)]
         yield con
