@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options, parse_tx_id
+from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import Signer, load_genesis
 from exchange.errors import MalformedInput
+from exchange.ids import resolve_tx_id
 from exchange.v1 import ledger_pb2, node_pb2
 
 
@@ -176,9 +177,10 @@ def compare_replay(run_tx: str, profile_option: str | None, timeout_s: float,
 
     _, client = connect(profile_option, max(timeout_s, 60.0))
     with client:
-        run, output = replay(client, parse_tx_id(run_tx))
+        run_id = resolve_tx_id(run_tx, client, "findings run")
+        run, output = replay(client, run_id)
     if as_json:
-        emit_json({"run": run_tx, "rule": run.rule_id, "period": run.period,
+        emit_json({"run": run_id.hex(), "rule": run.rule_id, "period": run.period,
                    "output_digest": output.digest.hex(), "matches": True,
                    "findings": len(output.rows)})
     else:
@@ -264,9 +266,10 @@ def findings_open(finding_id: str, case_id: str, run_tx: str, reason: str,
     profile_path, client = connect(profile_option, timeout_s)
     with client:
         _, _, genesis = load_genesis(profile_path)
+        run_id = resolve_tx_id(run_tx, client, "findings run") if run_tx else b""
         runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=bool(run_tx))).runs
         chosen = [r for r in runs if any(f.finding_id == finding_id for f in r.findings)
-                  and (not run_tx or bytes(r.tx_id).hex() == run_tx)]
+                  and (not run_id or bytes(r.tx_id) == run_id)]
         if not chosen:
             raise MalformedInput(f"no finding {finding_id!r}"
                                  + (f" in run {run_tx}" if run_tx else " in force"))

@@ -9,6 +9,7 @@ import click
 
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
+from exchange.ids import resolve_tx_id
 from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle, verify_bundle
 from exchange.ledger.store import BlockStore
 
@@ -49,11 +50,8 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
 
     if not tx_ids and not case_id:
         raise click.UsageError("give --case or at least one --tx")
-    try:
-        ids = [bytes.fromhex(t) for t in tx_ids]
-    except ValueError as exc:
-        raise MalformedInput(f"transaction id is not hex: {exc}") from exc
     with BlockStore.open(store_path) as store:
+        ids = [resolve_tx_id(t, store) for t in tx_ids]
         if case_id:
             ids = list(dict.fromkeys(case_tx_ids(store, case_id) + ids))
         reveals = []

@@ -15,7 +15,6 @@ from exchange.cli.node_cmds import (
     json_option,
     node_options,
     optional_registry,
-    parse_tx_id,
 )
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import (
@@ -29,6 +28,7 @@ from exchange.client import (
 from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
 from exchange.errors import MalformedInput
 from exchange.identity.keys import CachedSigner, read_signing_key
+from exchange.ids import resolve_tx_id
 from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.node.answers import parse_since, parse_subject_text
 from exchange.v1 import ledger_pb2, node_pb2
@@ -122,7 +122,8 @@ def answer(query_id: str, wait_s: float, profile_option: str | None, timeout_s: 
     """Fetch a query's answer (decrypted by your node for your agency) or its refusal."""
     _, client = connect(profile_option, timeout_s)
     with client:
-        view = client.get_answer(parse_tx_id(query_id), int(wait_s * 1000))
+        view = client.get_answer(resolve_tx_id(query_id, client, "query"),
+                                 int(wait_s * 1000))
     _show(read_answer(view), as_json, None)
 
 
