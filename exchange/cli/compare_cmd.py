@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
+from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import Signer, load_genesis
 from exchange.errors import MalformedInput
@@ -66,12 +66,21 @@ def rules_list(agency: str, profile_option: str | None, timeout_s: float,
 @click.argument("rule")
 @click.option("--agency", default="", help="Owner whose rule files to look in.")
 @node_options
+@json_option
 def rules_show(rule: str, agency: str, profile_option: str | None,
-               timeout_s: float) -> None:
+               timeout_s: float, as_json: bool) -> None:
     """A rule file's parsed content, digest and canonical bytes."""
+    import json
+
     profile_path, client = connect(profile_option, timeout_s)
     client.close()
     r = _rule(rule, agency or client.profile.agency)
+    if as_json:
+        emit_json({"rule": r.id, "version": r.version, "owner": r.owner,
+                   "severity": r.severity, "digest": r.digest_hex,
+                   "description": r.description,
+                   "canonical": json.loads(r.canonical_bytes)})
+        return
     console.print(f"{r.id} version {r.version} ({r.owner}, {r.severity}) digest {r.digest_hex}")
     console.print(r.description)
     click.echo(r.canonical_bytes.decode())
@@ -314,25 +323,62 @@ def jobs() -> None:
               help="Jobs config (TOML): profile, rules, periods, interval_s, agency_store.")
 @click.option("--rounds", type=click.IntRange(0, 1_000_000), default=0,
               help="Stop after this many rounds (0: run until stopped).")
-def jobs_serve(config_path: Path, rounds: int) -> None:
+@json_option
+def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
     """Run the agency's rules every interval: each rule version and period once, again
     only when the agency's own data was loaded anew; picks up after a restart from what
-    the ledger holds."""
+    the ledger holds. Then its playbooks. One line per round (a JSON line with --json);
+    the logs go to stderr."""
+    import structlog
 
-    from exchange.compare.jobs import JobsConfig, Runner
+    from exchange.compare.jobs import JobsConfig, RoundReport, Runner
 
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     config = JobsConfig.load(config_path)
     status = None
-    if sys.stdout.isatty():
+    if sys.stdout.isatty() and not as_json:
         from rich.status import Status
 
         status = Status("starting", console=console)
         status.start()
     runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None,
                     base=config_path.parent)
+    done = [0]
+
+    def show(report: RoundReport) -> None:
+        done[0] += 1
+        out = round_dict(done[0], report)
+        if as_json:
+            emit_json_line(out)
+        else:
+            console.print(round_line(out))
+
     try:
-        runner.serve(rounds)
+        runner.serve(rounds, on_round=show)
     finally:
         if status is not None:
             status.stop()
         runner.close()
+
+
+def round_dict(number: int, report: Any) -> dict[str, Any]:
+    """One round of `jobs serve` as plain data."""
+    return {"round": number,
+            "ran": [{"rule": r, "period": p, "findings": n} for r, p, n in report.ran],
+            "skipped": report.skipped,
+            "failed": [{"rule": r, "period": p, "error": e} for r, p, e in report.failed],
+            "playbooks": report.playbooks.as_dict() if report.playbooks is not None else None}
+
+
+def round_line(out: dict[str, Any]) -> str:
+    findings = sum(r["findings"] for r in out["ran"])
+    line = (f"round {out['round']}: {len(out['ran'])} rule runs ({findings} findings), "
+            f"{out['skipped']} already run, {len(out['failed'])} failed")
+    for failed in out["failed"]:
+        line += f"\n  failed: {failed['rule']} {failed['period']}: {failed['error']}"
+    playbooks = out["playbooks"]
+    if playbooks is not None:
+        line += (f"; playbooks: {playbooks['finished']} of {playbooks['jobs']} findings "
+                 f"done, {sum(playbooks['steps'].values())} steps, "
+                 f"{len(playbooks['cases'])} cases")
+    return line

@@ -39,9 +39,10 @@ def evidence() -> None:
                    "statements of the case, so the verifier can check the bundle holds "
                    "every transaction of it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
                reveal_key: Path | None, passphrase_env: str | None,
-               profile_option: str | None, out: Path) -> None:
+               profile_option: str | None, out: Path, as_json: bool) -> None:
     """Bundle transactions with their proofs, headers, attestations and credentials."""
     import os
 
@@ -74,6 +75,12 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
         data = encode_bundle(bundle)
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)
+    if as_json:
+        emit_json({"out": str(out), "bytes": len(data), "transactions": len(ids),
+                   "tx_ids": [t.hex() for t in ids], "reveals": len(reveals),
+                   "case": case_id or None,
+                   "case_statements": len(bundle.case_statements)})
+        return
     console.print(f"wrote {out} ({len(data):,} bytes, {len(ids)} transactions"
                   + (f", {len(reveals)} reveals" if reveals else "")
                   + (", completeness stated by a quorum" if len(bundle.case_statements)

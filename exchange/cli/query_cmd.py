@@ -152,25 +152,29 @@ def _show(answer: Answer, as_json: bool, latency_ms: float | None) -> None:
         emit_json(out)
     else:
         subjects = ", ".join(q.subjects) or "(period-wide)"
-        console.print(f"query {q.tx_id.hex()}  {q.requester_agency}/{q.analyst} -> "
-                      f"{q.target_agency} {q.dataset} {subjects}"
-                      + (f" period {q.period}" if q.period else "")
-                      + (f"  case {q.case_id}" if q.case_id else ""))
+        # summary lines are printed whole (soft_wrap): a narrow table or terminal must not
+        # break them mid-phrase; the rows follow as a table of their own
+        say = lambda text: console.print(text, soft_wrap=True)  # noqa: E731
+        say(f"query {q.tx_id.hex()}  {q.requester_agency}/{q.analyst} -> "
+            f"{q.target_agency} {q.dataset} {subjects}"
+            + (f" period {q.period}" if q.period else "")
+            + (f"  case {q.case_id}" if q.case_id else ""))
         if q.status == "answered":
             columns = list(answer.rows[0]) if answer.rows else list(q.fields)
-            table(f"answered at height {q.outcome_height}: {q.row_count} rows "
-                  f"(commitments checked)", columns,
-                  [[row.get(c, "") for c in columns] for row in answer.rows[:200]])
+            say(f"answered at height {q.outcome_height}: {q.row_count} rows "
+                "(commitments checked)")
+            if answer.rows:
+                table("", columns, [[row.get(c, "") for c in columns]
+                                    for row in answer.rows[:200]])
             if len(answer.rows) > 200:
-                console.print(f"... {len(answer.rows) - 200} more rows (use --json)")
+                say(f"... {len(answer.rows) - 200} more rows (use --json)")
         elif q.status == "refused":
-            console.print(f"[bold red]refused[/] at height {q.outcome_height}: "
-                          f"{q.refusal_code}: {q.refusal_reason}")
+            say(f"[bold red]refused[/] at height {q.outcome_height}: "
+                f"{q.refusal_code}: {q.refusal_reason}")
         else:
-            console.print(f"{q.status}: no answer committed yet (deadline "
-                          f"{fmt_ms(q.deadline_ms)})")
+            say(f"{q.status}: no answer committed yet (deadline {fmt_ms(q.deadline_ms)})")
         if latency_ms is not None:
-            console.print(f"{latency_ms:.0f} ms from submission")
+            say(f"{latency_ms:.0f} ms from submission")
     if q.status == "refused":
         sys.exit(EXIT_REFUSED)
     if q.status in ("open", "expired"):
