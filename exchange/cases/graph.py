@@ -139,7 +139,7 @@ def build_graph(subjects: Iterable[str],
     for (own, other), (inflow, outflow) in sorted(flows.items()):
         amounts = ", ".join(f"{what} {value:.2f} CNY"
                             for what, value in (("in", inflow), ("out", outflow)) if value)
-        if holders[own] & holders[other]:
+        if holders[node_id(ACCOUNT, own)] & holders[node_id(ACCOUNT, other)]:
             # both accounts are one holder's: a transfer between its own accounts is a
             # note on the account, not the holder's account again as a counterparty
             own_node = g.node(ACCOUNT, own)
