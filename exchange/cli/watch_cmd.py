@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -108,6 +109,12 @@ def watch(case_id: str, severity: str | None, from_height: int, until_height: in
     _, client = connect(profile_option, timeout_s, retry_s=10.0)
     source = ClientEventSource(client)
     with client:
+        if case_id:
+            from exchange.cli.case_cmd import resolve_case_id
+            from exchange.ids import UnknownId
+
+            with contextlib.suppress(UnknownId):  # a case not opened yet is watched for
+                case_id = resolve_case_id(client, case_id)
         if no_follow:
             tip = client.status().height
             until_height = min(until_height, tip) if until_height else tip
