@@ -183,8 +183,8 @@ def revoke(subject: str, key_hex: str, reason: str, profile_option: str | None,
     profile_path, client = connect(profile_option, timeout_s)
     with client:
         signer = Signer.load(client.profile, chain_id_for(profile_path, client))
-        own = [c for c in client.list_credentials(signer.agency).credentials]
         if subject:
+            own = list(client.list_credentials(signer.agency).credentials)
             matches = [c for c in own if c.subject == subject and not c.revoked_at_height]
             if not matches:
                 raise MalformedInput(f"{signer.agency} has no unrevoked credential for "
@@ -195,9 +195,12 @@ def revoke(subject: str, key_hex: str, reason: str, profile_option: str | None,
                                      f"{', '.join(bytes(c.key_id).hex() for c in matches)})")
             kid = bytes(matches[0].key_id)
         else:
+            # a whole key id goes to the ledger as it is (which judges who may revoke
+            # it); a beginning is looked up among every credential on the ledger
             prefix = parse_id_prefix(key_hex, "--key-id", KEY_ID_BYTES)
-            kid = choose(prefix, [bytes(c.key_id) for c in own],
-                         f"{signer.agency} credential key")
+            kid = prefix.low if prefix.complete else choose(
+                prefix, [bytes(c.key_id) for c in client.list_credentials().credentials],
+                "credential key")
         envelope = signer.make_envelope(lambda body: body.credential_revoke.CopyFrom(
             ledger_pb2.CredentialRevoke(key_id=kid, reason=reason)))
         result = client.submit(envelope, wait=True)
