@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str,
 
     if not tx_ids and not case_id:
         raise click.UsageError("give --case or at least one --tx")
+    if case_id and profile_option is not None:
+        # a case id's beginning, resolved by the node the statements are asked of
+        from exchange.cli.case_cmd import resolve_case_id
+        from exchange.cli.node_cmds import connect
+        from exchange.ids import UnknownId
+
+        _, client = connect(profile_option, 30.0)
+        with client, contextlib.suppress(UnknownId):
+            case_id = resolve_case_id(client, case_id)
     with BlockStore.open(store_path) as store:
         ids = [resolve_tx_id(t, store) for t in tx_ids]
         if case_id:
