@@ -166,6 +166,10 @@ def _show(answer: Answer, as_json: bool, latency_ms: float | None) -> None:
             if answer.rows:
                 table("", columns, [[row.get(c, "") for c in columns]
                                     for row in answer.rows[:200]])
+            else:
+                say(f"{q.target_agency} holds no {q.dataset} rows for {subjects}"
+                    + (f" in {q.period}" if q.period else "")
+                    + " (an answer too: it looked and found none)")
             if len(answer.rows) > 200:
                 say(f"... {len(answer.rows) - 200} more rows (use --json)")
         elif q.status == "refused":
