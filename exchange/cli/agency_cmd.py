@@ -151,7 +151,7 @@ def sign(draft_path: Path, agency_dir: Path, out_path: Path,
     signature = ceremony.sign_draft(draft, agency_dir, passphrase_from_env(root_passphrase_env))
     write_public(out_path, signature.SerializeToString(deterministic=True))
     if as_json:
-        emit_json({**ceremony.describe_draft(draft), "signed_by": signature.agency,
+        emit_json({**ceremony.describe_draft(draft), "signer": signature.agency,
                    "signature": str(out_path)})
         return
     _print_draft(ceremony.describe_draft(draft))
