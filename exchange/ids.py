@@ -24,7 +24,7 @@ _HEX = frozenset("0123456789abcdef")
 class UnknownId(ExchangeError):
     """A prefix that no id begins with."""
 
-    code = "NOT_FOUND"
+    code = "UNKNOWN_ID"
 
 
 class AmbiguousId(MalformedInput):
