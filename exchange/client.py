@@ -408,6 +408,16 @@ class ExchangeClient:
         return cast(node_pb2.RuleList, self._unary(
             self._stub.ListRules, node_pb2.ListRulesRequest(owner_agency=owner)))
 
+    def find_transactions(self, prefix_hex: str, limit: int = 10) -> node_pb2.TransactionIdList:
+        """The ids that begin with a hex prefix (exchange.ids.resolve_tx_id uses it)."""
+        return cast(node_pb2.TransactionIdList, self._unary(
+            self._stub.FindTransactions,
+            node_pb2.FindTransactionsRequest(tx_id_prefix_hex=prefix_hex, limit=limit)))
+
+    def list_credentials(self, agency: str = "") -> node_pb2.CredentialList:
+        return cast(node_pb2.CredentialList, self._unary(
+            self._stub.ListCredentials, node_pb2.ListCredentialsRequest(agency=agency)))
+
     def list_playbooks(self, owner: str = "", with_steps: bool = False,
                        digest: bytes = b"") -> node_pb2.PlaybookList:
         return cast(node_pb2.PlaybookList, self._unary(

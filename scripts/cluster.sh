@@ -117,13 +117,14 @@ cmd_start() {
 
 The cluster is up: ${names[*]} (logs in $LOG_DIR/, pids in $RUN_DIR/).
 
+  source .venv/bin/activate                 # puts \`exchange\` on PATH
   export EXCHANGE_PROFILE=$NET/$first/profile.toml
-  .venv/bin/exchange status                 # role, term, leader, heights, peers
-  .venv/bin/exchange submit-probe --count 5 # signed probe transactions, committed
-  .venv/bin/exchange chain follow --from 1  # blocks as they are applied (Ctrl-C stops)
-  .venv/bin/exchange block show tip
-  .venv/bin/exchange tx show <tx id>        # with its inclusion proof checked locally
-  .venv/bin/exchange chain verify           # fetch every block and verify it from genesis
+  exchange status                           # role, term, leader, heights, peers
+  exchange submit-probe --count 5           # signed probe transactions, committed
+  exchange chain follow --from 1            # blocks as they are applied (Ctrl-C stops)
+  exchange block show tip
+  exchange tx show <tx id or 8+ digits>     # with its inclusion proof checked locally
+  exchange chain verify                     # fetch every block and verify it from genesis
 
   make status | make logs | make stop
 EOF

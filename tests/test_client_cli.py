@@ -323,7 +323,7 @@ def test_every_node_command_reports_an_unreachable_node_the_same_way(
 
 @pytest.mark.parametrize(("args", "words"), [
     (("tx", "show", "zz"), "not hex"),
-    (("tx", "show", "abcd"), "not 32 bytes"),
+    (("tx", "show", "abcd"), "too short: give at least 8 hex digits"),
     (("block", "show", "latest"), "not a number or 'tip'"),
 ])
 def test_bad_arguments_are_refused_before_calling_the_node(

@@ -132,7 +132,23 @@ def build_graph(subjects: Iterable[str],
                 sums[0] += 1
                 value = Decimal(str(row.get("declared_value_cny") or 0))
                 sums[1 if row.get("direction") == "export" else 2] += value
+    holders: dict[str, set[str]] = defaultdict(set)
+    for (source, relation, target) in g.edges:
+        if relation == HOLDS:
+            holders[target].add(source)
     for (own, other), (inflow, outflow) in sorted(flows.items()):
+        amounts = ", ".join(f"{what} {value:.2f} CNY"
+                            for what, value in (("in", inflow), ("out", outflow)) if value)
+        if holders[node_id(ACCOUNT, own)] & holders[node_id(ACCOUNT, other)]:
+            # both accounts are one holder's: a transfer between its own accounts is a
+            # note on the account, not the holder's account again as a counterparty
+            own_node = g.node(ACCOUNT, own)
+            previous = own_node.notes.get("own transfers")
+            entry = f"with {other}: {amounts}"
+            own_node.notes["own transfers"] = f"{previous}; {entry}" if previous else entry
+            continue
+        if (node_id(ACCOUNT, other), COUNTERPARTY, node_id(ACCOUNT, own)) in g.edges:
+            continue  # the same transfers seen from the other side, already linked
         edge = g.link(g.node(ACCOUNT, own), COUNTERPARTY, g.node(ACCOUNT, other))
         if inflow:
             edge.notes["in"] = f"{inflow:.2f} CNY"

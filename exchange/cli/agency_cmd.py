@@ -83,12 +83,18 @@ def init(name: str, host: str, chain_id: str, out_dir: Path, port: int,
                    "membership change approved by the members adds it).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def configure(agency_dir: Path, genesis_path: Path, force: bool, join: bool,
-              log_level: str) -> None:
+              log_level: str, as_json: bool) -> None:
     """Check the final genesis against this agency's own keys, then write node.toml and
     the analysts' profiles."""
     config = ceremony.configure_agency(agency_dir, genesis_path, overwrite=force,
                                        log_level=log_level, join=join)
+    if as_json:
+        emit_json({"agency": config.agency, "node_config": str(agency_dir / "node.toml"),
+                   "listen_grpc": config.listen_grpc, "listen_metrics": config.listen_metrics,
+                   "peers": dict(sorted(config.peers.items())), "join": join})
+        return
     click.echo(f"node config  {agency_dir / 'node.toml'}")
     click.echo(f"listen       grpc {config.listen_grpc}  metrics {config.listen_metrics}")
     click.echo(f"peers        {', '.join(f'{a} {addr}' for a, addr in sorted(config.peers.items()))}")
@@ -136,14 +142,19 @@ def propose(requests: tuple[Path, ...], out_path: Path, as_json: bool) -> None:
               type=click.Path(path_type=Path, dir_okay=False), help="Signature file to write.")
 @click.option("--root-passphrase-env", default=None, metavar="VAR",
               help="Environment variable holding the root key's passphrase, if encrypted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sign(draft_path: Path, agency_dir: Path, out_path: Path,
-         root_passphrase_env: str | None) -> None:
+         root_passphrase_env: str | None, as_json: bool) -> None:
     """Sign the draft with this agency's root key, after checking it names this agency
     with its own keys and address."""
     draft = ceremony.read_draft(draft_path)
     signature = ceremony.sign_draft(draft, agency_dir, passphrase_from_env(root_passphrase_env))
-    _print_draft(ceremony.describe_draft(draft))
     write_public(out_path, signature.SerializeToString(deterministic=True))
+    if as_json:
+        emit_json({**ceremony.describe_draft(draft), "signer": signature.agency,
+                   "signature": str(out_path)})
+        return
+    _print_draft(ceremony.describe_draft(draft))
     click.echo(f"signed by     {signature.agency}  ->  {out_path}")
 
 
@@ -152,12 +163,17 @@ def sign(draft_path: Path, agency_dir: Path, out_path: Path,
 @click.argument("signatures", nargs=-1, required=True, type=_PATH)
 @click.option("--out", "out_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="genesis.pb to write.")
-def finalize(draft_path: Path, signatures: tuple[Path, ...], out_path: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def finalize(draft_path: Path, signatures: tuple[Path, ...], out_path: Path,
+             as_json: bool) -> None:
     """Join the draft and every founding member's signature into the final genesis."""
     draft = ceremony.read_draft(draft_path)
     signed = ceremony.finalize_genesis(draft, [ceremony.read_signature(p) for p in signatures])
     described = ceremony.write_genesis(out_path, signed)
     info = ceremony.describe_draft(signed)
+    if as_json:
+        emit_json({**info, "genesis": str(out_path), "description": str(described)})
+        return
     _print_draft(info)
     click.echo(f"genesis       {out_path}  (description {described})")
     click.echo(f"signed by     {', '.join(info['signed_by'])}")

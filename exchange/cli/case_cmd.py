@@ -10,7 +10,8 @@ import click
 
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
-from exchange.client import Signer, load_genesis
+from exchange.client import ExchangeClient, Signer, load_genesis
+from exchange.ids import choose_text
 from exchange.v1 import ledger_pb2, node_pb2
 
 
@@ -21,6 +22,14 @@ def _case_dict(c: node_pb2.CaseView) -> dict[str, Any]:
             "holds": [{"tx": bytes(t).hex(), "finding": f}
                       for t, f in zip(c.ref_tx_ids, c.ref_finding_ids, strict=True)],
             "events": [bytes(t).hex() for t in c.event_tx_ids]}
+
+
+def resolve_case_id(client: ExchangeClient, text: str) -> str:
+    """A case id typed whole or as the unambiguous beginning of one (case ids are
+    compared without regard to case)."""
+    if client.list_cases(text).cases:
+        return text
+    return choose_text(text, [c.case_id for c in client.list_cases().cases], "case")
 
 
 @click.group("case")
@@ -65,6 +74,7 @@ def case_show(case_id: str, with_rows: bool, profile_option: str | None, timeout
 
     _, client = connect(profile_option, timeout_s)
     with client:
+        case_id = resolve_case_id(client, case_id)
         listing = client.list_cases(case_id)
         casefile = gather(client, case_id, with_rows=True)
     view: dict[str, Any] = _case_dict(listing.cases[0]) if listing.cases else {}
@@ -112,6 +122,7 @@ def case_graph(case_id: str, profile_option: str | None, timeout_s: float,
 
     _, client = connect(profile_option, timeout_s)
     with client:
+        case_id = resolve_case_id(client, case_id)
         casefile = gather(client, case_id, with_rows=True)
     graph = build_graph([f["subject"] for f in casefile.findings if f.get("subject")],
                         [(q["dataset"], q["rows"]) for q in casefile.queries if q["rows"]])
@@ -132,6 +143,7 @@ def case_close(case_id: str, reason: str, profile_option: str | None, timeout_s:
     """Close a case your agency opened."""
     profile_path, client = connect(profile_option, timeout_s)
     with client:
+        case_id = resolve_case_id(client, case_id)
         _, _, genesis = load_genesis(profile_path)
         signer = Signer.load(client.profile, genesis.chain_id)
         event = ledger_pb2.CaseEvent(case_id=case_id, action="close", reason=reason)

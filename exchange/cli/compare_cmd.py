@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options, parse_tx_id
+from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import Signer, load_genesis
 from exchange.errors import MalformedInput
+from exchange.ids import resolve_tx_id
 from exchange.v1 import ledger_pb2, node_pb2
 
 
@@ -88,12 +89,21 @@ def rules_list(agency: str, profile_option: str | None, timeout_s: float,
 @click.argument("rule")
 @click.option("--agency", default="", help="Owner whose rule files to look in.")
 @node_options
+@json_option
 def rules_show(rule: str, agency: str, profile_option: str | None,
-               timeout_s: float) -> None:
+               timeout_s: float, as_json: bool) -> None:
     """A rule file's parsed content, digest and canonical bytes."""
+    import json
+
     profile_path, client = connect(profile_option, timeout_s)
     client.close()
     r = _rule(rule, agency or client.profile.agency)
+    if as_json:
+        emit_json({"rule": r.id, "version": r.version, "owner": r.owner,
+                   "severity": r.severity, "digest": r.digest_hex,
+                   "description": r.description,
+                   "canonical": json.loads(r.canonical_bytes)})
+        return
     console.print(f"{r.id} version {r.version} ({r.owner}, {r.severity}) digest {r.digest_hex}")
     console.print(r.description)
     click.echo(r.canonical_bytes.decode())
@@ -221,10 +231,10 @@ def compare_replay(run_tx: str, time_limit_s: float, memory_limit_mib: int, thre
 
     _, client = connect(profile_option, max(timeout_s, 60.0))
     with client:
-        run, output = replay(client, parse_tx_id(run_tx),
-                             _limits(time_limit_s, memory_limit_mib, threads))
+        run_id = resolve_tx_id(run_tx, client, "findings run")
+        run, output = replay(client, run_id, _limits(time_limit_s, memory_limit_mib, threads))
     if as_json:
-        emit_json({"run": run_tx, "rule": run.rule_id, "period": run.period,
+        emit_json({"run": run_id.hex(), "rule": run.rule_id, "period": run.period,
                    "output_digest": output.digest.hex(), "matches": True,
                    "findings": len(output.rows)})
     else:
@@ -310,9 +320,10 @@ def findings_open(finding_id: str, case_id: str, run_tx: str, reason: str,
     profile_path, client = connect(profile_option, timeout_s)
     with client:
         _, _, genesis = load_genesis(profile_path)
+        run_id = resolve_tx_id(run_tx, client, "findings run") if run_tx else b""
         runs = client.list_findings(node_pb2.ListFindingsRequest(all_runs=bool(run_tx))).runs
         chosen = [r for r in runs if any(f.finding_id == finding_id for f in r.findings)
-                  and (not run_tx or bytes(r.tx_id).hex() == run_tx)]
+                  and (not run_id or bytes(r.tx_id) == run_id)]
         if not chosen:
             raise MalformedInput(f"no finding {finding_id!r}"
                                  + (f" in run {run_tx}" if run_tx else " in force"))
@@ -357,25 +368,62 @@ def jobs() -> None:
               help="Jobs config (TOML): profile, rules, periods, interval_s, agency_store.")
 @click.option("--rounds", type=click.IntRange(0, 1_000_000), default=0,
               help="Stop after this many rounds (0: run until stopped).")
-def jobs_serve(config_path: Path, rounds: int) -> None:
+@json_option
+def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
     """Run the agency's rules every interval: each rule version and period once, again
     only when the agency's own data was loaded anew; picks up after a restart from what
-    the ledger holds."""
+    the ledger holds. Then its playbooks. One line per round (a JSON line with --json);
+    the logs go to stderr."""
+    import structlog
 
-    from exchange.compare.jobs import JobsConfig, Runner
+    from exchange.compare.jobs import JobsConfig, RoundReport, Runner
 
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     config = JobsConfig.load(config_path)
     status = None
-    if sys.stdout.isatty():
+    if sys.stdout.isatty() and not as_json:
         from rich.status import Status
 
         status = Status("starting", console=console)
         status.start()
     runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None,
                     base=config_path.parent)
+    done = [0]
+
+    def show(report: RoundReport) -> None:
+        done[0] += 1
+        out = round_dict(done[0], report)
+        if as_json:
+            emit_json_line(out)
+        else:
+            console.print(round_line(out))
+
     try:
-        runner.serve(rounds)
+        runner.serve(rounds, on_round=show)
     finally:
         if status is not None:
             status.stop()
         runner.close()
+
+
+def round_dict(number: int, report: Any) -> dict[str, Any]:
+    """One round of `jobs serve` as plain data."""
+    return {"round": number,
+            "ran": [{"rule": r, "period": p, "findings": n} for r, p, n in report.ran],
+            "skipped": report.skipped,
+            "failed": [{"rule": r, "period": p, "error": e} for r, p, e in report.failed],
+            "playbooks": report.playbooks.as_dict() if report.playbooks is not None else None}
+
+
+def round_line(out: dict[str, Any]) -> str:
+    findings = sum(r["findings"] for r in out["ran"])
+    line = (f"round {out['round']}: {len(out['ran'])} rule runs ({findings} findings), "
+            f"{out['skipped']} already run, {len(out['failed'])} failed")
+    for failed in out["failed"]:
+        line += f"\n  failed: {failed['rule']} {failed['period']}: {failed['error']}"
+    playbooks = out["playbooks"]
+    if playbooks is not None:
+        line += (f"; playbooks: {playbooks['finished']} of {playbooks['jobs']} findings "
+                 f"done, {sum(playbooks['steps'].values())} steps, "
+                 f"{len(playbooks['cases'])} cases")
+    return line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import click
 
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
+from exchange.ids import resolve_tx_id
 from exchange.ledger.evidence import (
     BundleInvalid,
     add_case_statements,
@@ -49,9 +51,10 @@ def evidence() -> None:
                    "statements of the case, so the verifier can check the bundle holds "
                    "every transaction of it.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inputs: bool,
                reveal_key: Path | None, passphrase_env: str | None,
-               profile_option: str | None, out: Path) -> None:
+               profile_option: str | None, out: Path, as_json: bool) -> None:
     """Bundle transactions with their proofs, headers, attestations and credentials."""
     import os
 
@@ -60,12 +63,18 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
 
     if not tx_ids and not case_id:
         raise click.UsageError("give --case or at least one --tx")
-    try:
-        ids = [bytes.fromhex(t) for t in tx_ids]
-    except ValueError as exc:
-        raise MalformedInput(f"transaction id is not hex: {exc}") from exc
+    if case_id and profile_option is not None:
+        # a case id's beginning, resolved by the node the statements are asked of
+        from exchange.cli.case_cmd import resolve_case_id
+        from exchange.cli.node_cmds import connect
+        from exchange.ids import UnknownId
+
+        _, client = connect(profile_option, 30.0)
+        with client, contextlib.suppress(UnknownId):
+            case_id = resolve_case_id(client, case_id)
     with_statements = bool(case_id) and profile_option is not None
     with BlockStore.open(store_path) as store:
+        ids = [resolve_tx_id(t, store) for t in tx_ids]
         # statements are asked as of this height (taken before the case is read, so the
         # case's transactions up to it are all bundled), with the keys the members sign
         # with today (after any rotation): headers and key history run to it
@@ -92,6 +101,12 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
         data = encode_bundle(bundle)
     verify_bundle(data)  # never hand out what would not verify
     out.write_bytes(data)
+    if as_json:
+        emit_json({"out": str(out), "bytes": len(data), "transactions": len(ids),
+                   "tx_ids": [t.hex() for t in ids], "reveals": len(reveals),
+                   "case": case_id or None,
+                   "case_statements": len(bundle.case_statements)})
+        return
     console.print(f"wrote {out} ({len(data):,} bytes, {len(ids)} transactions"
                   + (f", {len(reveals)} reveals" if reveals else "")
                   + (", completeness stated by a quorum" if len(bundle.case_statements)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from cryptography import x509
@@ -67,13 +68,16 @@ def _root_signer(agency_dir: Path, chain_id: str,
 
 
 def _submit(client: ExchangeClient, signer: Signer, what: str,
-            setter: Callable[[ledger_pb2.TxBody], None]) -> None:
+            setter: Callable[[ledger_pb2.TxBody], None], quiet: bool = False) -> dict[str, Any]:
     envelope = signer.make_envelope(setter)
     result = client.submit(envelope, wait=True)
     if result.result != "OK":
         raise MalformedInput(f"{what} committed at height {result.height} but was judged "
                              f"{result.result}: the ledger did not take it")
-    click.echo(f"{what}: committed at height {result.height} (tx {result.tx_id.hex()[:16]})")
+    if not quiet:
+        click.echo(f"{what}: committed at height {result.height} "
+                   f"(tx {result.tx_id.hex()[:16]})")
+    return {"tx_id": result.tx_id.hex(), "height": result.height, "result": result.result}
 
 
 @click.group("membership")
@@ -88,8 +92,9 @@ def membership() -> None:
 @click.option("--out", "out_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="Change file to write.")
 @node_options
+@json_option
 def propose(request_path: Path | None, remove_agency: str | None, out_path: Path,
-            profile_option: str | None, timeout_s: float) -> None:
+            profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Write a membership change against the network's current members, for the
     members' roots to approve."""
     if (request_path is None) == (remove_agency is None):
@@ -114,6 +119,10 @@ def propose(request_path: Path | None, remove_agency: str | None, out_path: Path
             raise MalformedInput(f"{remove_agency!r} is not a member ({', '.join(members)})")
         change.remove_agency = remove_agency
     write_public(out_path, change.SerializeToString(deterministic=True))
+    if as_json:
+        emit_json({"change": _describe(change), "members_before": members,
+                   "out": str(out_path)})
+        return
     click.echo(f"change        {_describe(change)}")
     click.echo(f"written to    {out_path}  (each member's root approves it: "
                "exchange membership approve)")
@@ -125,8 +134,9 @@ def propose(request_path: Path | None, remove_agency: str | None, out_path: Path
 @click.option("--out", "out_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="Approval file to write.")
 @click.option("--root-passphrase-env", default=None, metavar="VAR")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def approve(change_path: Path, agency_dir: Path, out_path: Path,
-            root_passphrase_env: str | None) -> None:
+            root_passphrase_env: str | None, as_json: bool) -> None:
     """Sign a membership change with this agency's root key."""
     change = _read_change(change_path)
     settings = ceremony.read_settings(agency_dir)
@@ -137,6 +147,10 @@ def approve(change_path: Path, agency_dir: Path, out_path: Path,
         signature=root.sign(Domain.MEMBERSHIP_CHANGE, settings.chain_id,
                             membership_change_statement(change)))
     write_public(out_path, approval.SerializeToString(deterministic=True))
+    if as_json:
+        emit_json({"change": _describe(change), "approved_by": settings.agency,
+                   "out": str(out_path)})
+        return
     click.echo(f"approved      {_describe(change)}")
     click.echo(f"by            {settings.agency}  ->  {out_path}")
 
@@ -148,9 +162,10 @@ def approve(change_path: Path, agency_dir: Path, out_path: Path,
               help="A current member's folder: its root signs the transaction.")
 @click.option("--root-passphrase-env", default=None, metavar="VAR")
 @node_options
+@json_option
 def submit(change_path: Path, approvals: tuple[Path, ...], agency_dir: Path,
            root_passphrase_env: str | None, profile_option: str | None,
-           timeout_s: float) -> None:
+           timeout_s: float, as_json: bool) -> None:
     """Put the approved change on the ledger; it takes effect when its block commits."""
     change = _read_change(change_path)
     for path in approvals:
@@ -158,8 +173,10 @@ def submit(change_path: Path, approvals: tuple[Path, ...], agency_dir: Path,
     _, client = connect(profile_option, timeout_s)
     with client:
         signer = _root_signer(agency_dir, client.status().chain_id, root_passphrase_env)
-        _submit(client, signer, f"membership change ({_describe(change)})",
-                lambda body: body.membership_change.CopyFrom(change))
+        done = _submit(client, signer, f"membership change ({_describe(change)})",
+                       lambda body: body.membership_change.CopyFrom(change), quiet=as_json)
+    if as_json:
+        emit_json({"change": _describe(change), **done})
 
 
 @agency.command("rotate")
@@ -195,10 +212,10 @@ def rotate(kind: str, agency_dir: Path, root_passphrase_env: str | None,
                                overwrite=True)
             rotation = ledger_pb2.KeyRotation(key_kind="tls", new_certificate=fresh.cert_der)
             detail = f"new node certificate sha256 {tls.fingerprint_sha256(fresh.certificate)[:16]}"
-        _submit(client, signer, f"{kind} rotation of {signer.agency} ({detail})",
-                lambda body: body.key_rotation.CopyFrom(rotation))
+        done = _submit(client, signer, f"{kind} rotation of {signer.agency} ({detail})",
+                       lambda body: body.key_rotation.CopyFrom(rotation), quiet=as_json)
     if as_json:
-        emit_json({"agency": signer.agency, "kind": kind, "detail": detail})
+        emit_json({"agency": signer.agency, "kind": kind, "detail": detail, **done})
 
 
 __all__ = ["membership"]

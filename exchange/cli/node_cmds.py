@@ -32,6 +32,7 @@ from exchange.client import (
 )
 from exchange.errors import MalformedInput, ProofInvalid
 from exchange.identity.registry import KeyRegistry
+from exchange.ids import resolve_tx_id
 from exchange.ledger.block import RESULT_OK, block_hash, parse_header, results_root, tx_id
 from exchange.ledger.evidence import summarize
 from exchange.ledger.merkle import root as merkle_root
@@ -100,13 +101,8 @@ def kv_table(title: str, rows: Sequence[tuple[str, object]]) -> None:
 
 
 def parse_tx_id(text: str) -> bytes:
-    try:
-        raw = bytes.fromhex(text.strip())
-    except ValueError as exc:
-        raise MalformedInput(f"transaction id {text!r} is not hex") from exc
-    if len(raw) != 32:
-        raise MalformedInput(f"transaction id {text!r} is not 32 bytes (64 hex digits)")
-    return raw
+    """A full transaction id (64 hex digits); prefixes need a node: resolve_tx_id."""
+    return resolve_tx_id(text, None)
 
 
 # -- status -------------------------------------------------------------------------------
@@ -217,17 +213,17 @@ def _proof_line(check: TxCheck) -> str:
 
 
 @tx.command("show")
-@click.argument("tx_id_hex", metavar="ID")
+@click.argument("tx_id_hex", metavar="ID")  # or a prefix of at least 8 hex digits
 @node_options
 @json_option
 def tx_show(tx_id_hex: str, profile_option: str | None, timeout_s: float,
             as_json: bool) -> None:
     """Show a transaction: its decoded body, block, result and attestations, and check
     locally its inclusion proof and result proof against the block's header."""
-    requested = parse_tx_id(tx_id_hex)
     profile_path, client = connect(profile_option, timeout_s)
     registry = optional_registry(profile_path)
     with client:
+        requested = resolve_tx_id(tx_id_hex, client)
         info = client.get_transaction(requested)
         members = len(registry.members) if registry is not None else \
             len(client.status().members)

@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.table import Table
 
-console = Console(width=None if sys.stdout.isatty() else 140)
+# soft_wrap: a line of text is printed whole (a terminal may fold it, but never a
+# newline in mid-phrase); tables still fit the width
+console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=True)
 
 
 def emit_json(obj: object) -> None:

@@ -15,7 +15,6 @@ from exchange.cli.node_cmds import (
     json_option,
     node_options,
     optional_registry,
-    parse_tx_id,
 )
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import (
@@ -29,6 +28,7 @@ from exchange.client import (
 from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
 from exchange.errors import MalformedInput
 from exchange.identity.keys import CachedSigner, read_signing_key
+from exchange.ids import resolve_tx_id
 from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.node.answers import parse_since, parse_subject_text
 from exchange.v1 import ledger_pb2, node_pb2
@@ -122,7 +122,8 @@ def answer(query_id: str, wait_s: float, profile_option: str | None, timeout_s: 
     """Fetch a query's answer (decrypted by your node for your agency) or its refusal."""
     _, client = connect(profile_option, timeout_s)
     with client:
-        view = client.get_answer(parse_tx_id(query_id), int(wait_s * 1000))
+        view = client.get_answer(resolve_tx_id(query_id, client, "query"),
+                                 int(wait_s * 1000))
     _show(read_answer(view), as_json, None)
 
 
@@ -151,25 +152,33 @@ def _show(answer: Answer, as_json: bool, latency_ms: float | None) -> None:
         emit_json(out)
     else:
         subjects = ", ".join(q.subjects) or "(period-wide)"
-        console.print(f"query {q.tx_id.hex()}  {q.requester_agency}/{q.analyst} -> "
-                      f"{q.target_agency} {q.dataset} {subjects}"
-                      + (f" period {q.period}" if q.period else "")
-                      + (f"  case {q.case_id}" if q.case_id else ""))
+        # summary lines are printed whole (soft_wrap): a narrow table or terminal must not
+        # break them mid-phrase; the rows follow as a table of their own
+        say = lambda text: console.print(text, soft_wrap=True)  # noqa: E731
+        say(f"query {q.tx_id.hex()}  {q.requester_agency}/{q.analyst} -> "
+            f"{q.target_agency} {q.dataset} {subjects}"
+            + (f" period {q.period}" if q.period else "")
+            + (f"  case {q.case_id}" if q.case_id else ""))
         if q.status == "answered":
             columns = list(answer.rows[0]) if answer.rows else list(q.fields)
-            table(f"answered at height {q.outcome_height}: {q.row_count} rows "
-                  f"(commitments checked)", columns,
-                  [[row.get(c, "") for c in columns] for row in answer.rows[:200]])
+            say(f"answered at height {q.outcome_height}: {q.row_count} rows "
+                "(commitments checked)")
+            if answer.rows:
+                table("", columns, [[row.get(c, "") for c in columns]
+                                    for row in answer.rows[:200]])
+            else:
+                say(f"{q.target_agency} holds no {q.dataset} rows for {subjects}"
+                    + (f" in {q.period}" if q.period else "")
+                    + " (an answer too: it looked and found none)")
             if len(answer.rows) > 200:
-                console.print(f"... {len(answer.rows) - 200} more rows (use --json)")
+                say(f"... {len(answer.rows) - 200} more rows (use --json)")
         elif q.status == "refused":
-            console.print(f"[bold red]refused[/] at height {q.outcome_height}: "
-                          f"{q.refusal_code}: {q.refusal_reason}")
+            say(f"[bold red]refused[/] at height {q.outcome_height}: "
+                f"{q.refusal_code}: {q.refusal_reason}")
         else:
-            console.print(f"{q.status}: no answer committed yet (deadline "
-                          f"{fmt_ms(q.deadline_ms)})")
+            say(f"{q.status}: no answer committed yet (deadline {fmt_ms(q.deadline_ms)})")
         if latency_ms is not None:
-            console.print(f"{latency_ms:.0f} ms from submission")
+            say(f"{latency_ms:.0f} ms from submission")
     if q.status == "refused":
         sys.exit(EXIT_REFUSED)
     if q.status in ("open", "expired"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -101,16 +102,33 @@ def _relevant(kind: str | None, body: ledger_pb2.TxBody, source: ClientEventSour
               help="Start at this height (default: the next block committed).")
 @click.option("--until-height", type=click.IntRange(0, None), default=0,
               help="Stop after this height (default: run until interrupted).")
+@click.option("--no-follow", is_flag=True,
+              help="Stop at the height committed when it starts (with --from-height: "
+                   "what happened so far, then exit).")
 @node_options
 @json_option
 def watch(case_id: str, severity: str | None, from_height: int, until_height: int,
-          profile_option: str | None, timeout_s: float, as_json: bool) -> None:
+          no_follow: bool, profile_option: str | None, timeout_s: float,
+          as_json: bool) -> None:
     """Stream new findings and case events (open, add, close, notify) and each step of a
     case (its queries, answers and refusals) as they commit: a line each for people,
-    --json lines for programs. Subjects and amounts show where your agency may read them."""
+    --json lines for programs. Subjects and amounts show where your agency may read them.
+    Without --from-height it starts at the next block committed, so it prints nothing
+    until something new happens; --from-height 1 shows the past first."""
     _, client = connect(profile_option, timeout_s, retry_s=10.0)
     source = ClientEventSource(client)
     with client:
+        if case_id:
+            from exchange.cli.case_cmd import resolve_case_id
+            from exchange.ids import UnknownId
+
+            with contextlib.suppress(UnknownId):  # a case not opened yet is watched for
+                case_id = resolve_case_id(client, case_id)
+        if no_follow:
+            tip = client.status().height
+            until_height = min(until_height, tip) if until_height else tip
+            if from_height == 0 or from_height > until_height:
+                return  # nothing committed in the range asked
         try:
             for block in client.follow_blocks(from_height):
                 header = parse_header(block.header)

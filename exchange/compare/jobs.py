@@ -332,8 +332,10 @@ class Runner:
                 log.info("playbooks round", **report.playbooks.as_dict())
         return report
 
-    def serve(self, rounds: int = 0) -> None:
-        """Run rounds every interval until stopped (SIGTERM/SIGINT) or `rounds` done."""
+    def serve(self, rounds: int = 0,
+              on_round: Callable[[RoundReport], None] | None = None) -> None:
+        """Run rounds every interval until stopped (SIGTERM/SIGINT) or `rounds` done;
+        `on_round` is told each round's report (the CLI prints it)."""
         def stop(*_: object) -> None:
             self.stopping.set()
 
@@ -345,6 +347,8 @@ class Runner:
             report = self.one_round()
             log.info("round done", ran=len(report.ran), skipped=report.skipped,
                      failed=len(report.failed))
+            if on_round is not None:
+                on_round(report)
             done += 1
             if rounds and done >= rounds:
                 return

@@ -243,6 +243,15 @@ class BlockStore:
             return None
         return StoredTx(tx_id_, int(row[0]), int(row[1]), bytes(row[2]), str(row[3]))
 
+    def tx_ids_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
+        """Distinct transaction ids in [low, high], in order, at most `limit` (an id
+        prefix's range: exchange.ids.IdPrefix)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT tx_id FROM txs WHERE tx_id BETWEEN ? AND ? ORDER BY tx_id "
+                "LIMIT ?", (low, high, limit)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
     def has_tx(self, tx_id_: bytes, below_height: int | None = None) -> bool:
         with self._lock:
             if below_height is None:

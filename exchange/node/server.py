@@ -34,9 +34,11 @@ from exchange.identity.peer_auth import (
     member_cas_from,
     peer_certificate,
 )
+from exchange.ids import find_transactions
 from exchange.ledger import merkle
 from exchange.ledger.block import parse_header
 from exchange.node import metrics
+from exchange.node.credentials import list_credentials
 from exchange.node.node import Node
 from exchange.node.peers import SERVER_OPTIONS, BadPeerMessage, message_from_proto
 from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
@@ -333,6 +335,19 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             proposer_signature=sig, attestations=atts,
             attested_by=len({a.agency for a in atts}), quorum=self.node.registry.quorum,
             result_proof=merkle.inclusion_proof([c.encode() for c in codes], stored.index))
+
+    @_mapped
+    async def FindTransactions(self, request: node_pb2.FindTransactionsRequest,
+                               context: grpc.aio.ServicerContext) -> node_pb2.TransactionIdList:
+        """Transaction ids by prefix: no more than GetTransaction already shows anyone."""
+        self.auth.own_agency_or_node(context)
+        return find_transactions(self.node.store, request)
+
+    @_mapped
+    async def ListCredentials(self, request: node_pb2.ListCredentialsRequest,
+                              context: grpc.aio.ServicerContext) -> node_pb2.CredentialList:
+        self.auth.own_agency_or_node(context)
+        return list_credentials(self.node.registry, request.agency, self.node.store.height)
 
     @_mapped
     async def GetBlock(self, request: node_pb2.GetBlockRequest,
