@@ -16,7 +16,7 @@ PROMPT = "$ "
 ELLIPSIS = "..."
 # a run of hex digits holding at least one decimal digit: an id, a height, an amount,
 # a time; README shows one value, the command prints another of the same shape
-VALUE_RUN = re.compile(r"[0-9A-Fa-f]*[0-9][0-9A-Fa-f]*")
+VALUE_RUN = re.compile(r"[0-9A-Za-z]*[0-9][0-9A-Za-z]*")
 # a token worth carrying into later commands: as long as an id prefix, with a digit
 ID_TOKEN_CHARS_MIN = 8
 TYPED_TOKEN = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{7,}")
@@ -63,13 +63,14 @@ def console_steps(markdown: str) -> list[Step]:
 
 
 def _token_pattern(token: str, groups: list[str]) -> str:
-    """A shown token as a regex: its values (runs of hex with a digit) match any value;
-    the rest literally. An id-like token is captured to bind it."""
+    """A shown token as a regex: its values (runs of letters and digits holding a digit:
+    hex ids, USCCs, identity numbers, counts) match any value; the rest literally. An
+    id-like token is captured to bind it."""
     parts: list[str] = []
     last = 0
     for m in VALUE_RUN.finditer(token):
         parts.append(re.escape(token[last:m.start()]))
-        parts.append("[0-9A-Fa-f]+")
+        parts.append("[0-9A-Za-z]+")
         last = m.end()
     parts.append(re.escape(token[last:]))
     body = "".join(parts)
