@@ -71,6 +71,7 @@ T = TypeVar("T")
 INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
 PREVERIFIED_MAX = 256
+PREVERIFIED_BYTES_MAX = 64 << 20  # checked blocks kept for apply, by size too
 RESUBMIT_AFTER_S = 3.0
 LEADER_WATCH_S = 0.05  # how often a forward in flight checks that the leader is the same
 SUBMIT_TIMEOUT_S = 30.0
@@ -92,6 +93,10 @@ def _error_for_code(code: str, message: str) -> ExchangeError:
     error = ExchangeError(message)
     error.code = code
     return error
+
+
+def _checked_bytes(checked: CheckedBlock) -> int:
+    return len(checked.block.header) + sum(len(e.raw) for e in checked.envelopes)
 
 
 @dataclass
@@ -158,6 +163,7 @@ class Node:
         self.mempool: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
         self.pending: dict[bytes, Pending] = {}
         self._prechecked: OrderedDict[bytes, CheckedBlock] = OrderedDict()
+        self._prechecked_bytes = 0
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
         self._unapplied_txs: set[bytes] = set()
@@ -337,9 +343,19 @@ class Node:
         self._remember_checked(checked)
 
     def _remember_checked(self, checked: CheckedBlock) -> None:
+        if checked.hash in self._prechecked:
+            return
         self._prechecked[checked.hash] = checked
-        while len(self._prechecked) > PREVERIFIED_MAX:
-            self._prechecked.popitem(last=False)
+        self._prechecked_bytes += _checked_bytes(checked)
+        while len(self._prechecked) > PREVERIFIED_MAX or \
+                self._prechecked_bytes > PREVERIFIED_BYTES_MAX:
+            self._prechecked_bytes -= _checked_bytes(self._prechecked.popitem(last=False)[1])
+
+    def _take_checked(self, hash_: bytes) -> CheckedBlock | None:
+        checked = self._prechecked.pop(hash_, None)
+        if checked is not None:
+            self._prechecked_bytes -= _checked_bytes(checked)
+        return checked
 
     async def _raft_loop(self) -> None:
         while True:
@@ -391,7 +407,7 @@ class Node:
             if parse_header(block.header).height <= self.store.height:
                 continue  # already applied (replay after restart)
             hash_ = block_hash(block.header)
-            batch.append((block, self._prechecked.pop(hash_, None)))
+            batch.append((block, self._take_checked(hash_)))
             hashes.append(hash_)
         if not batch:
             return
@@ -546,7 +562,9 @@ class Node:
         applied = self.core.applied_index
         first = self.core.snapshot_meta.index
         settings = self.config.raft
-        if applied - first < settings.compact_every_entries or \
+        m.RAFT_LOG_BYTES.set(self.core.log_bytes)
+        if (applied - first < settings.compact_every_entries
+                and self.core.log_bytes <= settings.compact_log_bytes_max) or \
                 self.core.pending_snapshot is not None:
             return
         # Only below the final height: a node behind the compaction point catches up by
@@ -555,7 +573,8 @@ class Node:
         # through Raft, which needs it still in the log.
         final_index = (self.store.index_columns(self.final_height)[2]
                        if 0 < self.final_height <= self.store.height else 0)
-        target = min(applied - settings.compact_keep_entries, final_index)
+        target = min(self.core.compact_point(settings.compact_keep_entries,
+                                             settings.compact_keep_bytes), final_index)
         if target <= first:
             return
         meta = self.core.compact(target)
