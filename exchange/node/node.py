@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
@@ -122,6 +123,11 @@ class Node:
         self.signer = CachedSigner(read_signing_key(config.paths.node_key))
         self.store = BlockStore.create(data_dir / "blocks.db", genesis)
         self.applier = LedgerApplier(self.store, self.agency, self.signer)
+        if self.applier.checkpoint_refused:
+            log.warning("stored state not used; rebuilt from the blocks",
+                        reason=self.applier.checkpoint_refused)
+        log.info("ledger state loaded", height=self.store.height,
+                 replayed_blocks=self.applier.replayed_blocks)
         self.registry = self.applier.registry
         self.chain_id = self.registry.chain_id
         member = self.registry.members.get(self.agency)
@@ -271,6 +277,13 @@ class Node:
         self._wal_thread.shutdown(wait=True)
         self._apply_thread.shutdown(wait=True)
         self._check_thread.shutdown(wait=True)
+        if not self.fatal_error:
+            # a clean stop stores the state as of the tip: the next start replays nothing
+            # (after a failed apply the state may be ahead of the blocks: not stored)
+            try:
+                self.applier.write_checkpoint()
+            except (ExchangeError, OSError, sqlite3.Error) as exc:
+                log.error("state checkpoint not written at stop", error=str(exc))
         self.wal.close()
         self.store.close()
 
