@@ -50,6 +50,7 @@ from exchange.node import metrics as m
 from exchange.node.admission import admit
 from exchange.node.answers import AnswerPending, QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
+from exchange.node.ratelimit import AdmissionLimiter
 from exchange.node.responder import Responder, close_quietly
 from exchange.node.tls_state import NodeTls, next_path
 from exchange.raft.confchange import ConfChange, ConfChangeOp
@@ -210,6 +211,7 @@ class Node:
         self._apply_thread = ThreadPoolExecutor(1, thread_name_prefix="apply")
         self._check_thread = ThreadPoolExecutor(1, thread_name_prefix="block-check")
         self._answer_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self.limiter = AdmissionLimiter()
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -841,21 +843,38 @@ class Node:
         finally:
             m.ADMISSION_SECONDS.observe(time.perf_counter() - started)
 
+    def admit_limited(self, raw: bytes) -> OpenedEnvelope:
+        """Admission of what a person submits: the checks, then the signer's and its
+        agency's rate limits (a node's own or forwarded submissions are not limited:
+        each person submits only to their own agency's node, which limits them)."""
+        opened = self.admit(raw)
+        try:
+            self.limiter.take(opened, self.registry.resolve(opened.signer_key_id),
+                              self.registry.rate_limits)
+        except ExchangeError as exc:
+            m.REFUSED.labels(exc.code).inc()
+            raise
+        return opened
+
     async def submit(self, raw: bytes, wait: bool,
-                     timeout_s: float = SUBMIT_TIMEOUT_S) -> node_pb2.SubmitResponse:
-        """Admit one envelope and (unless `wait` is false) wait for its block."""
-        opened = await asyncio.to_thread(self.admit, raw)
+                     timeout_s: float = SUBMIT_TIMEOUT_S,
+                     limited: bool = False) -> node_pb2.SubmitResponse:
+        """Admit one envelope and (unless `wait` is false) wait for its block;
+        `limited`: a person's submission, held to the admission rate limits."""
+        opened = await asyncio.to_thread(self.admit_limited if limited else self.admit, raw)
         return (await self._enter([opened], wait, timeout_s))[0]
 
     async def submit_batch(self, raws: Sequence[bytes], wait: bool,
-                           timeout_s: float = SUBMIT_TIMEOUT_S
+                           timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
                            ) -> list[node_pb2.SubmitResponse]:
         """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+        admit_one = self.admit_limited if limited else self.admit
+
         def admit_all() -> list[OpenedEnvelope | ExchangeError]:
             out: list[OpenedEnvelope | ExchangeError] = []
             for raw in raws:
                 try:
-                    out.append(self.admit(raw))
+                    out.append(admit_one(raw))
                 except ExchangeError as exc:
                     out.append(exc)
             return out
@@ -867,7 +886,8 @@ class Node:
         except ExchangeError as exc:
             return [node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
                     for _ in raws]
-        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a))
+        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a),
+                                        retry_after_ms=getattr(a, "retry_after_ms", 0))
                 if isinstance(a, ExchangeError) else next(entered) for a in admitted]
 
     async def _enter(self, envelopes: Sequence[OpenedEnvelope], wait: bool,
@@ -1272,5 +1292,6 @@ class Node:
             height=self.store.height, tip_hash=self.store.tip_hash,
             final_height=self.final_height, peers=peers, mempool_size=len(self.mempool),
             members=sorted(self.registry.members), quorum=self.registry.quorum,
-            member_entries=[self.registry.members[a] for a in sorted(self.registry.members)])
+            member_entries=[self.registry.members[a] for a in sorted(self.registry.members)],
+            rate_limits=self.registry.rate_limits)
 
