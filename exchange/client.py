@@ -142,7 +142,8 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
         grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     }
     if domain is RateLimited:
-        return RateLimited(f"node at {address} refused: {reason}", _retry_after_ms(exc))
+        return RateLimited(f"node at {address} refused: RATE_LIMITED: {reason}",
+                           _retry_after_ms(exc))
     cls = domain if domain is not None and domain is not ExchangeError \
         else by_status.get(code, NodeError)
     name = code.name if code is not None else "UNKNOWN"
