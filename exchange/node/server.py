@@ -225,8 +225,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         try:
             self.auth.own_agency_or_node(context)
         except errors.ExchangeError as exc:
-            if isinstance(exc, errors.RateLimited):
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             await context.abort(status_of(exc), f"{exc.code}: {exc}")
         store = self.node.store
         queue = self.node.follow()
@@ -398,8 +396,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         try:
             self.auth.member_node(context)
         except errors.ExchangeError as exc:
-            if isinstance(exc, errors.RateLimited):
-                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             await context.abort(status_of(exc), f"{exc.code}: {exc}")
         store = self.node.store
         top = store.height if request.final_only is False else self.node.final_height
