@@ -72,6 +72,7 @@ T = TypeVar("T")
 
 INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
+PENDING_BYTES_MAX = 256 << 20  # admitted envelopes this node waits for, by size
 PREVERIFIED_MAX = 256
 PREVERIFIED_BYTES_MAX = 64 << 20  # checked blocks kept for apply, by size too
 RESUBMIT_AFTER_S = 3.0
@@ -169,6 +170,7 @@ class Node:
         self._applied_event = asyncio.Event()
         self.mempool: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
         self.pending: dict[bytes, Pending] = {}
+        self._pending_bytes = 0
         self._prechecked: OrderedDict[bytes, CheckedBlock] = OrderedDict()
         self._prechecked_bytes = 0
         self._inflight_blocks = 0
@@ -450,7 +452,7 @@ class Node:
         for index, env in enumerate(applied.checked.envelopes):
             self.mempool.pop(env.tx_id, None)
             self._unapplied_txs.discard(env.tx_id)
-            p = self.pending.pop(env.tx_id, None)
+            p = self._pop_pending(env.tx_id)
             if p is not None:
                 m.COMMIT_SECONDS.observe(time.monotonic() - p.admitted_at)
                 for fut in p.futures:
@@ -907,9 +909,11 @@ class Node:
                 continue
             p = self.pending.get(opened.tx_id)
             if p is None:
-                if len(self.pending) >= MEMPOOL_TX_MAX:
+                if len(self.pending) >= MEMPOOL_TX_MAX or \
+                        self._pending_bytes + len(opened.raw) > PENDING_BYTES_MAX:
                     raise Unavailable("the node's queue is full; retry shortly")
                 p = self.pending[opened.tx_id] = Pending(opened, time.monotonic())
+                self._pending_bytes += len(opened.raw)
             fut: asyncio.Future[tuple[int, int, str]] = loop.create_future()
             p.futures.append(fut)
             answers.append(fut)
@@ -1033,7 +1037,7 @@ class Node:
             if not result.error_code or result.error_code == Unavailable.code:
                 continue
             tid = tx_id(ledger_pb2.Envelope.FromString(raw).body)
-            p = self.pending.pop(tid, None)
+            p = self._pop_pending(tid)
             if p is None:
                 continue
             m.REFUSED.labels(result.error_code).inc()
@@ -1044,6 +1048,12 @@ class Node:
             for fut in p.futures:
                 if not fut.done():
                     fut.set_exception(error)
+
+    def _pop_pending(self, tx: bytes) -> Pending | None:
+        p = self.pending.pop(tx, None)
+        if p is not None:
+            self._pending_bytes -= len(p.opened.raw)
+        return p
 
     def _leader_stub(self, leader: str) -> node_pb2_grpc.ExchangeStub:
         cached = self._leader_stubs.get(leader)
@@ -1060,7 +1070,7 @@ class Node:
             for tx, p in list(self.pending.items()):
                 p.futures = [f for f in p.futures if not f.done()]
                 if now - p.admitted_at > SUBMIT_TIMEOUT_S * 4:
-                    self.pending.pop(tx, None)  # long given up by every caller
+                    self._pop_pending(tx)  # long given up by every caller
             stale = [p.opened.raw for p in self.pending.values()
                      if now - p.last_sent > RESUBMIT_AFTER_S]
             if not stale:
