@@ -120,8 +120,10 @@ def test_follower_reforwards_what_the_leader_leaves_out_and_raises_the_alarm(
         # once the leader includes it, it commits on every node
         flag.unlink()
         for agency in cluster.agencies:
-            _wait(f"the re-forwarded transaction committed at {agency}",
-                  lambda agency=agency: _committed(cluster, agency, censored_id))
+            def there(agency: str = agency) -> bool:
+                return _committed(cluster, agency, censored_id)
+
+            _wait(f"the re-forwarded transaction committed at {agency}", there)
         # the submitter's answer: the original outcome, where it committed
         result = client.submit(censored, wait=True)
         assert result.duplicate and result.result == "OK" and result.height > 0

@@ -10,7 +10,7 @@ import pytest
 
 from exchange.errors import PermissionDenied, RateLimited
 from exchange.identity.genesis import DEFAULT_RATE_LIMITS
-from exchange.identity.keys import Domain
+from exchange.identity.keys import CachedSigner, Domain
 from exchange.identity.registry import membership_change_statement
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import RESULT_OK, new_body, open_envelope, seal_envelope
@@ -172,7 +172,7 @@ def _params_change(net: Net, limits: identity_pb2.RateLimits, approvers: tuple[s
             signature=root.sign(Domain.MEMBERSHIP_CHANGE, net.chain_id, statement)))
     body = new_body(net.chain_id, "tax", int(time.time() * 1000))
     body.membership_change.CopyFrom(change)
-    return seal_envelope(body, net.roots["tax"])
+    return seal_envelope(body, CachedSigner(net.roots["tax"]))
 
 
 def _commit(net: Net, applier: LedgerApplier, raw: bytes) -> str:
