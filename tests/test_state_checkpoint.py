@@ -4,14 +4,20 @@ checked equal."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, StoreCorrupted
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger import state as ledger_state
@@ -169,9 +175,6 @@ def test_damaged_or_foreign_checkpoint_is_refused_and_the_state_replayed(
     assert state_digest(again.applier.state) == digest
     again.applier.store.close()
     # a checkpoint naming something other than the ledger's classes is never loaded
-    import pickle
-
-    from exchange.errors import StoreCorrupted
     with pytest.raises(StoreCorrupted, match="may not name"):
         load_state(pickle.dumps(print))
 
@@ -197,3 +200,53 @@ def test_block_and_state_are_written_in_one_transaction(net: Net, tmp_path: Path
         assert store.height == height  # the block went with the state
         stored = store.checkpoint()
         assert stored is not None and stored.height == height
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from exchange.ledger.apply import LedgerApplier
+from exchange.ledger.block import new_body, seal_envelope
+from exchange.ledger.store import BlockStore
+from exchange.v1 import ledger_pb2
+from tests.ledger_net import make_net, probe
+net = make_net(seed=11)
+applier = LedgerApplier(BlockStore.create(Path(sys.argv[1]), net.signed_genesis),
+                        checkpoint_every_blocks=1)
+while True:
+    body = new_body(net.chain_id, "pboc", int(time.time() * 1000))
+    body.catalog_entry.CopyFrom(ledger_pb2.CatalogEntry(
+        dataset=f"d{applier.store.height % 200}", description=str(time.time())))
+    envs = [probe(net, "tax", b"p" * 2000) for _ in range(10)]
+    envs.append(seal_envelope(body, net.nodes["pboc"]))
+    applier.apply(applier.cut(envs, int(time.time() * 1000), net.nodes["tax"], "tax"))
+    print(applier.store.height, flush=True)
+"""
+
+
+def test_kill_9_while_applying_leaves_the_stored_state_equal_to_the_blocks(
+        tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    net = make_net(seed=11)
+    rng = random.Random(16)
+    path = tmp_path / "blocks.db"
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], cwd=root,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            for _ in range(rng.randint(3, 12)):
+                if not proc.stdout.readline():
+                    break
+            time.sleep(rng.random() * 0.05)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with BlockStore.create(path, net.signed_genesis) as store:
+            cp = store.checkpoint()
+            assert cp is not None and cp.height == store.height  # written together
+            loaded = LedgerApplier(store)
+            assert loaded.replayed_blocks == 0 and not loaded.checkpoint_refused
+            rebuilt = LedgerApplier(store, rebuild=True)
+            assert rebuilt.replayed_blocks == store.height
+            assert state_digest(loaded.state) == state_digest(rebuilt.state)
