@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import hashlib
 import io
 import pickle
@@ -64,10 +65,15 @@ def dump_state(state: LedgerState) -> bytes:
 
 def load_state(blob: bytes) -> LedgerState:
     """A state from checkpoint bytes; StoreCorrupted if they are not one."""
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new objects, none of them garbage: no collection passes
     try:
         state = _LedgerUnpickler(io.BytesIO(blob)).load()
     except Exception as exc:  # noqa: BLE001 - any failure means the checkpoint is unusable
         raise StoreCorrupted(f"the state checkpoint does not load: {exc}") from exc
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(state, LedgerState):
         raise StoreCorrupted(f"the state checkpoint holds a {type(state).__name__}")
     state.queries.standing_approval = state.playbooks.approves
