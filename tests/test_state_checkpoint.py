@@ -250,3 +250,18 @@ def test_kill_9_while_applying_leaves_the_stored_state_equal_to_the_blocks(
             rebuilt = LedgerApplier(store, rebuild=True)
             assert rebuilt.replayed_blocks == store.height
             assert state_digest(loaded.state) == state_digest(rebuilt.state)
+
+
+def test_no_state_is_stored_after_a_batch_failed_midway(net: Net, tmp_path: Path) -> None:
+    led = _open(net, tmp_path / "blocks.db")
+    led.one(probe(net, "tax"))
+    good = led.applier.cut([probe(net, "police")], led.now_ms, net.nodes["tax"], "tax")
+    broken = ledger_pb2.Block()
+    broken.CopyFrom(good)
+    broken.proposer_signature = bytes(64)
+    with pytest.raises(ExchangeError):
+        led.applier.apply_many([(good, None), (broken, None)])
+    # the first block of the batch was judged, nothing was stored: the state is ahead
+    with pytest.raises(StoreCorrupted, match="not the stored blocks'"):
+        led.applier.write_checkpoint()
+    led.applier.store.close()

@@ -84,6 +84,9 @@ class LedgerApplier:
         self.replayed_blocks = 0
         # why a stored checkpoint was not used, if there was one
         self.checkpoint_refused = ""
+        # False from the moment a batch starts changing the state until its blocks are
+        # stored: a batch that failed midway leaves a state ahead of the blocks
+        self._state_matches_store = True
         state, height = (LedgerState(store.signed_genesis), 0) if rebuild \
             else self._from_checkpoint()
         self._set_state(state)
@@ -142,6 +145,9 @@ class LedgerApplier:
 
     def write_checkpoint(self) -> None:
         """Store the state as of the tip now (at a clean stop, after a rebuild)."""
+        if not self._state_matches_store:
+            raise StoreCorrupted("a block batch failed while being applied: the state "
+                                 "is not the stored blocks' and is not stored")
         self.store.write_checkpoint(self.checkpoint())
 
     def check(self, block: ledger_pb2.Block, height: int | None = None,
@@ -172,6 +178,7 @@ class LedgerApplier:
 
         rows: list[tuple[ledger_pb2.Block, Sequence[str] | None]] = []
         out: list[Applied] = []
+        self._state_matches_store = False
         for block, prechecked in blocks:
             if prechecked is not None and prechecked.block.header == block.header:
                 check_link(prechecked, self.chain_id, height + 1, prev_hash, prev_ts)
@@ -199,6 +206,7 @@ class LedgerApplier:
             blob = dump_state(self.state)
             checkpoint = Checkpoint(height, STATE_FORMAT, blob_digest(blob), blob)
         self.store.append_many(rows, checkpoint)
+        self._state_matches_store = True
         for applied in out:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))
         return out
