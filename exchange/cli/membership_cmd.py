@@ -2,6 +2,7 @@
 which keys they use, on the ledger.
 
     exchange membership propose --add market/request.pb --out change.pb   (any member)
+    exchange membership propose --rate-limits limits.json --out change.pb  (parameters)
     exchange membership approve change.pb --agency-dir DIR --out tax.approval   (each root)
     exchange membership submit change.pb *.approval --agency-dir DIR
     exchange agency rotate --kind node|tls --agency-dir DIR
@@ -115,7 +116,8 @@ def _submit(client: ExchangeClient, signer: Signer, what: str,
 
 @click.group("membership")
 def membership() -> None:
-    """Add an agency to the running network, or remove one (a quorum of roots approves)."""
+    """Add an agency to the running network, remove one, or change the admission rate
+    limits (a quorum of roots approves)."""
 
 
 @membership.command("propose")
