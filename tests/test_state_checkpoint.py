@@ -173,7 +173,18 @@ def test_damaged_or_foreign_checkpoint_is_refused_and_the_state_replayed(
     assert again.applier.checkpoint_refused == "its bytes do not match their digest"
     assert again.applier.replayed_blocks == height
     assert state_digest(again.applier.state) == digest
+    # one written by other code (an upgrade since) is not loaded either
+    again.applier.write_checkpoint()
     again.applier.store.close()
+    db = sqlite3.connect(tmp_path / "blocks.db")
+    with db:
+        db.execute("UPDATE state_checkpoint SET format = 'ledger-state/1/0123456789abcdef'")
+    db.close()
+    upgraded = _open(net, tmp_path / "blocks.db")
+    assert upgraded.applier.checkpoint_refused.startswith("format 'ledger-state/1/0123")
+    assert upgraded.applier.replayed_blocks == height
+    assert state_digest(upgraded.applier.state) == digest
+    upgraded.applier.store.close()
     # a checkpoint naming something other than the ledger's classes is never loaded
     with pytest.raises(StoreCorrupted, match="may not name"):
         load_state(pickle.dumps(print))

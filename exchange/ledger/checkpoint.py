@@ -22,6 +22,7 @@ import pickle
 import struct
 from collections import OrderedDict, deque
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
@@ -29,10 +30,20 @@ from google.protobuf.message import Message
 from exchange.errors import StoreCorrupted
 from exchange.ledger.state import LedgerState
 
-# Bumped whenever the shape of LedgerState or of a class it holds changes, so a node
-# upgraded past a change rebuilds its state from the blocks instead of loading objects
-# of another shape.
-STATE_FORMAT = "ledger-state/1"
+
+def _code_fingerprint() -> str:
+    """A digest of the code that defines what a checkpoint holds (the ledger, identity
+    and wire-format modules): a node upgraded past any change there rebuilds its state
+    from the blocks once instead of loading objects of another shape."""
+    digest = hashlib.sha256()
+    for folder in (Path(__file__).parent, Path(__file__).parent.parent / "identity",
+                   Path(__file__).parent.parent / "v1"):
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+STATE_FORMAT = f"ledger-state/1/{_code_fingerprint()}"
 
 _ALLOWED_GLOBALS = frozenset({("collections", "OrderedDict"), ("collections", "deque"),
                               ("decimal", "Decimal"), ("builtins", "set"),
