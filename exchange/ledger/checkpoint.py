@@ -30,14 +30,17 @@ from google.protobuf.message import Message
 from exchange.errors import StoreCorrupted
 from exchange.ledger.state import LedgerState
 
+# The packages whose classes a checkpoint may hold; their code makes the format.
+_STATE_PACKAGES = ("exchange.ledger.", "exchange.identity.", "exchange.v1.")
+
 
 def _code_fingerprint() -> str:
     """A digest of the code that defines what a checkpoint holds (the ledger, identity
     and wire-format modules): a node upgraded past any change there rebuilds its state
     from the blocks once instead of loading objects of another shape."""
     digest = hashlib.sha256()
-    for folder in (Path(__file__).parent, Path(__file__).parent.parent / "identity",
-                   Path(__file__).parent.parent / "v1"):
+    root = Path(__file__).parent.parent
+    for folder in (root / p.split(".")[1] for p in _STATE_PACKAGES):
         for path in sorted(folder.glob("*.py")):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
@@ -51,12 +54,13 @@ _ALLOWED_GLOBALS = frozenset({("collections", "OrderedDict"), ("collections", "d
 
 
 class _LedgerUnpickler(pickle.Unpickler):
-    """Resolves only classes defined in the exchange package (and plain containers)."""
+    """Resolves only classes of the packages the format's code digest covers (and plain
+    containers)."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        if module.startswith("exchange.") and "." not in name and not name.startswith("_"):
+        if module.startswith(_STATE_PACKAGES) and "." not in name and not name.startswith("_"):
             found = super().find_class(module, name)
             if isinstance(found, type):
                 return found
