@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -147,10 +148,17 @@ def run(duration_s: float, probe_bytes: int, flooders: int, unlimited: bool,
         for t in threads:
             t.start()
         rss_peak = dict(rss_before)
+        leader = cluster.leader()
+        samples: list[dict[str, float]] = []
         while time.perf_counter() - started < duration_s:
             time.sleep(1.0)
-            for agency, mib in node_rss(cluster).items():
+            now = node_rss(cluster)
+            for agency, mib in now.items():
                 rss_peak[agency] = max(rss_peak.get(agency, 0.0), mib)
+            if len(samples) < int(time.perf_counter() - started) // 10:
+                samples.append(now)
+                print(f"{time.perf_counter() - started:5.0f} s  RSS MiB {now}",
+                      file=sys.stderr, flush=True)
         stop.set()
         for t in threads:
             t.join()
@@ -169,7 +177,9 @@ def run(duration_s: float, probe_bytes: int, flooders: int, unlimited: bool,
             "flood_mib": round(counts["bytes"] / MIB, 1),
             "flood_mib_per_s": round(counts["bytes"] / MIB / elapsed, 2),
             "blocks": _height(cluster) - height_before,
-            "rss_before_mib": rss_before, "rss_peak_mib": rss_peak,
+            "leader_at_start": leader,
+            "rss_before_mib": rss_before, "rss_every_10s_mib": samples,
+            "rss_peak_mib": rss_peak,
             "rss_after_mib": rss_after, f"rss_after_{settle_s:g}s_mib": rss_settled,
             "probe_quiet": _latency(quiet, quiet_errors),
             "probe_during_flood": _latency(during, during_errors),
