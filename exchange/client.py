@@ -27,6 +27,7 @@ from exchange.errors import (
     CredentialInvalid,
     ExchangeError,
     MalformedInput,
+    RateLimited,
     WrongChain,
 )
 from exchange.identity.config import (
@@ -141,6 +142,9 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
         grpc.StatusCode.NOT_FOUND: NotFound,
         grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     }
+    if domain is RateLimited:
+        return RateLimited(f"node at {address} refused: RATE_LIMITED: {reason}",
+                           _retry_after_ms(exc))
     cls = domain if domain is not None and domain is not ExchangeError \
         else by_status.get(code, NodeError)
     name = code.name if code is not None else "UNKNOWN"
@@ -149,6 +153,22 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
     if issubclass(cls, NotFound):
         return cls(f"node at {address}: {reason or 'not found'}")
     return cls(f"node at {address} refused: {reason or name}")
+
+
+RETRY_AFTER_KEY = "exchange-retry-after-ms"  # as the node's server sets it
+
+
+def _retry_after_ms(exc: grpc.RpcError) -> int:
+    """The retry-after a RATE_LIMITED refusal carries in its trailing metadata."""
+    trailing = exc.trailing_metadata() if callable(
+        getattr(exc, "trailing_metadata", None)) else None
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 # -- profiles ---------------------------------------------------------------------------

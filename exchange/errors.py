@@ -92,3 +92,14 @@ class AgencyMismatch(CredentialInvalid):
     """A body that claims another agency than its signer's."""
 
     code = "AGENCY_MISMATCH"
+
+
+class RateLimited(ExchangeError):
+    """A submission over its signer's or agency's admission rate limit; it would pass
+    after `retry_after_ms`."""
+
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms

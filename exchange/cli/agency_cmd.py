@@ -16,7 +16,9 @@ import click
 
 from exchange.cli.output import emit_json
 from exchange.identity import ceremony
+from exchange.identity.genesis import DEFAULT_PARAMS
 from exchange.identity.network import passphrase_from_env, write_public
+from exchange.v1 import identity_pb2
 
 _PATH = click.Path(path_type=Path, dir_okay=False, exists=True)
 _DIR = click.Path(path_type=Path, file_okay=False, exists=True)
@@ -115,17 +117,27 @@ def _print_draft(draft_info: dict[str, object]) -> None:
         click.echo(f"  {m['agency']:<10} {m['address']:<22} root {m['root_key_id'][:16]}  "
                    f"node {m['node_key_id'][:16]}  ca {m['tls_ca_sha256'][:16]}")
     click.echo(f"credentials   {draft_info['credentials']}   policies {draft_info['policies']}")
+    limits = draft_info.get("rate_limits")
+    if isinstance(limits, dict):
+        click.echo("rate limits   " + ", ".join(f"{k} {v}" for k, v in limits.items()))
 
 
 @genesis.command("propose")
 @click.argument("requests", nargs=-1, required=True, type=_PATH)
 @click.option("--out", "out_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="Draft genesis to write.")
+@click.option("--no-probes", is_flag=True,
+              help="Refuse probe (test) transactions on this network (a production "
+                   "network; genesis parameter rate_limits.probes_disabled).")
 @click.option("--json", "as_json", is_flag=True)
-def propose(requests: tuple[Path, ...], out_path: Path, as_json: bool) -> None:
+def propose(requests: tuple[Path, ...], out_path: Path, no_probes: bool,
+            as_json: bool) -> None:
     """Assemble a draft genesis from the founding agencies' membership requests."""
     parsed = [ceremony.read_request(path) for path in requests]
-    draft = ceremony.propose_genesis(parsed, int(time.time() * 1000))
+    params = identity_pb2.ChainParams()
+    params.CopyFrom(DEFAULT_PARAMS)
+    params.rate_limits.probes_disabled = no_probes
+    draft = ceremony.propose_genesis(parsed, int(time.time() * 1000), params)
     write_public(out_path, draft.SerializeToString(deterministic=True))
     info = ceremony.describe_draft(draft)
     if as_json:

@@ -2,6 +2,7 @@
 which keys they use, on the ledger.
 
     exchange membership propose --add market/request.pb --out change.pb   (any member)
+    exchange membership propose --rate-limits limits.json --out change.pb  (parameters)
     exchange membership approve change.pb --agency-dir DIR --out tax.approval   (each root)
     exchange membership submit change.pb *.approval --agency-dir DIR
     exchange agency rotate --kind node|tls --agency-dir DIR
@@ -41,13 +42,50 @@ CHANGE_BYTES_MAX = 64 * 1024
 def _read_change(path: Path) -> ledger_pb2.MembershipChange:
     change = ceremony.read_message(path, ledger_pb2.MembershipChange(), CHANGE_BYTES_MAX,
                                    "membership change")
-    if bool(change.member) == bool(change.remove_agency) or not change.members_before:
+    if sum(1 for part in (change.member, change.remove_agency, change.rate_limits)
+           if part) != 1 or not change.members_before:
         raise MalformedInput(f"{path}: not a membership change")
     return change
 
 
+def _read_rate_limits(path: Path) -> bytes:
+    """A JSON object of RateLimits fields (every limit; 0 means none), canonical bytes."""
+    from google.protobuf import json_format
+
+    from exchange.identity.registry import parse_rate_limits
+    from exchange.v1 import identity_pb2
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MalformedInput(f"{path}: {exc}") from exc
+    if len(text) > CHANGE_BYTES_MAX:
+        raise MalformedInput(f"{path}: larger than {CHANGE_BYTES_MAX} bytes")
+    limits = identity_pb2.RateLimits()
+    try:
+        json_format.Parse(text, limits)
+    except json_format.ParseError as exc:
+        raise MalformedInput(f"{path}: not rate limits: {' '.join(str(exc).split())}") from exc
+    raw = limits.SerializeToString(deterministic=True)
+    parse_rate_limits(raw)
+    return raw
+
+
+def _limits_text(raw: bytes) -> str:
+    from google.protobuf import json_format
+
+    from exchange.v1 import identity_pb2
+
+    limits = identity_pb2.RateLimits.FromString(raw)
+    return ", ".join(f"{k} {v}" for k, v in json_format.MessageToDict(
+        limits, preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True).items())
+
+
 def _describe(change: ledger_pb2.MembershipChange) -> str:
-    if change.remove_agency:
+    if change.rate_limits:
+        what = f"set the rate limits to: {_limits_text(bytes(change.rate_limits))}"
+    elif change.remove_agency:
         what = f"remove {change.remove_agency}"
     else:
         from exchange.v1 import identity_pb2
@@ -82,23 +120,29 @@ def _submit(client: ExchangeClient, signer: Signer, what: str,
 
 @click.group("membership")
 def membership() -> None:
-    """Add an agency to the running network, or remove one (a quorum of roots approves)."""
+    """Add an agency to the running network, remove one, or change the admission rate
+    limits (a quorum of roots approves)."""
 
 
 @membership.command("propose")
 @click.option("--add", "request_path", type=_PATH, default=None,
               help="The joining agency's membership request (request.pb).")
 @click.option("--remove", "remove_agency", default=None, help="The member to remove.")
+@click.option("--rate-limits", "limits_path", type=_PATH, default=None,
+              help="A parameters change instead: a JSON file of the new admission rate "
+                   "limits (the fields of `exchange status --json`'s rate_limits).")
 @click.option("--out", "out_path", required=True,
               type=click.Path(path_type=Path, dir_okay=False), help="Change file to write.")
 @node_options
 @json_option
-def propose(request_path: Path | None, remove_agency: str | None, out_path: Path,
-            profile_option: str | None, timeout_s: float, as_json: bool) -> None:
-    """Write a membership change against the network's current members, for the
-    members' roots to approve."""
-    if (request_path is None) == (remove_agency is None):
-        raise click.UsageError("give exactly one of --add and --remove")
+def propose(request_path: Path | None, remove_agency: str | None, limits_path: Path | None,
+            out_path: Path, profile_option: str | None, timeout_s: float,
+            as_json: bool) -> None:
+    """Write a membership change (or a change of the rate limits) against the network's
+    current members, for the members' roots to approve."""
+    if sum(1 for o in (request_path, remove_agency, limits_path) if o is not None) != 1:
+        raise click.UsageError("give exactly one of --add, --remove and --rate-limits")
+    limits = _read_rate_limits(limits_path) if limits_path is not None else b""
     _, client = connect(profile_option, timeout_s)
     with client:
         status = client.status()
@@ -113,6 +157,8 @@ def propose(request_path: Path | None, remove_agency: str | None, out_path: Path
         change.request_signature = request.signature
         change.credentials.extend(c.SerializeToString(deterministic=True)
                                   for c in request.credentials)
+    elif limits:
+        change.rate_limits = limits
     else:
         assert remove_agency is not None
         if remove_agency not in members:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from google.protobuf import json_format
 from rich.table import Table
 
 from exchange.cli.output import console, emit_json, fmt_ms, table
@@ -125,6 +126,9 @@ def status_dict(st: node_pb2.NodeStatus, address: str) -> dict[str, object]:
         "quorum": st.quorum,
         "peers": [{"agency": p.agency, "address": p.address, "match_index": p.match_index,
                    "height": p.height, "reachable": p.reachable} for p in st.peers],
+        "rate_limits": json_format.MessageToDict(
+            st.rate_limits, preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True) if st.HasField("rate_limits") else None,
     }
 
 
@@ -149,6 +153,19 @@ def status(profile_option: str | None, timeout_s: float, as_json: bool) -> None:
           ["peer", "address", "reachable", "height", "match index"],
           [[p.agency, p.address, "yes" if p.reachable else "no", p.height or "?",
             p.match_index if st.role == "leader" else "-"] for p in st.peers])
+    if st.HasField("rate_limits"):
+        r = st.rate_limits
+        click.echo(f"rate limits per signer {_per_s(r.signer_bytes_per_s, r.signer_tx_per_s)}, "
+                   f"per agency {_per_s(r.agency_bytes_per_s, r.agency_tx_per_s)}, probes "
+                   + ("disabled" if r.probes_disabled
+                      else _per_s(r.probe_bytes_per_s, r.probe_tx_per_s))
+                   + f"; burst {r.burst_s} s")
+
+
+def _per_s(bytes_per_s: int, tx_per_s: int) -> str:
+    size = f"{bytes_per_s / (1 << 20):g} MiB/s" if bytes_per_s else "unlimited bytes"
+    count = f"{tx_per_s:,} tx/s" if tx_per_s else "unlimited tx"
+    return f"{size} and {count}"
 
 
 # -- tx show ------------------------------------------------------------------------------
@@ -376,7 +393,8 @@ def block_show(height_text: str, profile_option: str | None, timeout_s: float,
 def _probe_row(tx: bytes, r: node_pb2.SubmitResponse, latency_ms: float) -> dict[str, object]:
     return {"tx_id": tx.hex(), "status": r.status, "height": r.height, "index": r.index,
             "result": r.result, "duplicate": r.duplicate, "error_code": r.error_code,
-            "error": r.error, "latency_ms": round(latency_ms, 1)}
+            "error": r.error, "latency_ms": round(latency_ms, 1),
+            **({"retry_after_ms": r.retry_after_ms} if r.retry_after_ms else {})}
 
 
 @click.command("submit-probe")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from exchange.errors import AlreadyExists, InvalidSignature, MalformedInput
@@ -449,6 +450,10 @@ def describe_draft(draft: identity_pb2.SignedGenesis) -> dict[str, Any]:
         } for m in genesis.members],
         "credentials": len(genesis.credentials),
         "policies": len(genesis.policies),
+        "rate_limits": json_format.MessageToDict(
+            genesis.params.rate_limits, preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True)
+        if genesis.params.HasField("rate_limits") else None,
         "signed_by": sorted(s.agency for s in draft.signatures),
     }
 

@@ -68,6 +68,11 @@ class RaftSettings:
     heartbeat_ticks: int = 1
     compact_every_entries: int = 2_000
     compact_keep_entries: int = 500
+    # The in-memory log is also compacted once it holds more than this many bytes, and
+    # keeps at most compact_keep_bytes of applied entries, so a flood of large blocks
+    # cannot grow a node's memory (issue 16).
+    compact_log_bytes_max: int = 64 << 20
+    compact_keep_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,10 @@ def load_node_config(path: Path) -> NodeConfig:
                                             default=raft.compact_every_entries),
             compact_keep_entries=r.integer("compact_keep_entries", 0, 10_000_000,
                                            default=raft.compact_keep_entries),
+            compact_log_bytes_max=r.integer("compact_log_bytes_max", 1 << 20, 1 << 40,
+                                            default=raft.compact_log_bytes_max),
+            compact_keep_bytes=r.integer("compact_keep_bytes", 0, 1 << 40,
+                                         default=raft.compact_keep_bytes),
         )
         r.done()
         if raft.heartbeat_ticks >= raft.election_ticks:
@@ -470,7 +479,9 @@ def node_config_to_toml(config: NodeConfig, base: Path) -> dict[str, Any]:
         "raft": {"tick_ms": config.raft.tick_ms, "election_ticks": config.raft.election_ticks,
                  "heartbeat_ticks": config.raft.heartbeat_ticks,
                  "compact_every_entries": config.raft.compact_every_entries,
-                 "compact_keep_entries": config.raft.compact_keep_entries},
+                 "compact_keep_entries": config.raft.compact_keep_entries,
+                 "compact_log_bytes_max": config.raft.compact_log_bytes_max,
+                 "compact_keep_bytes": config.raft.compact_keep_bytes},
         "data": {"answer_chunk_bytes": config.answer_chunk_bytes,
                  **({"agency_store": config.agency_store} if config.agency_store else {})},
         **({"webhook": _webhook_toml(config.webhook, base)} if config.webhook else {}),

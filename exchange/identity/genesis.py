@@ -14,6 +14,21 @@ from exchange.errors import InvalidSignature, MalformedInput
 from exchange.identity.keys import Domain, SigningKey, key_id, verify
 from exchange.v1 import identity_pb2, ledger_pb2
 
+# Generous for real work (a comparison job's bulk batches of 500, `exchange check perf`
+# from one analyst, the whole test suite) and four to eight times tighter in bytes for
+# probes, so that one workstation cannot flood the network with test traffic: the
+# issue 16 flood sent 12.7 MiB/s of 1 MiB probes.
+DEFAULT_RATE_LIMITS = identity_pb2.RateLimits(
+    signer_bytes_per_s=8 << 20,
+    signer_tx_per_s=5_000,
+    agency_bytes_per_s=16 << 20,
+    agency_tx_per_s=10_000,
+    burst_s=4,
+    probe_bytes_per_s=1 << 20,
+    probe_tx_per_s=1_000,
+    probes_disabled=False,
+)
+
 DEFAULT_PARAMS = identity_pb2.ChainParams(
     admission_window_ms=120_000,
     envelope_bytes_max=1 << 20,
@@ -21,6 +36,7 @@ DEFAULT_PARAMS = identity_pb2.ChainParams(
     block_bytes_max=4 << 20,
     block_interval_ms=20,
     query_deadline_ms=10 * 60_000,
+    rate_limits=DEFAULT_RATE_LIMITS,
 )
 
 

@@ -36,12 +36,31 @@ ROTATION_KINDS = ("node", "tls")
 
 def membership_change_statement(change: ledger_pb2.MembershipChange) -> bytes:
     """What each approving root signs: the operation, the member set it applies to, and
-    the new member entry or the agency removed."""
-    if change.remove_agency:
+    the new member entry, the agency removed or the new rate limits."""
+    if change.rate_limits:
+        op, subject = b"params", bytes(change.rate_limits)
+    elif change.remove_agency:
         op, subject = b"remove", change.remove_agency.encode()
     else:
         op, subject = b"add", bytes(change.member)
     return op + b"\0" + "\n".join(change.members_before).encode() + b"\0" + subject
+
+
+RATE_BURST_S_MAX = 3_600
+
+
+def parse_rate_limits(raw: bytes) -> identity_pb2.RateLimits:
+    """Rate limits from a parameters change: parsed and checked."""
+    limits = identity_pb2.RateLimits()
+    try:
+        limits.ParseFromString(raw)
+    except DecodeError as exc:
+        raise MalformedInput(f"rate limits do not parse: {exc}") from exc
+    if limits.SerializeToString(deterministic=True) != raw:
+        raise MalformedInput("rate limits are not in their canonical form")
+    if not 1 <= limits.burst_s <= RATE_BURST_S_MAX:
+        raise MalformedInput(f"rate limits: burst_s must be 1..{RATE_BURST_S_MAX}")
+    return limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +143,10 @@ class KeyRegistry:
         # its CA issued).
         self.node_certs: dict[str, bytes] = {}
         self._keys: dict[bytes, KeyInfo] = {}
+        # The admission rate limits in force (genesis', until a parameters change).
+        self.rate_limits = identity_pb2.RateLimits()
+        self.rate_limits.CopyFrom(genesis.params.rate_limits)
+        self.rate_limits_height = 0  # the height of the change that set them
         # Bumped whenever members, their node keys or their TLS CAs change, so the node
         # knows to refresh its peer links, trust and Raft configuration.
         self.version = 0
@@ -289,8 +312,11 @@ class KeyRegistry:
         if signer.agency not in self.members or signer.subject not in (ROLE_ROOT, ROLE_NODE):
             raise CredentialInvalid("a membership change is submitted by a member's root "
                                     "or node")
-        if bool(change.member) == bool(change.remove_agency):
-            raise MalformedInput("a membership change adds a member or removes one")
+        if sum(1 for part in (change.member, change.remove_agency, change.rate_limits)
+               if part) != 1:
+            raise MalformedInput("a membership change adds a member, removes one or "
+                                 "changes the rate limits")
+        limits = parse_rate_limits(bytes(change.rate_limits)) if change.rate_limits else None
         current = sorted(self.members)
         if list(change.members_before) != current:
             raise CredentialInvalid(
@@ -311,6 +337,10 @@ class KeyRegistry:
         if len(approvers) < self.quorum:
             raise CredentialInvalid(f"approved by {len(approvers)} of {len(current)} "
                                     f"members; {self.quorum} are needed")
+        if limits is not None:
+            self.rate_limits = limits
+            self.rate_limits_height = height
+            return  # no member, key or CA changed: peers and Raft stay as they are
         if change.remove_agency:
             self._remove_member(change.remove_agency, height)
         else:

@@ -224,6 +224,8 @@ def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
         return f"{agency} replaced its {body.key_rotation.key_kind} key"
     if kind == "membership_change":
         m = body.membership_change
+        if m.rate_limits:
+            return f"{agency} put a change of the admission rate limits on the ledger"
         change = f"remove {m.remove_agency}" if m.remove_agency else "add a member"
         return f"{agency} proposed a membership change: {change}"
     if kind == "probe":

@@ -51,7 +51,24 @@ CREATE TABLE IF NOT EXISTS attestations (
     signature BLOB NOT NULL,
     PRIMARY KEY (height, agency, signer_key_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    state BLOB NOT NULL
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The applied ledger state as of `height`, as `exchange.ledger.checkpoint` wrote it."""
+
+    height: int
+    format: str
+    digest: bytes  # SHA-256 of `state`, an integrity check of the stored bytes
+    state: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +156,11 @@ class BlockStore:
         """Append the next block (its header must extend the tip). Returns its hash."""
         return self.append_many([(block, results)])[-1]
 
-    def append_many(self, blocks: Sequence[tuple[ledger_pb2.Block, Sequence[str] | None]]
-                    ) -> list[bytes]:
-        """Append several blocks in one SQLite transaction (one fsync)."""
+    def append_many(self, blocks: Sequence[tuple[ledger_pb2.Block, Sequence[str] | None]],
+                    checkpoint: Checkpoint | None = None) -> list[bytes]:
+        """Append several blocks in one SQLite transaction (one fsync), with the applied
+        state as of the last of them when `checkpoint` is given: both are written or
+        neither, so the state stored never disagrees with the blocks stored."""
         hashes: list[bytes] = []
         with self._lock:
             height, prev, prev_ts = self._tip_height, self._tip_hash, self._tip_timestamp_ms
@@ -172,8 +191,39 @@ class BlockStore:
                 self._db.executemany("INSERT INTO txs VALUES (?,?,?,?,?)", rows_t)
                 self._db.executemany(
                     "INSERT OR IGNORE INTO attestations VALUES (?,?,?,?,?,?)", rows_a)
+                if checkpoint is not None:
+                    if checkpoint.height != height:
+                        raise MalformedInput(f"a checkpoint of height {checkpoint.height} "
+                                             f"stored with blocks up to {height}")
+                    self._put_checkpoint(checkpoint)
             self._tip_height, self._tip_hash, self._tip_timestamp_ms = height, prev, prev_ts
         return hashes
+
+    def write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store the applied state as of the tip (the caller applies nothing meanwhile)."""
+        with self._lock:
+            if checkpoint.height != self._tip_height:
+                raise MalformedInput(f"a checkpoint of height {checkpoint.height} with the "
+                                     f"tip at {self._tip_height}")
+            with self._db:
+                self._put_checkpoint(checkpoint)
+
+    def _put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._db.execute("INSERT OR REPLACE INTO state_checkpoint VALUES (1,?,?,?,?)",
+                         (checkpoint.height, checkpoint.format, checkpoint.digest,
+                          checkpoint.state))
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The stored applied state, if any (a store from before checkpoints has none)."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT height, format, digest, state "
+                                       "FROM state_checkpoint WHERE id=1").fetchone()
+            except sqlite3.OperationalError:
+                return None  # opened read-only, from before the table existed
+        if row is None:
+            return None
+        return Checkpoint(int(row[0]), str(row[1]), bytes(row[2]), bytes(row[3]))
 
     def set_results(self, height: int, results: Sequence[str]) -> None:
         """Record the result codes of a block's transactions after applying it."""

@@ -62,3 +62,11 @@ ANSWER_READS = Counter("exchange_answer_reads", "Answers decrypted for this agen
 def serve_metrics(address: str) -> None:
     host, port = parse_address(address)
     start_http_server(port, addr=host, registry=REGISTRY)
+RAFT_LOG_BYTES = Gauge("exchange_raft_log_bytes", "Bytes of Raft entries held in memory",
+                       registry=REGISTRY)
+RATE_LIMITED = Counter("exchange_submissions_rate_limited",
+                       "Submissions refused by the admission rate limits, by limit",
+                       ["limit"], registry=REGISTRY)
+STATE_CHECKPOINTS = Counter("exchange_state_checkpoints",
+                            "Applied-state checkpoints written with the block store",
+                            registry=REGISTRY)

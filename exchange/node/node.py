@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -49,6 +50,7 @@ from exchange.node import metrics as m
 from exchange.node.admission import admit
 from exchange.node.answers import AnswerPending, QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
+from exchange.node.ratelimit import AdmissionLimiter
 from exchange.node.responder import Responder, close_quietly
 from exchange.node.tls_state import NodeTls, next_path
 from exchange.raft.confchange import ConfChange, ConfChangeOp
@@ -70,7 +72,9 @@ T = TypeVar("T")
 
 INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
 MEMPOOL_TX_MAX = 50_000
+PENDING_BYTES_MAX = 256 << 20  # admitted envelopes this node waits for, by size
 PREVERIFIED_MAX = 256
+PREVERIFIED_BYTES_MAX = 64 << 20  # checked blocks kept for apply, by size too
 RESUBMIT_AFTER_S = 3.0
 LEADER_WATCH_S = 0.05  # how often a forward in flight checks that the leader is the same
 SUBMIT_TIMEOUT_S = 30.0
@@ -92,6 +96,10 @@ def _error_for_code(code: str, message: str) -> ExchangeError:
     error = ExchangeError(message)
     error.code = code
     return error
+
+
+def _checked_bytes(checked: CheckedBlock) -> int:
+    return len(checked.block.header) + sum(len(e.raw) for e in checked.envelopes)
 
 
 @dataclass
@@ -117,6 +125,11 @@ class Node:
         self.signer = CachedSigner(read_signing_key(config.paths.node_key))
         self.store = BlockStore.create(data_dir / "blocks.db", genesis)
         self.applier = LedgerApplier(self.store, self.agency, self.signer)
+        if self.applier.checkpoint_refused:
+            log.warning("stored state not used; rebuilt from the blocks",
+                        reason=self.applier.checkpoint_refused)
+        log.info("ledger state loaded", height=self.store.height,
+                 replayed_blocks=self.applier.replayed_blocks)
         self.registry = self.applier.registry
         self.chain_id = self.registry.chain_id
         member = self.registry.members.get(self.agency)
@@ -157,7 +170,9 @@ class Node:
         self._applied_event = asyncio.Event()
         self.mempool: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
         self.pending: dict[bytes, Pending] = {}
+        self._pending_bytes = 0
         self._prechecked: OrderedDict[bytes, CheckedBlock] = OrderedDict()
+        self._prechecked_bytes = 0
         self._inflight_blocks = 0
         self._proposed_at: dict[bytes, float] = {}
         self._unapplied_txs: set[bytes] = set()
@@ -198,6 +213,7 @@ class Node:
         self._apply_thread = ThreadPoolExecutor(1, thread_name_prefix="apply")
         self._check_thread = ThreadPoolExecutor(1, thread_name_prefix="block-check")
         self._answer_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self.limiter = AdmissionLimiter()
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -265,6 +281,13 @@ class Node:
         self._wal_thread.shutdown(wait=True)
         self._apply_thread.shutdown(wait=True)
         self._check_thread.shutdown(wait=True)
+        if not self.fatal_error:
+            # a clean stop stores the state as of the tip: the next start replays nothing
+            # (after a failed apply the state may be ahead of the blocks: not stored)
+            try:
+                self.applier.write_checkpoint()
+            except (ExchangeError, OSError, sqlite3.Error) as exc:
+                log.error("state checkpoint not written at stop", error=str(exc))
         self.wal.close()
         self.store.close()
 
@@ -337,9 +360,19 @@ class Node:
         self._remember_checked(checked)
 
     def _remember_checked(self, checked: CheckedBlock) -> None:
+        if checked.hash in self._prechecked:
+            return
         self._prechecked[checked.hash] = checked
-        while len(self._prechecked) > PREVERIFIED_MAX:
-            self._prechecked.popitem(last=False)
+        self._prechecked_bytes += _checked_bytes(checked)
+        while len(self._prechecked) > PREVERIFIED_MAX or \
+                self._prechecked_bytes > PREVERIFIED_BYTES_MAX:
+            self._prechecked_bytes -= _checked_bytes(self._prechecked.popitem(last=False)[1])
+
+    def _take_checked(self, hash_: bytes) -> CheckedBlock | None:
+        checked = self._prechecked.pop(hash_, None)
+        if checked is not None:
+            self._prechecked_bytes -= _checked_bytes(checked)
+        return checked
 
     async def _raft_loop(self) -> None:
         while True:
@@ -391,7 +424,7 @@ class Node:
             if parse_header(block.header).height <= self.store.height:
                 continue  # already applied (replay after restart)
             hash_ = block_hash(block.header)
-            batch.append((block, self._prechecked.pop(hash_, None)))
+            batch.append((block, self._take_checked(hash_)))
             hashes.append(hash_)
         if not batch:
             return
@@ -419,7 +452,7 @@ class Node:
         for index, env in enumerate(applied.checked.envelopes):
             self.mempool.pop(env.tx_id, None)
             self._unapplied_txs.discard(env.tx_id)
-            p = self.pending.pop(env.tx_id, None)
+            p = self._pop_pending(env.tx_id)
             if p is not None:
                 m.COMMIT_SECONDS.observe(time.monotonic() - p.admitted_at)
                 for fut in p.futures:
@@ -571,7 +604,9 @@ class Node:
         applied = self.core.applied_index
         first = self.core.snapshot_meta.index
         settings = self.config.raft
-        if applied - first < settings.compact_every_entries or \
+        m.RAFT_LOG_BYTES.set(self.core.log_bytes)
+        if (applied - first < settings.compact_every_entries
+                and self.core.log_bytes <= settings.compact_log_bytes_max) or \
                 self.core.pending_snapshot is not None:
             return
         # Only below the final height: a node behind the compaction point catches up by
@@ -580,7 +615,8 @@ class Node:
         # through Raft, which needs it still in the log.
         final_index = (self.store.index_columns(self.final_height)[2]
                        if 0 < self.final_height <= self.store.height else 0)
-        target = min(applied - settings.compact_keep_entries, final_index)
+        target = min(self.core.compact_point(settings.compact_keep_entries,
+                                             settings.compact_keep_bytes), final_index)
         if target <= first:
             return
         meta = self.core.compact(target)
@@ -834,21 +870,38 @@ class Node:
         finally:
             m.ADMISSION_SECONDS.observe(time.perf_counter() - started)
 
+    def admit_limited(self, raw: bytes) -> OpenedEnvelope:
+        """Admission of what a person submits: the checks, then the signer's and its
+        agency's rate limits (a node's own or forwarded submissions are not limited:
+        each person submits only to their own agency's node, which limits them)."""
+        opened = self.admit(raw)
+        try:
+            self.limiter.take(opened, self.registry.resolve(opened.signer_key_id),
+                              self.registry.rate_limits)
+        except ExchangeError as exc:
+            m.REFUSED.labels(exc.code).inc()
+            raise
+        return opened
+
     async def submit(self, raw: bytes, wait: bool,
-                     timeout_s: float = SUBMIT_TIMEOUT_S) -> node_pb2.SubmitResponse:
-        """Admit one envelope and (unless `wait` is false) wait for its block."""
-        opened = await asyncio.to_thread(self.admit, raw)
+                     timeout_s: float = SUBMIT_TIMEOUT_S,
+                     limited: bool = False) -> node_pb2.SubmitResponse:
+        """Admit one envelope and (unless `wait` is false) wait for its block;
+        `limited`: a person's submission, held to the admission rate limits."""
+        opened = await asyncio.to_thread(self.admit_limited if limited else self.admit, raw)
         return (await self._enter([opened], wait, timeout_s))[0]
 
     async def submit_batch(self, raws: Sequence[bytes], wait: bool,
-                           timeout_s: float = SUBMIT_TIMEOUT_S
+                           timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
                            ) -> list[node_pb2.SubmitResponse]:
         """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+        admit_one = self.admit_limited if limited else self.admit
+
         def admit_all() -> list[OpenedEnvelope | ExchangeError]:
             out: list[OpenedEnvelope | ExchangeError] = []
             for raw in raws:
                 try:
-                    out.append(self.admit(raw))
+                    out.append(admit_one(raw))
                 except ExchangeError as exc:
                     out.append(exc)
             return out
@@ -860,7 +913,8 @@ class Node:
         except ExchangeError as exc:
             return [node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
                     for _ in raws]
-        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a))
+        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a),
+                                        retry_after_ms=getattr(a, "retry_after_ms", 0))
                 if isinstance(a, ExchangeError) else next(entered) for a in admitted]
 
     async def _enter(self, envelopes: Sequence[OpenedEnvelope], wait: bool,
@@ -880,9 +934,11 @@ class Node:
                 continue
             p = self.pending.get(opened.tx_id)
             if p is None:
-                if len(self.pending) >= MEMPOOL_TX_MAX:
+                if len(self.pending) >= MEMPOOL_TX_MAX or \
+                        self._pending_bytes + len(opened.raw) > PENDING_BYTES_MAX:
                     raise Unavailable("the node's queue is full; retry shortly")
                 p = self.pending[opened.tx_id] = Pending(opened, time.monotonic())
+                self._pending_bytes += len(opened.raw)
             fut: asyncio.Future[tuple[int, int, str]] = loop.create_future()
             p.futures.append(fut)
             answers.append(fut)
@@ -1006,7 +1062,7 @@ class Node:
             if not result.error_code or result.error_code == Unavailable.code:
                 continue
             tid = tx_id(ledger_pb2.Envelope.FromString(raw).body)
-            p = self.pending.pop(tid, None)
+            p = self._pop_pending(tid)
             if p is None:
                 continue
             m.REFUSED.labels(result.error_code).inc()
@@ -1017,6 +1073,12 @@ class Node:
             for fut in p.futures:
                 if not fut.done():
                     fut.set_exception(error)
+
+    def _pop_pending(self, tx: bytes) -> Pending | None:
+        p = self.pending.pop(tx, None)
+        if p is not None:
+            self._pending_bytes -= len(p.opened.raw)
+        return p
 
     def _leader_stub(self, leader: str) -> node_pb2_grpc.ExchangeStub:
         cached = self._leader_stubs.get(leader)
@@ -1033,7 +1095,7 @@ class Node:
             for tx, p in list(self.pending.items()):
                 p.futures = [f for f in p.futures if not f.done()]
                 if now - p.admitted_at > SUBMIT_TIMEOUT_S * 4:
-                    self.pending.pop(tx, None)  # long given up by every caller
+                    self._pop_pending(tx)  # long given up by every caller
             stale = [p.opened.raw for p in self.pending.values()
                      if now - p.last_sent > RESUBMIT_AFTER_S]
             if not stale:
@@ -1265,5 +1327,6 @@ class Node:
             height=self.store.height, tip_hash=self.store.tip_hash,
             final_height=self.final_height, peers=peers, mempool_size=len(self.mempool),
             members=sorted(self.registry.members), quorum=self.registry.quorum,
-            member_entries=[self.registry.members[a] for a in sorted(self.registry.members)])
+            member_entries=[self.registry.members[a] for a in sorted(self.registry.members)],
+            rate_limits=self.registry.rate_limits)
 

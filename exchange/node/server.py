@@ -56,7 +56,11 @@ _STATUS = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+# Trailing metadata of a RATE_LIMITED refusal: milliseconds until it would pass.
+RETRY_AFTER_KEY = "exchange-retry-after-ms"
 
 T = TypeVar("T")
 
@@ -189,6 +193,8 @@ def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         try:
             return await fn(self, request, context)
         except errors.ExchangeError as exc:
+            if isinstance(exc, errors.RateLimited):
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             await _abort_error(context, exc)
             raise  # unreachable: abort raises
         finally:
@@ -299,17 +305,19 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def Submit(self, request: node_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> node_pb2.SubmitResponse:
-        self.auth.own_agency_or_node(context)
-        return await self.node.submit(request.envelope, wait=not request.no_wait)
+        who = self.auth.own_agency_or_node(context)
+        return await self.node.submit(request.envelope, wait=not request.no_wait,
+                                      limited=not who.is_node)
 
     @_mapped
     async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:
-        self.auth.own_agency_or_node(context)
+        who = self.auth.own_agency_or_node(context)
         if len(request.envelopes) > 10_000:
             raise errors.Oversize("at most 10,000 envelopes per batch")
         results = await self.node.submit_batch(list(request.envelopes),
-                                               wait=not request.no_wait)
+                                               wait=not request.no_wait,
+                                               limited=not who.is_node)
         return node_pb2.SubmitBatchResponse(results=results)
 
     @_mapped

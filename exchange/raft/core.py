@@ -289,6 +289,16 @@ class RaftNode:
         return self._log.last_term
 
     @property
+    def log_bytes(self) -> int:
+        """Bytes of entries held in memory (those after the compaction point)."""
+        return self._log.bytes_held
+
+    def compact_point(self, entries_keep: int, bytes_keep: int) -> int:
+        """How far the log may be compacted keeping at most `entries_keep` entries and
+        `bytes_keep` bytes of applied entries for lagging followers."""
+        return self._log.index_keeping(entries_keep, bytes_keep)
+
+    @property
     def voters(self) -> tuple[str, ...]:
         return self._voters
 

@@ -58,6 +58,7 @@ class RaftLog:
         check_contiguous(entries, snapshot.index, snapshot.term)
         self._snapshot = snapshot
         self._entries: list[Entry] = list(entries)
+        self._bytes = sum(entry_size_bytes(e) for e in self._entries)
         self._base_conf = snapshot.conf if snapshot.conf.voters else initial_conf
         self._conf_entries: list[tuple[int, ConfState]] = []
         self._note_conf_entries(self._entries)
@@ -80,6 +81,26 @@ class RaftLog:
     @property
     def last_index(self) -> int:
         return self._snapshot.index + len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """Size of the entries held in memory (data plus framing estimate)."""
+        return self._bytes
+
+    def index_keeping(self, entries_keep: int, bytes_keep: int) -> int:
+        """The highest index up to which the log may be compacted so that at most
+        `entries_keep` applied entries, and no more than `bytes_keep` bytes of them, stay
+        held behind the applied index (what a lagging follower may still need)."""
+        index = self.applied
+        kept_bytes = 0
+        base = self._snapshot.index + 1
+        while index > self._snapshot.index and self.applied - index < entries_keep:
+            size = entry_size_bytes(self._entries[index - base])
+            if kept_bytes + size > bytes_keep:
+                break
+            kept_bytes += size
+            index -= 1
+        return index
 
     @property
     def last_term(self) -> int:
@@ -207,10 +228,13 @@ class RaftLog:
         previous_term = self.term_at(first - 1)
         assert previous_term is not None
         check_contiguous(entries, first - 1, previous_term)
+        dropped = self._entries[first - self._snapshot.index - 1 :]
+        self._bytes -= sum(entry_size_bytes(e) for e in dropped)
         del self._entries[first - self._snapshot.index - 1 :]
         while self._conf_entries and self._conf_entries[-1][0] >= first:
             self._conf_entries.pop()
         self._entries.extend(entries)
+        self._bytes += sum(entry_size_bytes(e) for e in entries)
         self._note_conf_entries(entries)
         self.unstable_from = min(self.unstable_from, first)
 
@@ -246,6 +270,7 @@ class RaftLog:
         assert meta.conf.voters, "snapshot without a configuration"
         self._snapshot = meta
         self._entries = []
+        self._bytes = 0
         self._base_conf = meta.conf
         self._conf_entries = []
         self.committed = meta.index
@@ -260,6 +285,8 @@ class RaftLog:
         term = self.term_at(index)
         assert term is not None
         conf = self.conf_at(index)
+        self._bytes -= sum(entry_size_bytes(e)
+                           for e in self._entries[: index - self._snapshot.index])
         del self._entries[: index - self._snapshot.index]
         self._conf_entries = [(i, c) for i, c in self._conf_entries if i > index]
         self._base_conf = conf
