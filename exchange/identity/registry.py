@@ -58,6 +58,7 @@ class KeyInfo:
     revoked_at_height: int | None = None  # invalid in blocks above this height
     valid_from_height: int = 0  # invalid in blocks below this height (keys added later)
     credential: bytes = b""  # serialized SignedCredential, for credentials
+    tls_key_sha256: bytes = b""  # the holder's TLS client key it binds, for credentials
 
 
 def quorum_size(member_count: int) -> int:
@@ -124,6 +125,8 @@ class KeyRegistry:
         # its CA issued).
         self.node_certs: dict[str, bytes] = {}
         self._keys: dict[bytes, KeyInfo] = {}
+        # SHA-256 of a TLS client key -> the key id of the latest credential naming it
+        self._by_tls_key: dict[bytes, bytes] = {}
         # Bumped whenever members, their node keys or their TLS CAs change, so the node
         # knows to refresh its peer links, trust and Raft configuration.
         self.version = 0
@@ -157,6 +160,32 @@ class KeyRegistry:
         if info.not_after_ms and not info.not_before_ms <= time_ms <= info.not_after_ms:
             raise CredentialInvalid(
                 f"credential of {info.agency}/{info.subject} is not valid at {time_ms}")
+        return info
+
+    def check_reader(self, tls_key_sha256: bytes, agency: str, subject: str, height: int,
+                     now_ms: int) -> KeyInfo:
+        """The credential a person calling with the TLS client key `tls_key_sha256`
+        (certificate name `agency`/`subject`) acts under, if it is valid now, at applied
+        `height`: named by a credential of that very person, not revoked, not expired.
+        Design decision 14: reads are a person's, checked like writes."""
+        kid = self._by_tls_key.get(bytes(tls_key_sha256))
+        if kid is None:
+            raise CredentialInvalid(f"no credential on the ledger binds the TLS client "
+                                    f"certificate of {agency}/{subject} (as of height "
+                                    f"{height})")
+        info = self._keys[kid]
+        if (info.agency, info.subject) != (agency, subject):
+            raise CredentialInvalid(f"the TLS client certificate named {agency}/{subject} is "
+                                    f"bound to the credential of {info.agency}/{info.subject}")
+        if info.revoked_at_height is not None:  # applied: the registry is as of `height`
+            raise CredentialInvalid(
+                f"credential {kid.hex()} of {agency}/{subject} was revoked at height "
+                f"{info.revoked_at_height}: it reads nothing from then on")
+        if not info.not_before_ms <= now_ms <= info.not_after_ms:
+            raise CredentialInvalid(
+                f"credential {kid.hex()} of {agency}/{subject} is valid from "
+                f"{info.not_before_ms} to {info.not_after_ms} ms, not at {now_ms} (height "
+                f"{height})")
         return info
 
     def node_key(self, agency: str) -> KeyInfo:
@@ -209,8 +238,11 @@ class KeyRegistry:
             raise MalformedInput(f"key {kid.hex()} is already registered")
         info = KeyInfo(kid, bytes(cred.public_key), cred.agency, cred.subject, tuple(cred.roles),
                        cred.not_before_ms, cred.not_after_ms,
-                       credential=signed.SerializeToString(deterministic=True))
+                       credential=signed.SerializeToString(deterministic=True),
+                       tls_key_sha256=bytes(cred.tls_key_sha256))
         self._keys[kid] = info
+        if info.tls_key_sha256:
+            self._by_tls_key[info.tls_key_sha256] = kid
         return info
 
     def revoke(self, kid: bytes, by_agency: str, height: int) -> None:
