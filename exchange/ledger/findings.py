@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from exchange.errors import CredentialInvalid
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo
 from exchange.ledger.block import OpenedEnvelope
 from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, Rejected
@@ -143,9 +144,16 @@ class FindingsBook:
         except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
             raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
         parties = {owner} | {self.queries.queries[q].target for q in inputs}
-        allowed = {self.queries.data_key_id(a) for a in parties}
+        registry = self.queries.registry
         recipients = {bytes(w.recipient_key_id) for w in f.sealed_output.recipients}
-        if self.queries.data_key_id(owner) not in recipients or not recipients <= allowed:
+        try:
+            registry.check_recipients(recipients, "the findings")
+        except CredentialInvalid as exc:
+            raise Rejected(CODE_FINDINGS_INVALID, str(exc)) from exc
+        # any data key of the parties not compromised (one may rotate while a run is in
+        # flight), the owner's among them
+        allowed = set().union(*(registry.agency_data_key_ids(a) for a in parties))
+        if not recipients & registry.agency_data_key_ids(owner) or not recipients <= allowed:
             raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and at "
                                                   "most the agencies whose data they used")
         key = (bytes(f.rule_digest), f.period, inputs_digest(inputs))

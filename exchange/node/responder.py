@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from exchange.errors import ExchangeError, Unavailable
-from exchange.identity.keys import DataKey
+from exchange.identity.keys import DataKey, DataKeyring
 from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
 from exchange.ledger.sealing import (
@@ -196,7 +196,7 @@ def split_rows(rows: Sequence[bytes], chunk_bytes: int = CHUNK_PLAINTEXT_BYTES) 
 class Responder:
     """Answers the queries the ledger sends this node's agency."""
 
-    def __init__(self, node: Node, data_key: DataKey) -> None:
+    def __init__(self, node: Node, data_key: DataKey | DataKeyring) -> None:
         self.node = node
         self.data_key = data_key
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -398,9 +398,7 @@ class Responder:
         except Exception as exc:  # noqa: BLE001 - a store that is down: try again later
             raise Unavailable(f"{self.node.agency}'s store: {exc}") from exc
         lines = [canonical_json(row) + b"\n" for row in rows]
-        recipients = list(dict.fromkeys([
-            bytes(self.node.registry.members[rec.requester].data_public_key),
-            self.data_key.public_key]))
+        recipients = self.node.registry.sealing_keys([rec.requester, self.node.agency])
         chunks = []
         for index, plaintext in enumerate(split_rows(lines,
                                                     self.node.config.answer_chunk_bytes)):
