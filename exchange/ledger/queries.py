@@ -260,6 +260,10 @@ class QueryBook:
             raise MalformedInput("the reply key is not the requester's data key")
         check_sealed_form(q.sealed_request)
         recipients = {bytes(w.recipient_key_id) for w in q.sealed_request.recipients}
+        try:
+            self.registry.check_recipients(recipients, "the request")
+        except CredentialInvalid as exc:
+            raise MalformedInput(str(exc)) from exc
         if recipients != {requester_key, self.data_key_id(q.target_agency)}:
             raise MalformedInput("the request must be sealed to exactly the requester "
                                  "and the target")
