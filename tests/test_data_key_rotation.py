@@ -147,6 +147,15 @@ def test_a_data_key_rotated_mid_run_keeps_old_answers_readable_and_revealable(
     for answer in (before, after):
         assert txs[str(answer["query"])]["revealed"], answer
 
+    # a restarted node still holds both keys: it reads from the retired ones on disk
+    cluster.restart("customs")
+    cluster.wait_ready()
+    for answer in (before, after):
+        result = cluster.run_exchange("answer", str(answer["query"]), "--json",
+                                      "--profile", str(cluster.profile("customs")))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["rows"] == 1
+
 
 def test_a_compromised_data_key_is_never_sealed_to_again(cluster: Cluster) -> None:
     keys = cluster.net / "tax" / "keys"
