@@ -682,8 +682,13 @@ class Node:
             log.error("the prepared next data key is not the one on the ledger",
                       path=str(prepared))
             return
-        retire_data_key(path, self.data_keys.current)
-        os.replace(prepared, path)
+        try:
+            retire_data_key(path, self.data_keys.current)
+            os.replace(prepared, path)
+        except OSError as exc:  # keys on a read-only volume (a Kubernetes Secret)
+            log.error("data key switched in memory only: put the prepared key in place "
+                      "and the old one among the retired keys before the next restart",
+                      path=str(path), error=str(exc))
         self.data_keys.replace_current(key)
         log.info("data key switched to the one on the ledger", key_id=key.key_id.hex(),
                  retired=len(self.data_keys.key_ids) - 1)
