@@ -34,7 +34,8 @@ def list_(agency: str, profile_option: str | None, timeout_s: float, as_json: bo
     profile_path, client = connect(profile_option, timeout_s)
     client.close()
     rows: list[dict[str, Any]] = [{"key_id": k.key_id.hex(), "agency": k.agency, "subject": k.subject,
-             "roles": list(k.roles), "not_after_ms": k.not_after_ms}
+             "roles": list(k.roles), "not_after_ms": k.not_after_ms,
+             "tls_key_sha256": k.tls_key_sha256.hex()}
             for k in _registry(profile_path).credentials()
             if not agency or k.agency == agency]
     if as_json:

@@ -411,6 +411,7 @@ def genesis_description(signed: identity_pb2.SignedGenesis) -> dict[str, Any]:
             "not_before_ms": cred.not_before_ms,
             "not_after_ms": cred.not_after_ms,
             "issuer_key_id": bytes(cred.issuer_key_id).hex(),
+            "tls_key_sha256": bytes(cred.tls_key_sha256).hex(),
         })
     return {
         "note": "description only; genesis.pb is the signed, authoritative genesis",
