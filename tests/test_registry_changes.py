@@ -294,3 +294,40 @@ def test_a_credential_binds_its_holders_tls_client_key_for_reads(net: Net) -> No
     net.registry.revoke(key.key_id, "tax", 95)
     with pytest.raises(CredentialInvalid, match="revoked at height 95"):
         net.registry.check_reader(digest, "tax", "analyst-5", 95, 1_500)
+
+
+def test_a_credential_binding_no_tls_key_is_matched_by_its_subject_while_latest(
+        net: Net) -> None:
+    """Credentials issued before the binding (none names a TLS key) keep their holders
+    reading, by the certificate's name, until revoked or replaced by a bound one."""
+    from exchange.identity.genesis import issue_credential
+
+    tax = net.materials["tax"]
+    cert = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-8")
+    digest = tls.public_key_sha256(cert.certificate)
+    legacy = SigningKey.generate()
+
+    def issue(key: SigningKey, tls_key: bytes, height: int) -> None:
+        signed = issue_credential(net.registry.chain_id, "tax", "analyst-8", key.public_key,
+                                  ["analyst"], 1_000, 2_000, tax.root, tls_key_sha256=tls_key)
+        body = ledger_pb2.TxBody()
+        body.credential_issue.signed_credential = signed.SerializeToString(
+            deterministic=True)
+        net.registry.apply(body, _root(net, "tax"), height)
+
+    issue(legacy, b"", 100)
+    assert net.registry.check_reader(digest, "tax", "analyst-8", 100, 1_500).key_id == \
+        legacy.key_id
+    with pytest.raises(CredentialInvalid, match="no credential on the ledger binds"):
+        net.registry.check_reader(digest, "tax", "analyst-9", 100, 1_500)
+    net.registry.revoke(legacy.key_id, "tax", 101)
+    with pytest.raises(CredentialInvalid, match="revoked at height 101"):
+        net.registry.check_reader(digest, "tax", "analyst-8", 101, 1_500)
+    # a bound credential for the subject: only the certificate it names reads
+    bound = SigningKey.generate()
+    other = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-8")
+    issue(bound, tls.public_key_sha256(other.certificate), 102)
+    assert net.registry.check_reader(tls.public_key_sha256(other.certificate), "tax",
+                                     "analyst-8", 102, 1_500).key_id == bound.key_id
+    with pytest.raises(CredentialInvalid, match="no credential on the ledger binds"):
+        net.registry.check_reader(digest, "tax", "analyst-8", 102, 1_500)

@@ -143,6 +143,8 @@ class KeyRegistry:
         self.data_keys: dict[bytes, DataKeyInfo] = {}
         # SHA-256 of a TLS client key -> the key id of the latest credential naming it
         self._by_tls_key: dict[bytes, bytes] = {}
+        # (agency, subject) -> the key id of the latest credential issued for the subject
+        self._by_subject: dict[tuple[str, str], bytes] = {}
         # Bumped whenever members, their node keys or their TLS CAs change, so the node
         # knows to refresh its peer links, trust and Raft configuration.
         self.version = 0
@@ -185,6 +187,12 @@ class KeyRegistry:
         `height`: named by a credential of that very person, not revoked, not expired.
         Design decision 14: reads are a person's, checked like writes."""
         kid = self._by_tls_key.get(bytes(tls_key_sha256))
+        if kid is None:
+            # a credential issued before credentials bound a TLS key (none names one) is
+            # matched by the certificate's name, while it is its subject's latest
+            latest = self._by_subject.get((agency, subject))
+            if latest is not None and not self._keys[latest].tls_key_sha256:
+                kid = latest
         if kid is None:
             raise CredentialInvalid(f"no credential on the ledger binds the TLS client "
                                     f"certificate of {agency}/{subject} (as of height "
@@ -301,6 +309,7 @@ class KeyRegistry:
         self._keys[kid] = info
         if info.tls_key_sha256:
             self._by_tls_key[info.tls_key_sha256] = kid
+        self._by_subject[(info.agency, info.subject)] = kid
         return info
 
     def revoke(self, kid: bytes, by_agency: str, height: int) -> None:
