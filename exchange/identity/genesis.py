@@ -99,8 +99,8 @@ def issue_credential(chain_id: str, agency: str, subject: str, public_key: bytes
                      root: SigningKey, tls_key_sha256: bytes = b"",
                      ) -> identity_pb2.SignedCredential:
     """A credential certifying `public_key` for `subject` of `agency`, signed by its root;
-    `tls_key_sha256` binds the holder's TLS client certificate (tls.public_key_sha256),
-    without which the holder cannot call a node."""
+    `tls_key_sha256` binds the holder's TLS client certificate (tls.public_key_sha256):
+    calls made with it act under this credential (KeyRegistry.check_reader)."""
     if not_after_ms <= not_before_ms:
         raise ValueError("credential must expire after it starts")
     if len(tls_key_sha256) not in (0, TLS_KEY_SHA256_BYTES):
