@@ -171,6 +171,10 @@ class _Auth:
                      height=self.node.store.height)
         return caller
 
+    def own_agency_or_node(self, context: grpc.aio.ServicerContext) -> Caller:
+        """`caller` for a call that reads nothing of a person's (submissions, status)."""
+        return self.caller(context)
+
     def recheck(self, caller: Caller) -> Caller:
         """`caller` with its credential checked again as of now (a long stream is cut
         when its reader's credential is revoked)."""
@@ -186,6 +190,12 @@ class _Auth:
                         error=str(exc))
             raise
         return Caller(caller.who, caller.tls_key_sha256, info)
+
+
+def _own_person(auth: _Auth, context: grpc.aio.ServicerContext,
+                read: str = "read") -> Caller:
+    """A person of the node's own agency (not a node), checked and logged as a read."""
+    return auth.caller(context, read, person_only=True)
 
 
 class ExchangeService(node_pb2_grpc.ExchangeServicer):
