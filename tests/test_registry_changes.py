@@ -11,7 +11,7 @@ import pytest
 
 from exchange.errors import CredentialInvalid, ExchangeError, InvalidSignature, MalformedInput
 from exchange.identity import ceremony, tls
-from exchange.identity.keys import Domain, SigningKey
+from exchange.identity.keys import DataKey, Domain, SigningKey
 from exchange.identity.network import AgencyMaterial
 from exchange.identity.peer_auth import PeerAuthenticator, member_cas_from
 from exchange.identity.registry import (
@@ -201,7 +201,7 @@ def test_certificate_rotation_revokes_every_other_node_certificate(net: Net) -> 
         _rotate(net, "customs", ledger_pb2.KeyRotation(
             key_kind="tls", new_certificate=foreign.cert_der), 60)
     with pytest.raises(MalformedInput, match="cannot be rotated"):
-        _rotate(net, "customs", ledger_pb2.KeyRotation(key_kind="data"), 60)
+        _rotate(net, "customs", ledger_pb2.KeyRotation(key_kind="ssh"), 60)
     before = PeerAuthenticator(member_cas_from(net.registry.members.values()),
                                net.registry.node_certs)
     assert before.identify(customs.node_tls.cert_pem).agency == "customs"
@@ -222,3 +222,112 @@ def test_statement_names_operation_members_and_subject() -> None:
     remove = ledger_pb2.MembershipChange(remove_agency="b", members_before=["a", "b"])
     assert membership_change_statement(add) == b"add\0a\nb\0entry"
     assert membership_change_statement(remove) == b"remove\0a\nb\0b"
+
+
+def test_data_key_rotation_keeps_the_old_key_known_and_seals_to_the_new(net: Net) -> None:
+    registry = net.registry
+    old = net.materials["pboc"].data_key
+    new = DataKey.generate()
+    with pytest.raises(MalformedInput, match="32 bytes"):
+        _rotate(net, "pboc", ledger_pb2.KeyRotation(key_kind="data"), 70)
+    with pytest.raises(MalformedInput, match="only a data key rotation"):
+        _rotate(net, "pboc", ledger_pb2.KeyRotation(
+            key_kind="node", new_public_key=SigningKey.generate().public_key,
+            compromised=True), 70)
+    # another agency's data key is never taken over
+    with pytest.raises(MalformedInput, match="never reused"):
+        _rotate(net, "pboc", ledger_pb2.KeyRotation(
+            key_kind="data", new_public_key=net.materials["tax"].data_key.public_key), 70)
+    assert registry.data_key_id("pboc") == old.key_id
+    _rotate(net, "pboc", ledger_pb2.KeyRotation(key_kind="data",
+                                                new_public_key=new.public_key), 70)
+    assert registry.data_key_id("pboc") == new.key_id
+    assert registry.sealing_keys(["tax", "pboc"]) == [
+        net.materials["tax"].data_key.public_key, new.public_key]
+    # the old key stays the agency's, readable, and may still be sealed to (in flight)
+    assert registry.agency_data_key_ids("pboc") == {old.key_id, new.key_id}
+    assert registry.data_keys[old.key_id].retired_at_height == 70
+    assert registry.data_keys[new.key_id].valid_from_height == 71
+    registry.check_recipients([old.key_id, new.key_id], "an answer")
+    # a key used once is never taken again, even the agency's own old one
+    with pytest.raises(MalformedInput, match="never reused"):
+        _rotate(net, "pboc", ledger_pb2.KeyRotation(key_kind="data",
+                                                    new_public_key=old.public_key), 71)
+
+
+def test_a_compromised_data_key_is_never_sealed_to_again(net: Net) -> None:
+    registry = net.registry
+    old = net.materials["police"].data_key
+    new = DataKey.generate()
+    _rotate(net, "police", ledger_pb2.KeyRotation(
+        key_kind="data", new_public_key=new.public_key, compromised=True), 80)
+    assert registry.compromised(old.key_id) and not registry.compromised(new.key_id)
+    assert registry.agency_data_key_ids("police") == {new.key_id}
+    assert registry.sealing_keys(["police"]) == [new.public_key]
+    with pytest.raises(CredentialInvalid, match="compromised at height 80"):
+        registry.check_recipients([net.materials["tax"].data_key.key_id, old.key_id],
+                                  "the answer")
+
+
+def test_a_credential_binds_its_holders_tls_client_key_for_reads(net: Net) -> None:
+    from exchange.identity.genesis import issue_credential
+
+    tax = net.materials["tax"]
+    cert = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-5")
+    other = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-6")
+    key = SigningKey.generate()
+    digest = tls.public_key_sha256(cert.certificate)
+    signed = issue_credential(net.registry.chain_id, "tax", "analyst-5", key.public_key,
+                              ["analyst"], 1_000, 2_000, tax.root, tls_key_sha256=digest)
+    body = ledger_pb2.TxBody()
+    body.credential_issue.signed_credential = signed.SerializeToString(deterministic=True)
+    net.registry.apply(body, _root(net, "tax"), 90)
+    assert net.registry.check_reader(digest, "tax", "analyst-5", 90, 1_500).key_id == \
+        key.key_id
+    with pytest.raises(CredentialInvalid, match="not at 2001"):
+        net.registry.check_reader(digest, "tax", "analyst-5", 90, 2_001)
+    with pytest.raises(CredentialInvalid, match="bound to the credential of tax/analyst-5"):
+        net.registry.check_reader(digest, "tax", "analyst-6", 90, 1_500)
+    with pytest.raises(CredentialInvalid, match="no credential on the ledger binds"):
+        net.registry.check_reader(tls.public_key_sha256(other.certificate), "tax",
+                                  "analyst-6", 90, 1_500)
+    net.registry.revoke(key.key_id, "tax", 95)
+    with pytest.raises(CredentialInvalid, match="revoked at height 95"):
+        net.registry.check_reader(digest, "tax", "analyst-5", 95, 1_500)
+
+
+def test_a_credential_binding_no_tls_key_is_matched_by_its_subject_while_latest(
+        net: Net) -> None:
+    """Credentials issued before the binding (none names a TLS key) keep their holders
+    reading, by the certificate's name, until revoked or replaced by a bound one."""
+    from exchange.identity.genesis import issue_credential
+
+    tax = net.materials["tax"]
+    cert = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-8")
+    digest = tls.public_key_sha256(cert.certificate)
+    legacy = SigningKey.generate()
+
+    def issue(key: SigningKey, tls_key: bytes, height: int) -> None:
+        signed = issue_credential(net.registry.chain_id, "tax", "analyst-8", key.public_key,
+                                  ["analyst"], 1_000, 2_000, tax.root, tls_key_sha256=tls_key)
+        body = ledger_pb2.TxBody()
+        body.credential_issue.signed_credential = signed.SerializeToString(
+            deterministic=True)
+        net.registry.apply(body, _root(net, "tax"), height)
+
+    issue(legacy, b"", 100)
+    assert net.registry.check_reader(digest, "tax", "analyst-8", 100, 1_500).key_id == \
+        legacy.key_id
+    with pytest.raises(CredentialInvalid, match="no credential on the ledger binds"):
+        net.registry.check_reader(digest, "tax", "analyst-9", 100, 1_500)
+    net.registry.revoke(legacy.key_id, "tax", 101)
+    with pytest.raises(CredentialInvalid, match="revoked at height 101"):
+        net.registry.check_reader(digest, "tax", "analyst-8", 101, 1_500)
+    # a bound credential for the subject: only the certificate it names reads
+    bound = SigningKey.generate()
+    other = tls.issue_client_certificate(tax.tls_ca, "tax", "analyst-8")
+    issue(bound, tls.public_key_sha256(other.certificate), 102)
+    assert net.registry.check_reader(tls.public_key_sha256(other.certificate), "tax",
+                                     "analyst-8", 102, 1_500).key_id == bound.key_id
+    with pytest.raises(CredentialInvalid, match="no credential on the ledger binds"):
+        net.registry.check_reader(digest, "tax", "analyst-8", 102, 1_500)

@@ -570,8 +570,10 @@ class PlaybookRunner:
                 deadline_s=self.settings.follow_up_deadline_s, on_behalf_of=ref)
             if self.spool.get(job.key, ref) is None:
                 self._reserve_hour(step.agency)
+            # the members (their data keys) as the ledger has them now
+            members = list(self.client.status().member_entries)
             qid, result = self._submit(job, ref, lambda: build_query(
-                spec, self.signer, self.genesis)[0])
+                spec, self.signer, self.genesis, members=members)[0])
             if result == CODE_STEP_DONE:
                 qid = bytes(self._step_on_ledger(ref).tx_id)
             elif result != "OK":

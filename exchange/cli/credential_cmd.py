@@ -133,11 +133,13 @@ def issue(agency_dir: Path, subject: str, roles: str, valid_days: int,
         ca = tls.read_identity(paths.ca_cert, paths.ca_key)
         now_ms = int(time.time() * 1000)
         key = SigningKey.generate()
-        signed = issue_credential(chain_id, agency, subject, key.public_key, role_list,
-                                  now_ms, now_ms + valid_days * DAY_MS, root)
         client_tls = tls.issue_client_certificate(
             ca, agency, subject, datetime.datetime.fromtimestamp(now_ms / 1000, datetime.UTC),
             valid_days)
+        # the credential binds the new TLS client key: reads with it act under it
+        signed = issue_credential(chain_id, agency, subject, key.public_key, role_list,
+                                  now_ms, now_ms + valid_days * DAY_MS, root,
+                                  tls.public_key_sha256(client_tls.certificate))
         passphrase = passphrase_from_env(passphrase_env)
         write_private(paths.signing_key(subject), key.to_pem(passphrase))
         write_public(paths.credential(subject), signed.SerializeToString(deterministic=True))

@@ -43,7 +43,9 @@ def evidence() -> None:
                                                              dir_okay=False),
               default=None, help="Your agency's data key: add the plaintext of every "
                                  "payload it opens (your answers, findings, requests), "
-                                 "which the verifier checks against the committed digests.")
+                                 "which the verifier checks against the committed digests. "
+                                 "The rotated-out data keys kept beside it (data.retired/) "
+                                 "open what was sealed before a rotation.")
 @click.option("--passphrase-env", default=None,
               help="Environment variable holding the data key's passphrase.")
 @click.option("--profile", "profile_option", default=None,
@@ -58,7 +60,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
     """Bundle transactions with their proofs, headers, attestations and credentials."""
     import os
 
-    from exchange.identity.keys import read_data_key
+    from exchange.identity.keys import read_data_keyring
     from exchange.ledger.case_export import case_tx_ids, reveals_for
 
     if not tx_ids and not case_id:
@@ -89,7 +91,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
                 if value is None:
                     raise MalformedInput(f"${passphrase_env} is not set")
                 passphrase = value.encode()
-            reveals = reveals_for(store, ids, read_data_key(reveal_key, passphrase))
+            reveals = reveals_for(store, ids, read_data_keyring(reveal_key, passphrase))
         bundle = build_bundle(store, ids, reveals, through_height=through)
         if with_statements:
             from exchange.cli.node_cmds import connect

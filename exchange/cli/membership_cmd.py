@@ -5,7 +5,7 @@ which keys they use, on the ledger.
     exchange membership propose --rate-limits limits.json --out change.pb  (parameters)
     exchange membership approve change.pb --agency-dir DIR --out tax.approval   (each root)
     exchange membership submit change.pb *.approval --agency-dir DIR
-    exchange agency rotate --kind node|tls --agency-dir DIR
+    exchange agency rotate --kind node|tls|data [--compromised] --agency-dir DIR
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from exchange.errors import MalformedInput
 from exchange.identity import ceremony, tls
 from exchange.identity.keys import (
     CachedSigner,
+    DataKey,
     Domain,
     SigningKey,
     read_signing_key,
@@ -226,23 +227,37 @@ def submit(change_path: Path, approvals: tuple[Path, ...], agency_dir: Path,
 
 
 @agency.command("rotate")
-@click.option("--kind", type=click.Choice(["node", "tls"]), required=True,
+@click.option("--kind", type=click.Choice(["node", "tls", "data"]), required=True,
               help="node: the node's signing key; tls: the node's TLS certificate (every "
-                   "other node certificate of the agency is revoked).")
+                   "other node certificate of the agency is revoked); data: the data key "
+                   "queries, answers and findings are sealed to (the node keeps the old "
+                   "one to read what was sealed to it).")
+@click.option("--compromised", is_flag=True,
+              help="With --kind data: the data key replaced is compromised; no node seals "
+                   "anything to it again, and any transaction sealed to it is invalid.")
 @click.option("--agency-dir", required=True, type=_DIR, help="This agency's folder.")
 @click.option("--root-passphrase-env", default=None, metavar="VAR")
 @node_options
 @json_option
-def rotate(kind: str, agency_dir: Path, root_passphrase_env: str | None,
+def rotate(kind: str, compromised: bool, agency_dir: Path, root_passphrase_env: str | None,
            profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Replace the node's signing key or TLS certificate with no downtime: the new one is
     prepared beside the current one (.next), the rotation signed by the root goes on the
     ledger, and the running node switches when it applies it."""
     paths = AgencyPaths(agency_dir)
+    if compromised and kind != "data":
+        raise click.UsageError("--compromised marks a data key; use it with --kind data")
     _, client = connect(profile_option, timeout_s)
     with client:
         signer = _root_signer(agency_dir, client.status().chain_id, root_passphrase_env)
-        if kind == "node":
+        if kind == "data":
+            data_key = DataKey.generate()
+            write_private(next_path(paths.data_key), data_key.to_pem(), overwrite=True)
+            rotation = ledger_pb2.KeyRotation(key_kind="data", new_public_key=data_key.public_key,
+                                              compromised=compromised)
+            detail = f"new data key {data_key.key_id.hex()}" + (
+                ", the old one compromised" if compromised else "")
+        elif kind == "node":
             key = SigningKey.generate()
             write_private(next_path(paths.node_key), key.to_pem(), overwrite=True)
             rotation = ledger_pb2.KeyRotation(key_kind="node", new_public_key=key.public_key)
@@ -261,7 +276,8 @@ def rotate(kind: str, agency_dir: Path, root_passphrase_env: str | None,
         done = _submit(client, signer, f"{kind} rotation of {signer.agency} ({detail})",
                        lambda body: body.key_rotation.CopyFrom(rotation), quiet=as_json)
     if as_json:
-        emit_json({"agency": signer.agency, "kind": kind, "detail": detail, **done})
+        emit_json({"agency": signer.agency, "kind": kind, "detail": detail,
+                   "compromised": compromised, **done})
 
 
 __all__ = ["membership"]

@@ -142,11 +142,17 @@ class NetworkRun:
                 f"{self.rule.digest_hex[:16]}) is not registered; a supervisor of "
                 f"{self.rule.owner} registers it with `exchange rules register`")
 
+    def _current_members(self) -> list[identity_pb2.Member]:
+        """The members as the ledger has them now (data keys rotate, agencies join), from
+        the runner's own node, which verified every block that changed them."""
+        return list(self.client.status().member_entries) or list(self.genesis.members)
+
     def _ask(self, specs: Sequence[QuerySpec]) -> list[bytes]:
         self._asked_agencies.update(spec.target for spec in specs)
         envs, ids = [], []
+        members = self._current_members()
         for spec in specs:
-            env, qid = build_query(spec, self.signer, self.genesis)
+            env, qid = build_query(spec, self.signer, self.genesis, members=members)
             envs.append(env)
             ids.append(qid)
         for start in range(0, len(envs), SUBMIT_BATCH_MAX):
@@ -276,7 +282,8 @@ class NetworkRun:
         goes first, in FindingsChunk transactions (committed here), which it names."""
         from exchange.ledger.findings import inputs_digest
 
-        members = {m.agency: bytes(m.data_public_key) for m in self.genesis.members}
+        # the data keys as the ledger has them now (an agency may have rotated its own)
+        members = {m.agency: bytes(m.data_public_key) for m in self._current_members()}
         used = [self.rule.owner] + sorted(set(self._asked_agencies) - {self.rule.owner})
         recipients = [members[a] for a in used]
         context = inputs_digest(input_ids)

@@ -38,6 +38,8 @@ DEFAULT_PARAMS = identity_pb2.ChainParams(
     query_deadline_ms=10 * 60_000,
     rate_limits=DEFAULT_RATE_LIMITS,
 )
+# Credential.tls_key_sha256: SHA-256 of the holder's TLS client key (SubjectPublicKeyInfo).
+TLS_KEY_SHA256_BYTES = 32
 
 
 def genesis_hash(signed: identity_pb2.SignedGenesis) -> bytes:
@@ -110,14 +112,20 @@ def assemble_genesis(genesis_bytes: bytes, chain_id: str,
 
 def issue_credential(chain_id: str, agency: str, subject: str, public_key: bytes,
                      roles: Iterable[str], not_before_ms: int, not_after_ms: int,
-                     root: SigningKey) -> identity_pb2.SignedCredential:
-    """A credential certifying `public_key` for `subject` of `agency`, signed by its root."""
+                     root: SigningKey, tls_key_sha256: bytes = b"",
+                     ) -> identity_pb2.SignedCredential:
+    """A credential certifying `public_key` for `subject` of `agency`, signed by its root;
+    `tls_key_sha256` binds the holder's TLS client certificate (tls.public_key_sha256):
+    calls made with it act under this credential (KeyRegistry.check_reader)."""
     if not_after_ms <= not_before_ms:
         raise ValueError("credential must expire after it starts")
+    if len(tls_key_sha256) not in (0, TLS_KEY_SHA256_BYTES):
+        raise ValueError(f"a TLS key digest is {TLS_KEY_SHA256_BYTES} bytes")
     body = identity_pb2.Credential(
         chain_id=chain_id, agency=agency, subject=subject, public_key=public_key,
         roles=sorted(set(roles)), not_before_ms=not_before_ms, not_after_ms=not_after_ms,
-        issuer_key_id=root.key_id).SerializeToString(deterministic=True)
+        issuer_key_id=root.key_id, tls_key_sha256=tls_key_sha256,
+    ).SerializeToString(deterministic=True)
     return identity_pb2.SignedCredential(
         credential=body, signature=root.sign(Domain.CREDENTIAL, chain_id, body))
 
@@ -130,4 +138,7 @@ def parse_credential(signed: identity_pb2.SignedCredential) -> identity_pb2.Cred
         raise MalformedInput(f"credential does not parse: {exc}") from exc
     if len(cred.public_key) != 32:
         raise MalformedInput("credential public key must be 32 bytes")
+    if len(cred.tls_key_sha256) not in (0, TLS_KEY_SHA256_BYTES):
+        raise MalformedInput(f"credential TLS key digest must be {TLS_KEY_SHA256_BYTES} "
+                             "bytes")
     return cred

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,70 @@ class DataKey:
         raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                 serialization.NoEncryption())
         return cls(raw)
+
+
+class DataKeyring:
+    """An agency's data keys: the current one, which new payloads are sealed to, and
+    every earlier one, kept so what was sealed to it stays readable (decision 5). Shared
+    by the node's reader and responder; a data key rotation replaces the current key in
+    place."""
+
+    def __init__(self, current: DataKey, earlier: Iterable[DataKey] = ()) -> None:
+        self.current = current
+        self._keys = {k.key_id: k for k in earlier}
+        self._keys[current.key_id] = current
+
+    @property
+    def public_key(self) -> bytes:
+        return self.current.public_key
+
+    @property
+    def key_id(self) -> bytes:
+        return self.current.key_id
+
+    @property
+    def key_ids(self) -> frozenset[bytes]:
+        return frozenset(self._keys)
+
+    def get(self, kid: bytes) -> DataKey | None:
+        return self._keys.get(bytes(kid))
+
+    def key_for(self, recipient_key_ids: Iterable[bytes]) -> DataKey:
+        """The key of ours a payload with these recipients was sealed to (the current
+        key when none is: opening then says it is not a recipient)."""
+        for kid in recipient_key_ids:
+            key = self._keys.get(bytes(kid))
+            if key is not None:
+                return key
+        return self.current
+
+    def replace_current(self, key: DataKey) -> None:
+        self._keys[key.key_id] = key
+        self.current = key
+
+
+def retired_data_keys_dir(data_key_path: Path) -> Path:
+    """Where a node keeps its rotated-out data keys, one file per key id, mode 0600 as
+    its current keys: keys/data.key -> keys/data.retired/<key id>.key."""
+    return data_key_path.with_name(data_key_path.stem + ".retired")
+
+
+def read_data_keyring(path: Path, passphrase: bytes | None = None) -> DataKeyring:
+    """The current data key at `path` and every retired one beside it."""
+    earlier: list[DataKey] = []
+    retired = retired_data_keys_dir(path)
+    if retired.is_dir():
+        earlier = [read_data_key(p, passphrase) for p in sorted(retired.glob("*.key"))]
+    return DataKeyring(read_data_key(path, passphrase), earlier)
+
+
+def retire_data_key(path: Path, key: DataKey) -> None:
+    """Keep `key` among the retired data keys beside `path` (idempotent)."""
+    retired = retired_data_keys_dir(path)
+    retired.mkdir(mode=0o700, exist_ok=True)
+    target = retired / f"{key.key_id.hex()}.key"
+    if not target.exists():
+        write_private(target, key.to_pem())
 
 
 def _encryption(passphrase: bytes | None) -> serialization.KeySerializationEncryption:

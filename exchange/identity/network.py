@@ -313,9 +313,9 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
                      specs: Sequence[IdentitySpec] = DEFAULT_IDENTITIES,
                      validity_ms: int = CREDENTIAL_VALIDITY_MS,
                      passphrase: bytes | None = None) -> tuple[IdentityMaterial, ...]:
-    """Make each identity's signing key (encrypted with `passphrase` when given), its
-    credential (signed by the agency root, valid `validity_ms` from `now_ms`) and its TLS
-    client certificate, under analysts/."""
+    """Make each identity's signing key (encrypted with `passphrase` when given), its TLS
+    client certificate and its credential (signed by the agency root, valid `validity_ms`
+    from `now_ms`, naming the certificate's key), under analysts/."""
     paths = material.paths
     if not paths.analysts_dir.exists():
         _mkdir(paths.analysts_dir)
@@ -323,10 +323,12 @@ def issue_identities(material: AgencyMaterial, chain_id: str, now_ms: int,
     out: list[IdentityMaterial] = []
     for spec in specs:
         key = SigningKey.generate()
-        credential = issue_credential(chain_id, material.agency, spec.subject, key.public_key,
-                                      spec.roles, now_ms, now_ms + validity_ms, material.root)
         client = tls.issue_client_certificate(material.tls_ca, material.agency, spec.subject,
                                               _datetime(now_ms), validity_days)
+        credential = issue_credential(
+            chain_id, material.agency, spec.subject, key.public_key, spec.roles, now_ms,
+            now_ms + validity_ms, material.root,
+            tls_key_sha256=tls.public_key_sha256(client.certificate))
         write_private(paths.signing_key(spec.subject), key.to_pem(passphrase))
         write_public(paths.credential(spec.subject),
                       credential.SerializeToString(deterministic=True))
@@ -409,6 +411,7 @@ def genesis_description(signed: identity_pb2.SignedGenesis) -> dict[str, Any]:
             "not_before_ms": cred.not_before_ms,
             "not_after_ms": cred.not_after_ms,
             "issuer_key_id": bytes(cred.issuer_key_id).hex(),
+            "tls_key_sha256": bytes(cred.tls_key_sha256).hex(),
         })
     return {
         "note": "description only; genesis.pb is the signed, authoritative genesis",

@@ -9,15 +9,17 @@ every offline verifier resolve a key id to the same answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidSignature as X509InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from google.protobuf.message import DecodeError
 
 from exchange.errors import CredentialInvalid, InvalidSignature, MalformedInput, UnknownSigner
 from exchange.identity.config import AGENCY_PATTERN, parse_address
 from exchange.identity.genesis import parse_credential, verify_genesis
-from exchange.identity.keys import Domain, key_id, verify
+from exchange.identity.keys import PUBLIC_KEY_BYTES, Domain, key_id, verify
 from exchange.identity.tls import ca_common_name, common_name, load_certificate
 from exchange.v1 import identity_pb2, ledger_pb2
 
@@ -31,7 +33,7 @@ ROLE_NODE = "node"
 # rotation, so blocks its node proposed or attested before it switched keys stay valid.
 NODE_KEY_GRACE_BLOCKS = 64
 MEMBERS_MAX = 64
-ROTATION_KINDS = ("node", "tls")
+ROTATION_KINDS = ("node", "tls", "data")
 
 
 def membership_change_statement(change: ledger_pb2.MembershipChange) -> bytes:
@@ -77,6 +79,19 @@ class KeyInfo:
     revoked_at_height: int | None = None  # invalid in blocks above this height
     valid_from_height: int = 0  # invalid in blocks below this height (keys added later)
     credential: bytes = b""  # serialized SignedCredential, for credentials
+    tls_key_sha256: bytes = b""  # the holder's TLS client key it binds, for credentials
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyInfo:
+    """What the ledger says about one agency data key (X25519)."""
+
+    key_id: bytes
+    public_key: bytes
+    agency: str
+    valid_from_height: int = 0
+    retired_at_height: int | None = None  # rotated out in this block
+    compromised_at_height: int | None = None  # never sealed to after this block
 
 
 def quorum_size(member_count: int) -> int:
@@ -147,6 +162,12 @@ class KeyRegistry:
         self.rate_limits = identity_pb2.RateLimits()
         self.rate_limits.CopyFrom(genesis.params.rate_limits)
         self.rate_limits_height = 0  # the height of the change that set them
+        # x25519 key id -> every data key any member has had (current and rotated out)
+        self.data_keys: dict[bytes, DataKeyInfo] = {}
+        # SHA-256 of a TLS client key -> the key id of the latest credential naming it
+        self._by_tls_key: dict[bytes, bytes] = {}
+        # (agency, subject) -> the key id of the latest credential issued for the subject
+        self._by_subject: dict[tuple[str, str], bytes] = {}
         # Bumped whenever members, their node keys or their TLS CAs change, so the node
         # knows to refresh its peer links, trust and Raft configuration.
         self.version = 0
@@ -181,6 +202,75 @@ class KeyRegistry:
             raise CredentialInvalid(
                 f"credential of {info.agency}/{info.subject} is not valid at {time_ms}")
         return info
+
+    def check_reader(self, tls_key_sha256: bytes, agency: str, subject: str, height: int,
+                     now_ms: int) -> KeyInfo:
+        """The credential a person calling with the TLS client key `tls_key_sha256`
+        (certificate name `agency`/`subject`) acts under, if it is valid now, at applied
+        `height`: named by a credential of that very person, not revoked, not expired.
+        Design decision 14: reads are a person's, checked like writes."""
+        kid = self._by_tls_key.get(bytes(tls_key_sha256))
+        if kid is None:
+            # a credential issued before credentials bound a TLS key (none names one) is
+            # matched by the certificate's name, while it is its subject's latest
+            latest = self._by_subject.get((agency, subject))
+            if latest is not None and not self._keys[latest].tls_key_sha256:
+                kid = latest
+        if kid is None:
+            raise CredentialInvalid(f"no credential on the ledger binds the TLS client "
+                                    f"certificate of {agency}/{subject} (as of height "
+                                    f"{height})")
+        info = self._keys[kid]
+        if (info.agency, info.subject) != (agency, subject):
+            raise CredentialInvalid(f"the TLS client certificate named {agency}/{subject} is "
+                                    f"bound to the credential of {info.agency}/{info.subject}")
+        if info.revoked_at_height is not None:  # applied: the registry is as of `height`
+            raise CredentialInvalid(
+                f"credential {kid.hex()} of {agency}/{subject} was revoked at height "
+                f"{info.revoked_at_height}: it reads nothing from then on")
+        if not info.not_before_ms <= now_ms <= info.not_after_ms:
+            raise CredentialInvalid(
+                f"credential {kid.hex()} of {agency}/{subject} is valid from "
+                f"{info.not_before_ms} to {info.not_after_ms} ms, not at {now_ms} (height "
+                f"{height})")
+        return info
+
+    def data_key_id(self, agency: str) -> bytes:
+        """The key id of `agency`'s current data key: what is sealed to it now."""
+        member = self.members.get(agency)
+        if member is None:
+            raise UnknownSigner(f"{agency!r} is not a member")
+        return key_id("x25519", bytes(member.data_public_key))
+
+    def agency_data_key_ids(self, agency: str) -> set[bytes]:
+        """Every data key id `agency` has had that is not compromised: payloads sealed to
+        any of them stay readable by it (a rotation may overtake a payload in flight)."""
+        return {k for k, info in self.data_keys.items()
+                if info.agency == agency and info.compromised_at_height is None}
+
+    def compromised(self, data_key_id: bytes) -> bool:
+        info = self.data_keys.get(bytes(data_key_id))
+        return info is not None and info.compromised_at_height is not None
+
+    def sealing_keys(self, agencies: Iterable[str]) -> list[bytes]:
+        """The current data keys (public) of `agencies`, each once, in order: what a
+        payload for them is sealed to. A compromised key is never among them."""
+        out: list[bytes] = []
+        for agency in dict.fromkeys(agencies):
+            kid = self.data_key_id(agency)
+            if self.compromised(kid):  # the registry replaces a key as it is marked
+                raise CredentialInvalid(f"{agency}'s data key {kid.hex()} is compromised")
+            out.append(bytes(self.members[agency].data_public_key))
+        return out
+
+    def check_recipients(self, recipient_key_ids: Iterable[bytes], what: str) -> None:
+        """Refuse a payload sealed to a data key marked compromised (decision 5)."""
+        for kid in recipient_key_ids:
+            info = self.data_keys.get(bytes(kid))
+            if info is not None and info.compromised_at_height is not None:
+                raise CredentialInvalid(
+                    f"{what} is sealed to {info.agency}'s data key {bytes(kid).hex()}, "
+                    f"marked compromised at height {info.compromised_at_height}")
 
     def node_key(self, agency: str) -> KeyInfo:
         member = self.members.get(agency)
@@ -217,6 +307,11 @@ class KeyRegistry:
                 raise MalformedInput(f"key of {member.agency}/{role} is already registered")
             self._keys[kid] = KeyInfo(kid, bytes(pub), member.agency, role, (role,),
                                       valid_from_height=valid_from_height)
+        data_kid = key_id("x25519", bytes(member.data_public_key))
+        if data_kid in self.data_keys:
+            raise MalformedInput(f"data key of {member.agency} is already registered")
+        self.data_keys[data_kid] = DataKeyInfo(data_kid, bytes(member.data_public_key),
+                                               member.agency, valid_from_height)
 
     def add_credential(self, signed: identity_pb2.SignedCredential) -> KeyInfo:
         """Verify a credential against its agency's root and register its key."""
@@ -232,8 +327,12 @@ class KeyRegistry:
             raise MalformedInput(f"key {kid.hex()} is already registered")
         info = KeyInfo(kid, bytes(cred.public_key), cred.agency, cred.subject, tuple(cred.roles),
                        cred.not_before_ms, cred.not_after_ms,
-                       credential=signed.SerializeToString(deterministic=True))
+                       credential=signed.SerializeToString(deterministic=True),
+                       tls_key_sha256=bytes(cred.tls_key_sha256))
         self._keys[kid] = info
+        if info.tls_key_sha256:
+            self._by_tls_key[info.tls_key_sha256] = kid
+        self._by_subject[(info.agency, info.subject)] = kid
         return info
 
     def revoke(self, kid: bytes, by_agency: str, height: int) -> None:
@@ -271,6 +370,9 @@ class KeyRegistry:
         member = self.members.get(signer.agency)
         if member is None:
             raise CredentialInvalid(f"{signer.agency} is not a member")
+        if rotation.compromised and rotation.key_kind != "data":
+            raise MalformedInput("only a data key rotation marks the key replaced "
+                                 "compromised")
         updated = identity_pb2.Member()
         updated.CopyFrom(member)
         if rotation.key_kind == "node":
@@ -285,6 +387,9 @@ class KeyRegistry:
             self._keys[new_kid] = KeyInfo(new_kid, new_key, signer.agency, ROLE_NODE,
                                           (ROLE_NODE,), valid_from_height=height + 1)
             updated.node_public_key = new_key
+        elif rotation.key_kind == "data":
+            self._rotate_data_key(rotation, signer.agency, height)
+            updated.data_public_key = bytes(rotation.new_public_key)
         elif rotation.key_kind == "tls":
             der = bytes(rotation.new_certificate)
             cert = load_certificate(der)
@@ -305,6 +410,28 @@ class KeyRegistry:
                                  f"(one of {', '.join(ROTATION_KINDS)})")
         self.members[signer.agency] = updated
         self.version += 1
+
+    def _rotate_data_key(self, rotation: ledger_pb2.KeyRotation, agency: str,
+                         height: int) -> None:
+        """The agency's data key becomes `rotation.new_public_key` from the next block on;
+        the old one stays known (its agency keeps reading with it) and, if the rotation
+        says so, is compromised: nothing may be sealed to it from the next block on."""
+        new_key = bytes(rotation.new_public_key)
+        if len(new_key) != PUBLIC_KEY_BYTES:
+            raise MalformedInput(f"a data key is {PUBLIC_KEY_BYTES} bytes")
+        try:
+            X25519PublicKey.from_public_bytes(new_key)
+        except ValueError as exc:
+            raise MalformedInput("the new data key is not an X25519 public key") from exc
+        new_kid = key_id("x25519", new_key)
+        if new_kid in self.data_keys:
+            raise MalformedInput(f"data key {new_kid.hex()} was used before; a data key is "
+                                 "never reused")
+        old = self.data_keys[self.data_key_id(agency)]
+        self.data_keys[old.key_id] = replace(
+            old, retired_at_height=height,
+            compromised_at_height=height if rotation.compromised else None)
+        self.data_keys[new_kid] = DataKeyInfo(new_kid, new_key, agency, height + 1)
 
     def change_membership(self, change: ledger_pb2.MembershipChange, signer: KeyInfo,
                           height: int) -> None:
@@ -358,6 +485,8 @@ class KeyRegistry:
                  key_id("ed25519", bytes(member.node_public_key))]
         if any(kid in self._keys for kid in fresh) or fresh[0] == fresh[1]:
             raise MalformedInput(f"{member.agency}'s root or node key is already registered")
+        if key_id("x25519", bytes(member.data_public_key)) in self.data_keys:
+            raise MalformedInput(f"{member.agency}'s data key is already registered")
         if any(m.address == member.address for m in self.members.values()):
             raise MalformedInput(f"address {member.address} is another member's")
         credentials = []

@@ -246,3 +246,14 @@ def common_name(cert: x509.Certificate) -> str:
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def public_key_sha256(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's DER SubjectPublicKeyInfo: what a credential names to
+    bind its holder's TLS client certificate (a renewed certificate for the same key
+    stays bound)."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize()

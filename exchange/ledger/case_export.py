@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from exchange.errors import ExchangeError, MalformedInput
-from exchange.identity.keys import DataKey
+from exchange.identity.keys import DataKey, DataKeyring
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import open_envelope
 from exchange.ledger.findings import inputs_digest
@@ -97,8 +97,9 @@ def case_tx_ids(store: BlockStore, case_id: str, with_inputs: bool = False) -> l
 
 
 def reveals_for(store: BlockStore, tx_ids: Iterable[bytes],
-                data_key: DataKey) -> list[evidence_pb2.Reveal]:
-    """Reveals of every payload among `tx_ids` that `data_key` can open: inline answers,
+                data_key: DataKey | DataKeyring) -> list[evidence_pb2.Reveal]:
+    """Reveals of every payload among `tx_ids` that `data_key` (or a key of the keyring)
+    can open: inline answers,
     answer chunks and findings outputs (a query's request too)."""
     chain_id = store.signed_genesis_chain_id()
     out: list[evidence_pb2.Reveal] = []

@@ -21,8 +21,8 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from exchange.errors import StoreCorrupted
-from exchange.identity.keys import DataKey
+from exchange.errors import CredentialInvalid, StoreCorrupted
+from exchange.identity.keys import DataKey, DataKeyring
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo
 from exchange.ledger.block import OpenedEnvelope
 from exchange.ledger.queries import CHUNKS_MAX, STATUS_ANSWERED, QueryBook, Rejected
@@ -161,7 +161,12 @@ class FindingsBook:
         except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
             raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
         recipients = frozenset(bytes(w.recipient_key_id) for w in c.sealed_output.recipients)
-        if self.queries.data_key_id(owner) not in recipients:
+        registry = self.queries.registry
+        try:
+            registry.check_recipients(set(recipients), "the findings")
+        except CredentialInvalid as exc:
+            raise Rejected(CODE_FINDINGS_INVALID, str(exc)) from exc
+        if not recipients & registry.agency_data_key_ids(owner):
             raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner")
         self.chunks[env.tx_id] = FindingsChunkRecord(
             env.tx_id, owner, bytes(c.rule_digest), c.period, bytes(c.run_inputs_digest),
@@ -182,7 +187,10 @@ class FindingsBook:
                 raise Rejected(CODE_FINDINGS_INVALID, f"input {qid.hex()} is not an answered "
                                                       f"query of {owner} for this rule")
         parties = {owner} | {self.queries.queries[q].target for q in inputs}
-        allowed = {self.queries.data_key_id(a) for a in parties}
+        registry = self.queries.registry
+        # any data key of the parties not compromised (one may rotate while a run is in
+        # flight), the owner's among them
+        allowed = set().union(*(registry.agency_data_key_ids(a) for a in parties))
         chunks = self._chunks_of(f, owner, inputs, allowed)
         if chunks:
             summaries = tuple(s for c in chunks for s in c.summaries)
@@ -225,7 +233,18 @@ class FindingsBook:
         except Exception as exc:  # noqa: BLE001 - any malformation is a rejection
             raise Rejected(CODE_FINDINGS_INVALID, f"sealed output: {exc}") from exc
         recipients = {bytes(w.recipient_key_id) for w in f.sealed_output.recipients}
-        if self.queries.data_key_id(owner) not in recipients or not recipients <= allowed:
+        self._check_recipients(frozenset(recipients), owner, allowed)
+
+    def _check_recipients(self, recipients: frozenset[bytes], owner: str,
+                          allowed: set[bytes]) -> None:
+        """Sealed to the owner (a data key of it) and to no one but the run's parties, and
+        to no compromised key."""
+        registry = self.queries.registry
+        try:
+            registry.check_recipients(set(recipients), "the findings")
+        except CredentialInvalid as exc:
+            raise Rejected(CODE_FINDINGS_INVALID, str(exc)) from exc
+        if not recipients & registry.agency_data_key_ids(owner) or not recipients <= allowed:
             raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and at "
                                                   "most the agencies whose data they used")
 
@@ -248,10 +267,7 @@ class FindingsBook:
                     c.run_inputs_digest != digest:
                 raise Rejected(CODE_FINDINGS_INVALID, f"chunk {index} ({tx.hex()}) is not an "
                                                       "unused chunk of this run at its place")
-            if not c.recipients <= allowed:
-                raise Rejected(CODE_FINDINGS_INVALID, "findings are sealed to their owner and "
-                                                      "at most the agencies whose data they "
-                                                      "used")
+            self._check_recipients(c.recipients, owner, allowed)
             chunks.append(c)
         return chunks
 
@@ -362,7 +378,7 @@ def output_parts(f: ledger_pb2.Findings,
         yield index, chunk.sealed_output
 
 
-def open_output(f: ledger_pb2.Findings, data_key: DataKey, chain_id: str,
+def open_output(f: ledger_pb2.Findings, data_key: DataKey | DataKeyring, chain_id: str,
                 chunk_of: Callable[[bytes], ledger_pb2.FindingsChunk | None]
                 ) -> Iterator[tuple[int, bytes, bytes]]:
     """Each part of a run's output opened with `data_key`: (chunk index, plaintext,

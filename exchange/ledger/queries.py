@@ -29,8 +29,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from exchange.errors import ExchangeError, MalformedInput
-from exchange.identity.keys import Domain, key_id, verify
+from exchange.errors import CredentialInvalid, ExchangeError, MalformedInput
+from exchange.identity.keys import Domain, verify
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
 from exchange.ledger.policy import Decision, PolicyBook, QueryFacts
@@ -260,12 +260,16 @@ class QueryBook:
             raise MalformedInput("the reply key is not the requester's data key")
         check_sealed_form(q.sealed_request)
         recipients = {bytes(w.recipient_key_id) for w in q.sealed_request.recipients}
+        try:
+            self.registry.check_recipients(recipients, "the request")
+        except CredentialInvalid as exc:
+            raise MalformedInput(str(exc)) from exc
         if recipients != {requester_key, self.data_key_id(q.target_agency)}:
             raise MalformedInput("the request must be sealed to exactly the requester "
                                  "and the target")
 
     def data_key_id(self, agency: str) -> bytes:
-        return key_id("x25519", bytes(self.registry.members[agency].data_public_key))
+        return self.registry.data_key_id(agency)
 
     def _cosigners(self, body: ledger_pb2.TxBody, signer_key_id: bytes, height: int,
                    time_ms: int) -> tuple[str, ...]:
@@ -315,8 +319,14 @@ class QueryBook:
         except MalformedInput as exc:
             raise Rejected(CODE_ANSWER_INVALID, str(exc)) from exc
         recipients = {bytes(w.recipient_key_id) for w in sealed.recipients}
-        allowed = {rec.reply_key_id, self.data_key_id(rec.target)}
-        if rec.reply_key_id not in recipients or not recipients <= allowed:
+        try:
+            self.registry.check_recipients(recipients, "the answer")
+        except CredentialInvalid as exc:
+            raise Rejected(CODE_ANSWER_INVALID, str(exc)) from exc
+        # the requester's reply key, or its data key now (it may have rotated since)
+        requester = {rec.reply_key_id, self.data_key_id(rec.requester)}
+        allowed = requester | self.registry.agency_data_key_ids(rec.target)
+        if not recipients & requester or not recipients <= allowed:
             raise Rejected(CODE_ANSWER_INVALID, "an answer is sealed to the requester (and "
                                                 "at most the answering agency)")
 

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from exchange.errors import ExchangeError, MalformedInput, Oversize, ProofInvalid
-from exchange.identity.keys import KEY_ID_BYTES, PUBLIC_KEY_BYTES, DataKey, key_id
+from exchange.identity.keys import KEY_ID_BYTES, PUBLIC_KEY_BYTES, DataKey, DataKeyring, key_id
 from exchange.v1 import ledger_pb2
 
 SALT_BYTES = 32
@@ -149,10 +149,11 @@ def _wrap(content_key: bytes, recipient_public: bytes, chain: bytes,
 
 
 # -- opening ------------------------------------------------------------------------
-def open_sealed(payload: ledger_pb2.SealedPayload, data_key: DataKey, *, chain_id: str,
-                context_tx_id: bytes, chunk: int, requester_agency: str = "",
+def open_sealed(payload: ledger_pb2.SealedPayload, data_key: DataKey | DataKeyring, *,
+                chain_id: str, context_tx_id: bytes, chunk: int, requester_agency: str = "",
                 target_agency: str = "") -> tuple[bytes, bytes]:
-    """The (plaintext, salt) sealed in `payload` for `data_key`, authenticated.
+    """The (plaintext, salt) sealed in `payload` for `data_key` (of a keyring: the key
+    it was sealed to, current or rotated out), authenticated.
 
     The context arguments must be the ones it was sealed with. Raises MalformedInput
     for a payload of the wrong form, NotARecipient if it is not sealed to `data_key`,
@@ -160,6 +161,8 @@ def open_sealed(payload: ledger_pb2.SealedPayload, data_key: DataKey, *, chain_i
     """
     context = _context(chain_id, context_tx_id, chunk, requester_agency, target_agency)
     check_sealed_form(payload)
+    if isinstance(data_key, DataKeyring):
+        data_key = data_key.key_for(bytes(w.recipient_key_id) for w in payload.recipients)
     try:
         private = x25519.X25519PrivateKey.from_private_bytes(data_key.secret)
     except ValueError as exc:

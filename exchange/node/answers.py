@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exchange.errors import ExchangeError, MalformedInput, Oversize, PermissionDenied
-from exchange.identity.keys import DataKey
+from exchange.identity.keys import DataKey, DataKeyring
 from exchange.ledger.block import open_envelope
 from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, QueryRecord
 from exchange.ledger.sealing import open_sealed
@@ -56,7 +56,7 @@ class QueryReader:
     """One node's view of the queries on its ledger."""
 
     def __init__(self, agency: str, chain_id: str, store: BlockStore, queries: QueryBook,
-                 data_key: DataKey) -> None:
+                 data_key: DataKey | DataKeyring) -> None:
         self.agency = agency
         self.chain_id = chain_id
         self.store = store

@@ -29,7 +29,14 @@ import structlog
 
 from exchange.errors import ExchangeError, MalformedInput, Unavailable
 from exchange.identity.config import NodeConfig, read_signed_genesis
-from exchange.identity.keys import CachedSigner, Domain, read_data_key, read_signing_key
+from exchange.identity.keys import (
+    CachedSigner,
+    Domain,
+    read_data_key,
+    read_data_keyring,
+    read_signing_key,
+    retire_data_key,
+)
 from exchange.ledger.apply import Applied, LedgerApplier
 from exchange.ledger.block import (
     CheckedBlock,
@@ -195,10 +202,13 @@ class Node:
         self.peer_heights: dict[str, int] = {}
         self.fatal_error = ""
         self.fatal = asyncio.Event()
-        data_key = read_data_key(config.paths.data_key)
+        data_key = read_data_keyring(config.paths.data_key)
+        self.data_keys = data_key
         if member is not None and bytes(member.data_public_key) != data_key.public_key:
-            raise ExchangeError(f"genesis names {self.agency}'s data key with another key "
-                                f"than {config.paths.data_key}")
+            self._take_next_data_key(bytes(member.data_public_key))
+            if bytes(member.data_public_key) != data_key.public_key:
+                raise ExchangeError(f"the ledger names {self.agency}'s data key with another "
+                                    f"key than {config.paths.data_key}")
         self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
                                   data_key)
         self.responder = Responder(self, data_key)
@@ -718,6 +728,32 @@ class Node:
         self.applier.node_signer = self.signer
         log.info("node key switched to the one on the ledger", key_id=key.key_id.hex())
 
+    def _take_next_data_key(self, public_key: bytes) -> None:
+        """Switch to the prepared next data key (keys/data.next.key) if it is the one the
+        ledger now names. The key replaced is kept among the retired data keys
+        (keys/data.retired/), so everything sealed to it stays readable."""
+        path = self.config.paths.data_key
+        prepared = next_path(path)
+        try:
+            key = read_data_key(prepared)
+        except (OSError, ExchangeError, ValueError) as exc:
+            log.error("the ledger names a data key this node does not hold", error=str(exc))
+            return
+        if key.public_key != public_key:
+            log.error("the prepared next data key is not the one on the ledger",
+                      path=str(prepared))
+            return
+        try:
+            retire_data_key(path, self.data_keys.current)
+            os.replace(prepared, path)
+        except OSError as exc:  # keys on a read-only volume (a Kubernetes Secret)
+            log.error("data key switched in memory only: put the prepared key in place "
+                      "and the old one among the retired keys before the next restart",
+                      path=str(path), error=str(exc))
+        self.data_keys.replace_current(key)
+        log.info("data key switched to the one on the ledger", key_id=key.key_id.hex(),
+                 retired=len(self.data_keys.key_ids) - 1)
+
     def _registry_changed(self) -> None:
         """Follow a membership change or rotation that just applied."""
         member = self.registry.members.get(self.agency)
@@ -732,6 +768,8 @@ class Node:
             self.joining = False
         if bytes(member.node_public_key) != self.signer.public_key:
             self._take_next_node_key(bytes(member.node_public_key))
+        if bytes(member.data_public_key) != self.data_keys.public_key:
+            self._take_next_data_key(bytes(member.data_public_key))
         pinned = self.registry.node_certs.get(self.agency)
         cert_switched = pinned is not None and self.tls.switch_to(pinned)
         trust_changed = self.tls.set_members(self.registry.members.values())

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from exchange.errors import ExchangeError, Unavailable
-from exchange.identity.keys import DataKey
+from exchange.identity.keys import DataKey, DataKeyring
 from exchange.ledger.block import new_body, seal_envelope
 from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
 from exchange.ledger.sealing import RowLines, seal
@@ -248,7 +248,7 @@ class ChunkSealer:
 class Responder:
     """Answers the queries the ledger sends this node's agency."""
 
-    def __init__(self, node: Node, data_key: DataKey) -> None:
+    def __init__(self, node: Node, data_key: DataKey | DataKeyring) -> None:
         self.node = node
         self.data_key = data_key
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -433,9 +433,7 @@ class Responder:
         asked = LookupRequest(dataset=rec.dataset, subjects=subjects, period=request.period,
                               fields=rec.fields)
         own_period_wide = rec.requester == rec.target and not subjects
-        recipients = list(dict.fromkeys([
-            bytes(self.node.registry.members[rec.requester].data_public_key),
-            self.data_key.public_key]))
+        recipients = self.node.registry.sealing_keys([rec.requester, self.node.agency])
 
         def seal_chunk(index: int, plaintext: bytes) -> ledger_pb2.SealedPayload:
             sealed, _ = seal(plaintext, recipients, chain_id=self.node.chain_id,

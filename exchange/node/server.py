@@ -4,7 +4,11 @@ reflection, all on one mutual-TLS port.
 Who may call what: the public API serves the node's own agency's identities (analysts,
 automations) and member nodes (forwarded submissions, reads); the Peer service serves
 member nodes only. Identities come from the TLS certificate and are checked against the
-issuing agency's CA (exchange.identity.peer_auth). Domain errors are mapped to gRPC
+issuing agency's CA (exchange.identity.peer_auth). A person (not a node) calls on
+behalf of the credential on the ledger that binds their certificate's key
+(Credential.tls_key_sha256): every call checks it valid at the applied height
+(`_Auth.caller`), so a revoked or expired credential reads nothing, and every read is
+logged with the credential it was checked against. Domain errors are mapped to gRPC
 status codes here, once (`_abort`): what a status echoes is cut to DETAILS_CHARS_MAX, so
 a huge value in a message never turns the error into RESOURCE_EXHAUSTED; a request body
 that does not decode is INVALID_ARGUMENT (`_Decoding`), not UNKNOWN with a traceback.
@@ -18,6 +22,7 @@ import functools
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +39,8 @@ from exchange.identity.peer_auth import (
     member_cas_from,
     peer_certificate,
 )
+from exchange.identity.registry import KeyInfo
+from exchange.identity.tls import load_certificate, public_key_sha256
 from exchange.ids import find_transactions
 from exchange.ledger import merkle
 from exchange.ledger.block import parse_header
@@ -202,9 +209,25 @@ def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller: a member node, or a person (analyst, supervisor,
+    automation) with the credential their certificate is bound to."""
+
+    who: PeerIdentity
+    tls_key_sha256: bytes
+    credential: KeyInfo | None  # None for a member node
+
+    def __str__(self) -> str:
+        if self.credential is None:
+            return str(self.who)
+        return f"{self.who} (credential {self.credential.key_id.hex()})"
+
+
 class _Auth:
     """Who a caller is, by the member CAs and pinned node certificates on the ledger as
-    of the last applied block."""
+    of the last applied block, and, for a person, by the credential on the ledger that
+    binds their certificate's key (design decision 14)."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -217,22 +240,26 @@ class _Auth:
             self._version = registry.version
             self.authenticator = PeerAuthenticator(
                 member_cas_from(registry.members.values()), registry.node_certs)
-            self._known: dict[bytes, PeerIdentity] = {}
+            self._known: dict[bytes, tuple[PeerIdentity, bytes]] = {}
 
-    def identify(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+    def _identify(self, context: grpc.aio.ServicerContext) -> tuple[PeerIdentity, bytes]:
         self._refresh()
         try:
             cert = peer_certificate(context.auth_context())
-            who = self._known.get(cert)
-            if who is None:
-                who = self.authenticator.identify(cert)
+            known = self._known.get(cert)
+            if known is None:
+                known = (self.authenticator.identify(cert),
+                         public_key_sha256(load_certificate(cert)))
                 if len(self._known) > 1024:
                     self._known.clear()
-                self._known[cert] = who
-            return who
+                self._known[cert] = known
+            return known
         except errors.ExchangeError as exc:
             log.warning("caller refused", peer=context.peer(), error=str(exc))
             raise errors.PermissionDenied(str(exc)) from exc
+
+    def identify(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
+        return self._identify(context)[0]
 
     def member_node(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
         who = self.identify(context)
@@ -241,20 +268,54 @@ class _Auth:
             raise errors.PermissionDenied(f"{who} is not a member node")
         return who
 
-    def own_agency_or_node(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
-        who = self.identify(context)
-        if who.agency != self.node.agency and not who.is_node:
+    def caller(self, context: grpc.aio.ServicerContext, read: str = "",
+               person_only: bool = False) -> Caller:
+        """The one check of every public API call: a member node (unless
+        `person_only`), or a person of this node's agency whose credential binds the
+        certificate presented and is valid at the applied height (not revoked, not
+        expired). A read (`read` names it) on behalf of a person is logged with the
+        credential it was checked against."""
+        who, tls_key = self._identify(context)
+        if who.is_node:
+            if person_only:
+                raise errors.PermissionDenied(
+                    f"{who} is not an analyst of {self.node.agency}")
+            return Caller(who, tls_key, None)
+        if who.agency != self.node.agency:
             raise errors.PermissionDenied(f"{who} is not of {self.node.agency}")
-        return who
+        caller = self.recheck(Caller(who, tls_key, None))
+        if read:
+            assert caller.credential is not None
+            log.info("read", method=read, reader=str(who),
+                     credential=caller.credential.key_id.hex(),
+                     height=self.node.store.height)
+        return caller
+
+    def own_agency_or_node(self, context: grpc.aio.ServicerContext) -> Caller:
+        """`caller` for a call that reads nothing of a person's (submissions, status)."""
+        return self.caller(context)
+
+    def recheck(self, caller: Caller) -> Caller:
+        """`caller` with its credential checked again as of now (a long stream is cut
+        when its reader's credential is revoked)."""
+        if caller.who.is_node:
+            return caller
+        height = self.node.store.height
+        try:
+            info = self.node.registry.check_reader(
+                caller.tls_key_sha256, caller.who.agency, caller.who.subject, height,
+                int(time.time() * 1000))
+        except errors.CredentialInvalid as exc:
+            log.warning("reader refused", reader=str(caller.who), height=height,
+                        error=str(exc))
+            raise
+        return Caller(caller.who, caller.tls_key_sha256, info)
 
 
-def _own_person(auth: _Auth, context: grpc.aio.ServicerContext) -> PeerIdentity:
-    """An identity of the node's own agency that is not a node (an analyst, a
-    supervisor, an automation): only they read their agency's answers and audit trail."""
-    who = auth.identify(context)
-    if who.agency != auth.node.agency or who.is_node:
-        raise errors.PermissionDenied(f"{who} is not an analyst of {auth.node.agency}")
-    return who
+def _own_person(auth: _Auth, context: grpc.aio.ServicerContext,
+                read: str = "read") -> Caller:
+    """A person of the node's own agency (not a node), checked and logged as a read."""
+    return auth.caller(context, read, person_only=True)
 
 
 class ExchangeService(node_pb2_grpc.ExchangeServicer):
@@ -267,7 +328,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def GetAnswer(self, request: node_pb2.GetAnswerRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.AnswerView:
-        who = _own_person(self.auth, context)
+        who = self.auth.caller(context, "GetAnswer", person_only=True)
         if len(request.query_tx_id) != 32:
             raise errors.MalformedInput("a query tx id is 32 bytes")
         if request.wait_ms > 60_000:
@@ -280,7 +341,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                            ) -> AsyncIterator[node_pb2.AnswerPart]:
         """GetAnswer one chunk a message, for answers of any size."""
         try:
-            who = _own_person(self.auth, context)
+            who = self.auth.caller(context, "StreamAnswer", person_only=True)
             if len(request.query_tx_id) != 32:
                 raise errors.MalformedInput("a query tx id is 32 bytes")
             if request.wait_ms > 60_000:
@@ -295,7 +356,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def Audit(self, request: node_pb2.AuditRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.AuditReply:
-        who = _own_person(self.auth, context)
+        who = self.auth.caller(context, "Audit", person_only=True)
         reply = await self.node.audit(request)
         log.info("audit read", reader=str(who), case=request.case_id,
                  subject_filter=bool(request.subject), analyst=request.analyst,
@@ -305,25 +366,25 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def Submit(self, request: node_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> node_pb2.SubmitResponse:
-        who = self.auth.own_agency_or_node(context)
+        who = self.auth.caller(context)
         return await self.node.submit(request.envelope, wait=not request.no_wait,
-                                      limited=not who.is_node)
+                                      limited=not who.who.is_node)
 
     @_mapped
     async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:
-        who = self.auth.own_agency_or_node(context)
+        who = self.auth.caller(context)
         if len(request.envelopes) > 10_000:
             raise errors.Oversize("at most 10,000 envelopes per batch")
         results = await self.node.submit_batch(list(request.envelopes),
                                                wait=not request.no_wait,
-                                               limited=not who.is_node)
+                                               limited=not who.who.is_node)
         return node_pb2.SubmitBatchResponse(results=results)
 
     @_mapped
     async def GetTransaction(self, request: node_pb2.GetTransactionRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.TransactionInfo:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "GetTransaction")
         if len(request.tx_id) != 32:
             raise errors.MalformedInput("a transaction id is 32 bytes")
         store = self.node.store
@@ -348,19 +409,19 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     async def FindTransactions(self, request: node_pb2.FindTransactionsRequest,
                                context: grpc.aio.ServicerContext) -> node_pb2.TransactionIdList:
         """Transaction ids by prefix: no more than GetTransaction already shows anyone."""
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "FindTransactions")
         return find_transactions(self.node.store, request)
 
     @_mapped
     async def ListCredentials(self, request: node_pb2.ListCredentialsRequest,
                               context: grpc.aio.ServicerContext) -> node_pb2.CredentialList:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListCredentials")
         return list_credentials(self.node.registry, request.agency, self.node.store.height)
 
     @_mapped
     async def GetBlock(self, request: node_pb2.GetBlockRequest,
                        context: grpc.aio.ServicerContext) -> ledger_pb2.Block:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "GetBlock")
         height = request.height or self.node.store.height
         if not 1 <= height <= self.node.store.height:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no block {height}")
@@ -369,7 +430,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     async def FollowBlocks(self, request: node_pb2.FollowBlocksRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
         try:
-            self.auth.own_agency_or_node(context)
+            caller = self.auth.caller(context, "FollowBlocks")
             _check_height(request.from_height, "from_height")
         except errors.ExchangeError as exc:
             await _abort_error(context, exc)
@@ -382,6 +443,10 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                     yield store.block(next_height)
                     next_height += 1
                 block = await queue.get()
+                try:  # a reader revoked while following gets nothing more
+                    self.auth.recheck(caller)
+                except errors.ExchangeError as exc:
+                    await context.abort(status_of(exc), f"{exc.code}: {exc}")
                 height = parse_header(block.header).height
                 if height >= next_height:
                     while next_height < height:  # fell behind the queue: read the store
@@ -395,14 +460,14 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def Status(self, request: node_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> node_pb2.NodeStatus:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context)
         return self.node.status()
 
 
     @_mapped
     async def ListPolicies(self, request: node_pb2.ListPoliciesRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.PolicyList:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListPolicies")
         book = self.node.applier.policies
         chosen = [p for (owner, dataset), p in sorted(book.policies.items())
                   if request.owner_agency in ("", owner) and request.dataset in ("", dataset)]
@@ -412,7 +477,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def ListCatalog(self, request: node_pb2.ListCatalogRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.Catalog:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListCatalog")
         return node_pb2.Catalog(
             entries=[node_pb2.PublishedEntry(agency=agency, entry=entry)
                      for (agency, _), entry in sorted(self.node.applier.catalog.items())
@@ -422,13 +487,13 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def CaseStatements(self, request: node_pb2.CaseStatementsRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.CaseStatementSet:
-        _own_person(self.auth, context)
+        self.auth.caller(context, "CaseStatements", person_only=True)
         return await self.node.case_statements(request.case_id, _check_height(request.height))
 
     @_mapped
     async def ListCases(self, request: node_pb2.ListCasesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.CaseList:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListCases")
         state = self.node.applier.state
         height = self.node.store.height
         out = node_pb2.CaseList(height=height)
@@ -447,7 +512,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def ListPlaybooks(self, request: node_pb2.ListPlaybooksRequest,
                             context: grpc.aio.ServicerContext) -> node_pb2.PlaybookList:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListPlaybooks")
         book = self.node.applier.state.playbooks
         chosen = [p for p in list(book.playbooks.values())
                   if request.owner_agency in ("", p.owner)
@@ -467,7 +532,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
     @_mapped
     async def ListRules(self, request: node_pb2.ListRulesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
-        self.auth.own_agency_or_node(context)
+        self.auth.caller(context, "ListRules")
         book = self.node.applier.state.findings
         return node_pb2.RuleList(
             rules=[node_pb2.RegisteredRule(owner_agency=r.owner, rule_id=r.rule_id,
@@ -516,11 +581,11 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                          context: grpc.aio.ServicerContext) -> None:
         """Who may list findings: opened lines and subject filters are a person's read."""
         if request.open or request.subject:
-            who = _own_person(self.auth, context)
+            who = self.auth.caller(context, "ListFindings", person_only=True)
             log.info("findings read", reader=str(who), rule=request.rule_id,
                      period=request.period, subject_filter=bool(request.subject))
         else:
-            self.auth.own_agency_or_node(context)
+            self.auth.caller(context, "ListFindings")
 
     def _runs(self, request: node_pb2.ListFindingsRequest) -> list[node_pb2.FindingsRun]:
         book = self.node.applier.state.findings
