@@ -66,18 +66,25 @@ def _token_pattern(token: str, groups: list[str]) -> str:
     """A shown token as a regex: its values (runs of letters and digits holding a digit:
     hex ids, USCCs, identity numbers, counts) match any value; the rest literally. An
     id-like token is captured to bind it."""
+    whole = len(token) >= ID_TOKEN_CHARS_MIN and VALUE_RUN.search(token) is not None
+    if whole:
+        groups.append(token)
+        name = f"g{len(groups) - 1}"
     parts: list[str] = []
     last = 0
     for m in VALUE_RUN.finditer(token):
         parts.append(re.escape(token[last:m.start()]))
-        parts.append("[0-9A-Za-z]+")
+        if len(m.group(0)) >= ID_TOKEN_CHARS_MIN and m.group(0) != token:
+            # an id inside a longer token (a CSV line, key=value, uscc/person_id) is
+            # bound on its own too, so a command can take it alone
+            groups.append(m.group(0))
+            parts.append(f"(?P<g{len(groups) - 1}>[0-9A-Za-z]+)")
+        else:
+            parts.append("[0-9A-Za-z]+")
         last = m.end()
     parts.append(re.escape(token[last:]))
     body = "".join(parts)
-    if len(token) >= ID_TOKEN_CHARS_MIN and VALUE_RUN.search(token):
-        groups.append(token)
-        return f"(?P<g{len(groups) - 1}>{body})"
-    return body
+    return f"(?P<{name}>{body})" if whole else body
 
 
 def line_pattern(shown: str) -> tuple[re.Pattern[str], list[str]]:
