@@ -361,7 +361,8 @@ class _Company:
 
 class _Generator:
     """Writes the data set in one pass over the companies, keeping no more than a fixed
-    amount per company in memory (their codes, 18 bytes each) and the planted cases.
+    amount per company in memory (their codes and numbers of accounts, 19 bytes each) and
+    the planted cases.
 
     A company's and a person's own traits (taxpayer or not, status, size, accounts,
     legal representative, police records) are drawn from bits of a hash of the seed
@@ -475,12 +476,16 @@ class _Generator:
     # -- the population ---------------------------------------------------------------
 
     def people_and_companies(self) -> None:
-        """Every company's code (18 bytes each: invoices name any company as buyer)."""
+        """Every company's code and number of accounts (19 bytes each: invoices name
+        any company as buyer, transfers any company's account as payer)."""
         n = self.n
         self.usccs = bytearray(n * USCC_LENGTH)
+        self.account_counts = bytearray(n)  # a payer's accounts are any company's
         for c in range(n):
-            code = _uscc(self.company(c).region, _org8(c)).encode("ascii")
+            co = self.company(c)
+            code = _uscc(co.region, _org8(c)).encode("ascii")
             self.usccs[c * USCC_LENGTH:(c + 1) * USCC_LENGTH] = code
+            self.account_counts[c] = co.account_count
         assert len(set(self.uscc_of(c) for c in range(min(n, 50_000)))) == min(n, 50_000)
 
     def _walk(self, pool: str) -> Iterator[int]:
@@ -840,7 +845,7 @@ class _Generator:
                     payer = int(r() * (self.n - 1))
                     payer += payer >= c
                     other = self.company_account(
-                        payer, int(r() * self.company(payer).account_count))
+                        payer, int(r() * self.account_counts[payer]))
                     txn(other, account, amount, "out", 0, day, p)
                     txn(account, other, amount, "in", 0, day, p)
                 elif u < 0.5:
