@@ -60,6 +60,8 @@ MONTHS_MAX = 24
 DEFAULT_END_PERIOD = "2026-09"
 DEFAULT_MONTHS = 3
 FLUSH_LINES = 20_000
+# Every buffer is written out after this many companies (a few dozen lines each).
+FLUSH_COMPANIES = 1_000
 
 CNY = 100  # fen
 # The reference rules' thresholds, in fen.
@@ -657,8 +659,8 @@ class _Generator:
             for p in range(months):
                 self.emit_month(c, p, plans[p])
             self.company_findings(co, uscc)
-            for key in ("tax/taxpayers", "pboc/accounts"):
-                if len(w.buffers[key]) >= FLUSH_LINES:
+            if c % FLUSH_COMPANIES == 0:  # every file's buffer, the small ones too
+                for key in w.buffers:
                     w.flush(key)
         for key in w.buffers:
             w.flush(key)

@@ -290,6 +290,7 @@ def test_output_does_not_depend_on_how_often_buffers_are_written(
     import agents.generate as gen
 
     monkeypatch.setattr(gen, "FLUSH_LINES", 3)
+    monkeypatch.setattr(gen, "FLUSH_COMPANIES", 7)
     again = tmp_path / "again"
     generate(GeneratorConfig(seed=1, companies=300), again)
     assert digest(again) == digest(small)
