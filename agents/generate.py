@@ -60,6 +60,8 @@ MONTHS_MAX = 24
 DEFAULT_END_PERIOD = "2026-09"
 DEFAULT_MONTHS = 3
 FLUSH_LINES = 20_000
+# Every buffer is written out after this many companies (a few dozen lines each).
+FLUSH_COMPANIES = 1_000
 
 CNY = 100  # fen
 # The reference rules' thresholds, in fen.
@@ -361,7 +363,8 @@ class _Company:
 
 class _Generator:
     """Writes the data set in one pass over the companies, keeping no more than a fixed
-    amount per company in memory (their codes, 18 bytes each) and the planted cases.
+    amount per company in memory (their codes and numbers of accounts, 19 bytes each) and
+    the planted cases.
 
     A company's and a person's own traits (taxpayer or not, status, size, accounts,
     legal representative, police records) are drawn from bits of a hash of the seed
@@ -475,12 +478,16 @@ class _Generator:
     # -- the population ---------------------------------------------------------------
 
     def people_and_companies(self) -> None:
-        """Every company's code (18 bytes each: invoices name any company as buyer)."""
+        """Every company's code and number of accounts (19 bytes each: invoices name
+        any company as buyer, transfers any company's account as payer)."""
         n = self.n
         self.usccs = bytearray(n * USCC_LENGTH)
+        self.account_counts = bytearray(n)  # a payer's accounts are any company's
         for c in range(n):
-            code = _uscc(self.company(c).region, _org8(c)).encode("ascii")
+            co = self.company(c)
+            code = _uscc(co.region, _org8(c)).encode("ascii")
             self.usccs[c * USCC_LENGTH:(c + 1) * USCC_LENGTH] = code
+            self.account_counts[c] = co.account_count
         assert len(set(self.uscc_of(c) for c in range(min(n, 50_000)))) == min(n, 50_000)
 
     def _walk(self, pool: str) -> Iterator[int]:
@@ -652,8 +659,8 @@ class _Generator:
             for p in range(months):
                 self.emit_month(c, p, plans[p])
             self.company_findings(co, uscc)
-            for key in ("tax/taxpayers", "pboc/accounts"):
-                if len(w.buffers[key]) >= FLUSH_LINES:
+            if c % FLUSH_COMPANIES == 0:  # every file's buffer, the small ones too
+                for key in w.buffers:
                     w.flush(key)
         for key in w.buffers:
             w.flush(key)
@@ -840,7 +847,7 @@ class _Generator:
                     payer = int(r() * (self.n - 1))
                     payer += payer >= c
                     other = self.company_account(
-                        payer, int(r() * self.company(payer).account_count))
+                        payer, int(r() * self.account_counts[payer]))
                     txn(other, account, amount, "out", 0, day, p)
                     txn(account, other, amount, "in", 0, day, p)
                 elif u < 0.5:

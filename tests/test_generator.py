@@ -283,3 +283,32 @@ def test_cli_generate(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["data", "generate", "--seed", "4", "--companies", "120",
                                       "--out", str(out)])
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_output_does_not_depend_on_how_often_buffers_are_written(
+        small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.generate as gen
+
+    monkeypatch.setattr(gen, "FLUSH_LINES", 3)
+    monkeypatch.setattr(gen, "FLUSH_COMPANIES", 7)
+    again = tmp_path / "again"
+    generate(GeneratorConfig(seed=1, companies=300), again)
+    assert digest(again) == digest(small)
+
+
+def test_the_generator_keeps_nothing_per_company_but_the_codes(tmp_path: Path) -> None:
+    import agents.generate as gen
+
+    companies = 3_000
+    g = gen._Generator(GeneratorConfig(seed=8, companies=companies), tmp_path / "g")
+    g.people_and_companies()
+    g.assign_scenarios()
+    g.write_all()
+    assert len(g.usccs) == companies * 18 and len(g.account_counts) == companies
+    sized = {name: len(value) for name, value in vars(g).items()
+             if isinstance(value, list | dict | set | tuple | bytearray)
+             and name not in ("usccs", "account_counts")}
+    # the planted cases and the findings are a few per hundred companies; nothing else
+    # grows with the register
+    assert max(sized.values()) < companies // 10, sized
+    assert ground_truth(tmp_path / "g") == evaluate(tmp_path / "g")

@@ -32,7 +32,7 @@ READ_BYTES = 1 << 20
 BATCH_ROWS = 20_000
 # Distinct valid identifiers remembered per column kind (a company or person appears
 # on many rows); beyond it the memory is cleared and refilled.
-CHECKED_CODES_MAX = 1_000_000
+CHECKED_CODES_MAX = 300_000
 _BOM = "\ufeff"
 # Python's csv module refuses a field longer than this (characters).
 CSV_FIELD_CHARS_MAX = csv.field_size_limit()

@@ -165,10 +165,10 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
                                               reader.size_bytes,
                                               time.perf_counter() - started, False))
                     continue
-                session.finish(dataset)
+                after = session.finish(dataset)
                 seconds = time.perf_counter() - started
                 loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
-                                      int(before), session.rows_stored(dataset),
+                                      int(before), after,
                                       reader.sha256, "bulk", reader.size_bytes,
                                       round(seconds, 3)))
                 if progress is not None:

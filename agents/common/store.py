@@ -446,6 +446,7 @@ class SqliteBulkSession(_SqliteLoadSession):
         super().__init__(db)
         self._direct: dict[str, bool] = {}
         self._sql: dict[str, str] = {}
+        self._written: dict[str, int] = {}
 
     def rows_stored(self, dataset: Dataset) -> int:
         (n,) = self._db.execute(f"SELECT COUNT(*) FROM {_main_table(dataset)}").fetchone()
@@ -480,13 +481,15 @@ class SqliteBulkSession(_SqliteLoadSession):
             self._db.executemany(self._sql[dataset.name], rows)
         except sqlite3.IntegrityError:
             raise RowsRefused(f"{dataset.name}: a repeated key") from None
+        self._written[dataset.name] = self._written.get(dataset.name, 0) + len(rows)
 
-    def finish(self, dataset: Dataset) -> None:
-        """Build the indexes again, or merge the staged rows into the table."""
+    def finish(self, dataset: Dataset) -> int:
+        """Build the indexes again, or merge the staged rows into the table; the rows
+        the table holds now."""
         if self._direct[dataset.name]:
             for statement in create_table_sql(dataset)[1:]:
                 self._db.execute(statement)
-            return
+            return self._written.get(dataset.name, 0)  # into an empty table, each new
         key_names = [dataset.stored(k) for k in dataset.key]
         updates = ", ".join(f"{_quote(n)} = excluded.{_quote(n)}"
                             for n in dataset.stored_names if n not in key_names)
@@ -494,6 +497,7 @@ class SqliteBulkSession(_SqliteLoadSession):
         self._db.execute(f"INSERT INTO {_main_table(dataset)} ({cols}) "
                          f"SELECT {cols} FROM {_stage_table(dataset)} WHERE 1 "
                          f"ON CONFLICT ({_columns(key_names)}) DO UPDATE SET {updates}")
+        return self.rows_stored(dataset)
 
     def check_references(self, dataset: Dataset, ref: Reference, target: Dataset) -> None:
         """Every value of `ref.column` in the rows this load wrote is a key of the
