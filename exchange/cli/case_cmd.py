@@ -11,7 +11,7 @@ import click
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import ExchangeClient, Signer, load_genesis
-from exchange.ids import choose_text
+from exchange.ids import UnknownId, choose_text
 from exchange.v1 import ledger_pb2, node_pb2
 
 
@@ -29,7 +29,10 @@ def resolve_case_id(client: ExchangeClient, text: str) -> str:
     compared without regard to case)."""
     if client.list_cases(text).cases:
         return text
-    return choose_text(text, [c.case_id for c in client.list_cases().cases], "case")
+    try:
+        return choose_text(text, [c.case_id for c in client.list_cases().cases], "case")
+    except UnknownId:
+        return text  # a case only queries name (none opened it): taken as typed
 
 
 @click.group("case")
