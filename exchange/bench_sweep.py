@@ -100,8 +100,10 @@ def _run_rule(auto: Path, rule: Any, spool: Path) -> dict[str, Any]:
             "subjects": [str(row["subject"]) for row in r.output.rows]}
 
 
-def measure(companies: int, work_dir: Path | None = None, verbose: bool = True
-            ) -> dict[str, Any]:
+def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
+            data_dir: Path | None = None) -> dict[str, Any]:
+    """The figures above; `data_dir`: a folder the generator already wrote for
+    `companies` companies and seed SEED (generation is then not timed)."""
     from agents.generate import GeneratorConfig, generate
 
     def say(text: str) -> None:
@@ -114,13 +116,14 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True
         cluster = Cluster(root)
         try:
             cluster.init()
-            data = root / "data"
-            started = time.perf_counter()
-            generate(GeneratorConfig(seed=SEED, companies=companies), data)
-            out["generate_s"] = round(time.perf_counter() - started, 1)
+            data = data_dir or root / "data"
+            if data_dir is None:
+                started = time.perf_counter()
+                generate(GeneratorConfig(seed=SEED, companies=companies), data)
+                out["generate_s"] = round(time.perf_counter() - started, 1)
             sizes = {a: _dir_bytes(data / a) for a in cluster.agencies}
             out["csv_mb"] = {a: round(b / 1e6) for a, b in sizes.items()}
-            say(f"generated in {out['generate_s']} s: {out['csv_mb']} MB")
+            say(f"generated in {out.get('generate_s', '(given)')} s: {out['csv_mb']} MB")
             started = time.perf_counter()
             with cf.ProcessPoolExecutor(LOAD_PROCESSES,
                                         mp_context=mp.get_context("spawn")) as pool:
@@ -197,9 +200,13 @@ def main() -> None:
     parser.add_argument("--companies", type=int, default=100_000)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the cluster, data and spool go (default: $TMPDIR)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a folder `exchange data generate --seed 9 --companies N` "
+                             "wrote, instead of generating anew")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print(json.dumps(measure(args.companies, args.work_dir)), flush=True)
+    print(json.dumps(measure(args.companies, args.work_dir, data_dir=args.data)),
+          flush=True)
 
 
 if __name__ == "__main__":
