@@ -308,3 +308,25 @@ def test_cli_load_shows_progress_on_stderr_only(tmp_path: Path,
     lines = result.stderr.splitlines()
     assert any("transactions.csv: 20,000 rows" in line and "MB/s" in line for line in lines)
     assert any("transactions.csv: 50,000 rows, done in" in line for line in lines)
+
+
+def test_a_bulk_load_uses_a_small_page_cache_and_gives_the_store_its_own_back(
+        tmp_path: Path, stores: Callable[[str, str], SqliteAgencyStore],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.common import store as store_module
+
+    store = stores("pboc", "pboc")
+    seen: list[object] = []
+    write_rows = store_module.SqliteBulkSession.write
+
+    def write(self: store_module.SqliteBulkSession, dataset: object,
+              rows: list[tuple[object, ...]]) -> None:
+        seen.append(self._db.execute("PRAGMA cache_size").fetchone()[0])
+        write_rows(self, dataset, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.SqliteBulkSession, "write", write)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "accounts.csv").write_text("\n".join(accounts(5)) + "\n")
+    agents.load_dataset_dir("pboc", tmp_path / "in", store)
+    assert seen == [-store_module.BULK_CACHE_KIB]
+    assert store.fetch("PRAGMA cache_size", {}) == [(-store_module.CACHE_KIB,)]

@@ -34,6 +34,8 @@ STORE_FILE_NAME = "agency.db"
 BUSY_TIMEOUT_MS = 10_000
 # Page cache per connection (main and temp schemas): large loads build big indexes.
 CACHE_KIB = 262_144
+# Page cache during a bulk load (SqliteAgencyStore.bulk_session).
+BULK_CACHE_KIB = 65_536
 
 
 @dataclass(frozen=True)
@@ -255,15 +257,21 @@ class SqliteAgencyStore:
         """One atomic load through the bulk path (see SqliteBulkSession)."""
         with self._lock:
             session = SqliteBulkSession(self._db)
-            self._db.execute("BEGIN IMMEDIATE")
+            # rows go to the tables in order and indexes are sorted once: a smaller page
+            # cache loads as fast (measured) and keeps the loader's memory down
+            self._db.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
             try:
-                yield session
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield session
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    session.drop_staging()
+                    raise
+                self._db.execute("COMMIT")
                 session.drop_staging()
-                raise
-            self._db.execute("COMMIT")
-            session.drop_staging()
+            finally:
+                self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
 
     def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
         with self._lock:
