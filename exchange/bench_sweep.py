@@ -112,11 +112,11 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
 
     out: dict[str, Any] = {"companies": companies, "period": PERIOD}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=work_dir) as tmp:
-        root = Path(tmp)
+        root = Path(tmp).resolve()  # the nodes and the CLI run with the cluster as cwd
         cluster = Cluster(root)
         try:
             cluster.init()
-            data = data_dir or root / "data"
+            data = data_dir.resolve() if data_dir is not None else root / "data"
             if data_dir is None:
                 started = time.perf_counter()
                 generate(GeneratorConfig(seed=SEED, companies=companies), data)
