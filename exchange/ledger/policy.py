@@ -189,7 +189,9 @@ CONTRACT_OFFERS: tuple[DatasetOffer, ...] = (
 )
 
 ROW_LIMIT_RECORDS = 10_000
-ROW_LIMIT_AGGREGATE = 1_000_000
+# A period-wide view has at most one row per company and month: four times the city's
+# 2.5 million enterprises.
+ROW_LIMIT_AGGREGATE = 10_000_000
 RATE_PER_HOUR_ANALYST = 600
 RATE_PER_HOUR_AUTOMATION = 1_000
 
