@@ -26,7 +26,12 @@ from exchange.ledger.sealing import canonical_json, seal
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 SHAPE = ledger_pb2.QueryShape
-ANSWER_WAIT_S = 120.0
+# A rule's queries may wait this long for their answers: a period-wide view of the
+# city's register takes its owner minutes to compute and seal, behind other answers.
+QUERY_DEADLINE_S = 900
+# A run waits for an answer until just after its query's deadline, when the ledger
+# expires an unanswered query.
+ANSWER_WAIT_S = QUERY_DEADLINE_S + 30.0
 SUBMIT_BATCH_MAX = 500
 # Subjects one query of a subject set names: its sealed request (about 30 bytes a
 # subject) stays far below the genesis's envelope limit (1 MiB by default).
@@ -192,7 +197,8 @@ class NetworkRun:
         return QuerySpec(target=target, dataset=dataset, subjects=subjects, period=period,
                          purpose=f"rule {self.rule.id} v{self.rule.version}: input {name}",
                          legal_basis=LEGAL_BASIS_TAX_CRIME, fields=fields, shape=int(shape),
-                         deadline_s=600, on_behalf_of=self.rule.digest_hex, case_id=case_id)
+                         deadline_s=QUERY_DEADLINE_S, on_behalf_of=self.rule.digest_hex,
+                         case_id=case_id)
 
     def run(self, params: Mapping[str, str], scope: RunScope | None = None) -> RunResult:
         """Run the rule with `params`; with a scope, on the case's subjects only. Every
