@@ -36,6 +36,10 @@ BUSY_TIMEOUT_MS = 10_000
 CACHE_KIB = 262_144
 # Page cache during a bulk load (SqliteAgencyStore.bulk_session).
 BULK_CACHE_KIB = 65_536
+# A streamed read's own connection: a sequential scan, sorted in temporary files; a page
+# cache of the store's size for each of a node's concurrent streams held a node's memory
+# near 1 GiB.
+STREAM_CACHE_KIB = 16_384
 
 
 @dataclass(frozen=True)
@@ -284,7 +288,7 @@ class SqliteAgencyStore:
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            db.execute(f"PRAGMA cache_size=-{STREAM_CACHE_KIB}")
             db.execute("PRAGMA temp_store=FILE")
             cursor = db.execute(sql, dict(params))
             while True:
