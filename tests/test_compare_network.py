@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -459,8 +460,15 @@ def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offlin
             b.findings_chunk.CopyFrom(stray)
 
         envelope = signer.make_envelope(fill)
-        assert client.submit(envelope).result == "OK"  # committed at this node
+        committed = client.submit(envelope)
+        assert committed.result == "OK"  # committed at this node
         stray_id = open_envelope(envelope, genesis.chain_id).tx_id
+        # a bundle takes final blocks only: wait until a quorum attested the stray's
+        cluster.cli("submit-probe", agency=agency)
+        deadline = time.monotonic() + 60
+        while client.status().final_height < committed.height:
+            assert time.monotonic() < deadline, "the stray chunk's block never became final"
+            time.sleep(0.1)
     with BlockStore.open(cluster.net / agency / "data" / "blocks.db") as store:
         ids = case_tx_ids(store, "CASE-CHUNKS") + [stray_id]
         with pytest.raises(BundleInvalid, match="is not the chunk"):
