@@ -24,11 +24,11 @@ from agents.own_inputs import iter_own
 from exchange.compare import load_rules, run_rule
 from exchange.compare.local import gather_inputs
 from exchange.compare.network import _line_groups
-from exchange.compare.session import RunSession, lines_of, run_streamed
+from exchange.compare.session import RunSession, run_streamed
 from exchange.crossquery import CheckedAnswer, read_answer
 from exchange.errors import MalformedInput, ProofInvalid
 from exchange.ledger.queries import chunks_commitment
-from exchange.ledger.sealing import canonical_json, commit
+from exchange.ledger.sealing import canonical_json, canonical_json_lines, commit
 from exchange.node.responder import ChunkSealer
 from exchange.v1 import ledger_pb2, node_pb2
 
@@ -53,7 +53,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Generator
 
 
 def _chunked(rows: Sequence[dict[str, object]], per_chunk: int) -> Iterator[bytes]:
-    lines = lines_of(rows).splitlines(keepends=True)
+    lines = canonical_json_lines(rows).splitlines(keepends=True)
     for start in range(0, len(lines), per_chunk):
         yield b"".join(lines[start:start + per_chunk])
 
@@ -133,7 +133,7 @@ def test_subjects_are_read_back_sorted_and_distinct_in_bounded_batches() -> None
             if key != "uscc" and isinstance(row[key], str):
                 row[key] = f"{row[key]}-{i}"  # keys stay unique, uscc repeats
     with RunSession(rule) as session:
-        session.append_jsonl(own.name, lines_of(rows))
+        session.append_jsonl(own.name, canonical_json_lines(rows))
         assert session.finish(own.name) == len(rows)
         batches = list(session.distinct(own.name, "uscc", 5))
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -216,11 +216,4 @@ def run_streamed(rule: Rule, inputs: Mapping[str, Iterable[bytes]],
                 session.append_jsonl(name, chunk)
             session.finish(name)
         return session.run(params)
-
-
-def lines_of(rows: Sequence[Mapping[str, object]]) -> bytes:
-    """Rows as the canonical JSON Lines an answer carries."""
-    from exchange.ledger.sealing import canonical_json_lines
-
-    return canonical_json_lines(rows)
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from exchange.errors import CredentialInvalid, StoreCorrupted
 from exchange.identity.keys import DataKey, DataKeyring
@@ -28,6 +29,9 @@ from exchange.ledger.block import OpenedEnvelope
 from exchange.ledger.queries import CHUNKS_MAX, STATUS_ANSWERED, QueryBook, Rejected
 from exchange.ledger.sealing import check_sealed_form, open_sealed
 from exchange.v1 import ledger_pb2
+
+if TYPE_CHECKING:
+    from exchange.ledger.store import BlockStore
 
 CODE_RULE_INVALID = "RULE_INVALID"
 CODE_FINDINGS_INVALID = "FINDINGS_INVALID"
@@ -390,16 +394,16 @@ def open_output(f: ledger_pb2.Findings, data_key: DataKey | DataKeyring, chain_i
         yield index, plaintext, salt
 
 
-def findings_chunk_reader(tx_of: Callable[[bytes], bytes | None], chain_id: str
+def findings_chunk_reader(store: BlockStore, chain_id: str
                           ) -> Callable[[bytes], ledger_pb2.FindingsChunk | None]:
-    """`chunk_of` for output_parts from a store's envelope lookup (tx id -> envelope)."""
+    """`chunk_of` for output_parts, reading a store's transactions."""
     from exchange.ledger.block import open_envelope
 
     def chunk_of(tx: bytes) -> ledger_pb2.FindingsChunk | None:
-        envelope = tx_of(tx)
-        if envelope is None:
+        stored = store.tx(tx)
+        if stored is None:
             return None
-        body = open_envelope(envelope, chain_id).body
+        body = open_envelope(stored.envelope, chain_id).body
         return body.findings_chunk if body.WhichOneof("kind") == "findings_chunk" else None
 
     return chunk_of

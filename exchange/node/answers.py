@@ -178,7 +178,7 @@ class QueryReader:
         keeping only those about `subject` when given."""
         from exchange.ledger.findings import findings_chunk_reader, open_output
 
-        chunk_of = findings_chunk_reader(self._envelope_of, self.chain_id)
+        chunk_of = findings_chunk_reader(self.store, self.chain_id)
         for run in listing.runs:
             stored = self.store.tx(bytes(run.tx_id))
             if stored is None:
@@ -196,10 +196,6 @@ class QueryReader:
                         index += 1
             except ExchangeError:
                 continue  # not a recipient (or not readable): ids and severities only
-
-    def _envelope_of(self, tx_id: bytes) -> bytes | None:
-        stored = self.store.tx(tx_id)
-        return stored.envelope if stored is not None else None
 
     # -- the audit trail ----------------------------------------------------------------
     def audit(self, request: node_pb2.AuditRequest, time_ms: int) -> node_pb2.AuditReply:

@@ -164,9 +164,7 @@ class NodeEventSource:
     def finding_lines(self, run_tx_id: bytes,
                       findings: ledger_pb2.Findings) -> Mapping[int, Mapping[str, Any]]:
         reader = self.node.reader
-        chunk_of = findings_chunk_reader(
-            lambda tx: (lambda s: s.envelope if s is not None else None)(reader.store.tx(tx)),
-            self.node.chain_id)
+        chunk_of = findings_chunk_reader(reader.store, self.node.chain_id)
         lines: dict[int, Mapping[str, Any]] = {}
         try:
             for _chunk, plaintext, _salt in open_output(findings, reader.data_key,
