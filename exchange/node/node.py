@@ -51,15 +51,20 @@ from exchange.ledger.block import (
     tx_id,
 )
 from exchange.ledger.casechain import statement
+from exchange.ledger.queries import QueryBook
+from exchange.ledger.state import LedgerState
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import check_attestations, proposer_key_lookup
 from exchange.node import metrics as m
 from exchange.node.admission import admit
 from exchange.node.answers import AnswerPending, QueryReader
+from exchange.node.driver import CompactionSettings, RaftDriver
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
+from exchange.node.raft_io import LinksTransport, WalStorage
 from exchange.node.ratelimit import AdmissionLimiter
 from exchange.node.responder import Responder, close_quietly
 from exchange.node.tls_state import NodeTls, next_path
+from exchange.node.webhook import Webhook
 from exchange.raft.confchange import ConfChange, ConfChangeOp
 from exchange.raft.core import (
     ConfChangeRejected,
@@ -164,6 +169,18 @@ class Node:
                        max_entries_per_msg=16, max_bytes_per_msg=32 << 20),
             recovered.hard_state, recovered.snapshot, recovered.entries, random.Random(),
             applied=min(max(applied, recovered.snapshot.index), last))
+        self._kick = asyncio.Event()
+        self.transport = LinksTransport()
+        # The Raft log's writes and the block applies each have a thread of their own, so
+        # that reads, admissions and answers never queue the critical path behind them.
+        self._wal_thread = ThreadPoolExecutor(1, thread_name_prefix="raft-log")
+        settings = config.raft
+        self.driver = RaftDriver(
+            self.core, WalStorage(self.wal), self.transport, self,
+            CompactionSettings(settings.compact_every_entries, settings.compact_log_bytes_max,
+                               settings.compact_keep_entries, settings.compact_keep_bytes),
+            on_input=self._kick.set,
+            on_disk=lambda fn, *args: self._on(self._wal_thread, fn, *args))
         self.peers_addr = {a: m.address for a, m in self.registry.members.items()}
         self.tls = NodeTls(config, self.registry.members.values())
         pinned = self.registry.node_certs.get(self.agency)
@@ -172,7 +189,6 @@ class Node:
         self._registry_version = self.registry.version
         self.links: PeerLinks | None = None
         self._client_creds: grpc.ChannelCredentials | None = None
-        self._kick = asyncio.Event()
         self._mempool_event = asyncio.Event()
         self._applied_event = asyncio.Event()
         self.mempool: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
@@ -212,18 +228,21 @@ class Node:
         self.reader = QueryReader(self.agency, self.chain_id, self.store, self.applier.queries,
                                   data_key)
         self.responder = Responder(self, data_key)
-        self.webhook: Any = None  # exchange.node.webhook.Webhook, with a [webhook] table
+        self.webhook: Webhook | None = None  # with a [webhook] table
         if config.webhook is not None:
-            from exchange.node.webhook import Webhook
-
             self.webhook = Webhook(self, config.webhook)
-        # The Raft log's writes and the block applies each have a thread of their own, so
-        # that reads, admissions and answers never queue the critical path behind them.
-        self._wal_thread = ThreadPoolExecutor(1, thread_name_prefix="raft-log")
         self._apply_thread = ThreadPoolExecutor(1, thread_name_prefix="apply")
         self._check_thread = ThreadPoolExecutor(1, thread_name_prefix="block-check")
         self._answer_waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self.limiter = AdmissionLimiter()
+
+    @property
+    def queries(self) -> QueryBook:
+        return self.applier.queries
+
+    @property
+    def state(self) -> LedgerState:
+        return self.applier.state
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -238,9 +257,10 @@ class Node:
     async def start(self) -> None:
         self._client_creds = client_credentials = self.tls.client_credentials()
         self.links = PeerLinks(self.agency, self.peers_addr, client_credentials)
+        self.transport.links = self.links
         self.links.start()
         loop = asyncio.get_running_loop()
-        for coro, name in ((self._raft_loop(), "raft"), (self._ticker(), "tick"),
+        for coro, name in ((self.driver.run(self._kick), "raft"), (self._ticker(), "tick"),
                            (self._cutter(), "cutter"), (self._forwarder(), "forward"),
                            (self._peer_watch(), "peer-watch"),
                            (self._publish_catalog(), "catalog"),
@@ -248,8 +268,7 @@ class Node:
                            (self.responder.run(), "responder"),
                            (self._resubmitter(), "resubmit")):
             self._tasks.append(loop.create_task(self._supervised(coro, name), name=name))
-        if self.core.pending_snapshot is not None:
-            self._start_catch_up(self.core.pending_snapshot)
+        self.driver.start()
         if self.webhook is not None:
             self.webhook.start()
         self._refresh_final_height()
@@ -307,8 +326,7 @@ class Node:
             await asyncio.sleep(self.tick_s)
             if self.clock_off_ms is not None and self.core.role is not Role.LEADER:
                 continue  # a node whose clock is off never campaigns (see _check_clock)
-            self.core.tick()
-            self._kick.set()
+            self.driver.tick()
 
     def kick(self) -> None:
         self._kick.set()
@@ -324,11 +342,9 @@ class Node:
                             log_term=m.log_term, index=m.index, entries=tuple(good),
                             commit=m.commit)
         try:
-            self.core.step(m)
+            self.driver.step(m)
         except RaftError as exc:
             log.warning("raft message refused", peer=m.from_id, error=str(exc))
-            return
-        self._kick.set()
 
     def _valid_prefix(self, entries: Sequence[Entry]) -> list[Entry]:
         """The entries up to the first block that fails the checks a follower makes
@@ -384,28 +400,25 @@ class Node:
             self._prechecked_bytes -= _checked_bytes(checked)
         return checked
 
-    async def _raft_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            while (rd := self.core.ready()) is not None:
-                if rd.soft_state is not None:
-                    self._on_soft_state(rd.soft_state.role, rd.soft_state.leader_id)
-                if rd.snapshot is not None:
-                    await self._on(self._wal_thread, self.wal.save_snapshot, rd.snapshot)
-                if rd.entries_to_persist or rd.hard_state is not None:
-                    with m.WAL_SECONDS.time():
-                        await self._on(self._wal_thread, self.wal.save, rd.hard_state,
-                                                list(rd.entries_to_persist))
-                if self.links is not None:
-                    self.links.send(rd.messages)
-                if rd.snapshot is not None:
-                    self._start_catch_up(rd.snapshot)
-                if rd.committed_entries:
-                    await self._apply_entries(rd.committed_entries)
-                    self._send_own_attestations()
-                self.core.advance(rd)
-                await self._maybe_compact()
+    # -- the driver's Applier --------------------------------------------------------
+    def role_changed(self, role: Role, leader_id: str) -> None:
+        self._on_soft_state(role, leader_id)
+
+    async def apply(self, entries: Sequence[Entry]) -> None:
+        await self._apply_entries(entries)
+        self._send_own_attestations()
+
+    def install(self, meta: SnapshotMeta) -> None:
+        self._start_catch_up(meta)
+
+    def compact_index_max(self) -> int:
+        """Only below the final height: a node behind the compaction point catches up
+        by streaming final blocks, and a block not yet final (attested by too few
+        members while some were cut off) becomes final only once a lagging member
+        applies it through Raft, which needs it still in the log."""
+        if 0 < self.final_height <= self.store.height:
+            return self.store.index_columns(self.final_height)[2]
+        return 0
 
     def _on_soft_state(self, role: Role, leader: str) -> None:
         m.LEADER_CHANGES.inc()
@@ -610,28 +623,6 @@ class Node:
         return await asyncio.to_thread(self.reader.audit, request,
                                        self.store.tip_timestamp_ms)
 
-    async def _maybe_compact(self) -> None:
-        applied = self.core.applied_index
-        first = self.core.snapshot_meta.index
-        settings = self.config.raft
-        m.RAFT_LOG_BYTES.set(self.core.log_bytes)
-        if (applied - first < settings.compact_every_entries
-                and self.core.log_bytes <= settings.compact_log_bytes_max) or \
-                self.core.pending_snapshot is not None:
-            return
-        # Only below the final height: a node behind the compaction point catches up by
-        # streaming final blocks, and a block not yet final (attested by too few members
-        # while some were cut off) becomes final only once a lagging member applies it
-        # through Raft, which needs it still in the log.
-        final_index = (self.store.index_columns(self.final_height)[2]
-                       if 0 < self.final_height <= self.store.height else 0)
-        target = min(self.core.compact_point(settings.compact_keep_entries,
-                                             settings.compact_keep_bytes), final_index)
-        if target <= first:
-            return
-        meta = self.core.compact(target)
-        await self._on(self._wal_thread, self.wal.save_snapshot, meta)
-
     # -- catch-up by streaming blocks ----------------------------------------------
     def _start_catch_up(self, meta: SnapshotMeta) -> None:
         if self._catching_up is not None and not self._catching_up.done():
@@ -658,9 +649,8 @@ class Node:
             else:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        self.core.restore_snapshot_done(meta)
         log.info("caught up", height=self.store.height)
-        self._kick.set()
+        self.driver.installed(meta)
 
     def _peer_order(self) -> list[str]:
         leader = self.core.leader_id

@@ -23,24 +23,25 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from exchange.errors import ExchangeError, Unavailable
-from exchange.identity.keys import DataKey, DataKeyring
+from exchange.identity.config import NodeConfig
+from exchange.identity.keys import CachedSigner, DataKey, DataKeyring
+from exchange.identity.registry import KeyRegistry
 from exchange.ledger.block import new_body, seal_envelope
-from exchange.ledger.queries import STATUS_OPEN, QueryRecord, chunks_commitment
+from exchange.ledger.queries import STATUS_OPEN, QueryBook, QueryRecord, chunks_commitment
 from exchange.ledger.sealing import RowLines, seal
+from exchange.ledger.store import BlockStore
 from exchange.node import metrics as m
-from exchange.v1 import ledger_pb2
-
-if TYPE_CHECKING:
-    from exchange.node.node import Node
+from exchange.node.answers import QueryReader
+from exchange.v1 import ledger_pb2, node_pb2
 
 log = structlog.get_logger("exchange.responder")
 
@@ -245,10 +246,35 @@ class ChunkSealer:
                         self.first if len(self.commitments) == 1 else None)
 
 
+class ResponderHost(Protocol):
+    """What the responder uses of its node: the ledger's view of the queries, the node's
+    signer (it changes on a key rotation, so it is read at each use) and submission."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def agency(self) -> str: ...
+    @property
+    def chain_id(self) -> str: ...
+    @property
+    def signer(self) -> CachedSigner: ...
+    @property
+    def registry(self) -> KeyRegistry: ...
+    @property
+    def store(self) -> BlockStore: ...
+    @property
+    def queries(self) -> QueryBook: ...
+    @property
+    def reader(self) -> QueryReader: ...
+
+    async def submit_batch(self, raws: Sequence[bytes], wait: bool
+                           ) -> list[node_pb2.SubmitResponse]: ...
+
+
 class Responder:
     """Answers the queries the ledger sends this node's agency."""
 
-    def __init__(self, node: Node, data_key: DataKey | DataKeyring) -> None:
+    def __init__(self, node: ResponderHost, data_key: DataKey | DataKeyring) -> None:
         self.node = node
         self.data_key = data_key
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -268,7 +294,7 @@ class Responder:
         self.queue.put_nowait(query_tx_id)
 
     async def run(self) -> None:
-        queries = self.node.applier.queries
+        queries = self.node.queries
         tip_ms = self.node.store.tip_timestamp_ms
         for rec in list(queries.open_for(self.node.agency, tip_ms)):
             self.notify(rec.tx_id)
@@ -304,7 +330,7 @@ class Responder:
                 self._busy.discard(qid)
 
     def _is_open(self, qid: bytes) -> QueryRecord | None:
-        rec = self.node.applier.queries.get(qid)
+        rec = self.node.queries.get(qid)
         if rec is None or rec.status_at(self.node.store.tip_timestamp_ms) != STATUS_OPEN:
             return None
         return rec

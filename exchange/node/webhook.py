@@ -30,21 +30,21 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import Counter, Gauge
 
 from exchange.cases.events import Event, QueryFacts, block_events
 from exchange.errors import ExchangeError
-from exchange.identity.config import WebhookSettings
+from exchange.identity.config import NodeConfig, WebhookSettings
 from exchange.ledger.block import open_envelope
 from exchange.ledger.findings import findings_chunk_reader, open_output
+from exchange.ledger.state import LedgerState
+from exchange.ledger.store import BlockStore
+from exchange.node.answers import QueryReader
 from exchange.node.metrics import REGISTRY
 from exchange.v1 import ledger_pb2
-
-if TYPE_CHECKING:
-    from exchange.node.node import Node
 
 log = structlog.get_logger("exchange.webhook")
 
@@ -149,14 +149,32 @@ class Outbox:
                 "pending": total - delivered - failed}
 
 
+class WebhookHost(Protocol):
+    """What the webhook uses of its node: where it keeps its outbox, the blocks, the
+    ledger state and the reader holding the data key."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def agency(self) -> str: ...
+    @property
+    def chain_id(self) -> str: ...
+    @property
+    def store(self) -> BlockStore: ...
+    @property
+    def state(self) -> LedgerState: ...
+    @property
+    def reader(self) -> QueryReader: ...
+
+
 class NodeEventSource:
     """What events need, from the node's own state and data key."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: WebhookHost) -> None:
         self.node = node
 
     def query_facts(self, query_tx_id: bytes) -> QueryFacts | None:
-        rec = self.node.applier.queries.get(query_tx_id)
+        rec = self.node.state.queries.get(query_tx_id)
         if rec is None:
             return None
         return QueryFacts(rec.case_id, rec.requester, rec.target, rec.dataset)
@@ -177,27 +195,27 @@ class NodeEventSource:
 
     def finding_summaries(self, run_tx_id: bytes, findings: ledger_pb2.Findings
                           ) -> list[tuple[str, str]]:
-        run = self.node.applier.state.findings.runs.get(run_tx_id)
+        run = self.node.state.findings.runs.get(run_tx_id)
         if run is not None:
             return [(f, sev) for f, sev, _d in run.summaries]
         return [(s.finding_id, s.severity) for s in findings.findings]
 
     def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
-        state = self.node.applier.state
+        state = self.node.state
         run = state.findings.runs.get(run_tx_id)
         if run is None:
             return set()
         return {run.owner} | {state.queries.queries[q].target for q in run.input_tx_ids}
 
     def case_opener(self, case_id: str) -> str:
-        case = self.node.applier.state.cases.cases.get(case_id)
+        case = self.node.state.cases.cases.get(case_id)
         return case.agency if case is not None else ""
 
 
 class Webhook:
     """The outbox, its builder and its sender, for one node."""
 
-    def __init__(self, node: Node, settings: WebhookSettings) -> None:
+    def __init__(self, node: WebhookHost, settings: WebhookSettings) -> None:
         self.node = node
         self.settings = settings
         self.key = settings.secret()
