@@ -1,5 +1,6 @@
-"""Deterministic simulation of the Raft core (tests/sim/harness.py) over many seeds, and
-proof that the simulation's checks catch deliberately planted bugs."""
+"""Deterministic simulation of the Raft core run by the production driver
+(tests/sim/harness.py) over many seeds, and proof that the simulation's checks catch
+deliberately planted bugs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from exchange.node.peers import AttestationQueue
 from exchange.raft.core import RaftConfig, RaftNode
 from exchange.raft.types import Entry, HardState, SnapshotMeta
 from tests.sim.harness import DEFAULT_STEPS, SimResult, Simulation, run_seed
@@ -21,6 +23,7 @@ SAFETY_KINDS = {
     "state machine safety",
     "committed entry changed",
     "acknowledged lost",
+    "acknowledged before durable",  # the driver sent what its disk does not hold yet
     "assertion",  # the core's own invariant assertions (e.g. commit beyond the log)
 }
 
@@ -128,3 +131,14 @@ def test_planted_driver_bug_sending_before_fsync_is_detected() -> None:
     )
     assert found is not None, "no seed noticed messages sent before their writes were durable"
     assert found.violation is not None and found.violation.kind in SAFETY_KINDS
+
+
+def test_planted_driver_bug_dropping_attestations_on_link_replacement_is_detected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a replaced link that does not hand its queue over loses attestations nothing sends
+    # again (the bug the namespace tests found in the node)
+    monkeypatch.setattr(AttestationQueue, "take_over", lambda self, old: None)
+    found = _first_violation(range(40))
+    assert found is not None, "no seed noticed attestations lost with a replaced link"
+    assert found.violation is not None and found.violation.kind == "attestation lost"

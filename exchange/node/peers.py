@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Generic, TypeVar
 
 import grpc
 import structlog
@@ -27,6 +28,7 @@ RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
 ATTESTATION_LINGER_S = 0.1
+A = TypeVar("A")
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -86,6 +88,34 @@ def message_from_proto(p: peer_pb2.RaftMessage) -> Message:
                    reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force)
 
 
+class AttestationQueue(Generic[A]):
+    """Attestations waiting for the link to one peer: bounded, and handed over whole to
+    the link that replaces this one (nothing sends an attestation again)."""
+
+    def __init__(self, size_max: int = QUEUE_MESSAGES_MAX) -> None:
+        self.size_max = size_max
+        self._items: list[A] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, attestation: A) -> bool:
+        """Queue one (False: the queue is full and it is dropped)."""
+        if len(self._items) >= self.size_max:
+            return False
+        self._items.append(attestation)
+        return True
+
+    def take(self) -> list[A]:
+        """Everything queued, oldest first; the queue is left empty."""
+        items, self._items = self._items, []
+        return items
+
+    def take_over(self, old: AttestationQueue[A]) -> None:
+        """Put what `old` still holds ahead of this queue's own."""
+        self._items = (old.take() + self._items)[:self.size_max]
+
+
 class PeerLink:
     """The outbound stream to one peer."""
 
@@ -95,7 +125,7 @@ class PeerLink:
         self.address = address
         self._credentials = credentials
         self._queue: asyncio.Queue[peer_pb2.RaftMessage] = asyncio.Queue(QUEUE_MESSAGES_MAX)
-        self._attestations: list[ledger_pb2.Attestation] = []
+        self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
         self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
@@ -110,15 +140,13 @@ class PeerLink:
         """Attestations ride along with the next Raft messages to this peer, or go on
         their own after ATTESTATION_LINGER_S: countersigning adds no write of its own
         while blocks flow."""
-        if len(self._attestations) < QUEUE_MESSAGES_MAX:
-            self._attestations.append(att)
+        self._attestations.add(att)
 
     def take_over(self, old: PeerLink) -> None:
         """Carry over what the link this one replaces (new credentials or address) had
         not sent yet: its pending attestations (above all those of the block that changed
         the credentials, which nothing sends again) and its queued Raft messages."""
-        self._attestations = (old._attestations + self._attestations)[:QUEUE_MESSAGES_MAX]
-        old._attestations = []
+        self._attestations.take_over(old._attestations)
         while not old._queue.empty():
             self.send(old._queue.get_nowait())
 
@@ -142,7 +170,7 @@ class PeerLink:
                     continue
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            atts, self._attestations = self._attestations, []
+            atts = self._attestations.take()
             yield peer_pb2.RaftBatch(messages=batch, attestations=atts)
 
     async def _run(self) -> None:

@@ -8,17 +8,25 @@ after an fsync) and restarts, drifting clocks, client proposals,
 membership changes, leadership transfers, log compaction and the state transfers that
 snapshots require. The same seed and step count replay the same run exactly.
 
-The driver honours the Ready contract: a Ready's entries, snapshot and hard state are
-written, then (as a separate event, so the node keeps stepping and may crash in
-between) fsynced; only then are its messages sent and its committed entries applied.
+Each node is driven by the production Raft driver (exchange.node.driver.RaftDriver),
+the code that runs in a node, with this file's fake disk (Storage), network (Transport)
+and state machine (Applier). The simulation calls the driver's phases as separate events
+(take a Ready and write it; fsync; finish: send, install, apply, advance, compact), so a
+node keeps stepping and may crash between any two; the driver's compaction policy runs
+as in a node, bounded by the final index (the highest index a quorum has attested).
 
 After every event the harness checks election safety, log matching, leader
 completeness, state machine safety and per-incarnation monotonic term and commit (log
-matching is rechecked for a node whenever its log's bounds or last entry change). At
-the end it heals everything, restarts every node, runs quietly and checks liveness: one
-leader that every member follows, every member applied everything, and every
-acknowledged proposal is in every member's state machine exactly once at the index it
-was acknowledged at.
+matching is rechecked for a node whenever its log's bounds or last entry change), and
+the driver's own invariants: nothing acknowledged before it is durable (every message
+sent is checked against the sender's fsynced disk), nothing applied twice (each index
+applied once, in order), and attestations never lost across a link replacement (each
+node's attestation of each applied entry rides a link queue per peer; links are
+replaced at random and hand their queue over as a node's links do). At the end it heals
+everything, restarts every node, runs quietly and checks liveness: one leader that
+every member follows, every member applied everything, every acknowledged proposal is
+in every member's state machine exactly once at the index it was acknowledged at, and
+every attestation queued was delivered unless its sender or receiver went down.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ import dataclasses
 import heapq
 import random
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from exchange.node.driver import CompactionSettings, RaftDriver
+from exchange.node.peers import AttestationQueue
 from exchange.raft.confchange import ConfChange, ConfChangeOp
 from exchange.raft.core import (
     ConfChangeRejected,
@@ -41,7 +52,7 @@ from exchange.raft.core import (
     Ready,
     Role,
 )
-from exchange.raft.messages import Message
+from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind, HardState, SnapshotMeta
 
 __all__ = [
@@ -58,6 +69,9 @@ __all__ = [
 DEFAULT_STEPS = 4000
 UNIVERSE = ("n1", "n2", "n3", "n4", "n5")
 MEMBERS_MIN, MEMBERS_MAX = 3, 5
+LOG_BYTES_MAX = 1 << 20  # the in-memory log's byte bound for compaction (entries are small)
+ATTESTATIONS_QUEUED_MAX = 1 << 16  # a link's queue; the runs never fill it
+Attestation = tuple[str, int]  # (attesting node, Raft index)
 
 NodeFactory = Callable[
     [RaftConfig, HardState, SnapshotMeta, Sequence[Entry], random.Random, int], RaftNode
@@ -73,6 +87,16 @@ def default_node_factory(
     applied: int,
 ) -> RaftNode:
     return RaftNode(config, hard_state, snapshot, entries, rng, applied=applied)
+
+
+def run_now(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a driver phase to its end in this event: the fakes never suspend."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise AssertionError("a driver phase waited on something the simulation never does")
 
 
 def replay_command(seed: int, steps: int) -> str:
@@ -191,6 +215,14 @@ class SimDisk:
             self._apply(op)
         self.pending.clear()
 
+    def sync(self) -> None:  # the driver's Storage
+        self.fsync()
+
+    @property
+    def last_index(self) -> int:
+        """The last index durable on this disk."""
+        return self.entries[-1].index if self.entries else self.snapshot.index
+
     def crash(self, rng: random.Random) -> None:
         keep = rng.randint(0, len(self.pending))
         for op in self.pending[:keep]:
@@ -232,6 +264,11 @@ class SimNode:
     disk: SimDisk
     rng_seed: int
     node: RaftNode | None = None
+    driver: RaftDriver | None = None
+    # attestations held (durable, like a node's block store): index -> attesting nodes
+    attested: dict[int, set[str]] = field(default_factory=dict)
+    final_index: int = 0
+    links: dict[str, AttestationQueue[Attestation]] = field(default_factory=dict)
     incarnation: int = 0
     state_machine: list[Entry] = field(default_factory=list)  # durable, index i at i - 1
     outstanding: Ready | None = None
@@ -246,6 +283,48 @@ class SimNode:
     clock_rate: float = 1.0
 
 
+class SimTransport:
+    """A node's Transport: checks that what it sends is durable, then hands it to the
+    simulated network."""
+
+    def __init__(self, sim: Simulation, sn: SimNode) -> None:
+        self.sim, self.sn = sim, sn
+
+    def send(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.sim._check_durable(self.sn, message)
+            self.sim._send(message)
+
+
+class SimApplier:
+    """A node's Applier: the simulated state machine, with an attestation of each
+    applied entry sent to every peer, and compaction bounded by the final index."""
+
+    def __init__(self, sim: Simulation, sn: SimNode) -> None:
+        self.sim, self.sn = sim, sn
+
+    def role_changed(self, role: Role, leader_id: str) -> None:
+        """Nothing to do: the checks read the role from the core."""
+
+    async def apply(self, entries: Sequence[Entry]) -> None:
+        for entry in entries:
+            self.sim._apply(self.sn, entry)
+
+    def install(self, meta: SnapshotMeta) -> None:
+        self.sim._schedule_transfer(self.sn, meta)
+
+    def compact_index_max(self) -> int:
+        return self.sn.final_index
+
+
+class SendsBeforeSync(RaftDriver):
+    """Planted driver bug: sends a Ready's messages as soon as it is written."""
+
+    def write(self, rd: Ready) -> None:
+        super().write(rd)
+        self.transport.send(rd.messages)
+
+
 # ------------------------------------------------------------------------------ simulation
 
 
@@ -258,6 +337,7 @@ class _Event:
     incarnation: int = field(compare=False, default=0)
     message: Message | None = field(compare=False, default=None)
     snapshot: SnapshotMeta | None = field(compare=False, default=None)
+    attestations: tuple[Attestation, ...] = field(compare=False, default=())
 
 
 class Simulation:
@@ -306,6 +386,9 @@ class Simulation:
         self.result = SimResult(seed=seed, steps=steps, violation=None)
         self.proposal_counter = 0
         self.touched: set[str] = set()
+        # attestations queued for a peer and neither delivered nor excused (the sender's
+        # or the receiver's memory gone with a crash): (sender, receiver) -> attestations
+        self.attestations_owed: dict[tuple[str, str], set[Attestation]] = {}
 
     # ---------------------------------------------------------------- scheduling
 
@@ -361,6 +444,9 @@ class Simulation:
             assert event.message is not None
             self._on_deliver(event.message)
             return
+        if kind == "attest":
+            self._on_attestations(event)
+            return
         sn = self.nodes[event.node_id]
         if sn.node is None or sn.incarnation != event.incarnation:
             return  # meant for an incarnation that crashed
@@ -378,6 +464,8 @@ class Simulation:
         elif kind == "isolate":
             if self.chaos:
                 self._isolate(sn.node_id)
+        elif kind == "relink":
+            self._replace_link(sn)
         else:
             raise AssertionError(kind)
 
@@ -391,15 +479,16 @@ class Simulation:
             assert sn.node is not None
             # Clocks drift: a node ticks at its own rate (safety must not care).
             sn.clock += sn.clock_rate
-            while sn.clock >= 1.0 and sn.node is not None:
+            while sn.clock >= 1.0 and sn.driver is not None:
                 sn.clock -= 1.0
-                sn.node.tick()
+                sn.driver.tick()
             self.touched.add(sn.node_id)
-            self._after_input(sn)
+            self._flush_attestations(sn)
 
     def _after_input(self, sn: SimNode) -> None:
+        """The driver's `on_input`: schedule a Ready event if the core has one."""
         node = sn.node
-        if node is None or sn.outstanding is not None or sn.ready_scheduled:
+        if node is None or sn.driver is None or sn.driver.busy or sn.ready_scheduled:
             return
         if node.has_ready():
             sn.ready_scheduled = True
@@ -411,43 +500,54 @@ class Simulation:
             )
 
     def _on_ready(self, sn: SimNode) -> None:
-        node = sn.node
-        assert node is not None
+        driver = sn.driver
+        assert driver is not None
         sn.ready_scheduled = False
-        rd = node.ready()
+        rd = driver.take_ready()
         if rd is None:
             return
-        sn.disk.write(rd)
+        driver.write(rd)
         sn.outstanding = rd
-        if self.unsafe_send_before_fsync:
-            for message in rd.messages:
-                self._send(message)
         delay = self.rng.uniform(0.001, 0.2)
         if self.chaos and self.rng.random() < 0.05:
             delay = self.rng.uniform(0.2, 3.0)  # a slow disk
         self._schedule(delay, "fsync", node_id=sn.node_id, incarnation=sn.incarnation)
 
     def _on_fsync(self, sn: SimNode) -> None:
-        node, rd = sn.node, sn.outstanding
-        assert node is not None and rd is not None
+        driver, rd = sn.driver, sn.outstanding
+        assert driver is not None and rd is not None
         if self.chaos and self.rng.random() < self.params.p_crash_before_fsync:
             self._crash(sn)  # a random prefix of the pending writes survives
             return
-        sn.disk.fsync()
+        driver.sync()
         if self.chaos and self.rng.random() < self.params.p_crash_after_fsync:
             self._crash(sn)  # durable, but nothing sent or applied
             return
-        if not self.unsafe_send_before_fsync:
-            for message in rd.messages:
-                self._send(message)
-        if rd.snapshot is not None:
-            self._schedule_transfer(sn, rd.snapshot)
-        for entry in rd.committed_entries:
-            self._apply(sn, entry)
         sn.outstanding = None
-        node.advance(rd)
-        self._maybe_compact(sn)
+        run_now(driver.finish(rd))  # send, install, apply, advance, compact
         self._after_input(sn)
+
+    def _check_durable(self, sn: SimNode, message: Message) -> None:
+        """Nothing acknowledged before it is durable: a vote, a term and an appended
+        entry a message speaks for are on the sender's fsynced disk."""
+        if message.type in (MessageType.PRE_VOTE, MessageType.PRE_VOTE_RESP):
+            return  # a pre-vote speaks for a term nobody holds yet
+        durable = sn.disk.hard_state
+        problem = ""
+        if message.term > durable.term:
+            problem = f"term {message.term}, durable {durable.term}"
+        elif message.type is MessageType.VOTE_RESP and not message.reject and \
+                message.term == durable.term and durable.vote != message.to_id:
+            # (a vote of an earlier term is covered by any durable later term: the node
+            # never votes in that term again)
+            problem = (f"vote for {message.to_id} in term {message.term}, durable vote "
+                       f"{durable.vote or '-'} in term {durable.term}")
+        elif message.type is MessageType.APPEND_RESP and not message.reject and \
+                message.index > sn.disk.last_index:
+            problem = f"holds {message.index}, durable up to {sn.disk.last_index}"
+        if problem:
+            raise Violation("acknowledged before durable",
+                            f"{sn.node_id} sent {message.type.name} to {message.to_id}: {problem}")
 
     # ---------------------------------------------------------------- network
 
@@ -465,11 +565,60 @@ class Simulation:
         if (message.from_id, message.to_id) in self.blocked:
             return
         sn = self.nodes[message.to_id]
-        if sn.node is None:
+        if sn.driver is None:
             return
         self.touched.add(sn.node_id)
-        sn.node.step(message)
-        self._after_input(sn)
+        sn.driver.step(message)
+
+    # ---------------------------------------------------------------- attestations
+
+    def _attest(self, sn: SimNode, index: int) -> None:
+        """A node attests each entry it applies, to itself and to every peer's link."""
+        self._hold_attestations(sn, [(sn.node_id, index)])
+        for peer, queue in sn.links.items():
+            if queue.add((sn.node_id, index)):
+                self.attestations_owed.setdefault((sn.node_id, peer), set()).add(
+                    (sn.node_id, index))
+
+    def _hold_attestations(self, sn: SimNode, attestations: Sequence[Attestation]) -> None:
+        for agency, index in attestations:
+            sn.attested.setdefault(index, set()).add(agency)
+        node = sn.node
+        if node is None:
+            return
+        quorum = len(node.voters) // 2 + 1
+        for index in range(len(sn.state_machine), sn.final_index, -1):
+            if len(sn.attested.get(index, ())) >= quorum:
+                sn.final_index = index
+                break
+
+    def _flush_attestations(self, sn: SimNode) -> None:
+        """Each link sends what it holds while its peer is reachable (a stream)."""
+        for peer, queue in sn.links.items():
+            if len(queue) and (sn.node_id, peer) not in self.blocked and \
+                    self.nodes[peer].node is not None:
+                self._schedule(self.rng.uniform(0.01, 0.5), "attest", node_id=peer,
+                               incarnation=self.nodes[peer].incarnation,
+                               message=None, attestations=tuple(queue.take()))
+
+    def _on_attestations(self, event: _Event) -> None:
+        sn = self.nodes[event.node_id]
+        delivered = self.attestations_owed
+        for attestation in event.attestations:
+            owed = delivered.get((attestation[0], sn.node_id))
+            if owed is not None:
+                owed.discard(attestation)  # delivered, or lost with the receiver
+        if sn.node is None or sn.incarnation != event.incarnation:
+            return
+        self._hold_attestations(sn, event.attestations)
+
+    def _replace_link(self, sn: SimNode) -> None:
+        """A link replaced (new credentials or address): the new one takes over what
+        the old one had not sent, as a node's links do."""
+        peer = self.rng.choice(sorted(sn.links))
+        fresh: AttestationQueue[Attestation] = AttestationQueue(ATTESTATIONS_QUEUED_MAX)
+        fresh.take_over(sn.links[peer])
+        sn.links[peer] = fresh
 
     # ---------------------------------------------------------------- state machine
 
@@ -479,6 +628,7 @@ class Simulation:
             raise Violation("apply order", f"{sn.node_id} applies {entry.index} after {len(sm)}")
         self._check_applied(sn.node_id, entry)
         sm.append(entry)
+        self._attest(sn, entry.index)
         proposal = sn.proposals.pop(entry.index, None)
         if proposal is not None:
             term, data = proposal
@@ -498,17 +648,6 @@ class Simulation:
                 "state machine safety",
                 f"{node_id} applied {entry} at {entry.index}, another node applied {first}",
             )
-
-    def _maybe_compact(self, sn: SimNode) -> None:
-        node = sn.node
-        assert node is not None
-        if node.pending_snapshot is not None:
-            return
-        lag = node.applied_index - node.first_index + 1
-        if lag > self.params.compact_keep and self.rng.random() < 0.5:
-            index = node.applied_index - self.rng.randint(0, self.params.compact_keep // 2)
-            meta = node.compact(index)
-            sn.disk.compact(meta)
 
     def _schedule_transfer(self, sn: SimNode, meta: SnapshotMeta) -> None:
         delay = self.rng.uniform(0.1, 2.0 * self.params.election_tick if self.chaos else 2.0)
@@ -535,13 +674,16 @@ class Simulation:
         for entry in source.state_machine[len(sm) : meta.index]:
             self._check_applied(sn.node_id, entry)
             sm.append(entry)
+            # the state comes with its attestations (a node fetches final blocks)
+            sn.attested.setdefault(entry.index, set()).update(
+                source.attested.get(entry.index, ()))
         if sm[meta.index - 1].term != meta.term:
             raise Violation(
                 "snapshot", f"state at {meta.index} has term {sm[meta.index - 1].term}, not {meta}"
             )
-        node.restore_snapshot_done(meta)
+        assert sn.driver is not None
+        sn.driver.installed(meta)
         self.result.snapshots_installed += 1
-        self._after_input(sn)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -561,6 +703,15 @@ class Simulation:
             max_committed_entries_per_ready=16,
         )
 
+    def _compaction(self) -> CompactionSettings:
+        keep = self.params.compact_keep
+        return CompactionSettings(
+            every_entries=keep,
+            log_bytes_max=LOG_BYTES_MAX,
+            keep_entries=keep // 4,
+            keep_bytes=LOG_BYTES_MAX // 2,
+        )
+
     def _start(self, sn: SimNode) -> None:
         disk = sn.disk
         sn.incarnation += 1
@@ -573,6 +724,20 @@ class Simulation:
             rng,
             len(sn.state_machine),
         )
+        driver_class = SendsBeforeSync if self.unsafe_send_before_fsync else RaftDriver
+        sn.driver = driver_class(
+            sn.node,
+            disk,
+            SimTransport(self, sn),
+            SimApplier(self, sn),
+            self._compaction(),
+            on_input=lambda: self._after_input(sn),
+        )
+        sn.links = {
+            peer: AttestationQueue(ATTESTATIONS_QUEUED_MAX)
+            for peer in UNIVERSE
+            if peer != sn.node_id
+        }
         sn.outstanding = None
         sn.ready_scheduled = False
         sn.proposals = {}
@@ -581,11 +746,15 @@ class Simulation:
         sn.leader_checked_term = 0
         sn.log_signature = (0, 0, None)
         self.touched.add(sn.node_id)
-        if sn.node.pending_snapshot is not None:
-            self._schedule_transfer(sn, sn.node.pending_snapshot)
-        self._after_input(sn)
+        sn.driver.start()  # a recovered snapshot's state is fetched first
+        sn.driver.poke()
 
     def _crash(self, sn: SimNode) -> None:
+        for peer, queue in sn.links.items():  # what the links held is gone with it
+            owed = self.attestations_owed.get((sn.node_id, peer), set())
+            owed.difference_update(queue.take())
+        sn.links = {}
+        sn.driver = None
         sn.node = None
         sn.incarnation += 1
         sn.disk.crash(self.rng)
@@ -604,6 +773,10 @@ class Simulation:
         rng, p = self.rng, self.params
         if rng.random() < p.p_propose:
             self._propose()
+        if self.chaos and rng.random() < p.p_fault:
+            relinked = rng.choice(UNIVERSE)
+            self._schedule(0.0, "relink", node_id=relinked,
+                           incarnation=self.nodes[relinked].incarnation)
         if rng.random() >= p.p_fault:
             return
         action = rng.random()
@@ -643,7 +816,12 @@ class Simulation:
         self.result.proposals += 1
         sn.proposals[index] = (term, data)
         self.touched.add(sn.node_id)
-        self._after_input(sn)
+        self._poke(sn)
+
+    def _poke(self, sn: SimNode) -> None:
+        """Something was proposed to a node's core: its driver looks for a Ready."""
+        assert sn.driver is not None
+        sn.driver.poke()
 
     def _partition(self) -> None:
         ids = list(UNIVERSE)
@@ -687,7 +865,7 @@ class Simulation:
             return
         self.result.conf_changes += 1
         self.touched.add(sn.node_id)
-        self._after_input(sn)
+        self._poke(sn)
 
     def _transfer_leadership(self) -> None:
         leaders = self._leaders()
@@ -705,7 +883,7 @@ class Simulation:
             return
         self.result.transfers += 1
         self.touched.add(sn.node_id)
-        self._after_input(sn)
+        self._poke(sn)
 
     # ---------------------------------------------------------------- checks
 
@@ -833,6 +1011,26 @@ class Simulation:
                     "liveness", f"not settled after {ticks} quiet ticks: {self._describe()}"
                 )
         self._check_final()
+        self._check_attestations_delivered()
+
+    def _check_attestations_delivered(self) -> None:
+        """Every attestation queued for a peer reached it, unless the sender or the
+        receiver went down meanwhile: none is lost when a link is replaced."""
+        while self.events:
+            event = heapq.heappop(self.events)
+            if event.kind == "attest":
+                self._on_attestations(event)
+        for sn in self.nodes.values():
+            for peer, queue in sn.links.items():
+                held = queue.take()
+                self._on_attestations(_Event(self.now, 0, "attest", node_id=peer,
+                                             incarnation=self.nodes[peer].incarnation,
+                                             attestations=tuple(held)))
+        for (sender, receiver), owed in sorted(self.attestations_owed.items()):
+            if owed:
+                raise Violation("attestation lost",
+                                f"{len(owed)} of {sender}'s attestations never reached "
+                                f"{receiver}, e.g. {min(owed)}")
 
     def _settled(self) -> bool:
         leaders = [sn.node for sn in self._leaders() if sn.node is not None]
