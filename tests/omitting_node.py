@@ -11,17 +11,17 @@ from pathlib import Path
 
 from exchange.cli.main import main
 from exchange.ledger.block import OpenedEnvelope
-from exchange.node.node import Node
+from exchange.node.mempool import Mempool
 
 MARKER = b"omit:"
-_propose_block = Node._propose_block
+_propose_block = Mempool.propose_block
 
 
 def _censored(opened: OpenedEnvelope) -> bool:
     return opened.kind == "probe" and bytes(opened.body.probe.payload).startswith(MARKER)
 
 
-def _propose_leaving_out(self: Node, chosen: list[OpenedEnvelope]) -> None:
+def _propose_leaving_out(self: Mempool, chosen: list[OpenedEnvelope]) -> None:
     flag = os.environ.get("EXCHANGE_TEST_OMIT", "")
     kept: Sequence[OpenedEnvelope] = chosen
     if flag and Path(flag).exists():
@@ -30,7 +30,7 @@ def _propose_leaving_out(self: Node, chosen: list[OpenedEnvelope]) -> None:
         _propose_block(self, list(kept))
 
 
-Node._propose_block = _propose_leaving_out  # type: ignore[method-assign]
+Mempool.propose_block = _propose_leaving_out  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main()

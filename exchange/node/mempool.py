@@ -1,0 +1,576 @@
+"""The mempool: admitted transactions on their way into a block. A follower forwards
+what it admits to the leader (and forwards again what the leader has not included); the
+leader cuts blocks from its mempool (group commit) and proposes them to Raft. Whoever
+submitted waits here until the transaction's block is applied."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from exchange.errors import ExchangeError, Unavailable
+from exchange.identity.config import BlockCutting
+from exchange.identity.keys import CachedSigner
+from exchange.identity.registry import KeyRegistry
+from exchange.ledger.apply import Applied
+from exchange.ledger.block import (
+    CheckedBlock,
+    OpenedEnvelope,
+    block_hash,
+    build_block,
+    new_body,
+    open_envelope,
+    parse_header,
+    seal_envelope,
+    tx_id,
+)
+from exchange.ledger.queries import QueryBook
+from exchange.ledger.store import BlockStore
+from exchange.node import metrics as m
+from exchange.node.admission import admit
+from exchange.node.blockcheck import BlockChecks
+from exchange.node.channels import PeerChannels
+from exchange.node.driver import RaftDriver
+from exchange.node.finality import Finality
+from exchange.node.ratelimit import AdmissionLimiter
+from exchange.raft.core import NotLeader, RaftError, Role
+from exchange.raft.types import EntryKind
+from exchange.v1 import ledger_pb2, node_pb2
+
+log = structlog.get_logger("exchange.node")
+
+INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
+MEMPOOL_TX_MAX = 50_000
+PENDING_BYTES_MAX = 256 << 20  # admitted envelopes this node waits for, by size
+RESUBMIT_AFTER_S = 3.0
+RESUBMIT_BATCH_MAX = 500
+PENDING_GIVEN_UP_S_FACTOR = 4  # a pending tx is dropped this many submit timeouts later
+LEADER_WATCH_S = 0.05  # how often a forward in flight checks that the leader is the same
+SUBMIT_TIMEOUT_S = 30.0
+FORWARD_TIMEOUT_S = 5.0
+FORWARD_RETRY_S = 0.1
+FORWARD_BATCH_MAX = 1_000
+PROPOSED_KEPT_MAX = 64  # proposal times kept for the block latency metric
+CLOCK_OFF_WAIT_S = 0.1
+SNAPSHOT_WAIT_S = 0.05
+INFLIGHT_WAIT_MIN_S = 0.0005
+INFLIGHT_FULL_WAIT_S = 1.0
+MS_PER_S = 1000
+
+Outcome = tuple[int, int, str]  # height, index in the block, result code
+
+
+def error_for_code(code: str, message: str) -> ExchangeError:
+    """The domain error a peer named by its code (ExchangeError carrying the code when
+    no class has it), so that it reaches the client as the peer worded it."""
+    pending: list[type[ExchangeError]] = [ExchangeError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls(message)
+        pending.extend(cls.__subclasses__())
+    error = ExchangeError(message)
+    error.code = code
+    return error
+
+
+@dataclass
+class Pending:
+    """An admitted transaction this node waits to see applied."""
+
+    opened: OpenedEnvelope
+    admitted_at: float
+    futures: list[asyncio.Future[Outcome]] = field(default_factory=list)
+    last_sent: float = 0.0
+
+
+class Mempool:
+    """Admission, forwarding, resubmission and block cutting for one node."""
+
+    def __init__(self, agency: str, chain_id: str, driver: RaftDriver, store: BlockStore,
+                 registry: KeyRegistry, queries: QueryBook, cutting: BlockCutting,
+                 signer: Callable[[], CachedSigner], channels: PeerChannels,
+                 checks: BlockChecks, finality: Finality,
+                 clock_ok: Callable[[], bool]) -> None:
+        """`signer()`: the node's current signer (it changes with a key rotation);
+        `clock_ok()`: this node's clock agrees with its peers' (else it cuts nothing)."""
+        self.agency = agency
+        self.chain_id = chain_id
+        self.driver = driver
+        self.core = driver.core
+        self.store = store
+        self.registry = registry
+        self.queries = queries
+        self.cutting = cutting
+        self._signer = signer
+        self.channels = channels
+        self.checks = checks
+        self.finality = finality
+        self._clock_ok = clock_ok
+        self.limiter = AdmissionLimiter()
+        self.txs: OrderedDict[bytes, OpenedEnvelope] = OrderedDict()
+        self.pending: dict[bytes, Pending] = {}
+        self._pending_bytes = 0
+        self._inflight_blocks = 0
+        self._proposed_at: dict[bytes, float] = {}
+        self._unapplied_txs: set[bytes] = set()
+        self._forward_queue: list[tuple[list[bytes], asyncio.Future[None]]] = []
+        self._forward_event = asyncio.Event()
+        self._proposed_tip: tuple[int, bytes, int] | None = None
+        self._txs_event = asyncio.Event()
+        self._applied_event = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.txs)
+
+    @property
+    def leading(self) -> bool:
+        return self.core.role is Role.LEADER
+
+    # -- admission -------------------------------------------------------------------
+    def admit(self, raw: bytes) -> OpenedEnvelope:
+        started = time.perf_counter()
+        try:
+            return admit(raw, self.registry, self.store.height + 1, queries=self.queries)
+        except ExchangeError as exc:
+            m.REFUSED.labels(exc.code).inc()
+            raise
+        finally:
+            m.ADMISSION_SECONDS.observe(time.perf_counter() - started)
+
+    def admit_limited(self, raw: bytes) -> OpenedEnvelope:
+        """Admission of what a person submits: the checks, then the signer's and its
+        agency's rate limits (a node's own or forwarded submissions are not limited:
+        each person submits only to their own agency's node, which limits them)."""
+        opened = self.admit(raw)
+        try:
+            self.limiter.take(opened, self.registry.resolve(opened.signer_key_id),
+                              self.registry.rate_limits)
+        except ExchangeError as exc:
+            m.REFUSED.labels(exc.code).inc()
+            raise
+        return opened
+
+    async def submit(self, raw: bytes, wait: bool, timeout_s: float = SUBMIT_TIMEOUT_S,
+                     limited: bool = False) -> node_pb2.SubmitResponse:
+        """Admit one envelope and (unless `wait` is false) wait for its block;
+        `limited`: a person's submission, held to the admission rate limits."""
+        opened = await asyncio.to_thread(self.admit_limited if limited else self.admit, raw)
+        return (await self._enter([opened], wait, timeout_s))[0]
+
+    async def submit_batch(self, raws: Sequence[bytes], wait: bool,
+                           timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
+                           ) -> list[node_pb2.SubmitResponse]:
+        """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+        admit_one = self.admit_limited if limited else self.admit
+
+        def admit_all() -> list[OpenedEnvelope | ExchangeError]:
+            out: list[OpenedEnvelope | ExchangeError] = []
+            for raw in raws:
+                try:
+                    out.append(admit_one(raw))
+                except ExchangeError as exc:
+                    out.append(exc)
+            return out
+
+        admitted = await asyncio.to_thread(admit_all)
+        good = [a for a in admitted if isinstance(a, OpenedEnvelope)]
+        try:
+            entered = iter(await self._enter(good, wait, timeout_s))
+        except ExchangeError as exc:
+            return [node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
+                    for _ in raws]
+        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a),
+                                        retry_after_ms=getattr(a, "retry_after_ms", 0))
+                if isinstance(a, ExchangeError) else next(entered) for a in admitted]
+
+    async def _enter(self, envelopes: Sequence[OpenedEnvelope], wait: bool,
+                     timeout_s: float) -> list[node_pb2.SubmitResponse]:
+        """Put admitted envelopes on their way into a block (this node's mempool when it
+        leads, else the leader's) and, if asked, wait for each to be applied here."""
+        answers, to_forward = self._queue(envelopes)
+        if self.leading:
+            self._txs_event.set()
+        elif to_forward:
+            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._forward_queue.append((to_forward, sent))
+            self._forward_event.set()
+            await sent
+        return await self._outcomes(envelopes, answers, wait, timeout_s)
+
+    def _queue(self, envelopes: Sequence[OpenedEnvelope]
+               ) -> tuple[list[node_pb2.SubmitResponse | asyncio.Future[Outcome]], list[bytes]]:
+        """Each envelope's stored outcome (a duplicate) or a future for it; what to
+        forward to the leader."""
+        loop = asyncio.get_running_loop()
+        answers: list[node_pb2.SubmitResponse | asyncio.Future[Outcome]] = []
+        to_forward: list[bytes] = []
+        leading = self.leading
+        for opened in envelopes:
+            stored = self.store.tx(opened.tx_id)
+            if stored is not None:  # the same envelope again: its original outcome
+                answers.append(node_pb2.SubmitResponse(
+                    tx_id=opened.tx_id, status="committed", height=stored.height,
+                    index=stored.index, result=stored.result, duplicate=True))
+                continue
+            p = self.pending.get(opened.tx_id)
+            if p is None:
+                if len(self.pending) >= MEMPOOL_TX_MAX or \
+                        self._pending_bytes + len(opened.raw) > PENDING_BYTES_MAX:
+                    raise Unavailable("the node's queue is full; retry shortly")
+                p = self.pending[opened.tx_id] = Pending(opened, time.monotonic())
+                self._pending_bytes += len(opened.raw)
+            fut: asyncio.Future[Outcome] = loop.create_future()
+            p.futures.append(fut)
+            answers.append(fut)
+            if leading:
+                if opened.tx_id not in self.txs and opened.tx_id not in self._unapplied_txs:
+                    self.txs[opened.tx_id] = opened
+            else:
+                to_forward.append(opened.raw)
+                p.last_sent = time.monotonic()
+        return answers, to_forward
+
+    @staticmethod
+    async def _outcomes(envelopes: Sequence[OpenedEnvelope],
+                        answers: Sequence[node_pb2.SubmitResponse | asyncio.Future[Outcome]],
+                        wait: bool, timeout_s: float) -> list[node_pb2.SubmitResponse]:
+        results: list[node_pb2.SubmitResponse] = []
+        deadline = time.monotonic() + timeout_s
+        for opened, answer in zip(envelopes, answers, strict=True):
+            if isinstance(answer, node_pb2.SubmitResponse):
+                results.append(answer)
+            elif not wait:
+                results.append(node_pb2.SubmitResponse(tx_id=opened.tx_id, status="accepted"))
+            else:
+                try:
+                    height, index, result = await asyncio.wait_for(
+                        asyncio.shield(answer), max(0.0, deadline - time.monotonic()))
+                except TimeoutError as exc:
+                    raise Unavailable("not committed in time; the transaction may still "
+                                      "commit (query it by id)") from exc
+                results.append(node_pb2.SubmitResponse(
+                    tx_id=opened.tx_id, status="committed", height=height, index=index,
+                    result=result))
+        return results
+
+    # -- forwarding (follower) ---------------------------------------------------------
+    async def run_forwarder(self) -> None:
+        """Forward what clients submit here to the leader in batches: whatever arrives
+        while one batch is on its way goes in the next."""
+        while True:
+            await self._forward_event.wait()
+            self._forward_event.clear()
+            while self._forward_queue:
+                batch: list[tuple[list[bytes], asyncio.Future[None]]] = []
+                size = 0
+                while self._forward_queue and (not batch or size + len(
+                        self._forward_queue[0][0]) <= FORWARD_BATCH_MAX):
+                    item = self._forward_queue.pop(0)
+                    batch.append(item)
+                    size += len(item[0])
+                try:
+                    await self._forward([raw for raws, _ in batch for raw in raws])
+                except ExchangeError as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+
+    async def _forward(self, raws: Sequence[bytes]) -> None:
+        """Hand admitted envelopes to the leader (no wait: this node watches them)."""
+        deadline = time.monotonic() + FORWARD_TIMEOUT_S
+        while True:
+            leader = self.core.leader_id
+            if self.leading:
+                for raw in raws:
+                    opened = self.admit(raw)
+                    if opened.tx_id not in self._unapplied_txs:
+                        self.txs.setdefault(opened.tx_id, opened)
+                self._txs_event.set()
+                return
+            if leader and leader != self.agency and self.channels.knows(leader):
+                # (a leader just removed from the network is no leader to forward to)
+                call = self.channels.leader_stub(leader).SubmitBatch(
+                    node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
+                    timeout=FORWARD_TIMEOUT_S)
+                try:
+                    reply = await self._unless_leader_changes(call, leader)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("forward to leader failed", leader=leader, code=exc.code().name)
+                else:
+                    if reply is not None:
+                        self._refused_by_leader(leader, raws, reply.results)
+                        return
+                    log.info("leader changed while forwarding; forwarding again",
+                             leader=leader, now=self.core.leader_id or "-")
+                    continue
+            if time.monotonic() > deadline:
+                raise Unavailable("no leader to forward to; retry shortly")
+            await asyncio.sleep(FORWARD_RETRY_S)
+
+    async def _unless_leader_changes(self, call: Any, leader: str) -> Any:
+        """The reply to a call made to `leader`, or None (the call cancelled) as soon as
+        this node no longer follows it: a leader cut off from the network never answers,
+        and waiting out the deadline would hold up every forward queued behind this one
+        long after a new leader has been elected."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(call)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=LEADER_WATCH_S)
+            if done:
+                return task.result()
+            if self.leading or self.core.leader_id != leader:
+                call.cancel()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await task
+                return None
+
+    def _refused_by_leader(self, leader: str, raws: Sequence[bytes],
+                           results: Sequence[node_pb2.SubmitResponse]) -> None:
+        """The leader admits what it is forwarded again, against its own clock and
+        state; what it refuses for good (a body outside its time window, a credential
+        revoked meanwhile) never commits, so whoever waits for it here is told the
+        leader's reason now instead of waiting out the submit timeout."""
+        if len(results) != len(raws):
+            log.warning("leader answered a forward with the wrong number of results",
+                        leader=leader, sent=len(raws), results=len(results))
+            return
+        for raw, result in zip(raws, results, strict=True):
+            if not result.error_code or result.error_code == Unavailable.code:
+                continue
+            tid = tx_id(ledger_pb2.Envelope.FromString(raw).body)
+            p = self._pop_pending(tid)
+            if p is None:
+                continue
+            m.REFUSED.labels(result.error_code).inc()
+            log.info("leader refused a forwarded transaction", leader=leader,
+                     tx=tid.hex(), code=result.error_code, error=result.error)
+            error = error_for_code(result.error_code,
+                                   f"the leader ({leader}) refused it: {result.error}")
+            for fut in p.futures:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    def _pop_pending(self, tx: bytes) -> Pending | None:
+        p = self.pending.pop(tx, None)
+        if p is not None:
+            self._pending_bytes -= len(p.opened.raw)
+        return p
+
+    async def run_resubmitter(self) -> None:
+        """Re-forward what this node admitted and has not seen applied (decision 3)."""
+        while True:
+            await asyncio.sleep(RESUBMIT_AFTER_S / 2)
+            now = time.monotonic()
+            for tx, p in list(self.pending.items()):
+                p.futures = [f for f in p.futures if not f.done()]
+                if now - p.admitted_at > SUBMIT_TIMEOUT_S * PENDING_GIVEN_UP_S_FACTOR:
+                    self._pop_pending(tx)  # long given up by every caller
+            stale = [p.opened.raw for p in self.pending.values()
+                     if now - p.last_sent > RESUBMIT_AFTER_S]
+            if not stale:
+                continue
+            if self.leading:
+                for p in self.pending.values():
+                    if now - p.last_sent > RESUBMIT_AFTER_S and not self._in_flight(p) \
+                            and p.opened.tx_id not in self._unapplied_txs:
+                        self.txs.setdefault(p.opened.tx_id, p.opened)
+                        p.last_sent = now
+                self._txs_event.set()
+                continue
+            log.warning("re-forwarding transactions the leader has not included",
+                        count=len(stale), leader=self.core.leader_id)
+            m.RESUBMITTED.inc(len(stale))
+            with contextlib.suppress(ExchangeError):
+                for i in range(0, len(stale), RESUBMIT_BATCH_MAX):
+                    await self._forward(stale[i:i + RESUBMIT_BATCH_MAX])
+            for p in self.pending.values():
+                if now - p.last_sent > RESUBMIT_AFTER_S:
+                    p.last_sent = now
+
+    def _in_flight(self, p: Pending) -> bool:
+        return p.opened.tx_id in self.txs or p.last_sent > 0 and \
+            time.monotonic() - p.last_sent < RESUBMIT_AFTER_S
+
+    # -- following the chain -----------------------------------------------------------
+    def role_changed(self, role: Role) -> None:
+        """A new leader includes what it had forwarded in its own blocks."""
+        self._unapplied_txs = self._log_tx_ids() if role is Role.LEADER else set()
+        if role is not Role.LEADER:
+            return
+        self._proposed_tip = None
+        self._inflight_blocks = 0
+        for tx, p in self.pending.items():
+            if tx not in self.txs and tx not in self._unapplied_txs:
+                self.txs[tx] = p.opened
+        if self.txs:
+            self._txs_event.set()
+
+    def block_applied(self, applied: Applied) -> None:
+        """Answer whoever waits for the block's transactions here."""
+        height = applied.checked.header.height
+        if self._inflight_blocks > 0 and applied.checked.header.proposer == self.agency:
+            self._inflight_blocks -= 1
+        for index, env in enumerate(applied.checked.envelopes):
+            self.txs.pop(env.tx_id, None)
+            self._unapplied_txs.discard(env.tx_id)
+            p = self._pop_pending(env.tx_id)
+            if p is not None:
+                m.COMMIT_SECONDS.observe(time.monotonic() - p.admitted_at)
+                for fut in p.futures:
+                    if not fut.done():
+                        fut.set_result((height, index, applied.codes[index]))
+
+    def blocks_applied(self, hashes: Sequence[bytes]) -> None:
+        """A batch of blocks applied: their latency from proposal, and the cutter wakes."""
+        now = time.perf_counter()
+        for hash_ in hashes:
+            proposed_at = self._proposed_at.pop(hash_, None)
+            if proposed_at is not None:
+                m.BLOCK_SECONDS.observe(now - proposed_at)
+        self._applied_event.set()
+
+    def stop(self) -> None:
+        """Whoever still waits is told the node is going."""
+        for p in self.pending.values():
+            for fut in p.futures:
+                if not fut.done():
+                    fut.set_exception(Unavailable("node is shutting down"))
+                    fut.exception()  # a waiter may be gone already: no "never retrieved"
+
+    # -- block cutting (leader) ----------------------------------------------------------
+    async def run_cutter(self) -> None:
+        """Group commit: a block is cut as soon as the previous one is no longer in
+        flight, from whatever has arrived meanwhile; it closes earlier when full and never
+        waits longer than the configured interval while blocks are in flight."""
+        while True:
+            await self._txs_event.wait()
+            m.MEMPOOL.set(len(self.txs))
+            if not self.leading or not self.txs or not self._clock_ok():
+                self._txs_event.clear()
+                if not self._clock_ok():
+                    await asyncio.sleep(CLOCK_OFF_WAIT_S)  # no block dated by a clock that is off
+                continue
+            if self.core.pending_snapshot is not None:
+                # a leader still fetching blocks cannot extend the chain yet
+                await asyncio.sleep(SNAPSHOT_WAIT_S)
+                continue
+            await self._wait_for_room()
+            if not self.leading:
+                continue
+            chosen = self._choose()
+            m.MEMPOOL.set(len(self.txs))
+            if not self.txs:
+                self._txs_event.clear()
+            if chosen:
+                self.propose_block(chosen)
+            await asyncio.sleep(0)
+
+    async def _wait_for_room(self) -> None:
+        """Wait while INFLIGHT_BLOCKS_MAX blocks are in flight, or while some are and the
+        next block is neither full nor due."""
+        tx_max = self.cutting.tx_max
+        deadline = time.monotonic() + self.cutting.interval_ms / MS_PER_S
+        while (self._inflight_blocks >= INFLIGHT_BLOCKS_MAX
+               or (self._inflight_blocks > 0 and len(self.txs) < tx_max
+                   and time.monotonic() < deadline)) and self.leading:
+            self._applied_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied_event.wait(),
+                                       max(INFLIGHT_WAIT_MIN_S, deadline - time.monotonic())
+                                       if self._inflight_blocks < INFLIGHT_BLOCKS_MAX
+                                       else INFLIGHT_FULL_WAIT_S)
+            if self._inflight_blocks >= INFLIGHT_BLOCKS_MAX and \
+                    self.core.commit_index == self.core.applied_index and \
+                    self.core.applied_index == self.core.last_index:
+                self._inflight_blocks = 0  # nothing really in flight (term changed)
+
+    def _choose(self) -> list[OpenedEnvelope]:
+        """The next block's transactions, oldest first, up to the block's limits."""
+        tx_max, bytes_max = self.cutting.tx_max, self.cutting.bytes_max
+        chosen: list[OpenedEnvelope] = []
+        size = 0
+        while self.txs and len(chosen) < tx_max:
+            tx, opened = next(iter(self.txs.items()))
+            if size + len(opened.raw) > bytes_max and chosen:
+                break
+            del self.txs[tx]
+            if tx in self._unapplied_txs or self.store.has_tx(tx):
+                continue
+            chosen.append(opened)
+            size += len(opened.raw)
+        return chosen
+
+    def propose_block(self, chosen: list[OpenedEnvelope]) -> None:
+        """Cut the next block from admitted envelopes (each already verified here) and
+        propose it as a Raft entry."""
+        signer = self._signer()
+        envelopes = self._with_attestation_record([o.raw for o in chosen], signer)
+        height, prev_hash, prev_ts = self._proposed_tip or self._tip_from_log()
+        term, index = self.core.term, self.core.last_index + 1
+        block = build_block(self.chain_id, height + 1, prev_hash, envelopes,
+                            max(int(time.time() * MS_PER_S), prev_ts), self.agency, signer,
+                            term, index)
+        try:
+            got_term, got_index = self.core.propose(block.SerializeToString())
+        except (NotLeader, RaftError) as exc:
+            log.info("block not proposed", error=str(exc))
+            return
+        assert (got_term, got_index) == (term, index)
+        hash_ = block_hash(block.header)
+        opened = chosen + [open_envelope(raw, self.chain_id)
+                           for raw in envelopes[len(chosen):]]
+        self.checks.remember(CheckedBlock(block, parse_header(block.header), hash_,
+                                          tuple(opened)))
+        self._unapplied_txs.update(o.tx_id for o in opened)
+        self._proposed_at[hash_] = time.perf_counter()
+        if len(self._proposed_at) > PROPOSED_KEPT_MAX:
+            self._proposed_at.pop(next(iter(self._proposed_at)))
+        self._proposed_tip = (height + 1, hash_, parse_header(block.header).timestamp_ms)
+        self._inflight_blocks += 1
+        self.driver.poke()
+
+    def _log_tx_ids(self) -> set[bytes]:
+        """Tx ids in blocks of this node's log that are not applied yet. A leader never
+        drops entries of its own log, so each of these will commit: never include one
+        of them again."""
+        ids: set[bytes] = set()
+        first = max(self.core.applied_index + 1, self.core.first_index)
+        for entry in self.core.entries(first, self.core.last_index + 1):
+            if entry.kind is EntryKind.NORMAL:
+                block = ledger_pb2.Block.FromString(entry.data)
+                ids.update(tx_id(ledger_pb2.Envelope.FromString(raw).body)
+                           for raw in block.envelopes)
+        return ids
+
+    def _tip_from_log(self) -> tuple[int, bytes, int]:
+        """The last block in this leader's log, committed or not (it will commit)."""
+        for index in range(self.core.last_index, self.core.applied_index, -1):
+            entry = self.core.entries(index, index + 1)[0]
+            if entry.kind is EntryKind.NORMAL:
+                block = ledger_pb2.Block.FromString(entry.data)
+                header = parse_header(block.header)
+                return header.height, block_hash(block.header), header.timestamp_ms
+        return self.store.height, self.store.tip_hash, self.store.tip_timestamp_ms
+
+    def _with_attestation_record(self, envelopes: list[bytes],
+                                 signer: CachedSigner) -> list[bytes]:
+        """Record the attestations this leader holds for recent blocks (decision 4)."""
+        atts = self.finality.record()
+        if not atts:
+            return envelopes
+        body = new_body(self.chain_id, self.agency, int(time.time() * MS_PER_S))
+        body.attestation_record.attestations.extend(atts)
+        return envelopes + [seal_envelope(body, signer)]
