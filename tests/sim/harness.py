@@ -603,9 +603,8 @@ class Simulation:
 
     def _on_attestations(self, event: _Event) -> None:
         sn = self.nodes[event.node_id]
-        delivered = self.attestations_owed
-        for attestation in event.attestations:
-            owed = delivered.get((attestation[0], sn.node_id))
+        for attestation in event.attestations:  # each sender queues its own only
+            owed = self.attestations_owed.get((attestation[0], sn.node_id))
             if owed is not None:
                 owed.discard(attestation)  # delivered, or lost with the receiver
         if sn.node is None or sn.incarnation != event.incarnation:
