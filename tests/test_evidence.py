@@ -561,8 +561,8 @@ def _reforged_last_block(bundle: evidence_pb2.EvidenceBundle, store: BlockStore,
 
 
 def test_an_answer_in_chunks_is_checked_against_its_manifest(tmp_path: Path) -> None:
+    from exchange.identity.default_policies import default_policies
     from exchange.ledger.block import RESULT_OK, attest
-    from exchange.ledger.policy import default_policies
     from exchange.ledger.sealing import open_sealed
     from tests.ledger_net import AGENCIES
     from tests.test_queries import (

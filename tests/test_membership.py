@@ -16,7 +16,8 @@ import pytest
 from agents.generate import _org8, _person_id, _uscc
 from exchange.client import Signer, load_client_profile
 from exchange.errors import ExchangeError
-from exchange.ledger.policy import JOINING_OFFERS, default_policies, describe
+from exchange.identity.default_policies import JOINING_OFFERS, default_policies
+from exchange.ledger.policy import describe
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from exchange.errors import ExchangeError, StoreCorrupted
+from exchange.identity.default_policies import default_policies
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger import state as ledger_state
 from exchange.ledger.apply import LedgerApplier, rebuild_state
 from exchange.ledger.block import RESULT_OK, new_body, seal_envelope
 from exchange.ledger.checkpoint import load_state, state_digest
-from exchange.ledger.policy import default_policies
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2
 from tests.ledger_net import AGENCIES, Net, make_net, probe

@@ -27,9 +27,9 @@ from exchange.client import (
 )
 from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
 from exchange.errors import MalformedInput
+from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.identity.keys import CachedSigner, read_signing_key
 from exchange.ids import resolve_tx_id
-from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.node.answers import parse_since, parse_subject_text
 from exchange.v1 import ledger_pb2, node_pb2
 
