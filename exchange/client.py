@@ -23,10 +23,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from exchange.errors import (
+    BY_CODE,
+    RETRY_AFTER_KEY,
     AlreadyExists,
     CredentialInvalid,
     ExchangeError,
     MalformedInput,
+    NodeError,
+    NodeTimeout,
+    NodeUnavailable,
+    NotFound,
     RateLimited,
     WrongChain,
 )
@@ -66,43 +72,6 @@ TX_ID_BYTES = 32
 T = TypeVar("T")
 
 
-# -- errors -----------------------------------------------------------------------------
-
-class NodeUnavailable(ExchangeError):
-    """The node cannot be reached, or has no leader to order transactions yet."""
-
-    code = "NODE_UNAVAILABLE"
-
-
-class NodeTimeout(ExchangeError):
-    """The node did not answer within the deadline."""
-
-    code = "DEADLINE_EXCEEDED"
-
-
-class NotFound(ExchangeError):
-    """The node holds no such transaction or block."""
-
-    code = "NOT_FOUND"
-
-
-class NodeError(ExchangeError):
-    """Any other failure the node reported."""
-
-    code = "NODE_ERROR"
-
-
-def _domain_errors() -> dict[str, type[ExchangeError]]:
-    """Every ExchangeError subclass by its code, for servers that name the code."""
-    found: dict[str, type[ExchangeError]] = {}
-    pending: list[type[ExchangeError]] = [ExchangeError]
-    while pending:
-        cls = pending.pop()
-        found.setdefault(cls.code, cls)
-        pending.extend(cls.__subclasses__())
-    return found
-
-
 # gRPC's own words for a connection that never carried a call.
 _TRANSPORT_MARKERS = ("failed to connect", "connection refused", "connect failed",
                       "socket closed", "handshake", "dns resolution", "name resolution",
@@ -121,7 +90,7 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
     details = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
     details = " ".join(str(details).split())  # one line, always
     prefix, sep, rest = details.partition(":")
-    domain = _domain_errors().get(prefix.strip()) if sep and prefix.isupper() else None
+    domain = BY_CODE.get(prefix.strip()) if sep and prefix.isupper() else None
     reason = rest.strip() if domain is not None else details
     if code == grpc.StatusCode.UNAVAILABLE:
         lowered = details.lower()
@@ -145,17 +114,13 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
     if domain is RateLimited:
         return RateLimited(f"node at {address} refused: RATE_LIMITED: {reason}",
                            _retry_after_ms(exc))
-    cls = domain if domain is not None and domain is not ExchangeError \
-        else by_status.get(code, NodeError)
+    cls = domain if domain is not None else by_status.get(code, NodeError)
     name = code.name if code is not None else "UNKNOWN"
     if cls is NodeError and domain is None:
         return NodeError(f"node at {address} failed: {name}: {reason or name}")
     if issubclass(cls, NotFound):
         return cls(f"node at {address}: {reason or 'not found'}")
     return cls(f"node at {address} refused: {reason or name}")
-
-
-RETRY_AFTER_KEY = "exchange-retry-after-ms"  # as the node's server sets it
 
 
 def _retry_after_ms(exc: grpc.RpcError) -> int:

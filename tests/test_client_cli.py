@@ -27,9 +27,6 @@ from exchange.cli.main import _register, cli
 from exchange.client import (
     DEFAULT_PROFILE,
     PROFILE_ENV,
-    NodeTimeout,
-    NodeUnavailable,
-    NotFound,
     Signer,
     chain_id_for,
     check_transaction,
@@ -44,6 +41,9 @@ from exchange.errors import (
     ExchangeError,
     InvalidSignature,
     MalformedInput,
+    NodeTimeout,
+    NodeUnavailable,
+    NotFound,
 )
 from exchange.identity.config import Profile, load_profile, write_profile
 from exchange.identity.network import AgencyPaths, NetworkLayout, init_network

@@ -17,9 +17,10 @@ import pytest
 
 from exchange.client import Signer, load_client_profile, load_genesis
 from exchange.crossquery import QuerySpec, build_query, read_answer
+from exchange.errors import NotARecipient
 from exchange.identity.keys import read_data_key
 from exchange.ledger.block import RESULT_OK, open_envelope
-from exchange.ledger.sealing import NotARecipient, canonical_json, open_sealed, verify_reveal
+from exchange.ledger.sealing import canonical_json, open_sealed, verify_reveal
 from exchange.ledger.store import BlockStore
 from exchange.localnet import Cluster
 

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import grpc
 import pytest
 
-from exchange.client import NotFound, Signer, load_client_profile
+from exchange.client import Signer, load_client_profile
+from exchange.errors import NotFound
 from exchange.identity.config import load_node_config, read_signed_genesis
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, Domain, SigningKey, read_signing_key

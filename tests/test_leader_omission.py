@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from exchange.client import NotFound, Signer
+from exchange.client import Signer
+from exchange.errors import NotFound
 from exchange.identity.config import load_node_config
 from exchange.ledger.block import tx_id
 from exchange.localnet import Cluster

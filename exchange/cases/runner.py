@@ -44,13 +44,13 @@ from exchange.cases.playbooks import (
     QueryStep,
     RuleStep,
 )
-from exchange.client import ExchangeClient, NotFound, Signer
+from exchange.client import ExchangeClient, Signer
 from exchange.compare.duck import RuleLimits
 from exchange.crossquery import QuerySpec, build_query, read_answer
-from exchange.errors import ExchangeError, TimeOutOfWindow
+from exchange.errors import Conflict, ExchangeError, NotAvailable, NotFound, TimeOutOfWindow
+from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.block import tx_id
 from exchange.ledger.playbooks import CODE_STEP_DONE, parse_step_ref, step_ref
-from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 log = structlog.get_logger("exchange.playbooks")
@@ -62,12 +62,12 @@ CASE_HASH_CHARS = 12
 Progress = Callable[[str], None]
 
 
-class Deferred(ExchangeError):
+class Deferred(NotAvailable):
     """A job that cannot go on now (a bound reached, an answer not in yet, no leader):
     it resumes in a later round, from the ledger and the spool."""
 
 
-class CaseClosed(ExchangeError):
+class CaseClosed(Conflict):
     """The case a job works on was closed (by its agency's people): the job ends there."""
 
 

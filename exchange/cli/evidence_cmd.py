@@ -69,7 +69,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
         # a case id's beginning, resolved by the node the statements are asked of
         from exchange.cli.case_cmd import resolve_case_id
         from exchange.cli.node_cmds import connect
-        from exchange.ids import UnknownId
+        from exchange.errors import UnknownId
 
         _, client = connect(profile_option, 30.0)
         with client, contextlib.suppress(UnknownId):

@@ -33,8 +33,17 @@ from agents.common.schema import Dataset, Kind
 from agents.common.view import View
 from agents.lookup import PRINCIPAL_DATES, SUBJECTS_MAX, LookupRequest
 from exchange.compare import duck
-from exchange.errors import MalformedInput
 from exchange.ledger.sealing import canonical_json
+from exchange.specfile import (
+    NAME_SHAPE,
+    TAG_BOOL,
+    TAG_INT,
+    TAG_NULL,
+    SpecError,
+    StrictYaml,
+    compose_yaml,
+    read_checked_file,
+)
 
 RULE_FILE_SUFFIX = ".yaml"
 RULE_FILE_BYTES_MAX = 256 * 1024
@@ -63,25 +72,13 @@ OWN_KEYS = ("name", "dataset", "period", "fields")
 OWN_REQUIRED = ("name", "dataset")
 
 _ID_SHAPE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-_NAME_SHAPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _REFERENCE_SHAPE = re.compile(r"\$([a-z][a-z0-9_]{0,63})")
 
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_BOOL = "tag:yaml.org,2002:bool"
-_NULL = "tag:yaml.org,2002:null"
 
 
-class RuleError(MalformedInput):
+class RuleError(SpecError):
     """A rule file that is not a valid rule, or a rule whose SQL fails: the message names
     the file and, where one is known, the line."""
-
-    def __init__(self, source: str, line: int | None, message: str) -> None:
-        where = source if line is None else f"{source}:{line}"
-        super().__init__(f"{where}: {message}")
-        self.source = source
-        self.line = line
-        self.message = message
 
 
 # -- the rule ------------------------------------------------------------------------
@@ -338,20 +335,6 @@ def load_rules(agency: str, folder: Path | None = None) -> list[Rule]:
     return rules
 
 
-def read_checked_file(path: Path, bytes_max: int, error: type[RuleError],
-                      what: str) -> bytes:
-    """A rule or playbook file's bytes, refused (naming the file) when unreadable or
-    larger than `bytes_max`."""
-    try:
-        size = path.stat().st_size
-        if size > bytes_max:
-            raise error(str(path), None, f"{size} bytes, more than the {bytes_max} a "
-                        f"{what} file may have")
-        return path.read_bytes()
-    except OSError as exc:
-        raise error(str(path), None, f"cannot read: {exc.strerror}") from None
-
-
 def load_rule(path: Path) -> Rule:
     """The rule in the file at `path`; its id must be the file's name."""
     path = Path(path)
@@ -375,127 +358,10 @@ def load_rule_bytes(data: bytes, source: str = "<rule>") -> Rule:
     return _Parser(source).rule(root)
 
 
-def compose_yaml(data: bytes, source: str,
-                 error: type[RuleError] = RuleError) -> yaml.Node | None:
-    """The YAML node tree of `data` (None for an empty document), with line marks for
-    messages; `error` (RuleError or a subclass) names the file and line of a problem."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(source, None, f"not UTF-8 (byte {exc.start})") from None
-    try:
-        root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = None if mark is None else mark.line + 1
-        raise error(source, line, f"not valid YAML: {exc.problem or exc.context}"
-                    ) from None
-    except yaml.YAMLError as exc:
-        raise error(source, None, f"not valid YAML: {exc}") from None
-    return root
-
-
-class StrictYaml:
-    """Typed reads of a composed YAML tree: every problem is an error naming the file
-    and the node's line. Rule files use it, and so do the other files of this kind
-    (playbooks)."""
-
-    error_class: type[RuleError] = RuleError
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._constructor = yaml.SafeLoader("")
-
-    def error(self, node: yaml.Node | None, message: str) -> RuleError:
-        return self.error_class(self.source,
-                                None if node is None else node.start_mark.line + 1, message)
-
-    # -- YAML shapes ------------------------------------------------------------------
-
-    def mapping(self, node: yaml.Node, what: str, keys: Sequence[str],
-                required: Sequence[str]) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"{what} must be a mapping")
-        out: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR:
-                raise self.error(key_node, f"{what}: keys are names")
-            key = str(key_node.value)
-            if key in out:
-                raise self.error(key_node, f"{what}: key {key!r} given twice")
-            if key not in keys:
-                raise self.error(key_node, f"{what}: unknown key {key!r} (allowed: "
-                                 f"{', '.join(keys)})")
-            out[key] = value_node
-        missing = [k for k in required if k not in out]
-        if missing:
-            raise self.error(node, f"{what}: missing {', '.join(missing)}")
-        return out
-
-    def free_mapping(self, node: yaml.Node, what: str) -> list[tuple[yaml.Node, yaml.Node]]:
-        """A mapping whose keys are names of the rule's choosing."""
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"{what} must be a mapping")
-        seen: set[str] = set()
-        for key_node, _value in node.value:
-            key = self.name(key_node, f"{what}: a key")
-            if key in seen:
-                raise self.error(key_node, f"{what}: {key!r} given twice")
-            seen.add(key)
-        return list(node.value)
-
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if isinstance(node, yaml.ScalarNode) and node.tag == _NULL:
-            return []
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.error(node, f"{what} must be a list")
-        return list(node.value)
-
-    def scalar(self, node: yaml.Node, tag: str, what: str, kind: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != tag:
-            raise self.error(node, f"{what} must be {kind}")
-        return self._constructor.construct_object(node, deep=True)
-
-    def text(self, node: yaml.Node, what: str, chars_max: int = 200) -> str:
-        value = self.scalar(node, _STR, what, "text")
-        assert isinstance(value, str)
-        if not value.strip():
-            raise self.error(node, f"{what} is empty")
-        if len(value) > chars_max:
-            raise self.error(node, f"{what} is longer than {chars_max} characters")
-        return value
-
-    def name(self, node: yaml.Node, what: str) -> str:
-        value = self.text(node, what)
-        if _NAME_SHAPE.fullmatch(value) is None:
-            raise self.error(node, f"{what} {value!r} is not a name (a lower-case letter, "
-                             "then lower-case letters, digits and _)")
-        return value
-
-    def choice(self, node: yaml.Node, what: str, allowed: Sequence[str]) -> str:
-        value = self.text(node, what)
-        if value not in allowed:
-            raise self.error(node, f"{what} {value!r} is not one of {', '.join(allowed)}")
-        return value
-
-    def names(self, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node]]:
-        items = self.sequence(node, what)
-        out = []
-        seen: set[str] = set()
-        for item in items:
-            value = self.name(item, f"{what} item")
-            if value in seen:
-                raise self.error(item, f"{what}: {value!r} given twice")
-            seen.add(value)
-            out.append((value, item))
-        if not out:
-            raise self.error(node, f"{what} is empty (leave it out for every column)")
-        return out
-
-
-
 class _Parser(StrictYaml):
     """A rule file's tree, read strictly."""
+
+    error_class = RuleError
 
     def rule(self, root: yaml.Node) -> Rule:
         top = self.mapping(root, "the rule", RULE_KEYS, RULE_REQUIRED)
@@ -503,7 +369,7 @@ class _Parser(StrictYaml):
         if _ID_SHAPE.fullmatch(rule_id) is None:
             raise self.error(top["id"], f"id {rule_id!r} is not a rule id (lower-case "
                              "letters, digits and -, at most 64)")
-        version = self.scalar(top["version"], _INT, "version", "an integer")
+        version = self.scalar(top["version"], TAG_INT, "version", "an integer")
         if not 1 <= version <= VERSION_MAX:
             raise self.error(top["version"], f"version must be between 1 and {VERSION_MAX}")
         owner = self.choice(top["owner"], "owner", AGENCIES)
@@ -567,7 +433,7 @@ class _Parser(StrictYaml):
         return _replace_columns(rule, tuple(columns))
 
     def parameters(self, node: yaml.Node | None) -> list[Parameter]:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == TAG_NULL):
             return []
         out = []
         for key_node, value_node in self.free_mapping(node, "parameters"):
@@ -576,7 +442,7 @@ class _Parser(StrictYaml):
             kind = self.choice(spec["type"], f"parameter {name}: type", PARAMETER_TYPES)
             required = True
             if "required" in spec:
-                required = self.scalar(spec["required"], _BOOL, f"parameter {name}: required",
+                required = self.scalar(spec["required"], TAG_BOOL, f"parameter {name}: required",
                                        "true or false")
             if name == PERIOD_PARAMETER and kind != "period":
                 raise self.error(key_node, "parameter period must be of type period")
@@ -721,7 +587,7 @@ class _Parser(StrictYaml):
                       ) -> tuple[tuple[str, str], str]:
         value = self.text(node, f"{what}: subjects_from")
         source, dot, column = value.partition(".")
-        if not dot or not _NAME_SHAPE.fullmatch(source) or not _NAME_SHAPE.fullmatch(column):
+        if not dot or not NAME_SHAPE.fullmatch(source) or not NAME_SHAPE.fullmatch(column):
             raise self.error(node, f"{what}: subjects_from {value!r} is not "
                              "<input>.<column>")
         if source not in input_types:

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from exchange.errors import CredentialInvalid, ExchangeError, MalformedInput
+from exchange.errors import Conflict, CredentialInvalid, ExchangeError, MalformedInput
 from exchange.identity.keys import Domain, verify
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
@@ -65,7 +65,7 @@ STATUS_REFUSED = "refused"
 STATUS_EXPIRED = "expired"
 
 
-class Rejected(ExchangeError):
+class Rejected(Conflict):
     """A transaction that is well formed and signed but invalid in the ledger state."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -28,6 +28,7 @@ import grpc
 import structlog
 
 from exchange.errors import ExchangeError, MalformedInput, Unavailable
+from exchange.errors import error_for_code as _error_for_code
 from exchange.identity.config import NodeConfig, read_signed_genesis
 from exchange.identity.keys import (
     CachedSigner,
@@ -89,20 +90,6 @@ FORWARD_BATCH_MAX = 1_000
 PEER_STATUS_EVERY_S = 2.0
 ATTEST_FLUSH_S = 0.05
 ANSWER_PENDING_RETRIES = 200
-
-
-def _error_for_code(code: str, message: str) -> ExchangeError:
-    """The domain error a peer named by its code (ExchangeError carrying the code when
-    no class has it), so that it reaches the client as the peer worded it."""
-    pending: list[type[ExchangeError]] = [ExchangeError]
-    while pending:
-        cls = pending.pop()
-        if cls.code == code:
-            return cls(message)
-        pending.extend(cls.__subclasses__())
-    error = ExchangeError(message)
-    error.code = code
-    return error
 
 
 def _checked_bytes(checked: CheckedBlock) -> int:
