@@ -34,6 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy exchange agents
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m exchange.bench $(BENCH_ARGS)

@@ -46,7 +46,8 @@ from exchange.errors import (
     NotFound,
 )
 from exchange.identity.config import Profile, load_profile, write_profile
-from exchange.identity.network import AgencyPaths, NetworkLayout, init_network
+from exchange.identity.local_network import init_network
+from exchange.identity.network import AgencyPaths, NetworkLayout
 from exchange.identity.registry import KeyRegistry
 from exchange.ledger import merkle
 from exchange.ledger.block import open_envelope, verify_envelope

@@ -146,6 +146,7 @@ def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(
 
 def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, Runner
 
     config_path = tmp_path / "jobs.toml"
@@ -156,7 +157,7 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
         + f'agency_store = "{store}"\nstate_file = "{tmp_path / "state.json"}"\n'
         + "interval_s = 1\n")
     config = JobsConfig.load(config_path)
-    runner = Runner(config)
+    runner = Runner(config, playbooks=playbooks_for_jobs)
     try:
         first = runner.one_round()  # the earlier test ran every period already
         assert first.ran == [] and first.skipped == len(PERIODS) and not first.failed
@@ -171,7 +172,7 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
     finally:
         runner.close()
     # a restarted runner (same state file) picks up where it stopped
-    again = Runner(JobsConfig.load(config_path))
+    again = Runner(JobsConfig.load(config_path), playbooks=playbooks_for_jobs)
     try:
         assert again.one_round().ran == []
     finally:
@@ -187,6 +188,7 @@ def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_ne
     runner's round; the good rule after it still runs and its findings commit."""
     import re
 
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, Runner
     from exchange.compare.rules import rules_dir
     from exchange.v1 import node_pb2
@@ -213,7 +215,7 @@ def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_ne
         f'rules_dir = "{folder}"\nperiods = ["{PERIODS[0]}"]\n'
         f'state_file = "{tmp_path / "state.json"}"\nrun_playbooks = false\n'
         "[rule_limits]\ntime_s = 2\nmemory_mib = 256\n")
-    runner = Runner(JobsConfig.load(config_path))
+    runner = Runner(JobsConfig.load(config_path), playbooks=playbooks_for_jobs)
     try:
         report = runner.one_round()
         [(rule_id, period, error)] = report.failed

@@ -121,7 +121,7 @@ def test_policy_transactions_take_effect_on_the_ledger_only_from_their_owner(
 def test_init_writes_the_default_policies_into_genesis(tmp_path: Path) -> None:
     from exchange.identity.config import read_signed_genesis
     from exchange.identity.genesis import verify_genesis
-    from exchange.identity.network import init_network
+    from exchange.identity.local_network import init_network
 
     layout = init_network(tmp_path / "net")
     genesis = verify_genesis(read_signed_genesis(layout.genesis))

@@ -43,11 +43,20 @@ from exchange.cases.playbooks import (
     Playbook,
     QueryStep,
     RuleStep,
+    load_playbooks,
 )
 from exchange.client import ExchangeClient, Signer
 from exchange.compare.duck import RuleLimits
+from exchange.compare.jobs import Runner as JobsRunner
 from exchange.crossquery import QuerySpec, build_query, read_answer
-from exchange.errors import Conflict, ExchangeError, NotAvailable, NotFound, TimeOutOfWindow
+from exchange.errors import (
+    Conflict,
+    ExchangeError,
+    MalformedInput,
+    NotAvailable,
+    NotFound,
+    TimeOutOfWindow,
+)
 from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.block import tx_id
 from exchange.ledger.playbooks import CODE_STEP_DONE, parse_step_ref, step_ref
@@ -686,3 +695,27 @@ class PlaybookRunner:
             self._steps[ref] = node_pb2.PlaybookStepView(ref=ref, tx_id=txid, kind="notify",
                                                          case_id=case_id)
             report.steps["notify"] += 1
+
+
+def playbooks_for_jobs(jobs: JobsRunner, base: Path) -> PlaybookRunner | None:
+    """The playbook runner of a jobs runner (exchange.compare.jobs), with its client,
+    signer and settings: its agency's playbooks, those the jobs config names if it
+    names any (None when there are none to run). Passed to the jobs Runner by whoever
+    builds it, since cases builds on compare and not the other way round."""
+    config = jobs.config
+    playbooks = load_playbooks(jobs.agency)
+    if config.playbooks:
+        missing = set(config.playbooks) - {p.id for p in playbooks}
+        if missing:
+            raise MalformedInput(f"{jobs.agency} has no playbook(s) "
+                                 f"{', '.join(sorted(missing))}")
+        playbooks = [p for p in playbooks if p.id in config.playbooks]
+    if not playbooks:
+        return None
+    settings = PlaybookSettings(
+        spool=config.spool_path(base, jobs.agency),
+        follow_ups_per_finding_max=config.follow_ups_per_finding_max,
+        follow_ups_per_hour_per_agency=config.follow_ups_per_hour_per_agency,
+        workers=config.playbook_workers, rule_limits=config.rule_limits)
+    return PlaybookRunner(jobs.client, jobs.signer, jobs.genesis, playbooks, settings,
+                          jobs.progress)

@@ -376,6 +376,7 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
     the logs go to stderr."""
     import structlog
 
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, RoundReport, Runner
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
@@ -387,7 +388,7 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
         status = Status("starting", console=console)
         status.start()
     runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None,
-                    base=config_path.parent)
+                    base=config_path.parent, playbooks=playbooks_for_jobs)
     done = [0]
 
     def show(report: RoundReport) -> None:

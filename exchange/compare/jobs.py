@@ -17,7 +17,8 @@ Config (TOML):
     agency_store = "deploy/local/tax/data/agency.db"   # optional: watch its load log
     state_file = "var/jobs/tax.json"
 
-After the rules, each round runs the agency's registered playbooks (exchange.cases.runner)
+After the rules, each round runs the agency's registered playbooks (exchange.cases.runner,
+which the caller passes in as `playbooks`)
 on the findings it may read:
 
     playbooks = ["revenue-inflows-follow-up"]   # default: every playbook of the agency
@@ -48,7 +49,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -195,6 +196,18 @@ class JobsConfig:
         return sorted(set(periods))
 
 
+class PlaybookRounds(Protocol):
+    """What a jobs round needs of the playbook runner (exchange.cases.runner)."""
+
+    def one_round(self, stopping: threading.Event) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+# Builds the playbook runner of a jobs Runner (None: the agency has no playbook to run).
+PlaybooksFor = Callable[["Runner", Path], PlaybookRounds | None]
+
+
 @dataclass
 class RoundReport:
     ran: list[tuple[str, str, int]] = field(default_factory=list)  # rule, period, findings
@@ -223,7 +236,10 @@ class Runner:
     """Runs the configured rules, round after round."""
 
     def __init__(self, config: JobsConfig, progress: Callable[[str], None] | None = None,
-                 base: Path | None = None) -> None:
+                 base: Path | None = None, playbooks: PlaybooksFor | None = None) -> None:
+        """`playbooks` builds the round's playbook runner (exchange.cases.runner's
+        `playbooks_for_jobs`, passed in by the caller, since cases builds on compare);
+        without it, or with run_playbooks false, a round runs the rules only."""
         from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
 
         self.config = config
@@ -237,30 +253,9 @@ class Runner:
         self._state: dict[str, str] = {}
         if config.state_file is not None and config.state_file.exists():
             self._state = json.loads(config.state_file.read_text())
-        self.playbook_runner: Any = None
-        if config.run_playbooks:
-            self.playbook_runner = self._playbook_runner(base or config.profile.parent)
-
-    def _playbook_runner(self, base: Path) -> Any:
-        from exchange.cases.playbooks import load_playbooks
-        from exchange.cases.runner import PlaybookRunner, PlaybookSettings
-
-        playbooks = load_playbooks(self.agency)
-        if self.config.playbooks:
-            missing = set(self.config.playbooks) - {p.id for p in playbooks}
-            if missing:
-                raise MalformedInput(f"{self.agency} has no playbook(s) "
-                                     f"{', '.join(sorted(missing))}")
-            playbooks = [p for p in playbooks if p.id in self.config.playbooks]
-        if not playbooks:
-            return None
-        settings = PlaybookSettings(
-            spool=self.config.spool_path(base, self.agency),
-            follow_ups_per_finding_max=self.config.follow_ups_per_finding_max,
-            follow_ups_per_hour_per_agency=self.config.follow_ups_per_hour_per_agency,
-            workers=self.config.playbook_workers, rule_limits=self.config.rule_limits)
-        return PlaybookRunner(self.client, self.signer, self.genesis, playbooks, settings,
-                              self.progress)
+        self.playbook_runner: PlaybookRounds | None = None
+        if config.run_playbooks and playbooks is not None:
+            self.playbook_runner = playbooks(self, base or config.profile.parent)
 
     def close(self) -> None:
         if self.playbook_runner is not None:

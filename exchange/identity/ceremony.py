@@ -7,8 +7,8 @@ genesis (`propose_genesis`); each agency checks that the draft carries its own e
 unchanged and signs it with its root (`sign_draft`); `finalize_genesis` accepts the
 draft only with every member's signature. `configure_agency` then writes the node's
 config from the final genesis, after checking genesis names this agency with exactly
-the keys in its folder. The all-in-one `init_network` runs the same steps on one
-machine.
+the keys in its folder. The all-in-one `init_network` (exchange.identity.local_network)
+runs the same steps on one machine.
 """
 
 from __future__ import annotations

@@ -260,6 +260,13 @@ class _Table:
             raise self.error(unknown[0], "unknown key")
 
 
+def next_path(path: Path) -> Path:
+    """Where a prepared replacement of a key or certificate file waits for the ledger:
+    node.key -> node.next.key, node.pem -> node.next.pem. The CLI prepares it there, the
+    node moves it into place once the ledger names it."""
+    return path.with_name(path.stem + ".next" + path.suffix)
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) and check the port."""
     host, sep, port_text = address.rpartition(":")

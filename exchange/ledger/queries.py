@@ -73,6 +73,15 @@ class Rejected(Conflict):
         self.result_code = code
 
 
+def parse_subject_text(text: str) -> tuple[str, str]:
+    """A query's subject as people type it, KEY=VALUE (spaces around either trimmed):
+    the CLI's --subject and the audit's subject filter."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise MalformedInput(f"subject {text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
+
+
 def chunks_commitment(chunk_commitments: Iterable[bytes]) -> bytes:
     """The manifest commitment of an answer in several chunks: a hash over the chunks'
     own salted commitments, in order (each chunk is revealed with its own salt)."""

@@ -29,7 +29,7 @@ import structlog
 
 from exchange.errors import ExchangeError, MalformedInput, Unavailable
 from exchange.errors import error_for_code as _error_for_code
-from exchange.identity.config import NodeConfig, read_signed_genesis
+from exchange.identity.config import NodeConfig, next_path, read_signed_genesis
 from exchange.identity.keys import (
     CachedSigner,
     Domain,
@@ -60,7 +60,7 @@ from exchange.node.answers import AnswerPending, QueryReader
 from exchange.node.peers import CHANNEL_OPTIONS, PeerLinks
 from exchange.node.ratelimit import AdmissionLimiter
 from exchange.node.responder import Responder, close_quietly
-from exchange.node.tls_state import NodeTls, next_path
+from exchange.node.tls_state import NodeTls
 from exchange.raft.confchange import ConfChange, ConfChangeOp
 from exchange.raft.core import (
     ConfChangeRejected,
