@@ -14,7 +14,7 @@ import pytest
 
 from exchange.localnet import Cluster
 
-pytestmark = pytest.mark.xdist_group("clock")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("clock")]
 
 # libfaketime preloaded into the node process itself (not the `faketime` wrapper, whose
 # child a signal to the wrapper would not reach)

@@ -34,7 +34,7 @@ from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 
-pytestmark = pytest.mark.xdist_group("hostile_leader")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("hostile_leader")]
 
 WAIT_S = 60.0
 INVALID_METRIC = "exchange_invalid_blocks_from_leader_total"

@@ -25,7 +25,7 @@ from exchange.ledger.block import tx_id
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2
 
-pytestmark = pytest.mark.xdist_group("leader_omission")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("leader_omission")]
 
 WAIT_S = 60.0
 REFORWARDED = "exchange_transactions_reforwarded_total"
