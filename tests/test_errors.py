@@ -106,9 +106,17 @@ def test_an_unavailable_node_reads_as_node_unavailable_with_its_reason() -> None
 
 # -- the interceptor, on a real in-process server ----------------------------------------
 
-def _handlers() -> grpc.GenericRpcHandler:
+def _handlers(slow_ended: asyncio.Event | None = None) -> grpc.GenericRpcHandler:
     def decode(raw: bytes) -> bytes:
         return raw
+
+    async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            await asyncio.Event().wait()  # never set: only the deadline ends it
+        finally:
+            if slow_ended is not None:
+                slow_ended.set()
+        return b"never"
 
     async def limited(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise errors.RateLimited("over the agency's rate", retry_after_ms=1_500)
@@ -129,6 +137,7 @@ def _handlers() -> grpc.GenericRpcHandler:
 
     return grpc.method_handlers_generic_handler("test.v1.Edge", {
         "Limited": unary(limited), "Fine": unary(fine), "Huge": unary(huge),
+        "Slow": unary(slow),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, decode, decode)})
 
 
@@ -177,3 +186,44 @@ def test_the_interceptor_answers_domain_errors_with_their_status_code_and_reason
     assert got == [b"first"]
     assert (stream.code(), stream.details()) == (grpc.StatusCode.NOT_FOUND,
                                                  "NOT_FOUND: no block 9")
+
+
+def _metric(name: str, **labels: str) -> float:
+    from exchange.node import metrics
+
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _past_deadline() -> tuple[grpc.StatusCode, bool]:
+    ended = asyncio.Event()
+    srv = grpc.aio.server(interceptors=[server._Edge()])
+    srv.add_generic_rpc_handlers((_handlers(ended),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                await channel.unary_unary("/test.v1.Edge/Slow")(b"x", timeout=0.2)
+                status = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                status = exc.code()
+        await asyncio.wait_for(ended.wait(), timeout=30)  # waits for the condition
+        return status, ended.is_set()
+    finally:
+        await srv.stop(None)
+
+
+def test_a_call_past_its_deadline_has_its_handler_cancelled_and_counted() -> None:
+    cancelled_before = _metric("exchange_grpc_cancelled_total", method="Edge.Slow")
+    status, ended = asyncio.run(_past_deadline())
+    assert status == grpc.StatusCode.DEADLINE_EXCEEDED and ended
+    assert _metric("exchange_grpc_cancelled_total", method="Edge.Slow") == \
+        cancelled_before + 1
+
+
+def test_each_refusal_is_counted_by_method_and_code() -> None:
+    before = _metric("exchange_grpc_refused_total", method="Edge.Limited", code="RATE_LIMITED")
+    asyncio.run(_calls())
+    assert _metric("exchange_grpc_refused_total", method="Edge.Limited",
+                   code="RATE_LIMITED") == before + 1
+    assert _metric("exchange_grpc_seconds_count", method="Edge.Stream") >= 1

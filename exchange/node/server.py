@@ -180,10 +180,11 @@ def _method_label(method: str) -> str:
 class _Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The edge of every method, once: a domain error ends the call with its
     catalogue status and "CODE: message" (cut to DETAILS_CHARS_MAX; a RATE_LIMITED one
-    with its retry-after in the trailing metadata), each refusal is logged, and each
-    call is timed by method (streams included). A call whose client went away or whose
-    deadline passed is cancelled by grpc.aio itself; it is logged here with the time it
-    ran, so a handler never repeats any of this."""
+    with its retry-after in the trailing metadata), each refusal is logged and counted
+    by method and code, and each call is timed by method (streams included). A call
+    whose deadline passed (or whose client went away) has its handler cancelled by
+    grpc.aio; it is logged and counted here with the time it ran. No handler repeats
+    any of this."""
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -197,6 +198,7 @@ class _Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def refuse(context: grpc.aio.ServicerContext,
                          exc: errors.ExchangeError) -> None:
+            metrics.GRPC_REFUSED.labels(method, exc.code).inc()
             quiet = isinstance(exc, errors.NotAvailable)  # retried, and frequent under load
             (log.debug if quiet else log.info)(
                 "call refused", method=method, peer=context.peer(), code=exc.code,
@@ -206,6 +208,7 @@ class _Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await _abort_error(context, exc)
 
         def cancelled(context: grpc.aio.ServicerContext, started: float) -> None:
+            metrics.GRPC_CANCELLED.labels(method).inc()
             log.info("call cancelled", method=method, peer=context.peer(),
                      ran_ms=round((time.perf_counter() - started) * 1000))
 
