@@ -85,86 +85,43 @@ class JobsConfig:
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
+        """The jobs config in the TOML file at `path`, every key checked."""
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            doc = _JobsDoc(path, tomllib.loads(path.read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise MalformedInput(f"{path}: {exc}") from exc
-        known = {"profile", "rules", "periods", "recent_months", "interval_s",
-                 "agency_store", "state_file", "playbooks", "run_playbooks",
-                 "follow_ups_per_finding_max", "follow_ups_per_hour_per_agency",
-                 "playbook_workers", "playbook_spool", "subjects_per_query_max",
-                 "findings_chunk_bytes", "spool_dir", "rule_limits", "rules_dir"}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise MalformedInput(f"{path}: unknown key(s) {', '.join(unknown)}")
-        if "profile" not in doc:
-            raise MalformedInput(f"{path}: key 'profile' is required")
-        base = path.parent
-
-        def rel(value: object, key: str) -> Path:
-            if not isinstance(value, str) or not value:
-                raise MalformedInput(f"{path}: {key} is a path")
-            p = Path(value)
-            return p if p.is_absolute() else base / p
-
-        def strings(key: str) -> tuple[str, ...]:
-            value = doc.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise MalformedInput(f"{path}: {key} is a list of strings")
-            return tuple(value)
-
         interval = doc.get("interval_s", 60)
         if not isinstance(interval, int | float) or interval < INTERVAL_S_MIN:
-            raise MalformedInput(f"{path}: interval_s is a number >= {INTERVAL_S_MIN}")
+            raise doc.error(f"interval_s is a number >= {INTERVAL_S_MIN}")
         months = doc.get("recent_months", 0)
         if not isinstance(months, int) or not 0 <= months <= 24:
-            raise MalformedInput(f"{path}: recent_months is 0..24")
+            raise doc.error("recent_months is 0..24")
         store = doc.get("agency_store", "")
         if not isinstance(store, str):
-            raise MalformedInput(f"{path}: agency_store is a path or URL")
+            raise doc.error("agency_store is a path or URL")
         if store and "://" not in store:
-            store = str(rel(store, "agency_store"))
-        def bounded(key: str, default: int, low: int, high: int) -> int:
-            value = doc.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or \
-                    not low <= value <= high:
-                raise MalformedInput(f"{path}: {key} is an integer {low}..{high}")
-            return value
-
-        limits = doc.get("rule_limits", {})
-        if not isinstance(limits, dict):
-            raise MalformedInput(f"{path}: rule_limits is a table (time_s, memory_mib, "
-                                 "threads)")
-        unknown = sorted(set(limits) - {"time_s", "memory_mib", "threads"})
-        if unknown:
-            raise MalformedInput(f"{path}: rule_limits: unknown key(s) {', '.join(unknown)}")
-        try:
-            rule_limits = RuleLimits(**limits)
-        except (TypeError, ValueError) as exc:
-            raise MalformedInput(f"{path}: rule_limits: {exc}") from None
+            store = str(doc.path("agency_store"))
         run_playbooks = doc.get("run_playbooks", True)
         if not isinstance(run_playbooks, bool):
-            raise MalformedInput(f"{path}: run_playbooks is true or false")
-        return cls(profile=rel(doc["profile"], "profile"), rules=strings("rules"),
-                   rules_dir=rel(doc["rules_dir"], "rules_dir") if "rules_dir" in doc
-                   else None,
-                   periods=strings("periods"), recent_months=months,
+            raise doc.error("run_playbooks is true or false")
+        return cls(profile=doc.path("profile"), rules=doc.strings("rules"),
+                   rules_dir=doc.optional_path("rules_dir"),
+                   periods=doc.strings("periods"), recent_months=months,
                    interval_s=float(interval), agency_store=store,
-                   state_file=rel(doc["state_file"], "state_file")
-                   if "state_file" in doc else None,
-                   playbooks=strings("playbooks"), run_playbooks=run_playbooks,
-                   follow_ups_per_finding_max=bounded("follow_ups_per_finding_max", 8, 0,
-                                                      64),
-                   follow_ups_per_hour_per_agency=bounded("follow_ups_per_hour_per_agency",
-                                                          500, 1, 100_000),
-                   playbook_workers=bounded("playbook_workers", 4, 1, 32),
-                   playbook_spool=rel(doc["playbook_spool"], "playbook_spool")
-                   if "playbook_spool" in doc else None,
-                   subjects_per_query_max=bounded("subjects_per_query_max", 0, 0, 100_000),
-                   findings_chunk_bytes=bounded("findings_chunk_bytes", 0, 0, 512 * 1024),
-                   spool_dir=rel(doc["spool_dir"], "spool_dir") if "spool_dir" in doc
-                   else None,
-                   rule_limits=rule_limits)
+                   state_file=doc.optional_path("state_file"),
+                   playbooks=doc.strings("playbooks"), run_playbooks=run_playbooks,
+                   follow_ups_per_finding_max=doc.bounded("follow_ups_per_finding_max", 8,
+                                                          0, 64),
+                   follow_ups_per_hour_per_agency=doc.bounded(
+                       "follow_ups_per_hour_per_agency", 500, 1, 100_000),
+                   playbook_workers=doc.bounded("playbook_workers", 4, 1, 32),
+                   playbook_spool=doc.optional_path("playbook_spool"),
+                   subjects_per_query_max=doc.bounded("subjects_per_query_max", 0, 0,
+                                                      100_000),
+                   findings_chunk_bytes=doc.bounded("findings_chunk_bytes", 0, 0,
+                                                    512 * 1024),
+                   spool_dir=doc.optional_path("spool_dir"),
+                   rule_limits=doc.rule_limits())
 
     def run_bounds(self) -> Any:
         """The bounds of each rule run (exchange.compare.network.RunBounds)."""
@@ -194,6 +151,68 @@ class JobsConfig:
                     year, month = year - 1, 12
                 periods.append(f"{year:04d}-{month:02d}")
         return sorted(set(periods))
+
+
+class _JobsDoc:
+    """A jobs config file's keys, read with the checks every kind of value needs; a
+    problem names the file."""
+
+    KNOWN = frozenset({
+        "profile", "rules", "periods", "recent_months", "interval_s", "agency_store",
+        "state_file", "playbooks", "run_playbooks", "follow_ups_per_finding_max",
+        "follow_ups_per_hour_per_agency", "playbook_workers", "playbook_spool",
+        "subjects_per_query_max", "findings_chunk_bytes", "spool_dir", "rule_limits",
+        "rules_dir"})
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.file = path
+        self.doc = doc
+        unknown = sorted(set(doc) - self.KNOWN)
+        if unknown:
+            raise self.error(f"unknown key(s) {', '.join(unknown)}")
+        if "profile" not in doc:
+            raise self.error("key 'profile' is required")
+
+    def error(self, message: str) -> MalformedInput:
+        return MalformedInput(f"{self.file}: {message}")
+
+    def get(self, key: str, default: object) -> Any:
+        return self.doc.get(key, default)
+
+    def path(self, key: str) -> Path:
+        """A path, relative to the config's folder unless absolute."""
+        value = self.doc[key]
+        if not isinstance(value, str) or not value:
+            raise self.error(f"{key} is a path")
+        p = Path(value)
+        return p if p.is_absolute() else self.file.parent / p
+
+    def optional_path(self, key: str) -> Path | None:
+        return self.path(key) if key in self.doc else None
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"{key} is a list of strings")
+        return tuple(value)
+
+    def bounded(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.doc.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.error(f"{key} is an integer {low}..{high}")
+        return value
+
+    def rule_limits(self) -> RuleLimits:
+        limits = self.doc.get("rule_limits", {})
+        if not isinstance(limits, dict):
+            raise self.error("rule_limits is a table (time_s, memory_mib, threads)")
+        unknown = sorted(set(limits) - {"time_s", "memory_mib", "threads"})
+        if unknown:
+            raise self.error(f"rule_limits: unknown key(s) {', '.join(unknown)}")
+        try:
+            return RuleLimits(**limits)
+        except (TypeError, ValueError) as exc:
+            raise self.error(f"rule_limits: {exc}") from None
 
 
 class PlaybookRounds(Protocol):
