@@ -630,26 +630,50 @@ def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,
     proposer_ok: bool | None = None
     envelope_ok: bool | None = None
     if registry is not None:
-        try:
-            node = registry.node_key_at(header.proposer, bytes(header.proposer_key_id),
-                                        header.height)
-            verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
-                   bytes(info.proposer_signature))
-            proposer_ok = True
-        except ExchangeError:
-            proposer_ok = False
-        if not proposer_ok:
-            problems.append(f"proposer signature of {header.proposer!r} does not verify")
-        try:
-            key = registry.resolve(bytes(envelope.signer_key_id))
-        except ExchangeError:
-            envelope_ok = None  # a credential issued after genesis: not known here
-        else:
-            envelope_ok = is_valid(key.public_key, Domain.ENVELOPE, body.chain_id,
-                                   bytes(envelope.body), bytes(envelope.signature))
-            if not envelope_ok:
-                problems.append("envelope signature does not verify")
+        proposer_ok, envelope_ok = _signatures_check(info, header, envelope, body, registry,
+                                                     problems)
+    result_ok, attested = _attested_result(info, header, hash_, registry, problems)
+    return TxCheck(
+        tx_id=requested, envelope=envelope, body=body, header=header, block_hash=hash_,
+        signer=signer_name(registry, bytes(envelope.signer_key_id)), inclusion=inclusion,
+        result=result_ok, proposer_signature=proposer_ok, envelope_signature=envelope_ok,
+        attested_by=sorted(attested), attestation_signatures=registry is not None,
+        problems=problems)
 
+
+def _signatures_check(info: node_pb2.TransactionInfo, header: ledger_pb2.BlockHeader,
+                      envelope: ledger_pb2.Envelope, body: ledger_pb2.TxBody,
+                      registry: KeyRegistry, problems: list[str]
+                      ) -> tuple[bool, bool | None]:
+    """Whether the proposer's and the envelope's signatures verify (the envelope's None
+    when its signer is not in genesis); each failure added to `problems`."""
+    try:
+        node = registry.node_key_at(header.proposer, bytes(header.proposer_key_id),
+                                    header.height)
+        verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
+               bytes(info.proposer_signature))
+        proposer_ok = True
+    except ExchangeError:
+        proposer_ok = False
+    if not proposer_ok:
+        problems.append(f"proposer signature of {header.proposer!r} does not verify")
+    try:
+        key = registry.resolve(bytes(envelope.signer_key_id))
+    except ExchangeError:
+        return proposer_ok, None  # a credential issued after genesis: not known here
+    envelope_ok = is_valid(key.public_key, Domain.ENVELOPE, body.chain_id,
+                           bytes(envelope.body), bytes(envelope.signature))
+    if not envelope_ok:
+        problems.append("envelope signature does not verify")
+    return proposer_ok, envelope_ok
+
+
+def _attested_result(info: node_pb2.TransactionInfo, header: ledger_pb2.BlockHeader,
+                     hash_: bytes, registry: KeyRegistry | None, problems: list[str]
+                     ) -> tuple[bool | None, set[str]]:
+    """Whether the result code is in a results root that an attestation of this block
+    signs (None when no attestation is for this block), and the agencies whose
+    attestations show it; each failure added to `problems`."""
     leaf = info.result.encode()
     proof = [bytes(p) for p in info.result_proof]
     attested: set[str] = set()
@@ -661,16 +685,11 @@ def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,
             problems.append(f"attestation of {att.agency!r} does not verify")
             continue
         any_for_block = True
-        if verify_inclusion(leaf, index, size, proof, bytes(att.results_root)):
+        if verify_inclusion(leaf, info.index, header.tx_count, proof,
+                            bytes(att.results_root)):
             attested.add(att.agency)
-    result_ok: bool | None = None
-    if any_for_block:
-        result_ok = bool(attested)
-        if not result_ok:
-            problems.append(f"result {info.result!r} is not in any attested results root")
-    return TxCheck(
-        tx_id=requested, envelope=envelope, body=body, header=header, block_hash=hash_,
-        signer=signer_name(registry, bytes(envelope.signer_key_id)), inclusion=inclusion,
-        result=result_ok, proposer_signature=proposer_ok, envelope_signature=envelope_ok,
-        attested_by=sorted(attested), attestation_signatures=registry is not None,
-        problems=problems)
+    if not any_for_block:
+        return None, attested
+    if not attested:
+        problems.append(f"result {info.result!r} is not in any attested results root")
+    return bool(attested), attested
