@@ -63,7 +63,7 @@ def _run(cluster: Cluster, agency: str, *args: str) -> dict[str, Any]:
 
 
 def test_an_unregistered_rule_does_not_run(cluster: Cluster, tmp_path: Any) -> None:
-    from exchange.compare.rules import rules_dir
+    from exchange.compare.rule_file import rules_dir
 
     text = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()
     changed = tmp_path / "payments-without-imports.yaml"
@@ -190,7 +190,7 @@ def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_ne
 
     from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, Runner
-    from exchange.compare.rules import rules_dir
+    from exchange.compare.rule_file import rules_dir
     from exchange.v1 import node_pb2
 
     reference = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()

@@ -28,11 +28,8 @@ import yaml
 from agents import AGENCIES, datasets_of, views_of
 from agents.common.schema import Kind
 from agents.lookup import PRINCIPAL_DATES, lookup_keys
-from exchange.compare.rules import (
-    SEVERITIES,
-    load_rule,
-    rules_dir,
-)
+from exchange.compare.rule_file import load_rule, rules_dir
+from exchange.compare.rules import SEVERITIES
 from exchange.ledger.sealing import canonical_json
 from exchange.specfile import (
     TAG_BOOL,

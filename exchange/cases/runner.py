@@ -671,7 +671,7 @@ class PlaybookRunner:
         """The owner's rule files, read once per runner."""
         with self._lock:
             if self._rule_files is None:
-                from exchange.compare.rules import load_rules
+                from exchange.compare.rule_file import load_rules
 
                 self._rule_files = {r.id: r for r in load_rules(self.agency)}
             return self._rule_files

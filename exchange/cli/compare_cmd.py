@@ -19,7 +19,7 @@ from exchange.v1 import ledger_pb2, node_pb2
 
 def _rule(spec: str, agency: str):  # type: ignore[no-untyped-def]
     """A rule by file path, or by id among the agency's rule files."""
-    from exchange.compare.rules import load_rule, load_rules
+    from exchange.compare.rule_file import load_rule, load_rules
 
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -65,7 +65,7 @@ def rules() -> None:
 def rules_list(agency: str, profile_option: str | None, timeout_s: float,
                as_json: bool) -> None:
     """The rules registered on the ledger, and the local rule files beside them."""
-    from exchange.compare.rules import load_rules
+    from exchange.compare.rule_file import load_rules
 
     _, client = connect(profile_option, timeout_s)
     with client:

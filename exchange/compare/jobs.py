@@ -290,7 +290,7 @@ class Runner:
         tmp.replace(self.config.state_file)
 
     def rules(self) -> list[Any]:
-        from exchange.compare.rules import load_rules
+        from exchange.compare.rule_file import load_rules
 
         rules = load_rules(self.agency, self.config.rules_dir)
         if self.config.rules:

@@ -16,7 +16,8 @@ from agents.lookup import SUBJECTS_MAX
 from exchange.client import ExchangeClient, Signer
 from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput
-from exchange.compare.rules import PlannedQuery, Rule, load_rule_bytes
+from exchange.compare.rule_file import load_rule_bytes
+from exchange.compare.rules import PlannedQuery, Rule
 from exchange.compare.session import RunSession
 from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid, Unavailable
