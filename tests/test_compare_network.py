@@ -298,7 +298,8 @@ def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
     assert report["case"]["complete"] and report["case"]["case_id"] == "CASE-E1"
     assert len(report["case"]["stated_by"]) >= 3
     # a bundle that leaves out one transaction of the case fails, naming it
-    from exchange.ledger.evidence import decode_bundle, encode_bundle
+    from exchange.ledger.evidence import encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle
     from exchange.v1 import evidence_pb2
 
     parsed = decode_bundle(bundle.read_bytes())
@@ -329,13 +330,8 @@ def test_a_case_bundle_with_a_swapped_answer_fails_naming_the_case(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
     from exchange.ledger.block import RESULT_OK
     from exchange.ledger.case_export import case_tx_ids
-    from exchange.ledger.evidence import (
-        BundleInvalid,
-        build_bundle,
-        decode_bundle,
-        encode_bundle,
-        verify_bundle,
-    )
+    from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
     from exchange.ledger.store import BlockStore
 
     uscc = swept[0][1]["subjects"][0] if swept[0][1]["subjects"] else None
@@ -430,7 +426,8 @@ def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offlin
     assert "answer_chunk" not in kinds and kinds.count("answer_manifest") == out["inputs"]
     assert report["reveals"] >= 1
     # a revealed chunk changed by one byte is refused
-    from exchange.ledger.evidence import BundleInvalid, decode_bundle, encode_bundle, verify_bundle
+    from exchange.ledger.evidence import BundleInvalid, encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 
     tampered = decode_bundle(bundle.read_bytes())
     chunk_ids = {bytes.fromhex(t["tx_id"]) for t in report["transactions"]

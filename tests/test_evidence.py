@@ -14,14 +14,8 @@ from hypothesis import strategies as st
 
 from exchange.cli.main import _register, cli
 from exchange.ledger.block import tx_id
-from exchange.ledger.evidence import (
-    MAGIC,
-    BundleInvalid,
-    build_bundle,
-    decode_bundle,
-    encode_bundle,
-    verify_bundle,
-)
+from exchange.ledger.evidence import MAGIC, BundleInvalid, build_bundle, encode_bundle
+from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 from exchange.ledger.store import BlockStore
 from exchange.v1 import evidence_pb2, ledger_pb2
 from tests.ledger_net import Net, make_net, write_chain

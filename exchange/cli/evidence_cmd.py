@@ -11,13 +11,8 @@ import click
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
 from exchange.ids import resolve_tx_id
-from exchange.ledger.evidence import (
-    BundleInvalid,
-    add_case_statements,
-    build_bundle,
-    encode_bundle,
-    verify_bundle,
-)
+from exchange.ledger.evidence import BundleInvalid, add_case_statements, build_bundle, encode_bundle
+from exchange.ledger.evidence_verify import verify_bundle
 from exchange.ledger.store import BlockStore
 
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import jinja2
 
 from exchange.ledger.block import RESULT_OK, open_envelope
-from exchange.ledger.evidence import VerifiedTx, decode_bundle, verify_bundle
+from exchange.ledger.evidence_verify import VerifiedTx, decode_bundle, verify_bundle
 from exchange.ledger.playbooks import parse_step_ref
 from exchange.v1 import ledger_pb2
 
