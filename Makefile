@@ -19,7 +19,9 @@ install: $(STAMP) $(GEN_STAMP)
 # tools too) at an exact version with its hashes, so a clone builds the same environment
 # next year. The project itself goes in editable, with no dependency of its own choosing.
 # `make lock` writes the lock again from pyproject.toml (after changing a dependency
-# there); `make lock UPGRADE=1` moves every pin to the newest release.
+# there), and requirements-runtime.lock, the installed package's own dependencies, which
+# the container image installs; `make lock UPGRADE=1` moves every pin to the newest
+# release.
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +30,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip check
 	@touch $@
 
+LOCK_ARGS = --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+	--no-emit-find-links $(if $(UPGRADE),--upgrade,)
+
 lock: install
-	$(VENV)/bin/pip-compile --quiet --generate-hashes --extra dev --strip-extras \
-	  --allow-unsafe --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade,) \
-	  --output-file requirements.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --extra dev --output-file requirements.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --constraint requirements.lock \
+	  --output-file requirements-runtime.lock pyproject.toml
 
 $(GEN_STAMP): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
