@@ -11,16 +11,32 @@ SEED ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install proto test lint typecheck bench sim demo clean cluster stop status logs
+.PHONY: install lock proto test lint typecheck bench sim demo clean cluster stop status logs
 
 install: $(STAMP) $(GEN_STAMP)
 
-$(STAMP): pyproject.toml
+# The environment is installed from requirements.lock: every package (pip and the build
+# tools too) at an exact version with its hashes, so a clone builds the same environment
+# next year. The project itself goes in editable, with no dependency of its own choosing.
+# `make lock` writes the lock again from pyproject.toml (after changing a dependency
+# there), and requirements-runtime.lock, the installed package's own dependencies, which
+# the container image installs; `make lock UPGRADE=1` moves every pin to the newest
+# release.
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	@touch $@
+
+LOCK_ARGS = --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
+	--no-emit-find-links $(if $(UPGRADE),--upgrade,)
+
+lock: install
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --extra dev --output-file requirements.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_ARGS) --constraint requirements.lock \
+	  --output-file requirements-runtime.lock pyproject.toml
 
 $(GEN_STAMP): $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
@@ -34,6 +50,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy exchange agents
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m exchange.bench $(BENCH_ARGS)

@@ -44,6 +44,7 @@ from agents.common.checks import (
     shift_period,
     uscc_check_char,
 )
+from agents.common.checks import format_fen as fmt_fen  # the one amount formatter
 from exchange.errors import AlreadyExists, MalformedInput
 
 RULE_EXPORT_REBATE = "export-rebate-without-exports"
@@ -157,10 +158,6 @@ class GenerationReport:
 
 
 # -- small helpers --------------------------------------------------------------------
-
-def fmt_fen(fen: int) -> str:
-    return f"{fen // 100}.{fen % 100:02d}"
-
 
 def _csv_text(text: str) -> str:
     """A CSV field, quoted as RFC 4180 asks when it must be."""

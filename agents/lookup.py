@@ -34,7 +34,7 @@ from agents.common import view as view_module
 from agents.common.schema import Column, Dataset, Kind
 from agents.common.store import AgencyStore, to_int
 from agents.common.view import View
-from exchange.errors import ExchangeError, MalformedInput
+from exchange.errors import MalformedInput, NotAllowed
 
 SUBJECTS_MAX = 100_000
 # Bound parameters in one statement, subject values and the period's together, for
@@ -73,7 +73,7 @@ class LookupRequest:
     fields: tuple[str, ...] = ()  # () = every column
 
 
-class LookupRefused(ExchangeError):
+class LookupRefused(NotAllowed):
     """A request the agency does not answer; `code` is one of REFUSAL_CODES."""
 
     def __init__(self, code: str, reason: str) -> None:

@@ -37,7 +37,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def measure(companies: int = COMPANIES_DEFAULT, verbose: bool = True) -> dict[str, object]:
     from exchange.cases.playbooks import load_playbooks
-    from exchange.compare.rules import load_rules
+    from exchange.compare.rule_file import load_rules
     from exchange.ledger.playbooks import parse_step_ref
     from exchange.ledger.store import BlockStore
     from exchange.localnet import Cluster

@@ -57,7 +57,7 @@ def _peak_rss_mib(pid: int) -> int:
 
 def _register_rules(cluster: Cluster) -> list[tuple[Path, Any]]:
     from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
-    from exchange.compare.rules import load_rules
+    from exchange.compare.rule_file import load_rules
     from exchange.v1 import ledger_pb2
 
     runs = []

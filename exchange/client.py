@@ -23,10 +23,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from exchange.errors import (
+    BY_CODE,
+    RETRY_AFTER_KEY,
     AlreadyExists,
     CredentialInvalid,
     ExchangeError,
     MalformedInput,
+    NodeError,
+    NodeTimeout,
+    NodeUnavailable,
+    NotFound,
     RateLimited,
     WrongChain,
 )
@@ -66,43 +72,6 @@ TX_ID_BYTES = 32
 T = TypeVar("T")
 
 
-# -- errors -----------------------------------------------------------------------------
-
-class NodeUnavailable(ExchangeError):
-    """The node cannot be reached, or has no leader to order transactions yet."""
-
-    code = "NODE_UNAVAILABLE"
-
-
-class NodeTimeout(ExchangeError):
-    """The node did not answer within the deadline."""
-
-    code = "DEADLINE_EXCEEDED"
-
-
-class NotFound(ExchangeError):
-    """The node holds no such transaction or block."""
-
-    code = "NOT_FOUND"
-
-
-class NodeError(ExchangeError):
-    """Any other failure the node reported."""
-
-    code = "NODE_ERROR"
-
-
-def _domain_errors() -> dict[str, type[ExchangeError]]:
-    """Every ExchangeError subclass by its code, for servers that name the code."""
-    found: dict[str, type[ExchangeError]] = {}
-    pending: list[type[ExchangeError]] = [ExchangeError]
-    while pending:
-        cls = pending.pop()
-        found.setdefault(cls.code, cls)
-        pending.extend(cls.__subclasses__())
-    return found
-
-
 # gRPC's own words for a connection that never carried a call.
 _TRANSPORT_MARKERS = ("failed to connect", "connection refused", "connect failed",
                       "socket closed", "handshake", "dns resolution", "name resolution",
@@ -121,7 +90,7 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
     details = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
     details = " ".join(str(details).split())  # one line, always
     prefix, sep, rest = details.partition(":")
-    domain = _domain_errors().get(prefix.strip()) if sep and prefix.isupper() else None
+    domain = BY_CODE.get(prefix.strip()) if sep and prefix.isupper() else None
     reason = rest.strip() if domain is not None else details
     if code == grpc.StatusCode.UNAVAILABLE:
         lowered = details.lower()
@@ -145,17 +114,13 @@ def map_rpc_error(exc: grpc.RpcError, address: str,
     if domain is RateLimited:
         return RateLimited(f"node at {address} refused: RATE_LIMITED: {reason}",
                            _retry_after_ms(exc))
-    cls = domain if domain is not None and domain is not ExchangeError \
-        else by_status.get(code, NodeError)
+    cls = domain if domain is not None else by_status.get(code, NodeError)
     name = code.name if code is not None else "UNKNOWN"
     if cls is NodeError and domain is None:
         return NodeError(f"node at {address} failed: {name}: {reason or name}")
     if issubclass(cls, NotFound):
         return cls(f"node at {address}: {reason or 'not found'}")
     return cls(f"node at {address} refused: {reason or name}")
-
-
-RETRY_AFTER_KEY = "exchange-retry-after-ms"  # as the node's server sets it
 
 
 def _retry_after_ms(exc: grpc.RpcError) -> int:
@@ -665,26 +630,50 @@ def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,
     proposer_ok: bool | None = None
     envelope_ok: bool | None = None
     if registry is not None:
-        try:
-            node = registry.node_key_at(header.proposer, bytes(header.proposer_key_id),
-                                        header.height)
-            verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
-                   bytes(info.proposer_signature))
-            proposer_ok = True
-        except ExchangeError:
-            proposer_ok = False
-        if not proposer_ok:
-            problems.append(f"proposer signature of {header.proposer!r} does not verify")
-        try:
-            key = registry.resolve(bytes(envelope.signer_key_id))
-        except ExchangeError:
-            envelope_ok = None  # a credential issued after genesis: not known here
-        else:
-            envelope_ok = is_valid(key.public_key, Domain.ENVELOPE, body.chain_id,
-                                   bytes(envelope.body), bytes(envelope.signature))
-            if not envelope_ok:
-                problems.append("envelope signature does not verify")
+        proposer_ok, envelope_ok = _signatures_check(info, header, envelope, body, registry,
+                                                     problems)
+    result_ok, attested = _attested_result(info, header, hash_, registry, problems)
+    return TxCheck(
+        tx_id=requested, envelope=envelope, body=body, header=header, block_hash=hash_,
+        signer=signer_name(registry, bytes(envelope.signer_key_id)), inclusion=inclusion,
+        result=result_ok, proposer_signature=proposer_ok, envelope_signature=envelope_ok,
+        attested_by=sorted(attested), attestation_signatures=registry is not None,
+        problems=problems)
 
+
+def _signatures_check(info: node_pb2.TransactionInfo, header: ledger_pb2.BlockHeader,
+                      envelope: ledger_pb2.Envelope, body: ledger_pb2.TxBody,
+                      registry: KeyRegistry, problems: list[str]
+                      ) -> tuple[bool, bool | None]:
+    """Whether the proposer's and the envelope's signatures verify (the envelope's None
+    when its signer is not in genesis); each failure added to `problems`."""
+    try:
+        node = registry.node_key_at(header.proposer, bytes(header.proposer_key_id),
+                                    header.height)
+        verify(node.public_key, Domain.BLOCK, header.chain_id, bytes(info.header),
+               bytes(info.proposer_signature))
+        proposer_ok = True
+    except ExchangeError:
+        proposer_ok = False
+    if not proposer_ok:
+        problems.append(f"proposer signature of {header.proposer!r} does not verify")
+    try:
+        key = registry.resolve(bytes(envelope.signer_key_id))
+    except ExchangeError:
+        return proposer_ok, None  # a credential issued after genesis: not known here
+    envelope_ok = is_valid(key.public_key, Domain.ENVELOPE, body.chain_id,
+                           bytes(envelope.body), bytes(envelope.signature))
+    if not envelope_ok:
+        problems.append("envelope signature does not verify")
+    return proposer_ok, envelope_ok
+
+
+def _attested_result(info: node_pb2.TransactionInfo, header: ledger_pb2.BlockHeader,
+                     hash_: bytes, registry: KeyRegistry | None, problems: list[str]
+                     ) -> tuple[bool | None, set[str]]:
+    """Whether the result code is in a results root that an attestation of this block
+    signs (None when no attestation is for this block), and the agencies whose
+    attestations show it; each failure added to `problems`."""
     leaf = info.result.encode()
     proof = [bytes(p) for p in info.result_proof]
     attested: set[str] = set()
@@ -696,16 +685,11 @@ def check_transaction(info: node_pb2.TransactionInfo, requested: bytes,
             problems.append(f"attestation of {att.agency!r} does not verify")
             continue
         any_for_block = True
-        if verify_inclusion(leaf, index, size, proof, bytes(att.results_root)):
+        if verify_inclusion(leaf, info.index, header.tx_count, proof,
+                            bytes(att.results_root)):
             attested.add(att.agency)
-    result_ok: bool | None = None
-    if any_for_block:
-        result_ok = bool(attested)
-        if not result_ok:
-            problems.append(f"result {info.result!r} is not in any attested results root")
-    return TxCheck(
-        tx_id=requested, envelope=envelope, body=body, header=header, block_hash=hash_,
-        signer=signer_name(registry, bytes(envelope.signer_key_id)), inclusion=inclusion,
-        result=result_ok, proposer_signature=proposer_ok, envelope_signature=envelope_ok,
-        attested_by=sorted(attested), attestation_signatures=registry is not None,
-        problems=problems)
+    if not any_for_block:
+        return None, attested
+    if not attested:
+        problems.append(f"result {info.result!r} is not in any attested results root")
+    return bool(attested), attested

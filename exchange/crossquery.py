@@ -15,9 +15,9 @@ from typing import Any
 
 from exchange.client import Signer
 from exchange.errors import MalformedInput, ProofInvalid
+from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.identity.keys import CachedSigner, key_id
 from exchange.ledger.block import new_body, seal_envelope, tx_id
-from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.queries import chunks_commitment, sign_cosignature
 from exchange.ledger.sealing import canonical_json, commit, seal
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2

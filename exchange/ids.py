@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from exchange.errors import ExchangeError, MalformedInput
+from exchange.errors import AmbiguousId, MalformedInput, UnknownId
 from exchange.v1 import node_pb2
 
 ID_PREFIX_DIGITS_MIN = 8
@@ -19,18 +19,6 @@ FIND_LIMIT_DEFAULT = 10
 FIND_LIMIT_MAX = 100
 MATCHES_SHOWN_MAX = 10
 _HEX = frozenset("0123456789abcdef")
-
-
-class UnknownId(ExchangeError):
-    """A prefix that no id begins with."""
-
-    code = "UNKNOWN_ID"
-
-
-class AmbiguousId(MalformedInput):
-    """A prefix that more than one id begins with."""
-
-    code = "AMBIGUOUS_ID"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,8 @@ from pathlib import Path
 from exchange.identity.keys import read_data_key
 from exchange.ledger.block import RESULT_OK, open_envelope
 from exchange.ledger.case_export import reveals_for
-from exchange.ledger.evidence import (
-    BundleInvalid,
-    build_bundle,
-    decode_bundle,
-    encode_bundle,
-    verify_bundle,
-)
+from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle
+from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 from exchange.ledger.store import BlockStore
 from exchange.localnet import Cluster
 from exchange.v1 import evidence_pb2, identity_pb2, ledger_pb2

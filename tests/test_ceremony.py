@@ -194,7 +194,7 @@ def test_configure_and_node_refuse_a_genesis_that_is_not_theirs(
 
 
 def test_local_init_is_the_same_ceremony(tmp_path: Path) -> None:
-    from exchange.identity.network import init_network
+    from exchange.identity.local_network import init_network
 
     net = init_network(tmp_path / "net", chain_id=CHAIN, now_ms=NOW_MS)
     signed = identity_pb2.SignedGenesis.FromString(net.genesis.read_bytes())

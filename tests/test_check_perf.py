@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from exchange.cli.main import _register, cli
 from exchange.client import PROFILE_ENV, Signer, chain_id_for, load_client_profile
 from exchange.identity.config import load_profile
-from exchange.identity.network import NetworkLayout, init_network
+from exchange.identity.local_network import init_network
+from exchange.identity.network import NetworkLayout
 from exchange.ledger.block import tx_id
 from exchange.localnet import Cluster, free_base_port
 from exchange.perf import (

@@ -8,7 +8,6 @@ cluster of `exchange node` processes (tests/cluster.py); no part of the node is 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -27,9 +26,6 @@ from exchange.cli.main import _register, cli
 from exchange.client import (
     DEFAULT_PROFILE,
     PROFILE_ENV,
-    NodeTimeout,
-    NodeUnavailable,
-    NotFound,
     Signer,
     chain_id_for,
     check_transaction,
@@ -44,9 +40,14 @@ from exchange.errors import (
     ExchangeError,
     InvalidSignature,
     MalformedInput,
+    NodeTimeout,
+    NodeUnavailable,
+    NotFound,
+    WrongChain,
 )
 from exchange.identity.config import Profile, load_profile, write_profile
-from exchange.identity.network import AgencyPaths, NetworkLayout, init_network
+from exchange.identity.local_network import init_network
+from exchange.identity.network import AgencyPaths, NetworkLayout
 from exchange.identity.registry import KeyRegistry
 from exchange.ledger import merkle
 from exchange.ledger.block import open_envelope, verify_envelope
@@ -58,18 +59,6 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "cluster.sh"
 
 _register()
-
-
-def _node_missing() -> str | None:
-    try:
-        importlib.import_module("exchange.node.server")
-    except ImportError as exc:
-        return f"exchange.node is not importable yet ({exc})"
-    return None
-
-
-_NODE_MISSING = _node_missing()
-needs_node = pytest.mark.skipif(_NODE_MISSING is not None, reason=_NODE_MISSING or "")
 
 
 # -- a network on ports nobody listens on ------------------------------------------------
@@ -186,8 +175,9 @@ def test_signer_refuses_a_key_its_credential_does_not_certify(net: NetworkLayout
 
 
 def test_signer_refuses_another_chain(net: NetworkLayout) -> None:
-    with pytest.raises(ExchangeError, match="chain"):
+    with pytest.raises(WrongChain, match="chain") as refused:
         Signer.load(load_profile(_tax_profile(net)), "some-other-chain")
+    assert refused.value.code == "WRONG_CHAIN"
 
 
 def test_body_without_a_kind_is_not_signed(net: NetworkLayout) -> None:
@@ -406,7 +396,6 @@ def _probe(cluster: Cluster, agency: str = "police", *args: str) -> list[dict[st
 
 
 @pytest.mark.cluster
-@needs_node
 def test_status_of_every_node_names_one_leader_and_all_members(cluster: Cluster) -> None:
     leader = cluster.leader()
     for agency in cluster.agencies:
@@ -420,7 +409,6 @@ def test_status_of_every_node_names_one_leader_and_all_members(cluster: Cluster)
 
 
 @pytest.mark.cluster
-@needs_node
 def test_probes_commit_and_tx_show_checks_their_proofs_locally(cluster: Cluster) -> None:
     rows = _probe(cluster, "police", "--count", "3", "--size", "100")
     assert [r["status"] for r in rows] == ["committed"] * 3
@@ -438,7 +426,6 @@ def test_probes_commit_and_tx_show_checks_their_proofs_locally(cluster: Cluster)
 
 
 @pytest.mark.cluster
-@needs_node
 def test_batch_probes_and_block_show_list_them_with_their_results(cluster: Cluster) -> None:
     rows = _probe(cluster, "customs", "--count", "4", "--batch")
     assert len(rows) == 4 and all(r["result"] == "OK" for r in rows)
@@ -455,7 +442,6 @@ def test_batch_probes_and_block_show_list_them_with_their_results(cluster: Clust
 
 
 @pytest.mark.cluster
-@needs_node
 def test_chain_verify_fetches_every_block_and_verifies_it_from_genesis(
         cluster: Cluster) -> None:
     _probe(cluster, "tax", "--count", "3")
@@ -468,7 +454,6 @@ def test_chain_verify_fetches_every_block_and_verifies_it_from_genesis(
 
 
 @pytest.mark.cluster
-@needs_node
 def test_chain_follow_streams_blocks_and_ctrl_c_exits_0(cluster: Cluster) -> None:
     _probe(cluster, "tax")
     follow = subprocess.Popen(
@@ -491,7 +476,6 @@ def test_chain_follow_streams_blocks_and_ctrl_c_exits_0(cluster: Cluster) -> Non
 
 
 @pytest.mark.cluster
-@needs_node
 def test_after_the_leader_is_killed_probes_commit_and_it_catches_up(cluster: Cluster) -> None:
     old = cluster.leader()
     _probe(cluster, "tax")
@@ -510,7 +494,6 @@ def test_after_the_leader_is_killed_probes_commit_and_it_catches_up(cluster: Clu
 
 
 @pytest.mark.cluster
-@needs_node
 def test_cluster_script_starts_reports_and_stops_its_nodes(tmp_path: Path) -> None:
     var = tmp_path / "var"
     env = {**os.environ, "VAR": str(var), "NET": str(tmp_path / "net"),

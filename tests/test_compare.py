@@ -588,11 +588,10 @@ def test_a_rule_over_its_time_limit_fails_naming_the_limit(tmp_path: Path) -> No
     path, _ = _with_sql(tmp_path, sql)
     rule = load_rule(path)  # registration cannot tell: the recursion is deterministic
     flows = [{"uscc": uscc(1), "outbound_cross_border_cny": d("1.00")}]
-    started = __import__("time").monotonic()
+    # the recursion has no end: the run ends only by the limit's interrupt
     with pytest.raises(RuleLimitExceeded) as caught:
         run_rule(rule, {"flows": flows, "trade": []}, {"period": P},
                  limits=duck.RuleLimits(time_s=1.0, memory_mib=4096))
-    assert __import__("time").monotonic() - started < 30  # interrupted, not run to the end
     assert f"rule {rule.id}: exceeded the 1 s time limit" in str(caught.value)
     assert str(path) in str(caught.value)
 

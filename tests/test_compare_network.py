@@ -63,7 +63,7 @@ def _run(cluster: Cluster, agency: str, *args: str) -> dict[str, Any]:
 
 
 def test_an_unregistered_rule_does_not_run(cluster: Cluster, tmp_path: Any) -> None:
-    from exchange.compare.rules import rules_dir
+    from exchange.compare.rule_file import rules_dir
 
     text = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()
     changed = tmp_path / "payments-without-imports.yaml"
@@ -146,6 +146,7 @@ def test_a_rule_input_is_recorded_as_a_query_on_behalf_of_the_rule(
 
 def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, Runner
 
     config_path = tmp_path / "jobs.toml"
@@ -156,7 +157,7 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
         + f'agency_store = "{store}"\nstate_file = "{tmp_path / "state.json"}"\n'
         + "interval_s = 1\n")
     config = JobsConfig.load(config_path)
-    runner = Runner(config)
+    runner = Runner(config, playbooks=playbooks_for_jobs)
     try:
         first = runner.one_round()  # the earlier test ran every period already
         assert first.ran == [] and first.skipped == len(PERIODS) and not first.failed
@@ -171,7 +172,7 @@ def test_jobs_runner_runs_each_rule_period_once_and_again_after_new_data(
     finally:
         runner.close()
     # a restarted runner (same state file) picks up where it stopped
-    again = Runner(JobsConfig.load(config_path))
+    again = Runner(JobsConfig.load(config_path), playbooks=playbooks_for_jobs)
     try:
         assert again.one_round().ran == []
     finally:
@@ -187,8 +188,9 @@ def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_ne
     runner's round; the good rule after it still runs and its findings commit."""
     import re
 
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, Runner
-    from exchange.compare.rules import rules_dir
+    from exchange.compare.rule_file import rules_dir
     from exchange.v1 import node_pb2
 
     reference = (rules_dir("pboc") / "payments-without-imports.yaml").read_text()
@@ -213,7 +215,7 @@ def test_a_rule_over_its_time_limit_commits_nothing_and_the_runner_serves_the_ne
         f'rules_dir = "{folder}"\nperiods = ["{PERIODS[0]}"]\n'
         f'state_file = "{tmp_path / "state.json"}"\nrun_playbooks = false\n'
         "[rule_limits]\ntime_s = 2\nmemory_mib = 256\n")
-    runner = Runner(JobsConfig.load(config_path))
+    runner = Runner(JobsConfig.load(config_path), playbooks=playbooks_for_jobs)
     try:
         report = runner.one_round()
         [(rule_id, period, error)] = report.failed
@@ -296,7 +298,8 @@ def test_a_case_exports_as_an_evidence_bundle_that_verifies_offline(
     assert report["case"]["complete"] and report["case"]["case_id"] == "CASE-E1"
     assert len(report["case"]["stated_by"]) >= 3
     # a bundle that leaves out one transaction of the case fails, naming it
-    from exchange.ledger.evidence import decode_bundle, encode_bundle
+    from exchange.ledger.evidence import encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle
     from exchange.v1 import evidence_pb2
 
     parsed = decode_bundle(bundle.read_bytes())
@@ -327,13 +330,8 @@ def test_a_case_bundle_with_a_swapped_answer_fails_naming_the_case(
         cluster: Cluster, swept: list[tuple[str, dict[str, Any]]], tmp_path: Any) -> None:
     from exchange.ledger.block import RESULT_OK
     from exchange.ledger.case_export import case_tx_ids
-    from exchange.ledger.evidence import (
-        BundleInvalid,
-        build_bundle,
-        decode_bundle,
-        encode_bundle,
-        verify_bundle,
-    )
+    from exchange.ledger.evidence import BundleInvalid, build_bundle, encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
     from exchange.ledger.store import BlockStore
 
     uscc = swept[0][1]["subjects"][0] if swept[0][1]["subjects"] else None
@@ -428,7 +426,8 @@ def test_a_case_from_a_run_in_chunks_exports_with_its_chunks_and_verifies_offlin
     assert "answer_chunk" not in kinds and kinds.count("answer_manifest") == out["inputs"]
     assert report["reveals"] >= 1
     # a revealed chunk changed by one byte is refused
-    from exchange.ledger.evidence import BundleInvalid, decode_bundle, encode_bundle, verify_bundle
+    from exchange.ledger.evidence import BundleInvalid, encode_bundle
+    from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 
     tampered = decode_bundle(bundle.read_bytes())
     chunk_ids = {bytes.fromhex(t["tx_id"]) for t in report["transactions"]

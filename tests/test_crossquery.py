@@ -17,9 +17,10 @@ import pytest
 
 from exchange.client import Signer, load_client_profile, load_genesis
 from exchange.crossquery import QuerySpec, build_query, read_answer
+from exchange.errors import NotARecipient
 from exchange.identity.keys import read_data_key
 from exchange.ledger.block import RESULT_OK, open_envelope
-from exchange.ledger.sealing import NotARecipient, canonical_json, open_sealed, verify_reveal
+from exchange.ledger.sealing import canonical_json, open_sealed, verify_reveal
 from exchange.ledger.store import BlockStore
 from exchange.localnet import Cluster
 
@@ -226,9 +227,10 @@ def test_restarting_the_answering_node_loses_nothing_and_duplicates_nothing(
     cluster.kill("customs")
     asked = submit(usccs[:8])
     cluster.start_node("customs")
-    # and killed again while it is answering a second batch
+    # and killed again once it has begun answering a second batch
     second = submit(usccs[8:])
-    time.sleep(0.05)
+    with cluster.client("tax", deadline_s=30.0) as client:
+        assert read_answer(client.get_answer(second[0], wait_ms=30_000)).status == "answered"
     cluster.kill("customs")
     cluster.start_node("customs")
     cluster.wait_ready()

@@ -145,6 +145,18 @@ def test_amount_text_round_trips_through_fen_and_decimal(fen: int) -> None:
     assert checks.decimal_to_fen(Decimal(text)) == fen
 
 
+@given(st.integers(-checks.AMOUNT_FEN_MAX, checks.AMOUNT_FEN_MAX))
+def test_amount_text_of_negative_fen_is_the_negated_positive_text(fen: int) -> None:
+    """A negative amount (a credit note, a refund) reads as its magnitude with a minus,
+    the same in the generator's files as in the rule engine's output."""
+    from agents import generate
+
+    assert generate.fmt_fen is checks.format_fen
+    text = checks.format_fen(fen)
+    assert text == ("-" if fen < 0 else "") + checks.format_fen(abs(fen))
+    assert checks.fen_to_decimal(fen) == Decimal(text)
+
+
 @pytest.mark.parametrize("text", ["2026-02-29", "2026-13-01", "2026-1-01", "26-01-01",
                                   "2026-00-10", "2026-04-31", "20260101", "2026-01-01T00"])
 def test_invalid_dates_are_rejected(text: str) -> None:

@@ -236,6 +236,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
+@pytest.mark.cluster
 def test_health_serves_without_quorum_and_caught_up_needs_a_leader(cluster: Cluster) -> None:
     cluster.start_node("tax")
     config = cluster.node_config("tax")
@@ -250,6 +251,7 @@ def test_health_serves_without_quorum_and_caught_up_needs_a_leader(cluster: Clus
     assert unknown.returncode == 1 and "does not know" in _error_line(unknown)
 
 
+@pytest.mark.cluster
 def test_health_refuses_a_node_of_another_network(cluster: Cluster, tmp_path: Path) -> None:
     """Same address, certificates of another ceremony: mutual TLS fails both ways."""
     if not cluster.running("tax"):
@@ -263,6 +265,7 @@ def test_health_refuses_a_node_of_another_network(cluster: Cluster, tmp_path: Pa
     assert "CERTIFICATE_VERIFY_FAILED" in _error_line(result)
 
 
+@pytest.mark.cluster
 def test_health_caught_up_through_restore_and_rolling_restart(cluster: Cluster) -> None:
     """The procedures of docs/deploy.md: a node restored with an empty data folder
     catches up from its peers; a rolling restart, one node at a time, waits for
@@ -326,7 +329,7 @@ def _read_only_namespaces() -> str | None:
     """Why a read-only mount namespace cannot be made here, or None if it can."""
     unshare = shutil.which("unshare")
     if unshare is None or shutil.which("findmnt") is None:
-        return "unshare or findmnt (util-linux) is not installed"
+        return "unshare or findmnt is not installed (Debian package util-linux)"
     probe = subprocess.run([unshare, "-m", "--propagation", "private", "true"],
                            capture_output=True, text=True, timeout=60, check=False)
     if probe.returncode != 0:
@@ -334,6 +337,7 @@ def _read_only_namespaces() -> str | None:
     return None
 
 
+@pytest.mark.cluster
 def test_node_writes_nothing_but_its_data_folder(cluster: Cluster) -> None:
     """A member node started with every file system read-only except node.toml's
     data_dir catches up, commits and applies blocks, and keeps serving."""
@@ -502,7 +506,7 @@ def compose_command() -> list[str]:
     if legacy is not None:
         return [legacy]
     pytest.skip("neither `docker compose` (the docker client's compose plugin) nor "
-                "docker-compose is installed")
+                "docker-compose is installed (Debian package docker-compose)")
 
 
 def test_compose_config_matches_the_ceremony(ceremony: Path) -> None:
@@ -684,7 +688,7 @@ def _systemd_version(tool: str) -> int:
 def test_systemd_analyze_verify_accepts_the_units(ceremony: Path, tmp_path: Path) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
     version = _systemd_version(tool)
     units, _ = installed_units(ceremony, tmp_path)
     instances = [str(units / u.replace("@.", "@tax.")) for u in UNITS]
@@ -761,7 +765,8 @@ def kustomize_command() -> list[str]:
     kustomize = shutil.which("kustomize")
     if kustomize is not None:
         return [kustomize, "build"]
-    pytest.skip("neither kubectl nor kustomize is installed")
+    pytest.skip("neither kubectl (Debian package kubernetes-client) nor kustomize is "
+                "installed")
 
 
 def _mounted_file(container: dict[str, Any], volumes: dict[str, dict[str, Any]],

@@ -14,14 +14,8 @@ from hypothesis import strategies as st
 
 from exchange.cli.main import _register, cli
 from exchange.ledger.block import tx_id
-from exchange.ledger.evidence import (
-    MAGIC,
-    BundleInvalid,
-    build_bundle,
-    decode_bundle,
-    encode_bundle,
-    verify_bundle,
-)
+from exchange.ledger.evidence import MAGIC, BundleInvalid, build_bundle, encode_bundle
+from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 from exchange.ledger.store import BlockStore
 from exchange.v1 import evidence_pb2, ledger_pb2
 from tests.ledger_net import Net, make_net, write_chain
@@ -561,8 +555,8 @@ def _reforged_last_block(bundle: evidence_pb2.EvidenceBundle, store: BlockStore,
 
 
 def test_an_answer_in_chunks_is_checked_against_its_manifest(tmp_path: Path) -> None:
+    from exchange.identity.default_policies import default_policies
     from exchange.ledger.block import RESULT_OK, attest
-    from exchange.ledger.policy import default_policies
     from exchange.ledger.sealing import open_sealed
     from tests.ledger_net import AGENCIES
     from tests.test_queries import (

@@ -24,13 +24,13 @@ from click.testing import CliRunner
 from exchange.cli.main import _register, cli
 from exchange.client import Signer
 from exchange.crossquery import QuerySpec, build_query
+from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME, default_policies
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import RESULT_OK, attest, new_body, seal_envelope, tx_id
 from exchange.ledger.evidence import build_bundle, encode_bundle
 from exchange.ledger.findings import inputs_digest, summary_of
-from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME, default_policies
 from exchange.ledger.queries import CODE_ALREADY_ANSWERED
 from exchange.ledger.report import build_report, render_html
 from exchange.ledger.sealing import canonical_json, canonical_json_lines, seal

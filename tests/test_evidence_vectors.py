@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exchange.ledger.block import RESULT_OK, open_envelope
-from exchange.ledger.evidence import BundleInvalid, decode_bundle, verify_bundle
+from exchange.ledger.evidence import BundleInvalid
+from exchange.ledger.evidence_verify import decode_bundle, verify_bundle
 from tests.test_evidence import _assert_refused_naming, part_map
 
 VECTORS = Path(__file__).resolve().parent.parent / "docs" / "evidence-vectors"

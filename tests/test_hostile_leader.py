@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import grpc
 import pytest
 
-from exchange.client import NotFound, Signer, load_client_profile
+from exchange.client import Signer, load_client_profile
+from exchange.errors import NotFound
 from exchange.identity.config import load_node_config, read_signed_genesis
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, Domain, SigningKey, read_signing_key
@@ -33,7 +34,7 @@ from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 
-pytestmark = pytest.mark.xdist_group("hostile_leader")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("hostile_leader")]
 
 WAIT_S = 60.0
 INVALID_METRIC = "exchange_invalid_blocks_from_leader_total"

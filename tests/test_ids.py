@@ -11,16 +11,8 @@ import click
 import pytest
 
 from exchange.cases.graph import COUNTERPARTY, HOLDS, build_graph
-from exchange.errors import MalformedInput
-from exchange.ids import (
-    AmbiguousId,
-    UnknownId,
-    choose,
-    choose_text,
-    find_transactions,
-    parse_id_prefix,
-    resolve_tx_id,
-)
+from exchange.errors import AmbiguousId, MalformedInput, UnknownId
+from exchange.ids import choose, choose_text, find_transactions, parse_id_prefix, resolve_tx_id
 from exchange.v1 import node_pb2
 from tests.ledger_net import make_net, write_chain
 

@@ -30,12 +30,12 @@ from exchange.identity.config import (
 )
 from exchange.identity.genesis import parse_credential, verify_genesis
 from exchange.identity.keys import read_data_key, read_signing_key
+from exchange.identity.local_network import init_network
 from exchange.identity.network import (
     CREDENTIAL_VALIDITY_MS,
     DEFAULT_AGENCIES,
     AgencyPaths,
     NetworkLayout,
-    init_network,
 )
 from exchange.identity.registry import KeyRegistry
 from exchange.v1 import identity_pb2

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from exchange.client import NotFound, Signer
+from exchange.client import Signer
+from exchange.errors import NotFound
 from exchange.identity.config import load_node_config
 from exchange.ledger.block import tx_id
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2
 
-pytestmark = pytest.mark.xdist_group("leader_omission")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("leader_omission")]
 
 WAIT_S = 60.0
 REFORWARDED = "exchange_transactions_reforwarded_total"

@@ -11,7 +11,7 @@ import pytest
 from exchange.errors import ChainBroken
 from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger.apply import LedgerApplier
-from exchange.ledger.block import build_block, new_body, seal_envelope
+from exchange.ledger.block import BlockInvalid, build_block, new_body, seal_envelope
 from exchange.ledger.judge import CODE_AGENCY, CODE_DUPLICATE, CODE_SIGNER, CODE_TIME
 from exchange.ledger.store import BlockStore
 from exchange.ledger.verify import verify_store
@@ -62,8 +62,9 @@ def test_applier_refuses_block_from_non_member_proposer(net, tmp_path: Path) -> 
     applier = LedgerApplier(BlockStore.create(tmp_path / "s.db", net.signed_genesis))
     rogue = CachedSigner(SigningKey.generate())
     block = applier.cut([probe(net, "tax")], int(time.time() * 1000), rogue, "tax")
-    with pytest.raises(ChainBroken, match="proposer"):
+    with pytest.raises(BlockInvalid, match="proposer") as refused:
         applier.apply(block)
+    assert refused.value.code == ChainBroken.code
     assert applier.store.height == 0
 
 
@@ -72,8 +73,9 @@ def test_applier_refuses_envelope_with_forged_signature(net, tmp_path: Path) -> 
     forged = bytearray(probe(net, "tax"))
     forged[-1] ^= 0xFF  # last byte of the signature
     block = applier.cut([bytes(forged)], int(time.time() * 1000), net.nodes["tax"], "tax")
-    with pytest.raises(ChainBroken, match="envelope 0"):
+    with pytest.raises(BlockInvalid, match="envelope 0") as refused:
         applier.apply(block)
+    assert refused.value.code == ChainBroken.code
     assert applier.store.height == 0
 
 

@@ -15,12 +15,13 @@ import pytest
 
 from agents.generate import _org8, _person_id, _uscc
 from exchange.client import Signer, load_client_profile
-from exchange.errors import ExchangeError
-from exchange.ledger.policy import JOINING_OFFERS, default_policies, describe
+from exchange.errors import CredentialInvalid
+from exchange.identity.default_policies import JOINING_OFFERS, default_policies
+from exchange.ledger.policy import describe
 from exchange.localnet import Cluster
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 
-pytestmark = pytest.mark.xdist_group("membership")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("membership")]
 
 WAIT_S = 60.0
 
@@ -153,8 +154,10 @@ def test_fifth_agency_joins_answers_and_leaves(cluster: Cluster, tmp_path: Path)
     signer = Signer.load(load_client_profile(net / "market" / "profile.toml"), chain_id)
     envelope = signer.make_envelope(lambda body: body.probe.CopyFrom(
         ledger_pb2.Probe(payload=b"after removal")))
-    with cluster.client("tax") as tax, pytest.raises(ExchangeError, match="revoked"):
+    with cluster.client("tax") as tax, \
+            pytest.raises(CredentialInvalid, match="revoked") as refused:
         tax.submit(envelope, wait=True)
+    assert refused.value.code == "CREDENTIAL_INVALID"
     cluster.agencies = tuple(a for a in cluster.agencies if a != "market")
     _probe(cluster, "customs")
     for agency in four:

@@ -31,8 +31,9 @@ import pytest
 
 from agents.generate import _org8, _person_id, _uscc
 from exchange.client import Signer, load_client_profile
-from exchange.errors import ExchangeError
-from exchange.ledger.policy import JOINING_OFFERS, default_policies, describe
+from exchange.errors import CredentialInvalid
+from exchange.identity.default_policies import JOINING_OFFERS, default_policies
+from exchange.ledger.policy import describe
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 from tests.netns import (
     Ack,
@@ -44,7 +45,8 @@ from tests.netns import (
     until,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("netns_membership")]
+pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.slow,
+              pytest.mark.xdist_group("netns_membership")]
 
 _missing = missing_requirement()
 if _missing:
@@ -253,8 +255,9 @@ def test_fifth_agency_joins_under_load_answers_and_is_removed(net: NetnsNetwork)
     signer = Signer.load(profile, net.chain_id)
     envelope = signer.make_envelope(lambda body: body.probe.CopyFrom(
         ledger_pb2.Probe(payload=b"after removal")))
-    with net.client(tax) as c, pytest.raises(ExchangeError, match="revoked") as refused:
+    with net.client(tax) as c, pytest.raises(CredentialInvalid, match="revoked") as refused:
         c.submit(envelope, wait=True)
+    assert refused.value.code == "CREDENTIAL_INVALID"
     # and the members no longer accept its node's certificate
     peer_code = _peer_status_with_node_cert(net, JOINER, tax)
     assert peer_code != grpc.StatusCode.OK

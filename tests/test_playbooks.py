@@ -34,6 +34,7 @@ from exchange.cases.playbooks import (
 from exchange.client import Signer
 from exchange.crossquery import QuerySpec, build_query
 from exchange.errors import MalformedInput
+from exchange.identity.default_policies import default_policies
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner
 from exchange.ledger import playbooks as pb
@@ -41,7 +42,7 @@ from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import RESULT_OK, new_body, seal_envelope, tx_id
 from exchange.ledger.case_export import case_tx_ids
 from exchange.ledger.findings import inputs_digest, summary_of
-from exchange.ledger.policy import COSIGNATURE_REQUIRED, default_policies
+from exchange.ledger.policy import COSIGNATURE_REQUIRED
 from exchange.ledger.sealing import canonical_json, canonical_json_lines, seal
 from exchange.ledger.store import BlockStore
 from exchange.v1 import identity_pb2, ledger_pb2

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from exchange.errors import MalformedInput, PermissionDenied
+from exchange.identity import default_policies as defaults
 from exchange.ledger import policy as pol
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import new_body, seal_envelope
@@ -24,19 +25,19 @@ def _facts(**kw: object) -> pol.QueryFacts:
     base: dict[str, object] = dict(
         requester_agency="tax", requester_roles=frozenset({"analyst"}),
         target_agency="pboc", dataset="accounts", fields=(), case_id="CASE-1",
-        legal_basis=pol.LEGAL_BASIS_TAX_CRIME, shape=SHAPE.QUERY_SHAPE_SUBJECT)
+        legal_basis=defaults.LEGAL_BASIS_TAX_CRIME, shape=SHAPE.QUERY_SHAPE_SUBJECT)
     base.update(kw)
     return pol.QueryFacts(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def book() -> pol.PolicyBook:
-    return pol.PolicyBook.from_genesis(pol.default_policies(AGENCIES))
+    return pol.PolicyBook.from_genesis(defaults.default_policies(AGENCIES))
 
 
 def test_default_policy_allows_an_analyst_within_a_case(book: pol.PolicyBook) -> None:
     decision = book.evaluate(_facts())
-    assert decision.allowed and decision.row_limit == pol.ROW_LIMIT_RECORDS
+    assert decision.allowed and decision.row_limit == defaults.ROW_LIMIT_RECORDS
     assert decision.fields == ("account_no", "holder_kind", "holder_id", "bank", "opened_on")
     assert decision.policy_id == "pboc/accounts"
 
@@ -50,7 +51,7 @@ def test_default_policy_allows_an_analyst_within_a_case(book: pol.PolicyBook) ->
     (dict(dataset="secret_files"), pol.NO_POLICY),
     (dict(requester_agency="pboc"), pol.NOT_GRANTED),
     (dict(shape=SHAPE.QUERY_SHAPE_AGGREGATE), pol.SHAPE_NOT_GRANTED),
-    (dict(queries_last_hour=pol.RATE_PER_HOUR_ANALYST), pol.RATE_LIMITED),
+    (dict(queries_last_hour=defaults.RATE_PER_HOUR_ANALYST), pol.RATE_LIMITED),
 ])
 def test_refusals_name_their_reason(book: pol.PolicyBook, change: dict[str, object],
                                     code: str) -> None:
@@ -69,7 +70,7 @@ def test_catalog_views_are_open_to_automations_without_a_case(book: pol.PolicyBo
     facts = _facts(requester_roles=frozenset({"automation"}), target_agency="customs",
                    dataset="company_trade", case_id="", shape=SHAPE.QUERY_SHAPE_AGGREGATE)
     decision = book.evaluate(facts)
-    assert decision.allowed and decision.row_limit == pol.ROW_LIMIT_AGGREGATE
+    assert decision.allowed and decision.row_limit == defaults.ROW_LIMIT_AGGREGATE
 
 
 def test_only_the_owner_sets_a_policy_and_only_newer_versions(book: pol.PolicyBook) -> None:
@@ -114,13 +115,13 @@ def test_policy_transactions_take_effect_on_the_ledger_only_from_their_owner(
     assert LedgerApplier(store).policies.get("customs", "declarations") == in_force
     assert applier.policies.evaluate(pol.QueryFacts(
         "tax", frozenset({"analyst"}), "customs", "declarations", (), "",
-        pol.LEGAL_BASIS_TAX_CRIME, SHAPE.QUERY_SHAPE_SUBJECT)).allowed
+        defaults.LEGAL_BASIS_TAX_CRIME, SHAPE.QUERY_SHAPE_SUBJECT)).allowed
 
 
 def test_init_writes_the_default_policies_into_genesis(tmp_path: Path) -> None:
     from exchange.identity.config import read_signed_genesis
     from exchange.identity.genesis import verify_genesis
-    from exchange.identity.network import init_network
+    from exchange.identity.local_network import init_network
 
     layout = init_network(tmp_path / "net")
     genesis = verify_genesis(read_signed_genesis(layout.genesis))

@@ -18,21 +18,15 @@ from hypothesis import strategies as st
 from agents.lookup import LookupRequest, request_to_json
 from exchange.client import Signer
 from exchange.crossquery import QuerySpec, build_query, read_answer
-from exchange.errors import ProofInvalid
+from exchange.errors import NotARecipient, ProofInvalid
+from exchange.identity.default_policies import ROW_LIMIT_RECORDS, default_policies
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, Domain, key_id
 from exchange.ledger import queries as qb
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import RESULT_OK, new_body, open_envelope, seal_envelope, tx_id
-from exchange.ledger.policy import (
-    CASE_REQUIRED,
-    COSIGNATURE_REQUIRED,
-    RATE_LIMITED,
-    ROW_LIMIT_RECORDS,
-    default_policies,
-)
+from exchange.ledger.policy import CASE_REQUIRED, COSIGNATURE_REQUIRED, RATE_LIMITED
 from exchange.ledger.sealing import (
-    NotARecipient,
     canonical_json,
     canonical_json_lines,
     open_sealed,

@@ -21,7 +21,7 @@ from exchange.localnet import Cluster
 from exchange.node.server import RETRY_AFTER_KEY
 from exchange.v1 import node_pb2
 
-pytestmark = pytest.mark.xdist_group("rate_limits")
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("rate_limits")]
 
 WAIT_S = 60.0
 

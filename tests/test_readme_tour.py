@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 # what a fresh clone holds that the tour uses; deploy/ is made fresh (init writes into it)
 LINKED = (".venv", "agents", "exchange", "protos", "scripts", "docs", "Makefile",
-          "pyproject.toml", "README.md")
+          "pyproject.toml", "requirements.lock", "README.md")
 COPIED = ("deploy/examples",)
 COMMAND_TIMEOUT_S = 300.0
 

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from exchange.errors import CredentialInvalid, ExchangeError, InvalidSignature, MalformedInput
+from exchange.errors import (
+    CredentialInvalid,
+    InvalidSignature,
+    MalformedInput,
+    UnknownSigner,
+)
 from exchange.identity import ceremony, tls
 from exchange.identity.keys import DataKey, Domain, SigningKey
 from exchange.identity.network import AgencyMaterial
@@ -188,8 +193,9 @@ def test_node_key_rotation_keeps_the_old_key_for_a_grace_period(net: Net) -> Non
         net.registry.node_key_at("police", new.key_id, 50)
     assert net.registry.node_key_at("police", new.key_id, 51)
     # another agency's node key is never accepted for police
-    with pytest.raises(ExchangeError):
+    with pytest.raises(UnknownSigner) as refused:
         net.registry.node_key_at("police", net.materials["tax"].node_key.key_id, 51)
+    assert refused.value.code == "UNKNOWN_SIGNER"
 
 
 def test_certificate_rotation_revokes_every_other_node_certificate(net: Net) -> None:

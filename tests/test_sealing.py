@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exchange.errors import MalformedInput, Oversize, ProofInvalid
+from exchange.errors import MalformedInput, NotARecipient, Oversize, ProofInvalid
 from exchange.identity.keys import DataKey, key_id
 from exchange.ledger.sealing import (
     PLAINTEXT_BYTES_MAX,
-    NotARecipient,
     canonical_json,
     canonical_json_lines,
     check_sealed_form,

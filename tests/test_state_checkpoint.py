@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from exchange.errors import ExchangeError, StoreCorrupted
+from exchange.errors import StoreCorrupted
+from exchange.identity.default_policies import default_policies
 from exchange.identity.genesis import verify_genesis
 from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger import state as ledger_state
 from exchange.ledger.apply import LedgerApplier, rebuild_state
-from exchange.ledger.block import RESULT_OK, new_body, seal_envelope
+from exchange.ledger.block import RESULT_OK, BlockInvalid, new_body, seal_envelope
 from exchange.ledger.checkpoint import load_state, state_digest
-from exchange.ledger.policy import default_policies
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2
 from tests.ledger_net import AGENCIES, Net, make_net, probe
@@ -204,7 +204,7 @@ def test_block_and_state_are_written_in_one_transaction(net: Net, tmp_path: Path
                    "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     db.close()
     block = led.applier.cut([probe(net, "police")], led.now_ms, net.nodes["tax"], "tax")
-    with pytest.raises((sqlite3.Error, ExchangeError)):
+    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
         led.applier.apply(block)
     led.applier.store.close()
     with BlockStore.create(tmp_path / "blocks.db", net.signed_genesis) as store:
@@ -270,8 +270,9 @@ def test_no_state_is_stored_after_a_batch_failed_midway(net: Net, tmp_path: Path
     broken = ledger_pb2.Block()
     broken.CopyFrom(good)
     broken.proposer_signature = bytes(64)
-    with pytest.raises(ExchangeError):
+    with pytest.raises(BlockInvalid) as refused:
         led.applier.apply_many([(good, None), (broken, None)])
+    assert refused.value.code == "CHAIN_BROKEN"
     # the first block of the batch was judged, nothing was stored: the state is ahead
     with pytest.raises(StoreCorrupted, match="not the stored blocks'"):
         led.applier.write_checkpoint()

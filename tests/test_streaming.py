@@ -224,7 +224,7 @@ def test_a_large_findings_run_streams_in_slices_that_put_back_together() -> None
     assert all(len(p.findings) <= FINDINGS_PER_MESSAGE for p in parts)
     merged = merge_run_parts([*parts, *_run_parts(small)])
     assert merged == [run, small]
-    from exchange.client import NodeError
+    from exchange.errors import NodeError
 
     with pytest.raises(NodeError, match="out of order"):
         merge_run_parts([parts[0], parts[2]])

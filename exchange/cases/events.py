@@ -92,68 +92,101 @@ def block_events(height: int, time_ms: int,
         if code != "OK":
             continue
         kind = body.WhichOneof("kind")
-        tx = txid.hex()
+        at = (height, time_ms, txid.hex())
         if kind == "findings":
-            f = body.findings
-            lines = source.finding_lines(txid, f)
-            parties = frozenset(source.finding_parties(txid, f))
-            scope = run_case(bytes(f.parameters))
-            summaries = (source.finding_summaries(txid, f) if f.chunk_tx_ids
-                         else [(s.finding_id, s.severity) for s in f.findings])
-            for index, (finding_id, severity) in enumerate(summaries):
-                data: dict[str, Any] = {
-                    "finding": finding_id, "severity": severity,
-                    "rule": f.rule_id, "period": f.period, "owner": body.agency, "run": tx}
-                if scope:
-                    data["case"] = scope
-                line = lines.get(index)
-                if line is not None:
-                    data["subject"] = line.get("subject")
-                    data["amount"] = line.get("amount")
-                out.append(Event(f"{tx}/{finding_id}", "finding", height, time_ms, tx,
-                                 data, parties))
+            out.extend(_finding_events(at, txid, body, source))
         elif kind == "case_event":
-            ev = body.case_event
-            opener = source.case_opener(ev.case_id) or body.agency
-            data = {"case": ev.case_id, "action": ev.action, "agency": body.agency,
-                    "reason": ev.reason}
-            if ev.finding_id:
-                data.update(finding=ev.finding_id, run=bytes(ev.ref_tx_id).hex())
-            elif ev.ref_tx_id:
-                data["ref"] = bytes(ev.ref_tx_id).hex()
-            step = parse_step_ref(ev.playbook_id)
-            if step is not None:
-                data.update(playbook=step.digest.hex(), step=step.step_key,
-                            for_finding=step.finding_id)
-            out.append(Event(tx, "case", height, time_ms, tx, data,
-                             frozenset({opener, body.agency})))
+            out.append(_case_event(at, body, source))
         elif kind == "query" and body.query.case_id:
-            q = body.query
-            data = {"case": q.case_id, "from": body.agency, "to": q.target_agency,
-                    "dataset": q.dataset, "purpose": q.purpose}
-            step = parse_step_ref(q.on_behalf_of)
-            if step is not None:
-                data.update(playbook=step.digest.hex(), step=step.step_key,
-                            for_finding=step.finding_id)
-            elif q.on_behalf_of:
-                data["rule"] = q.on_behalf_of
-            out.append(Event(tx, "query", height, time_ms, tx, data,
-                             frozenset({body.agency, q.target_agency})))
+            out.append(_query_event(at, body))
         elif kind in ("answer_manifest", "refusal"):
-            outcome = getattr(body, kind)
-            facts = source.query_facts(bytes(outcome.query_tx_id))
-            if facts is None or not facts.case_id:
-                continue
-            data = {"case": facts.case_id, "query": bytes(outcome.query_tx_id).hex(),
-                    "from": facts.target, "to": facts.requester, "dataset": facts.dataset}
-            if kind == "answer_manifest":
-                data["rows"] = int(outcome.row_count)
-            else:
-                data.update(code=outcome.code, reason=outcome.reason)
-            out.append(Event(tx, "answer" if kind == "answer_manifest" else "refusal",
-                             height, time_ms, tx, data,
-                             frozenset({facts.requester, facts.target})))
+            event = _outcome_event(at, body, kind, source)
+            if event is not None:
+                out.append(event)
     return out
+
+
+# Where an event happened: (height, block time in ms, tx id in hex).
+_At = tuple[int, int, str]
+
+
+def _finding_events(at: _At, txid: bytes, body: ledger_pb2.TxBody,
+                    source: EventSource) -> list[Event]:
+    """One event per finding of a run, with its subject and amount where the run's
+    lines are open to this node."""
+    height, time_ms, tx = at
+    f = body.findings
+    lines = source.finding_lines(txid, f)
+    parties = frozenset(source.finding_parties(txid, f))
+    scope = run_case(bytes(f.parameters))
+    summaries = (source.finding_summaries(txid, f) if f.chunk_tx_ids
+                 else [(s.finding_id, s.severity) for s in f.findings])
+    out = []
+    for index, (finding_id, severity) in enumerate(summaries):
+        data: dict[str, Any] = {
+            "finding": finding_id, "severity": severity,
+            "rule": f.rule_id, "period": f.period, "owner": body.agency, "run": tx}
+        if scope:
+            data["case"] = scope
+        line = lines.get(index)
+        if line is not None:
+            data["subject"] = line.get("subject")
+            data["amount"] = line.get("amount")
+        out.append(Event(f"{tx}/{finding_id}", "finding", height, time_ms, tx, data,
+                         parties))
+    return out
+
+
+def _case_event(at: _At, body: ledger_pb2.TxBody, source: EventSource) -> Event:
+    height, time_ms, tx = at
+    ev = body.case_event
+    opener = source.case_opener(ev.case_id) or body.agency
+    data: dict[str, Any] = {"case": ev.case_id, "action": ev.action, "agency": body.agency,
+                            "reason": ev.reason}
+    if ev.finding_id:
+        data.update(finding=ev.finding_id, run=bytes(ev.ref_tx_id).hex())
+    elif ev.ref_tx_id:
+        data["ref"] = bytes(ev.ref_tx_id).hex()
+    step = parse_step_ref(ev.playbook_id)
+    if step is not None:
+        data.update(playbook=step.digest.hex(), step=step.step_key,
+                    for_finding=step.finding_id)
+    return Event(tx, "case", height, time_ms, tx, data, frozenset({opener, body.agency}))
+
+
+def _query_event(at: _At, body: ledger_pb2.TxBody) -> Event:
+    height, time_ms, tx = at
+    q = body.query
+    data: dict[str, Any] = {"case": q.case_id, "from": body.agency, "to": q.target_agency,
+                            "dataset": q.dataset, "purpose": q.purpose}
+    step = parse_step_ref(q.on_behalf_of)
+    if step is not None:
+        data.update(playbook=step.digest.hex(), step=step.step_key,
+                    for_finding=step.finding_id)
+    elif q.on_behalf_of:
+        data["rule"] = q.on_behalf_of
+    return Event(tx, "query", height, time_ms, tx, data,
+                 frozenset({body.agency, q.target_agency}))
+
+
+def _outcome_event(at: _At, body: ledger_pb2.TxBody, kind: str,
+                   source: EventSource) -> Event | None:
+    """An answer or refusal of a query asked within a case (None for one without)."""
+    height, time_ms, tx = at
+    outcome = getattr(body, kind)
+    facts = source.query_facts(bytes(outcome.query_tx_id))
+    if facts is None or not facts.case_id:
+        return None
+    data: dict[str, Any] = {"case": facts.case_id,
+                            "query": bytes(outcome.query_tx_id).hex(),
+                            "from": facts.target, "to": facts.requester,
+                            "dataset": facts.dataset}
+    if kind == "answer_manifest":
+        data["rows"] = int(outcome.row_count)
+    else:
+        data.update(code=outcome.code, reason=outcome.reason)
+    return Event(tx, "answer" if kind == "answer_manifest" else "refusal", height, time_ms,
+                 tx, data, frozenset({facts.requester, facts.target}))
 
 
 def wanted(event: Event, case_id: str = "", severity: str = "") -> bool:

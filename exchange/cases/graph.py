@@ -96,42 +96,70 @@ def build_graph(subjects: Iterable[str],
                 n = g.node(kind, part)
                 if n.id not in g.roots:
                     g.roots.append(n.id)
-    records: dict[str, list[str]] = defaultdict(list)
-    flows: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 2)
-    declared: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 3)
+    seen = _Sums()
     for dataset, rows in answers:
         for row in rows:
-            if dataset in ("taxpayers", "active_legal_reps") and row.get("uscc"):
-                company = g.node(COMPANY, str(row["uscc"]))
-                if row.get("name"):
-                    company.notes["name"] = str(row["name"])
-                if row.get("status"):
-                    company.notes["status"] = str(row["status"])
-                if row.get("legal_rep_id"):
-                    g.link(company, LEGAL_REP, g.node(PERSON, str(row["legal_rep_id"])))
-            elif dataset == "accounts" and row.get("account_no"):
-                holder = _holder(str(row.get("holder_kind", "")), str(row.get("holder_id", "")))
-                account = g.node(ACCOUNT, str(row["account_no"]))
-                if row.get("bank"):
-                    account.notes["bank"] = str(row["bank"])
-                if holder is not None:
-                    g.link(g.node(*holder), HOLDS, account)
-            elif dataset == "transactions" and row.get("account_no") and \
-                    row.get("counterparty_account"):
-                key = (str(row["account_no"]), str(row["counterparty_account"]))
-                amount = Decimal(str(row.get("amount_cny") or 0))
-                flows[key][0 if row.get("direction") == "in" else 1] += amount
-            elif dataset == "persons" and row.get("person_id"):
-                person = g.node(PERSON, str(row["person_id"]))
-                if row.get("name"):
-                    person.notes["name"] = str(row["name"])
-            elif dataset == "records" and row.get("person_id"):
-                records[str(row["person_id"])].append(str(row.get("kind", "record")))
-            elif dataset == "declarations" and row.get("uscc"):
-                sums = declared[str(row["uscc"])]
-                sums[0] += 1
-                value = Decimal(str(row.get("declared_value_cny") or 0))
-                sums[1 if row.get("direction") == "export" else 2] += value
+            _add_row(g, seen, dataset, row)
+    _link_flows(g, seen.flows)
+    for person_id, kinds in seen.records.items():
+        g.node(PERSON, person_id).notes["police records"] = ", ".join(sorted(kinds))
+    for uscc, (count, exports, imports) in seen.declared.items():
+        g.node(COMPANY, uscc).notes["customs"] = (
+            f"{count} declarations, exports {exports:.2f} CNY, imports {imports:.2f} CNY")
+    return g
+
+
+@dataclass
+class _Sums:
+    """What the answers' rows add up to before it becomes notes and edges: police
+    record kinds by person, money in and out by (account, counterparty), customs
+    declarations (count, exports, imports) by company."""
+
+    records: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    flows: dict[tuple[str, str], list[Decimal]] = field(
+        default_factory=lambda: defaultdict(lambda: [Decimal(0)] * 2))
+    declared: dict[str, list[Decimal]] = field(
+        default_factory=lambda: defaultdict(lambda: [Decimal(0)] * 3))
+
+
+def _add_row(g: CaseGraph, seen: _Sums, dataset: str, row: Mapping[str, Any]) -> None:
+    """One answer row: nodes, notes and edges it names, or sums for later."""
+    if dataset in ("taxpayers", "active_legal_reps") and row.get("uscc"):
+        company = g.node(COMPANY, str(row["uscc"]))
+        if row.get("name"):
+            company.notes["name"] = str(row["name"])
+        if row.get("status"):
+            company.notes["status"] = str(row["status"])
+        if row.get("legal_rep_id"):
+            g.link(company, LEGAL_REP, g.node(PERSON, str(row["legal_rep_id"])))
+    elif dataset == "accounts" and row.get("account_no"):
+        holder = _holder(str(row.get("holder_kind", "")), str(row.get("holder_id", "")))
+        account = g.node(ACCOUNT, str(row["account_no"]))
+        if row.get("bank"):
+            account.notes["bank"] = str(row["bank"])
+        if holder is not None:
+            g.link(g.node(*holder), HOLDS, account)
+    elif dataset == "transactions" and row.get("account_no") and \
+            row.get("counterparty_account"):
+        key = (str(row["account_no"]), str(row["counterparty_account"]))
+        amount = Decimal(str(row.get("amount_cny") or 0))
+        seen.flows[key][0 if row.get("direction") == "in" else 1] += amount
+    elif dataset == "persons" and row.get("person_id"):
+        person = g.node(PERSON, str(row["person_id"]))
+        if row.get("name"):
+            person.notes["name"] = str(row["name"])
+    elif dataset == "records" and row.get("person_id"):
+        seen.records[str(row["person_id"])].append(str(row.get("kind", "record")))
+    elif dataset == "declarations" and row.get("uscc"):
+        sums = seen.declared[str(row["uscc"])]
+        sums[0] += 1
+        value = Decimal(str(row.get("declared_value_cny") or 0))
+        sums[1 if row.get("direction") == "export" else 2] += value
+
+
+def _link_flows(g: CaseGraph, flows: Mapping[tuple[str, str], list[Decimal]]) -> None:
+    """Counterparty edges between accounts, with the money in and out; transfers
+    between one holder's own accounts are a note on the account instead."""
     holders: dict[str, set[str]] = defaultdict(set)
     for (source, relation, target) in g.edges:
         if relation == HOLDS:
@@ -154,12 +182,6 @@ def build_graph(subjects: Iterable[str],
             edge.notes["in"] = f"{inflow:.2f} CNY"
         if outflow:
             edge.notes["out"] = f"{outflow:.2f} CNY"
-    for person_id, kinds in records.items():
-        g.node(PERSON, person_id).notes["police records"] = ", ".join(sorted(kinds))
-    for uscc, (count, exports, imports) in declared.items():
-        g.node(COMPANY, uscc).notes["customs"] = (
-            f"{count} declarations, exports {exports:.2f} CNY, imports {imports:.2f} CNY")
-    return g
 
 
 def label(node: Node) -> str:

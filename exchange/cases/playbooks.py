@@ -28,16 +28,19 @@ import yaml
 from agents import AGENCIES, datasets_of, views_of
 from agents.common.schema import Kind
 from agents.lookup import PRINCIPAL_DATES, lookup_keys
-from exchange.compare.rules import (
-    SEVERITIES,
-    RuleError,
+from exchange.compare.rule_file import load_rule, rules_dir
+from exchange.compare.rules import SEVERITIES
+from exchange.ledger.sealing import canonical_json
+from exchange.specfile import (
+    TAG_BOOL,
+    TAG_FLOAT,
+    TAG_INT,
+    TAG_STR,
+    SpecError,
     StrictYaml,
     compose_yaml,
-    load_rule,
     read_checked_file,
-    rules_dir,
 )
-from exchange.ledger.sealing import canonical_json
 
 PLAYBOOK_FILE_SUFFIX = ".yaml"
 PLAYBOOK_FILE_BYTES_MAX = 64 * 1024
@@ -70,14 +73,9 @@ _ID_SHAPE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _NAME_SHAPE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _PREFIX_SHAPE = re.compile(r"[A-Z][A-Z0-9-]{0,23}")
 _REF_SHAPE = re.compile(r"(?:([a-z][a-z0-9_]{0,63})=)?([a-z][a-z0-9_]{0,63})\.([a-z][a-z0-9_]{0,63})")
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
-_BOOL = "tag:yaml.org,2002:bool"
-_NULL = "tag:yaml.org,2002:null"
 
 
-class PlaybookError(RuleError):
+class PlaybookError(SpecError):
     """A playbook file that is not a valid playbook: the message names the file and,
     where one is known, the line."""
 
@@ -290,7 +288,7 @@ class _Parser(StrictYaml):
         if _ID_SHAPE.fullmatch(playbook_id) is None:
             raise self.error(top["id"], f"id {playbook_id!r} is not a playbook id (lower-case "
                              "letters, digits and -, at most 64)")
-        version = self.scalar(top["version"], _INT, "version", "an integer")
+        version = self.scalar(top["version"], TAG_INT, "version", "an integer")
         if not 1 <= version <= VERSION_MAX:
             raise self.error(top["version"], f"version must be between 1 and {VERSION_MAX}")
         owner = self.choice(top["owner"], "owner", AGENCIES)
@@ -328,7 +326,7 @@ class _Parser(StrictYaml):
         amount = self.amount(spec["amount_min"]) if "amount_min" in spec else None
         open_cases = False
         if "open_cases" in spec:
-            open_cases = bool(self.scalar(spec["open_cases"], _BOOL, "trigger: open_cases",
+            open_cases = bool(self.scalar(spec["open_cases"], TAG_BOOL, "trigger: open_cases",
                                           "true or false"))
         if not rules and not open_cases:
             raise self.error(node, "trigger: name rules, or set open_cases: true, or both")
@@ -336,7 +334,7 @@ class _Parser(StrictYaml):
 
     def amount(self, node: yaml.Node) -> Decimal:
         what = "trigger: amount_min"
-        if not isinstance(node, yaml.ScalarNode) or node.tag not in (_INT, _FLOAT, _STR):
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in (TAG_INT, TAG_FLOAT, TAG_STR):
             raise self.error(node, f"{what} must be an amount in CNY, as 1000000 or "
                              "\"1000000.00\"")
         try:
@@ -525,7 +523,7 @@ class _Parser(StrictYaml):
                                  "months out")
             values: list[int] = []
             for item in self.sequence(spec["months"], f"rule {rule_id}: months"):
-                value = self.scalar(item, _INT, f"rule {rule_id}: a month offset",
+                value = self.scalar(item, TAG_INT, f"rule {rule_id}: a month offset",
                                     "an integer")
                 if not -MONTHS_BACK_MAX <= value <= 0:
                     raise self.error(item, f"rule {rule_id}: a month offset is 0 (the "

@@ -17,6 +17,10 @@ the agency's playbooks), and at most `follow_ups_per_hour_per_agency` per target
 in any hour (counted from the ledger, so a restart does not reset it); a job that meets
 the hourly bound waits for the next round. A follow-up the target refuses is on the
 ledger as a refusal; the playbook goes on with its other steps.
+
+Over 600 lines on purpose: one `PlaybookRunner` whose step methods share the round's
+state (the spool, the hourly budget, the open cases); split apart they would pass it
+all around.
 """
 
 from __future__ import annotations
@@ -43,14 +47,23 @@ from exchange.cases.playbooks import (
     Playbook,
     QueryStep,
     RuleStep,
+    load_playbooks,
 )
-from exchange.client import ExchangeClient, NotFound, Signer
+from exchange.client import ExchangeClient, Signer
 from exchange.compare.duck import RuleLimits
+from exchange.compare.jobs import Runner as JobsRunner
 from exchange.crossquery import QuerySpec, build_query, read_answer
-from exchange.errors import ExchangeError, TimeOutOfWindow
+from exchange.errors import (
+    Conflict,
+    ExchangeError,
+    MalformedInput,
+    NotAvailable,
+    NotFound,
+    TimeOutOfWindow,
+)
+from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.block import tx_id
 from exchange.ledger.playbooks import CODE_STEP_DONE, parse_step_ref, step_ref
-from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 log = structlog.get_logger("exchange.playbooks")
@@ -62,12 +75,12 @@ CASE_HASH_CHARS = 12
 Progress = Callable[[str], None]
 
 
-class Deferred(ExchangeError):
+class Deferred(NotAvailable):
     """A job that cannot go on now (a bound reached, an answer not in yet, no leader):
     it resumes in a later round, from the ledger and the spool."""
 
 
-class CaseClosed(ExchangeError):
+class CaseClosed(Conflict):
     """The case a job works on was closed (by its agency's people): the job ends there."""
 
 
@@ -662,7 +675,7 @@ class PlaybookRunner:
         """The owner's rule files, read once per runner."""
         with self._lock:
             if self._rule_files is None:
-                from exchange.compare.rules import load_rules
+                from exchange.compare.rule_file import load_rules
 
                 self._rule_files = {r.id: r for r in load_rules(self.agency)}
             return self._rule_files
@@ -686,3 +699,27 @@ class PlaybookRunner:
             self._steps[ref] = node_pb2.PlaybookStepView(ref=ref, tx_id=txid, kind="notify",
                                                          case_id=case_id)
             report.steps["notify"] += 1
+
+
+def playbooks_for_jobs(jobs: JobsRunner, base: Path) -> PlaybookRunner | None:
+    """The playbook runner of a jobs runner (exchange.compare.jobs), with its client,
+    signer and settings: its agency's playbooks, those the jobs config names if it
+    names any (None when there are none to run). Passed to the jobs Runner by whoever
+    builds it, since cases builds on compare and not the other way round."""
+    config = jobs.config
+    playbooks = load_playbooks(jobs.agency)
+    if config.playbooks:
+        missing = set(config.playbooks) - {p.id for p in playbooks}
+        if missing:
+            raise MalformedInput(f"{jobs.agency} has no playbook(s) "
+                                 f"{', '.join(sorted(missing))}")
+        playbooks = [p for p in playbooks if p.id in config.playbooks]
+    if not playbooks:
+        return None
+    settings = PlaybookSettings(
+        spool=config.spool_path(base, jobs.agency),
+        follow_ups_per_finding_max=config.follow_ups_per_finding_max,
+        follow_ups_per_hour_per_agency=config.follow_ups_per_hour_per_agency,
+        workers=config.playbook_workers, rule_limits=config.rule_limits)
+    return PlaybookRunner(jobs.client, jobs.signer, jobs.genesis, playbooks, settings,
+                          jobs.progress)

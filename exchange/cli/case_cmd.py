@@ -11,7 +11,8 @@ import click
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import ExchangeClient, Signer, load_genesis
-from exchange.ids import UnknownId, choose_text
+from exchange.errors import UnknownId
+from exchange.ids import choose_text
 from exchange.v1 import ledger_pb2, node_pb2
 
 

@@ -16,8 +16,8 @@ import click
 
 from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import emit_json
-from exchange.client import NodeError, NodeTimeout, NodeUnavailable, Signer, chain_id_for
-from exchange.errors import MalformedInput, WrongChain
+from exchange.client import Signer, chain_id_for
+from exchange.errors import MalformedInput, NodeError, NodeTimeout, NodeUnavailable, WrongChain
 from exchange.perf import ENVELOPE_BYTES, LOAD_LEVELS, LoadLevel, LoadResult, judge, run_load
 
 EXIT_FAIL = 1

@@ -19,7 +19,7 @@ from exchange.v1 import ledger_pb2, node_pb2
 
 def _rule(spec: str, agency: str):  # type: ignore[no-untyped-def]
     """A rule by file path, or by id among the agency's rule files."""
-    from exchange.compare.rules import load_rule, load_rules
+    from exchange.compare.rule_file import load_rule, load_rules
 
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -65,7 +65,7 @@ def rules() -> None:
 def rules_list(agency: str, profile_option: str | None, timeout_s: float,
                as_json: bool) -> None:
     """The rules registered on the ledger, and the local rule files beside them."""
-    from exchange.compare.rules import load_rules
+    from exchange.compare.rule_file import load_rules
 
     _, client = connect(profile_option, timeout_s)
     with client:
@@ -376,6 +376,7 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
     the logs go to stderr."""
     import structlog
 
+    from exchange.cases.runner import playbooks_for_jobs
     from exchange.compare.jobs import JobsConfig, RoundReport, Runner
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
@@ -387,7 +388,7 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
         status = Status("starting", console=console)
         status.start()
     runner = Runner(config, progress=(lambda msg: status.update(msg)) if status else None,
-                    base=config_path.parent)
+                    base=config_path.parent, playbooks=playbooks_for_jobs)
     done = [0]
 
     def show(report: RoundReport) -> None:

@@ -23,7 +23,7 @@ from exchange.identity.genesis import issue_credential
 from exchange.identity.keys import CachedSigner, SigningKey, read_signing_key, write_private
 from exchange.identity.network import AgencyPaths, passphrase_from_env, write_public
 from exchange.ids import choose, parse_id_prefix
-from exchange.v1 import ledger_pb2, node_pb2
+from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 
 KEY_ID_BYTES = 16
 VALID_DAYS_MAX = 3 * 366
@@ -101,20 +101,8 @@ def issue(agency_dir: Path, subject: str, roles: str, valid_days: int,
     under analysts/) and put its credential, signed by the agency root, on the ledger;
     it may sign from the next block on. --profile names the node to submit through
     (any identity of the agency, e.g. its supervisor)."""
-    if not SUBJECT_PATTERN.match(subject):
-        raise MalformedInput(f"subject {subject!r}: a lowercase letter, then up to 39 of "
-                             "a-z, 0-9, '-'")
-    role_list = sorted({r.strip() for r in roles.split(",") if r.strip()})
-    unknown = [r for r in role_list if r not in ROLES]
-    if not role_list or unknown:
-        raise MalformedInput(f"--roles {roles!r}: each one of {', '.join(ROLES)}")
     paths = AgencyPaths(agency_dir)
-    targets = [paths.signing_key(subject), paths.credential(subject),
-               paths.client_cert(subject), paths.client_key(subject),
-               paths.subject_profile(subject)]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        raise AlreadyExists(f"{subject} already has files: {', '.join(existing)}")
+    role_list = _new_identity(paths, subject, roles)
     profile_path, client = connect(profile_option, timeout_s)
     with client:
         agency = client.profile.agency
@@ -140,16 +128,8 @@ def issue(agency_dir: Path, subject: str, roles: str, valid_days: int,
         signed = issue_credential(chain_id, agency, subject, key.public_key, role_list,
                                   now_ms, now_ms + valid_days * DAY_MS, root,
                                   tls.public_key_sha256(client_tls.certificate))
-        passphrase = passphrase_from_env(passphrase_env)
-        write_private(paths.signing_key(subject), key.to_pem(passphrase))
-        write_public(paths.credential(subject), signed.SerializeToString(deterministic=True))
-        tls.write_identity(client_tls, paths.client_cert(subject), paths.client_key(subject))
-        write_profile(paths.subject_profile(subject), Profile(
-            agency=agency, subject=subject, node=client.profile.node,
-            tls_cert=paths.client_cert(subject), tls_key=paths.client_key(subject),
-            ca_bundle=paths.ca_cert, signing_key=paths.signing_key(subject),
-            credential=paths.credential(subject), passphrase_env=passphrase_env,
-            server_name=client.profile.server_name))
+        _write_identity(paths, subject, key, signed, client_tls, passphrase_env,
+                        client.profile)
         signer = Signer(agency, "root", chain_id, CachedSigner(root))
         envelope = signer.make_envelope(lambda body: body.credential_issue.CopyFrom(
             ledger_pb2.CredentialIssue(
@@ -167,6 +147,42 @@ def issue(agency_dir: Path, subject: str, roles: str, valid_days: int,
         console.print(f"issued {agency}/{subject} ({','.join(role_list)}) key "
                       f"{key.key_id.hex()} at height {result.height}; profile "
                       f"{paths.subject_profile(subject)}")
+
+
+def _new_identity(paths: AgencyPaths, subject: str, roles: str) -> list[str]:
+    """The roles of a new identity `subject`, refused when the subject or a role is not
+    valid or the subject has files already."""
+    if not SUBJECT_PATTERN.match(subject):
+        raise MalformedInput(f"subject {subject!r}: a lowercase letter, then up to 39 of "
+                             "a-z, 0-9, '-'")
+    role_list = sorted({r.strip() for r in roles.split(",") if r.strip()})
+    unknown = [r for r in role_list if r not in ROLES]
+    if not role_list or unknown:
+        raise MalformedInput(f"--roles {roles!r}: each one of {', '.join(ROLES)}")
+    targets = [paths.signing_key(subject), paths.credential(subject),
+               paths.client_cert(subject), paths.client_key(subject),
+               paths.subject_profile(subject)]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        raise AlreadyExists(f"{subject} already has files: {', '.join(existing)}")
+    return role_list
+
+
+def _write_identity(paths: AgencyPaths, subject: str, key: SigningKey,
+                    signed: identity_pb2.SignedCredential, client_tls: tls.TlsIdentity,
+                    passphrase_env: str | None, via: Profile) -> None:
+    """The new identity's files: signing key, credential, TLS client certificate and
+    key, and a profile that talks to the node `via` does."""
+    passphrase = passphrase_from_env(passphrase_env)
+    write_private(paths.signing_key(subject), key.to_pem(passphrase))
+    write_public(paths.credential(subject), signed.SerializeToString(deterministic=True))
+    tls.write_identity(client_tls, paths.client_cert(subject), paths.client_key(subject))
+    write_profile(paths.subject_profile(subject), Profile(
+        agency=via.agency, subject=subject, node=via.node,
+        tls_cert=paths.client_cert(subject), tls_key=paths.client_key(subject),
+        ca_bundle=paths.ca_cert, signing_key=paths.signing_key(subject),
+        credential=paths.credential(subject), passphrase_env=passphrase_env,
+        server_name=via.server_name))
 
 
 @credential.command("revoke")

@@ -11,13 +11,8 @@ import click
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.errors import MalformedInput
 from exchange.ids import resolve_tx_id
-from exchange.ledger.evidence import (
-    BundleInvalid,
-    add_case_statements,
-    build_bundle,
-    encode_bundle,
-    verify_bundle,
-)
+from exchange.ledger.evidence import BundleInvalid, add_case_statements, build_bundle, encode_bundle
+from exchange.ledger.evidence_verify import verify_bundle
 from exchange.ledger.store import BlockStore
 
 
@@ -69,7 +64,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
         # a case id's beginning, resolved by the node the statements are asked of
         from exchange.cli.case_cmd import resolve_case_id
         from exchange.cli.node_cmds import connect
-        from exchange.ids import UnknownId
+        from exchange.errors import UnknownId
 
         _, client = connect(profile_option, 30.0)
         with client, contextlib.suppress(UnknownId):

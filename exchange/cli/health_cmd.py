@@ -33,7 +33,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exchange.client import map_rpc_error
-from exchange.errors import ExchangeError
+from exchange.errors import NotAvailable
 from exchange.identity.config import NodeConfig, format_address, load_node_config, parse_address
 from exchange.identity.tls import load_certificate
 from exchange.v1 import node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
@@ -48,7 +48,7 @@ LIVE_ROLES = ("leader", "follower")
 _ANY_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-class NodeUnhealthy(ExchangeError):
+class NodeUnhealthy(NotAvailable):
     """The node answered, but not SERVING, or not caught up with the network."""
 
     code = "NODE_UNHEALTHY"

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from exchange.cli.output import emit_json
-from exchange.identity.network import DEFAULT_AGENCIES, init_network
+from exchange.identity.local_network import init_network
+from exchange.identity.network import DEFAULT_AGENCIES
 
 
 def _agency_list(text: str) -> list[str]:

@@ -24,6 +24,7 @@ from exchange.cli.output import emit_json
 from exchange.client import ExchangeClient, Signer
 from exchange.errors import MalformedInput
 from exchange.identity import ceremony, tls
+from exchange.identity.config import next_path
 from exchange.identity.keys import (
     CachedSigner,
     DataKey,
@@ -34,7 +35,6 @@ from exchange.identity.keys import (
 )
 from exchange.identity.network import AgencyPaths, passphrase_from_env, write_public
 from exchange.identity.registry import membership_change_statement
-from exchange.node.tls_state import next_path
 from exchange.v1 import ledger_pb2
 
 CHANGE_BYTES_MAX = 64 * 1024

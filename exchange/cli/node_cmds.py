@@ -19,7 +19,6 @@ from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import (
     DEADLINE_S_DEFAULT,
     ExchangeClient,
-    NodeError,
     Signer,
     TxCheck,
     attestation_valid,
@@ -31,11 +30,11 @@ from exchange.client import (
     resolve_profile_path,
     signer_name,
 )
-from exchange.errors import MalformedInput, ProofInvalid
+from exchange.errors import MalformedInput, NodeError, ProofInvalid
 from exchange.identity.registry import KeyRegistry
 from exchange.ids import resolve_tx_id
 from exchange.ledger.block import RESULT_OK, block_hash, parse_header, results_root, tx_id
-from exchange.ledger.evidence import summarize
+from exchange.ledger.evidence_verify import summarize
 from exchange.ledger.merkle import root as merkle_root
 from exchange.v1 import ledger_pb2, node_pb2
 

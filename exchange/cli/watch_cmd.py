@@ -12,8 +12,8 @@ import click
 
 from exchange.cases.events import QueryFacts, block_events, line_of, wanted
 from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
-from exchange.client import ExchangeClient, NotFound
-from exchange.errors import ExchangeError
+from exchange.client import ExchangeClient
+from exchange.errors import ExchangeError, NotFound
 from exchange.ledger.block import RESULT_OK, parse_header, results_root, tx_id
 from exchange.v1 import ledger_pb2, node_pb2
 
@@ -120,7 +120,7 @@ def watch(case_id: str, severity: str | None, from_height: int, until_height: in
     with client:
         if case_id:
             from exchange.cli.case_cmd import resolve_case_id
-            from exchange.ids import UnknownId
+            from exchange.errors import UnknownId
 
             with contextlib.suppress(UnknownId):  # a case not opened yet is watched for
                 case_id = resolve_case_id(client, case_id)

@@ -1,7 +1,7 @@
-"""The comparison engine: rule files (`rules`), the pure DuckDB run of a rule over its
-inputs (`engine`), gathering a rule's inputs from local stores (`local`, for tests,
-benchmarks and a verifier; a node asks the other agencies over the network instead) and
-the benchmark (`bench`).
+"""The comparison engine: rules (`rules`) and reading their files (`rule_file`), the
+pure DuckDB run of a rule over its inputs (`engine`), gathering a rule's inputs from
+local stores (`local`, for tests, benchmarks and a verifier; a node asks the other
+agencies over the network instead) and the benchmark (`bench`).
 
     rule = load_rule(Path("agents/tax/rules/export-rebate-without-exports.yaml"))
     plan = rule.plan({"period": "2026-09"})        # what to read and what to ask
@@ -16,20 +16,17 @@ keys) and carries the DuckDB version it ran on.
 from __future__ import annotations
 
 from exchange.compare.engine import RuleOutput, inputs_digest, run_rule
+from exchange.compare.rule_file import load_rule, load_rule_bytes, load_rules, rules_dir
 from exchange.compare.rules import (
-    InputColumn,
-    OwnRead,
-    OwnSpec,
-    Parameter,
-    PlannedQuery,
-    QuerySpec,
-    Rule,
-    RuleError,
-    RulePlan,
-    load_rule,
-    load_rule_bytes,
-    load_rules,
-    rules_dir,
+           InputColumn,
+           OwnRead,
+           OwnSpec,
+           Parameter,
+           PlannedQuery,
+           QuerySpec,
+           Rule,
+           RuleError,
+           RulePlan,
 )
 
 __all__ = ["InputColumn", "OwnRead", "OwnSpec", "Parameter", "PlannedQuery", "QuerySpec",

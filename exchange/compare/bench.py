@@ -20,7 +20,7 @@ from agents.generate import GeneratorConfig, generate
 from exchange.compare import duck
 from exchange.compare.engine import run_rule
 from exchange.compare.local import gather_inputs
-from exchange.compare.rules import load_rules
+from exchange.compare.rule_file import load_rules
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ Config (TOML):
     agency_store = "deploy/local/tax/data/agency.db"   # optional: watch its load log
     state_file = "var/jobs/tax.json"
 
-After the rules, each round runs the agency's registered playbooks (exchange.cases.runner)
+After the rules, each round runs the agency's registered playbooks (exchange.cases.runner,
+which the caller passes in as `playbooks`)
 on the findings it may read:
 
     playbooks = ["revenue-inflows-follow-up"]   # default: every playbook of the agency
@@ -48,7 +49,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -84,86 +85,43 @@ class JobsConfig:
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
+        """The jobs config in the TOML file at `path`, every key checked."""
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            doc = _JobsDoc(path, tomllib.loads(path.read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise MalformedInput(f"{path}: {exc}") from exc
-        known = {"profile", "rules", "periods", "recent_months", "interval_s",
-                 "agency_store", "state_file", "playbooks", "run_playbooks",
-                 "follow_ups_per_finding_max", "follow_ups_per_hour_per_agency",
-                 "playbook_workers", "playbook_spool", "subjects_per_query_max",
-                 "findings_chunk_bytes", "spool_dir", "rule_limits", "rules_dir"}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise MalformedInput(f"{path}: unknown key(s) {', '.join(unknown)}")
-        if "profile" not in doc:
-            raise MalformedInput(f"{path}: key 'profile' is required")
-        base = path.parent
-
-        def rel(value: object, key: str) -> Path:
-            if not isinstance(value, str) or not value:
-                raise MalformedInput(f"{path}: {key} is a path")
-            p = Path(value)
-            return p if p.is_absolute() else base / p
-
-        def strings(key: str) -> tuple[str, ...]:
-            value = doc.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise MalformedInput(f"{path}: {key} is a list of strings")
-            return tuple(value)
-
         interval = doc.get("interval_s", 60)
         if not isinstance(interval, int | float) or interval < INTERVAL_S_MIN:
-            raise MalformedInput(f"{path}: interval_s is a number >= {INTERVAL_S_MIN}")
+            raise doc.error(f"interval_s is a number >= {INTERVAL_S_MIN}")
         months = doc.get("recent_months", 0)
         if not isinstance(months, int) or not 0 <= months <= 24:
-            raise MalformedInput(f"{path}: recent_months is 0..24")
+            raise doc.error("recent_months is 0..24")
         store = doc.get("agency_store", "")
         if not isinstance(store, str):
-            raise MalformedInput(f"{path}: agency_store is a path or URL")
+            raise doc.error("agency_store is a path or URL")
         if store and "://" not in store:
-            store = str(rel(store, "agency_store"))
-        def bounded(key: str, default: int, low: int, high: int) -> int:
-            value = doc.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or \
-                    not low <= value <= high:
-                raise MalformedInput(f"{path}: {key} is an integer {low}..{high}")
-            return value
-
-        limits = doc.get("rule_limits", {})
-        if not isinstance(limits, dict):
-            raise MalformedInput(f"{path}: rule_limits is a table (time_s, memory_mib, "
-                                 "threads)")
-        unknown = sorted(set(limits) - {"time_s", "memory_mib", "threads"})
-        if unknown:
-            raise MalformedInput(f"{path}: rule_limits: unknown key(s) {', '.join(unknown)}")
-        try:
-            rule_limits = RuleLimits(**limits)
-        except (TypeError, ValueError) as exc:
-            raise MalformedInput(f"{path}: rule_limits: {exc}") from None
+            store = str(doc.path("agency_store"))
         run_playbooks = doc.get("run_playbooks", True)
         if not isinstance(run_playbooks, bool):
-            raise MalformedInput(f"{path}: run_playbooks is true or false")
-        return cls(profile=rel(doc["profile"], "profile"), rules=strings("rules"),
-                   rules_dir=rel(doc["rules_dir"], "rules_dir") if "rules_dir" in doc
-                   else None,
-                   periods=strings("periods"), recent_months=months,
+            raise doc.error("run_playbooks is true or false")
+        return cls(profile=doc.path("profile"), rules=doc.strings("rules"),
+                   rules_dir=doc.optional_path("rules_dir"),
+                   periods=doc.strings("periods"), recent_months=months,
                    interval_s=float(interval), agency_store=store,
-                   state_file=rel(doc["state_file"], "state_file")
-                   if "state_file" in doc else None,
-                   playbooks=strings("playbooks"), run_playbooks=run_playbooks,
-                   follow_ups_per_finding_max=bounded("follow_ups_per_finding_max", 8, 0,
-                                                      64),
-                   follow_ups_per_hour_per_agency=bounded("follow_ups_per_hour_per_agency",
-                                                          500, 1, 100_000),
-                   playbook_workers=bounded("playbook_workers", 4, 1, 32),
-                   playbook_spool=rel(doc["playbook_spool"], "playbook_spool")
-                   if "playbook_spool" in doc else None,
-                   subjects_per_query_max=bounded("subjects_per_query_max", 0, 0, 100_000),
-                   findings_chunk_bytes=bounded("findings_chunk_bytes", 0, 0, 512 * 1024),
-                   spool_dir=rel(doc["spool_dir"], "spool_dir") if "spool_dir" in doc
-                   else None,
-                   rule_limits=rule_limits)
+                   state_file=doc.optional_path("state_file"),
+                   playbooks=doc.strings("playbooks"), run_playbooks=run_playbooks,
+                   follow_ups_per_finding_max=doc.bounded("follow_ups_per_finding_max", 8,
+                                                          0, 64),
+                   follow_ups_per_hour_per_agency=doc.bounded(
+                       "follow_ups_per_hour_per_agency", 500, 1, 100_000),
+                   playbook_workers=doc.bounded("playbook_workers", 4, 1, 32),
+                   playbook_spool=doc.optional_path("playbook_spool"),
+                   subjects_per_query_max=doc.bounded("subjects_per_query_max", 0, 0,
+                                                      100_000),
+                   findings_chunk_bytes=doc.bounded("findings_chunk_bytes", 0, 0,
+                                                    512 * 1024),
+                   spool_dir=doc.optional_path("spool_dir"),
+                   rule_limits=doc.rule_limits())
 
     def run_bounds(self) -> Any:
         """The bounds of each rule run (exchange.compare.network.RunBounds)."""
@@ -195,6 +153,80 @@ class JobsConfig:
         return sorted(set(periods))
 
 
+class _JobsDoc:
+    """A jobs config file's keys, read with the checks every kind of value needs; a
+    problem names the file."""
+
+    KNOWN = frozenset({
+        "profile", "rules", "periods", "recent_months", "interval_s", "agency_store",
+        "state_file", "playbooks", "run_playbooks", "follow_ups_per_finding_max",
+        "follow_ups_per_hour_per_agency", "playbook_workers", "playbook_spool",
+        "subjects_per_query_max", "findings_chunk_bytes", "spool_dir", "rule_limits",
+        "rules_dir"})
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.file = path
+        self.doc = doc
+        unknown = sorted(set(doc) - self.KNOWN)
+        if unknown:
+            raise self.error(f"unknown key(s) {', '.join(unknown)}")
+        if "profile" not in doc:
+            raise self.error("key 'profile' is required")
+
+    def error(self, message: str) -> MalformedInput:
+        return MalformedInput(f"{self.file}: {message}")
+
+    def get(self, key: str, default: object) -> Any:
+        return self.doc.get(key, default)
+
+    def path(self, key: str) -> Path:
+        """A path, relative to the config's folder unless absolute."""
+        value = self.doc[key]
+        if not isinstance(value, str) or not value:
+            raise self.error(f"{key} is a path")
+        p = Path(value)
+        return p if p.is_absolute() else self.file.parent / p
+
+    def optional_path(self, key: str) -> Path | None:
+        return self.path(key) if key in self.doc else None
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"{key} is a list of strings")
+        return tuple(value)
+
+    def bounded(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.doc.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.error(f"{key} is an integer {low}..{high}")
+        return value
+
+    def rule_limits(self) -> RuleLimits:
+        limits = self.doc.get("rule_limits", {})
+        if not isinstance(limits, dict):
+            raise self.error("rule_limits is a table (time_s, memory_mib, threads)")
+        unknown = sorted(set(limits) - {"time_s", "memory_mib", "threads"})
+        if unknown:
+            raise self.error(f"rule_limits: unknown key(s) {', '.join(unknown)}")
+        try:
+            return RuleLimits(**limits)
+        except (TypeError, ValueError) as exc:
+            raise self.error(f"rule_limits: {exc}") from None
+
+
+class PlaybookRounds(Protocol):
+    """What a jobs round needs of the playbook runner (exchange.cases.runner)."""
+
+    def one_round(self, stopping: threading.Event) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+# Builds the playbook runner of a jobs Runner (None: the agency has no playbook to run).
+PlaybooksFor = Callable[["Runner", Path], PlaybookRounds | None]
+
+
 @dataclass
 class RoundReport:
     ran: list[tuple[str, str, int]] = field(default_factory=list)  # rule, period, findings
@@ -223,7 +255,10 @@ class Runner:
     """Runs the configured rules, round after round."""
 
     def __init__(self, config: JobsConfig, progress: Callable[[str], None] | None = None,
-                 base: Path | None = None) -> None:
+                 base: Path | None = None, playbooks: PlaybooksFor | None = None) -> None:
+        """`playbooks` builds the round's playbook runner (exchange.cases.runner's
+        `playbooks_for_jobs`, passed in by the caller, since cases builds on compare);
+        without it, or with run_playbooks false, a round runs the rules only."""
         from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
 
         self.config = config
@@ -237,30 +272,9 @@ class Runner:
         self._state: dict[str, str] = {}
         if config.state_file is not None and config.state_file.exists():
             self._state = json.loads(config.state_file.read_text())
-        self.playbook_runner: Any = None
-        if config.run_playbooks:
-            self.playbook_runner = self._playbook_runner(base or config.profile.parent)
-
-    def _playbook_runner(self, base: Path) -> Any:
-        from exchange.cases.playbooks import load_playbooks
-        from exchange.cases.runner import PlaybookRunner, PlaybookSettings
-
-        playbooks = load_playbooks(self.agency)
-        if self.config.playbooks:
-            missing = set(self.config.playbooks) - {p.id for p in playbooks}
-            if missing:
-                raise MalformedInput(f"{self.agency} has no playbook(s) "
-                                     f"{', '.join(sorted(missing))}")
-            playbooks = [p for p in playbooks if p.id in self.config.playbooks]
-        if not playbooks:
-            return None
-        settings = PlaybookSettings(
-            spool=self.config.spool_path(base, self.agency),
-            follow_ups_per_finding_max=self.config.follow_ups_per_finding_max,
-            follow_ups_per_hour_per_agency=self.config.follow_ups_per_hour_per_agency,
-            workers=self.config.playbook_workers, rule_limits=self.config.rule_limits)
-        return PlaybookRunner(self.client, self.signer, self.genesis, playbooks, settings,
-                              self.progress)
+        self.playbook_runner: PlaybookRounds | None = None
+        if config.run_playbooks and playbooks is not None:
+            self.playbook_runner = playbooks(self, base or config.profile.parent)
 
     def close(self) -> None:
         if self.playbook_runner is not None:
@@ -276,7 +290,7 @@ class Runner:
         tmp.replace(self.config.state_file)
 
     def rules(self) -> list[Any]:
-        from exchange.compare.rules import load_rules
+        from exchange.compare.rule_file import load_rules
 
         rules = load_rules(self.agency, self.config.rules_dir)
         if self.config.rules:

@@ -16,12 +16,13 @@ from agents.lookup import SUBJECTS_MAX
 from exchange.client import ExchangeClient, Signer
 from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput
-from exchange.compare.rules import PlannedQuery, Rule, load_rule_bytes
+from exchange.compare.rule_file import load_rule_bytes
+from exchange.compare.rules import PlannedQuery, Rule
 from exchange.compare.session import RunSession
 from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid, Unavailable
+from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.findings import summary_of
-from exchange.ledger.policy import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.sealing import canonical_json, seal
 from exchange.v1 import identity_pb2, ledger_pb2, node_pb2
 

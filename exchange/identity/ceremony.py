@@ -7,8 +7,8 @@ genesis (`propose_genesis`); each agency checks that the draft carries its own e
 unchanged and signs it with its root (`sign_draft`); `finalize_genesis` accepts the
 draft only with every member's signature. `configure_agency` then writes the node's
 config from the final genesis, after checking genesis names this agency with exactly
-the keys in its folder. The all-in-one `init_network` runs the same steps on one
-machine.
+the keys in its folder. The all-in-one `init_network` (exchange.identity.local_network)
+runs the same steps on one machine.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError, Message
 from exchange.errors import AlreadyExists, InvalidSignature, MalformedInput
 from exchange.identity import tls
 from exchange.identity.config import NodeConfig, format_address, parse_address
+from exchange.identity.default_policies import default_policies
 from exchange.identity.genesis import (
     DEFAULT_PARAMS,
     build_genesis,
@@ -337,8 +338,6 @@ def propose_genesis(requests: Sequence[identity_pb2.MembershipRequest], created_
     addresses = [m.address for m in members]
     if len(set(addresses)) != len(addresses):
         raise MalformedInput("two members give the same address")
-    from exchange.ledger.policy import default_policies
-
     genesis_bytes = build_genesis(chain_id, created_at_ms, members, credentials,
                                   params=params if params is not None else DEFAULT_PARAMS,
                                   policies=default_policies(names))

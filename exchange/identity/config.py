@@ -260,6 +260,13 @@ class _Table:
             raise self.error(unknown[0], "unknown key")
 
 
+def next_path(path: Path) -> Path:
+    """Where a prepared replacement of a key or certificate file waits for the ledger:
+    node.key -> node.next.key, node.pem -> node.next.pem. The CLI prepares it there, the
+    node moves it into place once the ledger names it."""
+    return path.with_name(path.stem + ".next" + path.suffix)
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) and check the port."""
     host, sep, port_text = address.rpartition(":")
@@ -311,15 +318,32 @@ def load_node_config(path: Path) -> NodeConfig:
         raise top.error("join", "must be true or false")
     if log_level not in LOG_LEVELS:
         raise top.error("log_level", f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    listen_grpc, listen_metrics = _listen(top.table("listen"))
+    paths = _paths(top.table("paths"), path)
+    peers = _peers(top, agency)
+    block = _block(top.table("block"))
+    raft = _raft(top)
+    agency_store, answer_chunk_bytes = _data(top)
+    webhook = _webhook(top.table("webhook")) if "webhook" in top.data else None
+    top.done()
+    return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
+                      listen_metrics=listen_metrics, block=block, peers=peers,
+                      log_level=log_level, raft=raft, agency_store=agency_store,
+                      answer_chunk_bytes=answer_chunk_bytes, join=join, webhook=webhook)
 
-    listen = top.table("listen")
+
+def _listen(listen: _Table) -> tuple[str, str]:
+    """[listen]: the gRPC and metrics addresses, on two ports."""
     listen_grpc = listen.address("grpc")
     listen_metrics = listen.address("metrics")
     listen.done()
     if parse_address(listen_grpc)[1] == parse_address(listen_metrics)[1]:
         raise listen.error("metrics", "must use another port than listen.grpc")
+    return listen_grpc, listen_metrics
 
-    p = top.table("paths")
+
+def _paths(p: _Table, path: Path) -> NodePaths:
+    """[paths], each made absolute against the config's folder."""
     trust_text = p.string("trust_bundle", required=False) or TRUST_FROM_GENESIS
     paths = NodePaths(
         data_dir=p.path_value("data_dir"),
@@ -332,65 +356,75 @@ def load_node_config(path: Path) -> NodeConfig:
                       else resolve_path(path.parent, trust_text)),
     )
     p.done()
+    return paths
 
+
+def _peers(top: _Table, agency: str) -> dict[str, str]:
+    """[peers] (optional): other agencies' node addresses, by agency."""
     peers: dict[str, str] = {}
-    if "peers" in top.data:
-        peer_table = top.table("peers")
-        for name in sorted(peer_table.data):
-            if not AGENCY_PATTERN.match(name):
-                raise peer_table.error(name, f"{name!r} is not an agency name")
-            if name == agency:
-                raise peer_table.error(name, "a node is not its own peer")
-            peers[name] = peer_table.address(name)
-        peer_table.done()
-    else:
+    if "peers" not in top.data:
         top.used.add("peers")
+        return peers
+    peer_table = top.table("peers")
+    for name in sorted(peer_table.data):
+        if not AGENCY_PATTERN.match(name):
+            raise peer_table.error(name, f"{name!r} is not an agency name")
+        if name == agency:
+            raise peer_table.error(name, "a node is not its own peer")
+        peers[name] = peer_table.address(name)
+    peer_table.done()
+    return peers
 
-    b = top.table("block")
+
+def _block(b: _Table) -> BlockCutting:
+    """[block]: when the leader cuts a block."""
     block = BlockCutting(
         tx_max=b.integer("tx_max", 1, BLOCK_TX_MAX_LIMIT),
         bytes_max=b.integer("bytes_max", 1024, BLOCK_BYTES_MAX_LIMIT),
         interval_ms=b.integer("interval_ms", 1, BLOCK_INTERVAL_MS_LIMIT),
     )
     b.done()
+    return block
+
+
+def _raft(top: _Table) -> RaftSettings:
+    """[raft] (optional): timing and log compaction, defaults where left out."""
     raft = RaftSettings()
-    if "raft" in top.data:
-        r = top.table("raft")
-        raft = RaftSettings(
-            tick_ms=r.integer("tick_ms", 5, 10_000, default=raft.tick_ms),
-            election_ticks=r.integer("election_ticks", 2, 1_000, default=raft.election_ticks),
-            heartbeat_ticks=r.integer("heartbeat_ticks", 1, 1_000,
-                                      default=raft.heartbeat_ticks),
-            compact_every_entries=r.integer("compact_every_entries", 10, 10_000_000,
-                                            default=raft.compact_every_entries),
-            compact_keep_entries=r.integer("compact_keep_entries", 0, 10_000_000,
-                                           default=raft.compact_keep_entries),
-            compact_log_bytes_max=r.integer("compact_log_bytes_max", 1 << 20, 1 << 40,
-                                            default=raft.compact_log_bytes_max),
-            compact_keep_bytes=r.integer("compact_keep_bytes", 0, 1 << 40,
-                                         default=raft.compact_keep_bytes),
-        )
-        r.done()
-        if raft.heartbeat_ticks >= raft.election_ticks:
-            raise r.error("heartbeat_ticks", "must be below election_ticks")
-    else:
+    if "raft" not in top.data:
         top.used.add("raft")
-    agency_store = ""
-    answer_chunk_bytes = NodeConfig.answer_chunk_bytes
-    if "data" in top.data:
-        d = top.table("data")
-        agency_store = d.string("agency_store", required=False) or ""
-        answer_chunk_bytes = d.integer("answer_chunk_bytes", 256, 768 * 1024,
-                                       default=answer_chunk_bytes)
-        d.done()
-    else:
+        return raft
+    r = top.table("raft")
+    raft = RaftSettings(
+        tick_ms=r.integer("tick_ms", 5, 10_000, default=raft.tick_ms),
+        election_ticks=r.integer("election_ticks", 2, 1_000, default=raft.election_ticks),
+        heartbeat_ticks=r.integer("heartbeat_ticks", 1, 1_000,
+                                  default=raft.heartbeat_ticks),
+        compact_every_entries=r.integer("compact_every_entries", 10, 10_000_000,
+                                        default=raft.compact_every_entries),
+        compact_keep_entries=r.integer("compact_keep_entries", 0, 10_000_000,
+                                       default=raft.compact_keep_entries),
+        compact_log_bytes_max=r.integer("compact_log_bytes_max", 1 << 20, 1 << 40,
+                                        default=raft.compact_log_bytes_max),
+        compact_keep_bytes=r.integer("compact_keep_bytes", 0, 1 << 40,
+                                     default=raft.compact_keep_bytes),
+    )
+    r.done()
+    if raft.heartbeat_ticks >= raft.election_ticks:
+        raise r.error("heartbeat_ticks", "must be below election_ticks")
+    return raft
+
+
+def _data(top: _Table) -> tuple[str, int]:
+    """[data] (optional): the agency store's location and the answer chunk size."""
+    if "data" not in top.data:
         top.used.add("data")
-    webhook = _webhook(top.table("webhook")) if "webhook" in top.data else None
-    top.done()
-    return NodeConfig(agency=agency, node_id=node_id, paths=paths, listen_grpc=listen_grpc,
-                      listen_metrics=listen_metrics, block=block, peers=peers,
-                      log_level=log_level, raft=raft, agency_store=agency_store,
-                      answer_chunk_bytes=answer_chunk_bytes, join=join, webhook=webhook)
+        return "", NodeConfig.answer_chunk_bytes
+    d = top.table("data")
+    agency_store = d.string("agency_store", required=False) or ""
+    answer_chunk_bytes = d.integer("answer_chunk_bytes", 256, 768 * 1024,
+                                   default=NodeConfig.answer_chunk_bytes)
+    d.done()
+    return agency_store, answer_chunk_bytes
 
 
 def _webhook(w: _Table) -> WebhookSettings:

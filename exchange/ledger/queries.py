@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from exchange.errors import CredentialInvalid, ExchangeError, MalformedInput
+from exchange.errors import Conflict, CredentialInvalid, ExchangeError, MalformedInput
 from exchange.identity.keys import Domain, verify
 from exchange.identity.registry import ROLE_NODE, ROLE_ROOT, KeyInfo, KeyRegistry
 from exchange.ledger.block import RESULT_OK, OpenedEnvelope
@@ -65,12 +65,21 @@ STATUS_REFUSED = "refused"
 STATUS_EXPIRED = "expired"
 
 
-class Rejected(ExchangeError):
+class Rejected(Conflict):
     """A transaction that is well formed and signed but invalid in the ledger state."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.result_code = code
+
+
+def parse_subject_text(text: str) -> tuple[str, str]:
+    """A query's subject as people type it, KEY=VALUE (spaces around either trimmed):
+    the CLI's --subject and the audit's subject filter."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise MalformedInput(f"subject {text!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
 
 
 def chunks_commitment(chunk_commitments: Iterable[bytes]) -> bytes:

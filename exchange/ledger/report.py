@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import jinja2
 
 from exchange.ledger.block import RESULT_OK, open_envelope
-from exchange.ledger.evidence import VerifiedTx, decode_bundle, verify_bundle
+from exchange.ledger.evidence_verify import VerifiedTx, decode_bundle, verify_bundle
 from exchange.ledger.playbooks import parse_step_ref
 from exchange.v1 import ledger_pb2
 
@@ -162,21 +162,7 @@ def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
     kind = body.WhichOneof("kind")
     agency = t.agency
     if kind == "query":
-        q = body.query
-        why = [f"case {q.case_id}" if q.case_id else "no case"]
-        if q.purpose:
-            why.append(f"purpose: {q.purpose}")
-        if q.legal_basis:
-            why.append(f"legal basis: {q.legal_basis}")
-        step = parse_step_ref(q.on_behalf_of)
-        if step is not None:
-            why.append(f"on behalf of playbook {_short(step.digest)}, step {step.step_key} "
-                       f"for finding {step.finding_id}")
-        elif q.on_behalf_of:
-            why.append(f"on behalf of rule {q.on_behalf_of[:TX_ID_SHORT_CHARS]}")
-        if len(q.cosignatures):
-            why.append(f"{len(q.cosignatures)} co-signature(s)")
-        return f"{t.signer} asked {q.target_agency} for {q.dataset} ({'; '.join(why)})"
+        return _query_line(body.query, t.signer)
     if kind == "answer_manifest":
         a = body.answer_manifest
         rows = f"{a.row_count} row{'s' * (a.row_count != 1)}"
@@ -231,6 +217,24 @@ def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
     if kind == "probe":
         return f"{agency} sent a probe (carries no agency data)"
     return f"{t.signer} recorded a {kind or 'transaction'}"
+
+
+def _query_line(q: ledger_pb2.Query, signer: str) -> str:
+    """A query: who asked whom for what, and why (case, purpose, basis, on whose behalf)."""
+    why = [f"case {q.case_id}" if q.case_id else "no case"]
+    if q.purpose:
+        why.append(f"purpose: {q.purpose}")
+    if q.legal_basis:
+        why.append(f"legal basis: {q.legal_basis}")
+    step = parse_step_ref(q.on_behalf_of)
+    if step is not None:
+        why.append(f"on behalf of playbook {_short(step.digest)}, step {step.step_key} "
+                   f"for finding {step.finding_id}")
+    elif q.on_behalf_of:
+        why.append(f"on behalf of rule {q.on_behalf_of[:TX_ID_SHORT_CHARS]}")
+    if len(q.cosignatures):
+        why.append(f"{len(q.cosignatures)} co-signature(s)")
+    return f"{signer} asked {q.target_agency} for {q.dataset} ({'; '.join(why)})"
 
 
 def _case_line(ev: ledger_pb2.CaseEvent, agency: str) -> str:

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from exchange.errors import ExchangeError, MalformedInput, Oversize, ProofInvalid
+from exchange.errors import MalformedInput, NotARecipient, Oversize, ProofInvalid
 from exchange.identity.keys import KEY_ID_BYTES, PUBLIC_KEY_BYTES, DataKey, DataKeyring, key_id
 from exchange.v1 import ledger_pb2
 
@@ -74,12 +74,6 @@ PURPOSE_ANSWER = b"answer"
 JSON_INT_ABS_MAX = (1 << 53) - 1
 JSON_DEPTH_MAX = 32
 DECIMAL_DIGITS_MAX = 64
-
-
-class NotARecipient(ExchangeError):
-    """A sealed payload that has no wrapped key for the data key trying to open it."""
-
-    code = "NOT_A_RECIPIENT"
 
 
 # -- sealing ------------------------------------------------------------------------

@@ -8,7 +8,6 @@ show them.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from typing import Any
 from exchange.errors import ExchangeError, MalformedInput, Oversize, PermissionDenied
 from exchange.identity.keys import DataKey, DataKeyring
 from exchange.ledger.block import open_envelope
-from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, QueryRecord
+from exchange.ledger.queries import STATUS_ANSWERED, QueryBook, QueryRecord, parse_subject_text
 from exchange.ledger.sealing import open_sealed
 from exchange.ledger.store import BlockStore
 from exchange.v1 import ledger_pb2, node_pb2
@@ -29,13 +28,6 @@ SUBJECT_CACHE_MAX = 100_000
 # Chunks one GetAnswer reply may carry (each at most a node's answer_chunk_bytes, 512 KiB
 # by default, so a reply stays far below the gRPC message limit); more: StreamAnswer.
 ANSWER_VIEW_CHUNKS_MAX = 32
-
-
-def parse_subject_text(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip() or not value.strip():
-        raise MalformedInput(f"subject {text!r} is not KEY=VALUE")
-    return key.strip(), value.strip()
 
 
 @dataclass(frozen=True)
@@ -255,14 +247,3 @@ def _same_subject(wanted: tuple[str, str], asked: tuple[str, str]) -> bool:
         return False
     a, b = wanted[0], asked[0]
     return a == b or a.endswith("_" + b) or b.endswith("_" + a) or "holder_id" in (a, b)
-
-
-def parse_since(text: str) -> int:
-    """`--since` as Unix ms: a date (YYYY-MM-DD, UTC midnight) or an ISO 8601 time."""
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise MalformedInput(f"--since {text!r} is not a date (YYYY-MM-DD) or ISO time") from exc
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)

@@ -8,7 +8,7 @@ import os
 import structlog
 
 from exchange.errors import ExchangeError
-from exchange.identity.config import NodePaths
+from exchange.identity.config import NodePaths, next_path
 from exchange.identity.keys import (
     CachedSigner,
     DataKeyring,
@@ -17,7 +17,6 @@ from exchange.identity.keys import (
     read_signing_key,
     retire_data_key,
 )
-from exchange.node.tls_state import next_path
 from exchange.v1 import identity_pb2
 
 log = structlog.get_logger("exchange.node")

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import structlog
 
-from exchange.errors import ExchangeError, Unavailable
+from exchange.errors import ExchangeError, Unavailable, error_for_code
 from exchange.identity.config import BlockCutting
 from exchange.identity.keys import CachedSigner
 from exchange.identity.registry import KeyRegistry
@@ -66,20 +66,6 @@ INFLIGHT_FULL_WAIT_S = 1.0
 MS_PER_S = 1000
 
 Outcome = tuple[int, int, str]  # height, index in the block, result code
-
-
-def error_for_code(code: str, message: str) -> ExchangeError:
-    """The domain error a peer named by its code (ExchangeError carrying the code when
-    no class has it), so that it reaches the client as the peer worded it."""
-    pending: list[type[ExchangeError]] = [ExchangeError]
-    while pending:
-        cls = pending.pop()
-        if cls.code == code:
-            return cls(message)
-        pending.extend(cls.__subclasses__())
-    error = ExchangeError(message)
-    error.code = code
-    return error
 
 
 @dataclass

@@ -44,6 +44,11 @@ BLOCK_SECONDS = Histogram("exchange_block_propose_to_apply_seconds",
                           registry=REGISTRY)
 GRPC_SECONDS = Histogram("exchange_grpc_seconds", "gRPC handler latency by method",
                          ["method"], buckets=_LATENCY, registry=REGISTRY)
+GRPC_REFUSED = Counter("exchange_grpc_refused", "gRPC calls ended by a domain error, by "
+                       "method and error code", ["method", "code"], registry=REGISTRY)
+GRPC_CANCELLED = Counter("exchange_grpc_cancelled", "gRPC calls cancelled before their "
+                         "handler finished (the client's deadline passed or it went away)",
+                         ["method"], registry=REGISTRY)
 PEER_DROPPED = Counter("exchange_peer_messages_dropped", "Raft messages dropped on full queues",
                        registry=REGISTRY)
 RESUBMITTED = Counter("exchange_transactions_reforwarded",

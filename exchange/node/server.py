@@ -9,7 +9,8 @@ behalf of the credential on the ledger that binds their certificate's key
 (Credential.tls_key_sha256): every call checks it valid at the applied height
 (`_Auth.caller`), so a revoked or expired credential reads nothing, and every read is
 logged with the credential it was checked against. Domain errors are mapped to gRPC
-status codes here, once (`_abort`): what a status echoes is cut to DETAILS_CHARS_MAX, so
+status codes here, once, by one interceptor (`_Edge`, which also logs refusals and times
+every call): what a status echoes is cut to DETAILS_CHARS_MAX, so
 a huge value in a message never turns the error into RESOURCE_EXHAUSTED; a request body
 that does not decode is INVALID_ARGUMENT (`_Decoding`), not UNKNOWN with a traceback.
 """
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import structlog
@@ -52,24 +52,8 @@ from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, node_pb2_grpc, peer_
 
 log = structlog.get_logger("exchange.server")
 
-_STATUS = {
-    errors.MalformedInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.WrongChain: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.TimeOutOfWindow: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.Oversize: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.InvalidSignature: grpc.StatusCode.UNAUTHENTICATED,
-    errors.UnknownSigner: grpc.StatusCode.UNAUTHENTICATED,
-    errors.CredentialInvalid: grpc.StatusCode.PERMISSION_DENIED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
 # Trailing metadata of a RATE_LIMITED refusal: milliseconds until it would pass.
-RETRY_AFTER_KEY = "exchange-retry-after-ms"
-
-T = TypeVar("T")
+RETRY_AFTER_KEY = errors.RETRY_AFTER_KEY
 
 # What a status's details may hold: gRPC refuses metadata over 8 KiB (by default), and
 # a client would then see RESOURCE_EXHAUSTED instead of the error.
@@ -79,10 +63,8 @@ HEIGHT_MAX = 2**63 - 1
 
 
 def status_of(exc: errors.ExchangeError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return grpc.StatusCode.FAILED_PRECONDITION
+    """The status a domain error is answered with: the one its catalogue class names."""
+    return grpc.StatusCode[exc.status]
 
 
 def details_of(message: str) -> str:
@@ -189,24 +171,89 @@ class _Decoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler._replace(**changes)
 
 
-def _mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn domain errors into gRPC statuses with a reason ("CODE: message"), and time
-    the handler."""
-    histogram = metrics.GRPC_SECONDS.labels(fn.__qualname__.replace("Service.", "."))
+def _method_label(method: str) -> str:
+    """"/exchange.v1.Exchange/Submit" as the metrics name it: "Exchange.Submit"."""
+    service, _, name = method.rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}.{name}"
 
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        started = time.perf_counter()
-        try:
-            return await fn(self, request, context)
-        except errors.ExchangeError as exc:
+
+class _Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The edge of every method, once: a domain error ends the call with its
+    catalogue status and "CODE: message" (cut to DETAILS_CHARS_MAX; a RATE_LIMITED one
+    with its retry-after in the trailing metadata), each refusal is logged and counted
+    by method and code, and each call is timed by method (streams included). A call
+    whose deadline passed (or whose client went away) has its handler cancelled by
+    grpc.aio; it is logged and counted here with the time it ran. No handler repeats
+    any of this."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = _method_label(str(details.method))
+        histogram = metrics.GRPC_SECONDS.labels(method)
+
+        async def refuse(context: grpc.aio.ServicerContext,
+                         exc: errors.ExchangeError) -> None:
+            metrics.GRPC_REFUSED.labels(method, exc.code).inc()
+            quiet = isinstance(exc, errors.NotAvailable)  # retried, and frequent under load
+            (log.debug if quiet else log.info)(
+                "call refused", method=method, peer=context.peer(), code=exc.code,
+                error=str(exc)[:200])
             if isinstance(exc, errors.RateLimited):
                 context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
             await _abort_error(context, exc)
-            raise  # unreachable: abort raises
-        finally:
-            histogram.observe(time.perf_counter() - started)
-    return wrapper
+
+        def cancelled(context: grpc.aio.ServicerContext, started: float) -> None:
+            metrics.GRPC_CANCELLED.labels(method).inc()
+            log.info("call cancelled", method=method, peer=context.peer(),
+                     ran_ms=round((time.perf_counter() - started) * 1000))
+
+        def once(call: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+                 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+            async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await call(request, context)
+                except errors.ExchangeError as exc:
+                    await refuse(context, exc)
+                except asyncio.CancelledError:
+                    cancelled(context, started)
+                    raise
+                finally:
+                    histogram.observe(time.perf_counter() - started)
+            return run
+
+        def streamed(call: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+                     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+            async def run(request: Any, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in call(request, context):
+                        yield item
+                except errors.ExchangeError as exc:
+                    await refuse(context, exc)
+                except asyncio.CancelledError:
+                    cancelled(context, started)
+                    raise
+                finally:
+                    histogram.observe(time.perf_counter() - started)
+            return run
+
+        changes: dict[str, Any] = {}
+        if handler.unary_unary is not None:
+            changes["unary_unary"] = once(handler.unary_unary)
+        elif handler.stream_unary is not None:
+            changes["stream_unary"] = once(handler.stream_unary)
+        elif handler.unary_stream is not None:
+            changes["unary_stream"] = streamed(handler.unary_stream)
+        elif handler.stream_stream is not None:
+            changes["stream_stream"] = streamed(handler.stream_stream)
+        return handler._replace(**changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +372,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         self.node = node
         self.auth = auth
 
-    @_mapped
     async def GetAnswer(self, request: node_pb2.GetAnswerRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.AnswerView:
         who = self.auth.caller(context, "GetAnswer", person_only=True)
@@ -340,20 +386,16 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[node_pb2.AnswerPart]:
         """GetAnswer one chunk a message, for answers of any size."""
-        try:
-            who = self.auth.caller(context, "StreamAnswer", person_only=True)
-            if len(request.query_tx_id) != 32:
-                raise errors.MalformedInput("a query tx id is 32 bytes")
-            if request.wait_ms > 60_000:
-                raise errors.MalformedInput("wait_ms is at most 60,000")
-            parts = self.node.stream_answer(bytes(request.query_tx_id), request.wait_ms,
-                                            str(who))
-            async for part in parts:
-                yield part
-        except errors.ExchangeError as exc:
-            await _abort_error(context, exc)
+        who = self.auth.caller(context, "StreamAnswer", person_only=True)
+        if len(request.query_tx_id) != 32:
+            raise errors.MalformedInput("a query tx id is 32 bytes")
+        if request.wait_ms > 60_000:
+            raise errors.MalformedInput("wait_ms is at most 60,000")
+        parts = self.node.stream_answer(bytes(request.query_tx_id), request.wait_ms,
+                                        str(who))
+        async for part in parts:
+            yield part
 
-    @_mapped
     async def Audit(self, request: node_pb2.AuditRequest,
                     context: grpc.aio.ServicerContext) -> node_pb2.AuditReply:
         who = self.auth.caller(context, "Audit", person_only=True)
@@ -363,14 +405,12 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                  agency=request.agency, entries=len(reply.entries))
         return reply
 
-    @_mapped
     async def Submit(self, request: node_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> node_pb2.SubmitResponse:
         who = self.auth.caller(context)
         return await self.node.submit(request.envelope, wait=not request.no_wait,
                                       limited=not who.who.is_node)
 
-    @_mapped
     async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:
         who = self.auth.caller(context)
@@ -381,7 +421,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                                                limited=not who.who.is_node)
         return node_pb2.SubmitBatchResponse(results=results)
 
-    @_mapped
     async def GetTransaction(self, request: node_pb2.GetTransactionRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.TransactionInfo:
         self.auth.caller(context, "GetTransaction")
@@ -390,9 +429,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         store = self.node.store
         stored = store.tx(bytes(request.tx_id))
         if stored is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND,
-                         f"NOT_FOUND: no transaction {bytes(request.tx_id).hex()}")
-        assert stored is not None
+            raise errors.NotFound(f"no transaction {bytes(request.tx_id).hex()}")
         leaves = store.envelopes(stored.height)
         codes = store.results(stored.height)
         header, sig = store.header(stored.height)
@@ -405,35 +442,29 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             attested_by=len({a.agency for a in atts}), quorum=self.node.registry.quorum,
             result_proof=merkle.inclusion_proof([c.encode() for c in codes], stored.index))
 
-    @_mapped
     async def FindTransactions(self, request: node_pb2.FindTransactionsRequest,
                                context: grpc.aio.ServicerContext) -> node_pb2.TransactionIdList:
         """Transaction ids by prefix: no more than GetTransaction already shows anyone."""
         self.auth.caller(context, "FindTransactions")
         return find_transactions(self.node.store, request)
 
-    @_mapped
     async def ListCredentials(self, request: node_pb2.ListCredentialsRequest,
                               context: grpc.aio.ServicerContext) -> node_pb2.CredentialList:
         self.auth.caller(context, "ListCredentials")
         return list_credentials(self.node.registry, request.agency, self.node.store.height)
 
-    @_mapped
     async def GetBlock(self, request: node_pb2.GetBlockRequest,
                        context: grpc.aio.ServicerContext) -> ledger_pb2.Block:
         self.auth.caller(context, "GetBlock")
         height = request.height or self.node.store.height
         if not 1 <= height <= self.node.store.height:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"NOT_FOUND: no block {height}")
+            raise errors.NotFound(f"no block {height}")
         return self.node.store.block(height)
 
     async def FollowBlocks(self, request: node_pb2.FollowBlocksRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
-        try:
-            caller = self.auth.caller(context, "FollowBlocks")
-            _check_height(request.from_height, "from_height")
-        except errors.ExchangeError as exc:
-            await _abort_error(context, exc)
+        caller = self.auth.caller(context, "FollowBlocks")
+        _check_height(request.from_height, "from_height")
         store = self.node.store
         queue = self.node.follow()
         try:
@@ -443,10 +474,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                     yield store.block(next_height)
                     next_height += 1
                 block = await queue.get()
-                try:  # a reader revoked while following gets nothing more
-                    self.auth.recheck(caller)
-                except errors.ExchangeError as exc:
-                    await context.abort(status_of(exc), f"{exc.code}: {exc}")
+                self.auth.recheck(caller)  # a reader revoked while following gets no more
                 height = parse_header(block.header).height
                 if height >= next_height:
                     while next_height < height:  # fell behind the queue: read the store
@@ -457,14 +485,12 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         finally:
             self.node.unfollow(queue)
 
-    @_mapped
     async def Status(self, request: node_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> node_pb2.NodeStatus:
         self.auth.caller(context)
         return self.node.status()
 
 
-    @_mapped
     async def ListPolicies(self, request: node_pb2.ListPoliciesRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.PolicyList:
         self.auth.caller(context, "ListPolicies")
@@ -474,7 +500,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         return node_pb2.PolicyList(policies=chosen, height=self.node.store.height)
 
 
-    @_mapped
     async def ListCatalog(self, request: node_pb2.ListCatalogRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.Catalog:
         self.auth.caller(context, "ListCatalog")
@@ -484,13 +509,11 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                      if request.agency in ("", agency)],
             height=self.node.store.height)
 
-    @_mapped
     async def CaseStatements(self, request: node_pb2.CaseStatementsRequest,
                              context: grpc.aio.ServicerContext) -> node_pb2.CaseStatementSet:
         self.auth.caller(context, "CaseStatements", person_only=True)
         return await self.node.case_statements(request.case_id, _check_height(request.height))
 
-    @_mapped
     async def ListCases(self, request: node_pb2.ListCasesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.CaseList:
         self.auth.caller(context, "ListCases")
@@ -509,7 +532,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 count=count, running_hash=running))
         return out
 
-    @_mapped
     async def ListPlaybooks(self, request: node_pb2.ListPlaybooksRequest,
                             context: grpc.aio.ServicerContext) -> node_pb2.PlaybookList:
         self.auth.caller(context, "ListPlaybooks")
@@ -529,7 +551,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                     added_finding_id=s.added_finding) for s in book.steps_of(p.digest))
         return out
 
-    @_mapped
     async def ListRules(self, request: node_pb2.ListRulesRequest,
                         context: grpc.aio.ServicerContext) -> node_pb2.RuleList:
         self.auth.caller(context, "ListRules")
@@ -543,7 +564,6 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                    if request.owner_agency in ("", r.owner)],
             height=self.node.store.height)
 
-    @_mapped
     async def ListFindings(self, request: node_pb2.ListFindingsRequest,
                            context: grpc.aio.ServicerContext) -> node_pb2.FindingsList:
         self._findings_reader(request, context)
@@ -562,20 +582,17 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                              ) -> AsyncIterator[node_pb2.FindingsRun]:
         """ListFindings one run a message, a run of many findings in slices of
         FINDINGS_PER_MESSAGE (each with the run's fields and those findings' lines)."""
-        try:
-            self._findings_reader(request, context)
-            for run in self._runs(request):
-                if request.open or request.subject:
-                    one = node_pb2.FindingsList(runs=[run])  # a copy of the run
-                    await asyncio.to_thread(self.node.reader.open_findings, one,
-                                            request.subject)
-                    run = one.runs[0]
-                    if request.subject and not run.lines:
-                        continue
-                for part in _run_parts(run):
-                    yield part
-        except errors.ExchangeError as exc:
-            await _abort_error(context, exc)
+        self._findings_reader(request, context)
+        for run in self._runs(request):
+            if request.open or request.subject:
+                one = node_pb2.FindingsList(runs=[run])  # a copy of the run
+                await asyncio.to_thread(self.node.reader.open_findings, one,
+                                        request.subject)
+                run = one.runs[0]
+                if request.subject and not run.lines:
+                    continue
+            for part in _run_parts(run):
+                yield part
 
     def _findings_reader(self, request: node_pb2.ListFindingsRequest,
                          context: grpc.aio.ServicerContext) -> None:
@@ -635,7 +652,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.node = node
         self.auth = auth
 
-    @_mapped
     async def Raft(self, request_iterator: AsyncIterator[peer_pb2.RaftBatch],
                    context: grpc.aio.ServicerContext) -> peer_pb2.PeerAck:
         who = self.auth.member_node(context)
@@ -656,10 +672,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def FetchBlocks(self, request: peer_pb2.FetchBlocksRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[ledger_pb2.Block]:
-        try:
-            self.auth.member_node(context)
-        except errors.ExchangeError as exc:
-            await _abort_error(context, exc)
+        self.auth.member_node(context)
         store = self.node.store
         top = store.height if request.final_only is False else self.node.final_height
         if request.to_height:
@@ -667,7 +680,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         for height in range(max(1, request.from_height), top + 1):
             yield store.block(height)
 
-    @_mapped
     async def Attest(self, request: peer_pb2.AttestationBatch,
                      context: grpc.aio.ServicerContext) -> peer_pb2.PeerAck:
         who = self.auth.member_node(context)
@@ -675,7 +687,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.node.receive_attestations(atts)
         return peer_pb2.PeerAck()
 
-    @_mapped
     async def Status(self, request: peer_pb2.PeerStatusRequest,
                      context: grpc.aio.ServicerContext) -> peer_pb2.PeerStatus:
         self.auth.member_node(context)
@@ -684,7 +695,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                                    leader=st.leader, commit_index=st.commit_index,
                                    height=st.height, time_ms=int(time.time() * 1000))
 
-    @_mapped
     async def CaseStatement(self, request: peer_pb2.CaseStatementRequest,
                             context: grpc.aio.ServicerContext
                             ) -> evidence_pb2.SignedCaseStatement:
@@ -696,7 +706,7 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     """Run a node until SIGTERM or SIGINT."""
     node = Node(config)
     server_creds = node.tls.server_credentials()
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Decoding()])
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Decoding(), _Edge()])
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)

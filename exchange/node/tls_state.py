@@ -21,17 +21,11 @@ import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from exchange.errors import ExchangeError
-from exchange.identity.config import NodeConfig
+from exchange.identity.config import NodeConfig, next_path
 from exchange.identity.tls import load_certificate
 from exchange.v1 import identity_pb2
 
 log = structlog.get_logger("exchange.tls")
-
-
-def next_path(path: Path) -> Path:
-    """Where a prepared replacement of a key or certificate file waits for the ledger:
-    node.key -> node.next.key, node.pem -> node.next.pem."""
-    return path.with_name(path.stem + ".next" + path.suffix)
 
 
 def next_paths(cert_path: Path, key_path: Path) -> tuple[Path, Path]:
