@@ -11,9 +11,26 @@ SEED ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install proto test lint typecheck bench sim demo clean cluster stop status logs
+.PHONY: install proto test lint typecheck bench sim demo clean cluster stop status logs \
+	console console-assets
 
-install: $(STAMP) $(GEN_STAMP)
+install: $(STAMP) $(GEN_STAMP) console-assets
+
+# The console's front-end libraries, pinned in package-lock.json, installed from the npm
+# registry at build time and served by the console itself (no asset from another site at
+# run time). Without npm the console works but its case graph is not drawn.
+CYTOSCAPE := exchange/console/static/vendor/cytoscape.min.js
+console-assets: $(CYTOSCAPE)
+
+$(CYTOSCAPE): package.json package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --no-audit --no-fund --silent && mkdir -p $(@D) && \
+	  cp node_modules/cytoscape/dist/cytoscape.min.js $@; \
+	else echo "npm not found: the console's case graph (Cytoscape.js) is not installed"; fi
+
+# The local cluster with sample data, and a console for a tax analyst and a tax supervisor.
+console: install
+	bash scripts/console.sh
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }

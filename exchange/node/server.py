@@ -700,6 +700,9 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
+    from exchange.node.cosign import add_four_eyes  # four eyes through the node (issue 21)
+
+    add_four_eyes(server, node, auth)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([
