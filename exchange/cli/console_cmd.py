@@ -95,6 +95,7 @@ def console_command(profile_option: str | None, evidence_only: bool, host: str,
         sock.bind((host, port))
     except OSError as exc:
         raise MalformedInput(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(128)  # connections wait from now on, before the URL is printed
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     hosts = {f"{shown}:{bound}", f"localhost:{bound}"}

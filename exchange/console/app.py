@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio
+import anyio.lowlevel
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -451,11 +452,12 @@ async def events(request: Request) -> Response:
     send, receive = anyio.create_memory_object_stream[dict[str, Any] | None](
         EVENTS_QUEUE_MAX)
     stop = threading.Event()
+    token = anyio.lowlevel.current_token()
 
     def pump() -> None:
         try:
             for event in person.events(stop):
-                anyio.from_thread.run(send.send, event)
+                anyio.from_thread.run(send.send, event, token=token)
                 if stop.is_set():
                     break
         except (ExchangeError, anyio.BrokenResourceError, RuntimeError):
@@ -463,7 +465,7 @@ async def events(request: Request) -> Response:
         finally:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
                                      RuntimeError):
-                anyio.from_thread.run(send.send, None)
+                anyio.from_thread.run(send.send, None, token=token)
 
     async def stream() -> AsyncIterator[bytes]:
         thread = threading.Thread(target=pump, daemon=True, name="console-events")

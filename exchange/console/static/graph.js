@@ -19,7 +19,9 @@ async function draw() {
   const cy = cytoscape({
     container: el,
     elements,
-    layout: { name: "cose", animate: false },
+    layout: { name: "cose", animate: false, padding: 30 },
+    maxZoom: 2,
+    minZoom: 0.2,
     style: [
       { selector: "node", style: { label: "data(label)", "font-size": 9, "background-color": "#888", "text-wrap": "wrap", "text-max-width": 120 } },
       ...Object.entries(COLORS).map(([kind, color]) => ({ selector: `node[kind = "${kind}"]`, style: { "background-color": color } })),
