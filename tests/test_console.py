@@ -1,0 +1,171 @@
+"""The console's safety and language without a cluster: the one-time token, the session
+cookie, CSRF on every POST, the Content-Security-Policy and the Host check; templates
+with no inline script and no asset from another origin; the two catalogues translating
+every message the templates use; amounts in yuan and times in Asia/Shanghai."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from starlette.testclient import TestClient
+
+from exchange.cli.main import _register, cli
+from exchange.console.app import create_app
+from exchange.console.i18n import LANGUAGES, Formats, catalog, translator
+from exchange.console.messages import missing, template_msgids
+from exchange.console.security import COOKIE_NAME, CSRF_FIELD, Gate
+
+CONSOLE = Path(__file__).resolve().parent.parent / "exchange" / "console"
+HOST = "testserver"
+
+
+def _client() -> tuple[TestClient, Gate]:
+    gate = Gate()
+    app = create_app(None, gate, frozenset({HOST}))
+    return TestClient(app, base_url=f"http://{HOST}", follow_redirects=False), gate
+
+
+def _signed_in() -> tuple[TestClient, Gate]:
+    client, gate = _client()
+    response = client.get(f"/evidence?token={gate.token}")
+    assert response.status_code == 303
+    return client, gate
+
+
+def test_the_token_signs_one_browser_in_and_is_then_spent() -> None:
+    client, gate = _client()
+    token = gate.token
+    assert client.get("/evidence").status_code == 401
+    first = client.get(f"/evidence?token={token}")
+    assert first.status_code == 303 and first.headers["location"] == "/evidence"
+    assert COOKIE_NAME in first.cookies
+    assert "httponly" in first.headers["set-cookie"].lower()
+    assert "samesite=strict" in first.headers["set-cookie"].lower()
+    assert client.get("/evidence").status_code == 200
+    stranger = TestClient(client.app, base_url=f"http://{HOST}", follow_redirects=False)
+    assert stranger.get(f"/evidence?token={token}").status_code == 403
+    assert stranger.get("/evidence").status_code == 401
+
+
+def test_a_wrong_token_signs_nobody_in_and_leaves_the_right_one_usable() -> None:
+    client, gate = _client()
+    assert client.get("/evidence?token=not-the-token").status_code == 403
+    assert client.get(f"/evidence?token={gate.token}").status_code == 303
+
+
+def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing() -> None:
+    client, gate = _signed_in()
+    session = next(iter(gate.sessions.values()))
+    refused = client.post("/lang", data={"lang": "en", "next": "/evidence"})
+    assert refused.status_code == 403 and session.language == "zh_CN"
+    wrong = client.post("/lang", data={"lang": "en", CSRF_FIELD: "x" * 43})
+    assert wrong.status_code == 403 and session.language == "zh_CN"
+    accepted = client.post("/lang", data={"lang": "en", "next": "/evidence",
+                                          CSRF_FIELD: session.csrf})
+    assert accepted.status_code == 303 and session.language == "en"
+    assert 'lang="en"' in client.get("/evidence").text
+
+
+def test_a_language_switch_never_redirects_to_another_site() -> None:
+    client, gate = _signed_in()
+    csrf = next(iter(gate.sessions.values())).csrf
+    for target in ("https://evil.example/", "//evil.example/x"):
+        response = client.post("/lang", data={"lang": "en", "next": target,
+                                              CSRF_FIELD: csrf})
+        assert response.headers["location"] == "/"
+
+
+def test_every_response_carries_a_strict_content_security_policy() -> None:
+    client, _ = _signed_in()
+    for response in (client.get("/evidence"), client.get("/nowhere"),
+                     client.get("/static/console.js")):
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'self'" in policy
+        assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+        assert "frame-ancestors 'none'" in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_request_naming_another_host_is_refused() -> None:
+    client, gate = _client()
+    response = client.get(f"/evidence?token={gate.token}",
+                          headers={"host": "attacker.example:8470"})
+    assert response.status_code == 421
+    assert gate.token is not None  # the token was not spent
+
+
+def test_an_evidence_only_console_serves_no_page_that_needs_a_profile() -> None:
+    client, _ = _signed_in()
+    assert client.get("/").headers["location"] == "/evidence"
+    for path in ("/network", "/ask", "/findings", "/cases", "/audit", "/chain", "/live"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_a_bundle_that_is_not_one_is_refused_on_the_evidence_page() -> None:
+    client, gate = _signed_in()
+    csrf = next(iter(gate.sessions.values())).csrf
+    response = client.post("/evidence", data={CSRF_FIELD: csrf},
+                           files={"bundle": ("x.bundle", b"not a bundle", "application/x")})
+    assert response.status_code == 422
+    assert 'id="refused"' in response.text and 'id="verified"' not in response.text
+
+
+def test_templates_hold_no_inline_script_style_or_handler_and_no_other_origin() -> None:
+    for path in sorted((CONSOLE / "templates").glob("*.html")):
+        text = path.read_text(encoding="utf-8")
+        for tag in re.findall(r"<script\b[^>]*>", text):
+            assert "src=" in tag, (path.name, tag)
+        assert not re.search(r"\sstyle=", text), path.name
+        assert not re.search(r"\son[a-z]+=", text), path.name
+        assert "<style" not in text, path.name
+    for path in [*CONSOLE.joinpath("templates").glob("*.html"),
+                 *CONSOLE.joinpath("static").glob("*.*")]:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"(src|href)=\"(https?:)?//", text), path.name
+        assert "http://" not in text and "https://" not in text, path.name
+
+
+def test_the_catalogues_translate_every_message_the_templates_use() -> None:
+    ids = template_msgids()
+    assert len(ids) > 150
+    assert missing() == {language: [] for language in LANGUAGES}
+    zh = {str(m.id): str(m.string) for m in catalog("zh_CN") if m.id}
+    en = {str(m.id): str(m.string) for m in catalog("en") if m.id}
+    assert set(zh) == set(en), "the catalogues hold different messages"
+    for msgid in ids:
+        wanted = sorted(re.findall(r"%\((\w+)\)s", msgid))
+        for language, text in (("zh_CN", zh[msgid]), ("en", en[msgid])):
+            assert sorted(re.findall(r"%\((\w+)\)s", text)) == wanted, (language, msgid)
+        assert re.search(r"[\u4e00-\u9fff]", zh[msgid]), ("not Chinese", msgid)
+
+
+def test_a_message_is_formatted_in_the_chosen_language() -> None:
+    assert translator("zh_CN")("Network") == "网络"
+    assert translator("en")("Network") == "Network"
+    assert translator("fr")("Network") == "网络"  # an unknown language: the default
+    assert translator("zh_CN")("%(n)s rows", n="1,234") == "1,234 行"
+
+
+def test_amounts_are_yuan_with_grouping_and_times_are_shanghai_time() -> None:
+    zh, en = Formats("zh_CN"), Formats("en")
+    assert zh.amount("1932099.35") == "¥1,932,099.35"
+    assert en.amount("1932099.35") == "CN¥1,932,099.35"
+    assert zh.amount("") == "" and zh.amount("n/a") == "n/a"
+    assert zh.number(1234567) == "1,234,567"
+    assert zh.time_ms(1_788_220_800_000).startswith("2026-09-01 08:00:00")  # 00:00 UTC
+
+
+def test_the_console_listens_beyond_loopback_only_when_told() -> None:
+    _register()
+    result = CliRunner().invoke(cli, ["console", "--evidence-only", "--host", "0.0.0.0",
+                                      "--port", "0"])
+    assert result.exit_code == 2
+    assert "--allow-remote" in result.output
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_each_catalogue_reads(language: str) -> None:
+    assert len(list(catalog(language))) > 150
