@@ -284,6 +284,37 @@ def test_a_finding_opens_a_case_whose_graph_shows_its_subject(consoles: Consoles
         expect(analyst.page.locator("#timeline")).to_contain_text("rebate claimed, no exports")
         analyst.shot(name, "graph")
 
+        # a query within the case (allowed without a co-signature): its answer's
+        # accounts join the graph, linked to the company
+        analyst.page.click("#ask-in-case")
+        analyst.page.select_option("#dataset", "pboc/accounts")
+        analyst.page.fill("#subjects", f"holder_id={subject}")
+        analyst.page.fill("#purpose", "accounts of the company")
+        analyst.page.click("#preview")
+        expect(analyst.page.locator("#decision")).to_have_class(re.compile(r"\bok\b"))
+        expect(analyst.page.locator("#signed")).to_contain_text("SZ-CONSOLE-G1")
+        analyst.page.click("#submit")
+        expect(analyst.page).to_have_url(re.compile(r"/queries/[0-9a-f]{64}$"))
+        expect(analyst.page.locator("#answer-summary")).to_be_visible(timeout=UI_WAIT_MS)
+        analyst.shot(name, "accounts-answer")
+        accounts = analyst.page.locator("#answer tbody tr").count()
+        analyst.go("/cases/SZ-CONSOLE-G1")
+        expect(graph).to_have_attribute("data-ready", str(1 + accounts), timeout=UI_WAIT_MS)
+        kinds = analyst.page.evaluate(
+            "fetch(document.getElementById('graph').dataset.src).then(r => r.json())"
+            ".then(g => g.nodes.map(n => n.kind))")
+        assert kinds.count("account") == accounts
+        analyst.page.evaluate(f"window.caseGraph.getElementById('company:{subject}').emit('tap')")
+        expect(analyst.page.locator("#graph-detail")).to_contain_text(subject)
+        analyst.shot(name, "graph-with-accounts")
+
+        with analyst.page.expect_download() as download:
+            analyst.page.click("#export")
+        from exchange.ledger.evidence import verify_bundle
+
+        verified = verify_bundle(Path(download.value.path()).read_bytes())
+        assert len(verified.transactions) >= 3  # the case event, the query, its answer
+
         analyst.go("/cases")
         expect(analyst.page.locator("#cases")).to_contain_text("SZ-CONSOLE-G1")
         analyst.shot(name, "cases")

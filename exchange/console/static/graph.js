@@ -30,6 +30,7 @@ async function draw() {
     ],
   });
   el.dataset.ready = String(cy.nodes().length);
+  window.caseGraph = cy; // for the browser tests and the curious
   const detail = document.getElementById("graph-detail");
   cy.on("tap", "node", (evt) => {
     const node = evt.target.data();
