@@ -8,8 +8,6 @@ FollowBlocks stream, read in a thread and pushed to the page as server-sent even
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import threading
 import time
@@ -54,6 +52,7 @@ STATIC_DIR = HERE / "static"
 VENDOR_DIR = STATIC_DIR / "vendor"
 BUNDLE_BYTES_MAX = 64 << 20
 EVENTS_QUEUE_MAX = 1_000
+LIVE_READERS_MAX = 8
 KEEPALIVE_S = 15.0
 PAGES = ("network", "ask", "cosign", "findings", "cases", "audit", "chain", "live",
          "evidence")
@@ -68,6 +67,10 @@ class Console:
     def __init__(self, person: Person | None, gate: Gate) -> None:
         self.person = person
         self.gate = gate
+        # the live pages' readers of the node's block stream (each a thread until the
+        # next block after its page closes), bounded
+        self.live_readers = 0
+        self.live_lock = threading.Lock()
 
     def need_person(self) -> Person:
         if self.person is None:
@@ -216,33 +219,27 @@ def _qid(request: Request) -> bytes:
 @guarded
 def query_page(request: Request) -> Response:
     person = console_of(request).need_person()
-    answer = person.answer(_qid(request))
-    rows = answer.rows[:ROWS_SHOWN_MAX]
-    columns = list(rows[0]) if rows else list(answer.query.fields)
-    return render(request, "query.html", page="ask", answer=answer, q=answer.query,
-                  rows=rows, columns=columns, more=len(answer.rows) - len(rows))
+    q, rows, total = person.answer_head(_qid(request), ROWS_SHOWN_MAX)
+    columns = list(rows[0]) if rows else list(q.fields)
+    return render(request, "query.html", page="ask", q=q, rows=rows, columns=columns,
+                  more=total - len(rows))
 
 
 @guarded
 def query_status(request: Request) -> Response:
     person = console_of(request).need_person()
-    answer = person.answer(_qid(request))
-    return JSONResponse({"status": answer.query.status, "rows": answer.query.row_count})
+    q = person.query_view(_qid(request))
+    return JSONResponse({"status": q.status, "rows": q.row_count})
 
 
 @guarded
 def query_csv(request: Request) -> Response:
     person = console_of(request).need_person()
     qid = _qid(request)
-    answer = person.answer(qid)
-    out = io.StringIO()
-    columns = list(answer.rows[0]) if answer.rows else list(answer.query.fields)
-    writer = csv.writer(out)
-    writer.writerow(columns)
-    for row in answer.rows:
-        writer.writerow([row.get(c, "") for c in columns])
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers={
-        "content-disposition": f'attachment; filename="query-{qid.hex()[:16]}.csv"'})
+    person.query_view(qid)  # a clear error page before the download starts
+    return StreamingResponse(person.answer_csv(qid), media_type="text/csv; charset=utf-8",
+                             headers={"content-disposition":
+                                      f'attachment; filename="query-{qid.hex()[:16]}.csv"'})
 
 
 # -- four eyes ----------------------------------------------------------------------------
@@ -448,7 +445,13 @@ def live(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     """Server-sent events: one `data:` line of JSON per event as its block commits."""
-    person = console_of(request).need_person()
+    console = console_of(request)
+    person = console.need_person()
+    with console.live_lock:
+        if console.live_readers >= LIVE_READERS_MAX:
+            return PlainTextResponse(f"at most {LIVE_READERS_MAX} live pages at once",
+                                     status_code=503)
+        console.live_readers += 1
     send, receive = anyio.create_memory_object_stream[dict[str, Any] | None](
         EVENTS_QUEUE_MAX)
     stop = threading.Event()
@@ -463,6 +466,8 @@ async def events(request: Request) -> Response:
         except (ExchangeError, anyio.BrokenResourceError, RuntimeError):
             pass
         finally:
+            with console.live_lock:
+                console.live_readers -= 1
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
                                      RuntimeError):
                 anyio.from_thread.run(send.send, None, token=token)

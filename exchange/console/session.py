@@ -4,11 +4,14 @@ web layer (`app`) only renders what this returns; every signature is made here."
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from exchange.client import (
     load_genesis,
 )
 from exchange.cosign_client import FourEyesClient, cosign_view, finalize, unsigned_query_body
-from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
+from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.identity.registry import KeyRegistry
 from exchange.ledger.block import parse_header, tx_id
@@ -123,9 +126,50 @@ class Person:
                 self.sent_bodies.pop(next(iter(self.sent_bodies)))
         return view
 
-    def answer(self, qid: bytes, wait_ms: int = 0) -> Answer:
-        """The query's status and rows, every chunk checked against its commitment."""
-        return read_answer(self.client.get_answer(qid, wait_ms))
+    def query_view(self, qid: bytes) -> node_pb2.QueryView:
+        """The query's status, without reading its rows."""
+        parts = self.client.stream_answer(qid)
+        try:
+            return next(parts).query
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()
+
+    def answer_head(self, qid: bytes, rows_max: int
+                    ) -> tuple[node_pb2.QueryView, list[dict[str, Any]], int]:
+        """The query, its first `rows_max` rows and how many there are: every chunk
+        read as it streams and checked against its commitment, the whole against the
+        manifest; only the rows shown are kept."""
+        checked = CheckedAnswer.of_stream(self.client.stream_answer(qid))
+        shown: list[dict[str, Any]] = []
+        total = 0
+        for plaintext in checked:
+            for line in plaintext.splitlines():
+                total += 1
+                if len(shown) < rows_max:
+                    shown.append(json.loads(line, parse_float=Decimal))
+        return checked.query, shown, total
+
+    def answer_csv(self, qid: bytes) -> Iterator[str]:
+        """The answer as CSV text, a chunk at a time as it streams (a chunk that does not
+        match its commitment ends the download with an error, never a silent file)."""
+        checked = CheckedAnswer.of_stream(self.client.stream_answer(qid))
+        columns: list[str] | None = None
+        for plaintext in checked:
+            out = io.StringIO()
+            writer = csv.writer(out)
+            for line in plaintext.splitlines():
+                row = json.loads(line)
+                if columns is None:
+                    columns = list(row)
+                    writer.writerow(columns)
+                writer.writerow([row.get(c, "") for c in columns])
+            yield out.getvalue()
+        if columns is None:
+            out = io.StringIO()
+            csv.writer(out).writerow(list(checked.query.fields))
+            yield out.getvalue()
 
     # -- four eyes --------------------------------------------------------------------
     def cosign_requests(self, mine: bool) -> list[cosign_pb2.CosignRequestView]:
