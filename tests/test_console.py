@@ -169,3 +169,54 @@ def test_the_console_listens_beyond_loopback_only_when_told() -> None:
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_each_catalogue_reads(language: str) -> None:
     assert len(list(catalog(language))) > 150
+
+
+def _profile_with_key(tmp_path: Path, passphrase: bytes | None,
+                      passphrase_env: str | None = None) -> Path:
+    from exchange.identity.keys import SigningKey
+
+    (tmp_path / "analyst.key").write_bytes(SigningKey.generate().to_pem(passphrase))
+    for name in ("tls.pem", "tls.key", "ca.pem"):
+        (tmp_path / name).write_text("not read here\n")
+    lines = ['agency = "tax"', 'subject = "analyst-1"', 'node = "127.0.0.1:1"',
+             'signing_key = "analyst.key"', 'credential = "analyst.cred"',
+             'tls_cert = "tls.pem"', 'tls_key = "tls.key"', 'ca_bundle = "ca.pem"']
+    if passphrase_env:
+        lines.append(f'passphrase_env = "{passphrase_env}"')
+    path = tmp_path / "profile.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_passphrase_is_asked_once_in_the_terminal_until_it_opens_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exchange.cli import console_cmd
+
+    profile = _profile_with_key(tmp_path, b"right")
+    answers = iter(["wrong", "right"])
+    monkeypatch.setattr(console_cmd.sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(console_cmd.click, "prompt", lambda *a, **k: next(answers))
+    assert console_cmd._passphrase(profile) == b"right"
+
+
+def test_a_plain_key_needs_no_passphrase_and_the_profiles_variable_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exchange.cli import console_cmd
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert console_cmd._passphrase(_profile_with_key(tmp_path / "a", None)) is None
+    profile = _profile_with_key(tmp_path / "b", b"secret", "CONSOLE_TEST_PASSPHRASE")
+    monkeypatch.setenv("CONSOLE_TEST_PASSPHRASE", "secret")
+    assert console_cmd._passphrase(profile) == b"secret"
+
+
+def test_an_encrypted_key_without_a_terminal_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exchange.cli import console_cmd
+    from exchange.errors import MalformedInput
+
+    profile = _profile_with_key(tmp_path, b"right")
+    monkeypatch.setattr(console_cmd.sys.stdin, "isatty", lambda: False)
+    with pytest.raises(MalformedInput, match="no terminal"):
+        console_cmd._passphrase(profile)

@@ -40,8 +40,8 @@ def _passphrase(profile_path: Path) -> bytes | None:
     try:
         read_signing_key(profile.signing_key, None)
         return None
-    except (TypeError, ValueError):
-        pass
+    except MalformedInput:
+        pass  # encrypted: ask
     if not sys.stdin.isatty():
         raise MalformedInput(f"{profile.signing_key} is encrypted and there is no terminal "
                              "to ask its passphrase in")
@@ -49,9 +49,9 @@ def _passphrase(profile_path: Path) -> bytes | None:
         text = click.prompt(f"passphrase of {profile.agency}/{profile.subject}'s key",
                             hide_input=True, err=True)
         try:
-            read_signing_key(profile.signing_key, text.encode())
+            read_signing_key(profile.signing_key, str(text).encode())
             return str(text).encode()
-        except (TypeError, ValueError):
+        except MalformedInput:
             click.echo("wrong passphrase", err=True)
     raise MalformedInput("three wrong passphrases")
 
