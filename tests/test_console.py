@@ -220,3 +220,17 @@ def test_an_encrypted_key_without_a_terminal_is_a_clear_error(
     monkeypatch.setattr(console_cmd.sys.stdin, "isatty", lambda: False)
     with pytest.raises(MalformedInput, match="no terminal"):
         console_cmd._passphrase(profile)
+
+
+def test_a_person_who_chooses_another_time_zone_sees_it_named() -> None:
+    gate = Gate()
+    client = TestClient(create_app(None, gate, frozenset({HOST}), "Europe/Paris"),
+                        base_url=f"http://{HOST}", follow_redirects=False)
+    client.get(f"/evidence?token={gate.token}")
+    assert "Europe/Paris" in client.get("/evidence").text
+    assert Formats("en", "Europe/Paris").time_ms(1_788_220_800_000).startswith(
+        "2026-09-01 02:00:00")
+    _register()
+    result = CliRunner().invoke(cli, ["console", "--evidence-only", "--timezone", "Mars/Base",
+                                      "--port", "0"])
+    assert result.exit_code == 2 and "not a time zone" in result.output

@@ -67,10 +67,13 @@ def _passphrase(profile_path: Path) -> bytes | None:
               help="Listen on a non-loopback address (the token still guards it).")
 @click.option("--port", type=click.IntRange(0, 65_535), default=PORT_DEFAULT,
               show_default=True, help="Port (0: any free port).")
+@click.option("--timezone", default="Asia/Shanghai", show_default=True,
+              help="The time zone dates are shown in (an IANA name).")
 @click.option("--url-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the sign-in URL to this file (mode 0600).")
 def console_command(profile_option: str | None, evidence_only: bool, host: str,
-                    allow_remote: bool, port: int, url_file: Path | None) -> None:
+                    allow_remote: bool, port: int, timezone: str,
+                    url_file: Path | None) -> None:
     """Serve the web console: network, ask, four eyes, findings, cases with their graph,
     audit, chain, live events and evidence, in Chinese or English. Prints a URL with a
     one-time token; the page it opens keeps a session cookie."""
@@ -84,6 +87,13 @@ def console_command(profile_option: str | None, evidence_only: bool, host: str,
     if not _is_loopback(host) and not allow_remote:
         raise click.UsageError(f"{host} is not a loopback address: pass --allow-remote to "
                                "serve the console beyond this machine")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise click.UsageError(f"{timezone!r} is not a time zone (e.g. Asia/Shanghai)") \
+            from exc
     person = None
     if not evidence_only:
         profile_path = resolve_profile_path(profile_option)
@@ -102,7 +112,7 @@ def console_command(profile_option: str | None, evidence_only: bool, host: str,
     if _is_loopback(host):
         hosts |= {f"127.0.0.1:{bound}", f"[::1]:{bound}"}
     gate = Gate()
-    app = create_app(person, gate, frozenset(hosts))
+    app = create_app(person, gate, frozenset(hosts), timezone)
     url = f"http://{shown}:{bound}/?token={gate.token}"
     who = f"{person.agency}/{person.subject}" if person else "evidence only"
     click.echo(f"console of {who}: {url}", err=False)

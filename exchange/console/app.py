@@ -36,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from exchange.console.i18n import LANGUAGES, Formats, choose, translator
+from exchange.console.i18n import LANGUAGES, TIMEZONE_DEFAULT, Formats, choose, translator
 from exchange.console.security import CSRF_FIELD, Gate, GateMiddleware
 from exchange.console.session import ROWS_SHOWN_MAX, Person
 from exchange.crossquery import QuerySpec
@@ -64,9 +64,11 @@ DEADLINE_S_DEFAULT = 3_600
 class Console:
     """One console: its person (None for an evidence-only console) and its gate."""
 
-    def __init__(self, person: Person | None, gate: Gate) -> None:
+    def __init__(self, person: Person | None, gate: Gate,
+                 timezone: str = TIMEZONE_DEFAULT) -> None:
         self.person = person
         self.gate = gate
+        self.timezone = timezone
         # the live pages' readers of the node's block stream (each a thread until the
         # next block after its page closes), bounded
         self.live_readers = 0
@@ -89,13 +91,13 @@ def render(request: Request, template: str, status_code: int = 200,
            **context: Any) -> Response:
     console: Console = request.app.state.console
     language = _lang(request)
-    fmt = Formats(language)
+    fmt = Formats(language, console.timezone)
     person = console.person
     response: Response = TEMPLATES.TemplateResponse(request, template, {
         "_": translator(language), "lang": language, "languages": LANGUAGES, "fmt": fmt,
         "csrf": request.state.browser.csrf, "csrf_field": CSRF_FIELD, "person": person,
         "pages": PAGES if person is not None else ("evidence",),
-        "here": request.url.path, "here_full": _local(str(request.url.path) + (
+        "here": request.url.path, "timezone": console.timezone, "here_full": _local(str(request.url.path) + (
             f"?{request.url.query}" if request.url.query else "")),
         **context}, status_code=status_code)
     return response
@@ -542,7 +544,8 @@ def vendor_static() -> StaticFiles:
     return StaticFiles(directory=str(VENDOR_DIR), check_dir=False)
 
 
-def create_app(person: Person | None, gate: Gate, hosts: frozenset[str]) -> Starlette:
+def create_app(person: Person | None, gate: Gate, hosts: frozenset[str],
+               timezone: str = TIMEZONE_DEFAULT) -> Starlette:
     """The console's ASGI app for one person (None: evidence only)."""
     routes = [
         Route("/", home),
@@ -580,7 +583,7 @@ def create_app(person: Person | None, gate: Gate, hosts: frozenset[str]) -> Star
     ]
     app = Starlette(routes=routes, middleware=[Middleware(GateMiddleware, gate=gate,
                                                           hosts=hosts)])
-    app.state.console = Console(person, gate)
+    app.state.console = Console(person, gate, timezone)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         if not hasattr(request.state, "browser"):

@@ -41,8 +41,11 @@ async function draw() {
     for (const hit of data.rows[node.label] || []) {
       const p = document.createElement("p");
       p.className = "mono small";
-      p.textContent = `${hit.dataset} (${hit.query.slice(0, 16)}): ` +
-        Object.entries(hit.row).map(([k, v]) => `${k}=${v}`).join(", ");
+      const link = document.createElement("a");
+      link.href = `/chain/tx/${hit.query}`; // the query whose answer established it
+      link.textContent = `${hit.dataset} ${hit.query.slice(0, 16)}`;
+      p.append(link, document.createTextNode(": " +
+        Object.entries(hit.row).map(([k, v]) => `${k}=${v}`).join(", ")));
       detail.append(p);
     }
   });
