@@ -4,11 +4,13 @@
 # (four eyes: open both URLs, in two browsers or two private windows). Runs until
 # Ctrl-C, then stops exactly the consoles and nodes it started.
 # Overrides (environment): CONSOLE_BASE_PORT=7700 (nodes), CONSOLE_PORT=8470 (the
-# analyst's console; the supervisor's is the next port), COMPANIES=2000.
+# analyst's console; the supervisor's is the next port), COMPANIES=2000,
+# CONSOLE_VAR=var/console (everything this run writes; removed when it starts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXCHANGE=.venv/bin/exchange
-export NET=var/console/net VAR=var/console
+CONSOLE_VAR=${CONSOLE_VAR:-var/console}
+export NET=$CONSOLE_VAR/net VAR=$CONSOLE_VAR
 export INIT_ARGS="--base-port ${CONSOLE_BASE_PORT:-7700}"
 PORT=${CONSOLE_PORT:-8470}
 COMPANIES=${COMPANIES:-2000}
@@ -22,13 +24,13 @@ stop_all() {
 trap stop_all EXIT
 trap 'exit 0' INT TERM
 
-rm -rf var/console
-mkdir -p var/console
+rm -rf "$CONSOLE_VAR"
+mkdir -p "$CONSOLE_VAR"
 echo "== the local cluster ($NET), sample data for $COMPANIES companies"
 bash scripts/cluster.sh start
-$EXCHANGE data generate --seed 7 --companies "$COMPANIES" --out var/console/data >/dev/null
+$EXCHANGE data generate --seed 7 --companies "$COMPANIES" --out "$VAR/data" >/dev/null
 for agency in tax police customs pboc; do
-  $EXCHANGE data load --config "$NET/$agency/node.toml" "var/console/data/$agency" >/dev/null
+  $EXCHANGE data load --config "$NET/$agency/node.toml" "$VAR/data/$agency" >/dev/null
 done
 echo "== the tax bureau's comparisons for $PERIOD (findings to open cases from)"
 for rule in agents/tax/rules/*.yaml; do
@@ -47,7 +49,7 @@ start_console() {  # who profile port
 }
 start_console analyst "$NET/tax/profile.toml" "$PORT"
 start_console supervisor "$NET/tax/analysts/supervisor-1.toml" "$((PORT + 1))"
-GT=var/console/data/ground_truth.csv
+GT=$VAR/data/ground_truth.csv
 OFFICER=$(grep '^officer-with-police-record,' $GT | head -1 | cut -d, -f2); OFFICER=${OFFICER##*/}
 cat <<TEXT
 
