@@ -23,10 +23,11 @@ CYTOSCAPE := exchange/console/static/vendor/cytoscape.min.js
 console-assets: $(CYTOSCAPE)
 
 $(CYTOSCAPE): package.json package-lock.json
-	@if command -v npm >/dev/null; then \
-	  npm ci --no-audit --no-fund --silent && mkdir -p $(@D) && \
-	  cp node_modules/cytoscape/dist/cytoscape.min.js $@; \
-	else echo "npm not found: the console's case graph (Cytoscape.js) is not installed"; fi
+	@if ! command -v npm >/dev/null; then \
+	  echo "npm not found: the console's case graph (Cytoscape.js) is not installed"; \
+	elif npm ci --no-audit --no-fund --silent; then \
+	  mkdir -p $(@D) && cp node_modules/cytoscape/dist/cytoscape.min.js $@; \
+	else echo "npm ci failed: the console's case graph (Cytoscape.js) is not installed"; fi
 
 # The local cluster with sample data, and a console for a tax analyst and a tax supervisor.
 console: install
