@@ -253,6 +253,42 @@ def test_a_supervisor_cosigns_in_their_own_console_and_the_answer_appears_to_the
         expect(supervisor.page.locator("#none-waiting")).to_be_visible()
 
 
+def test_a_restarted_console_signs_a_cosigned_query_only_after_the_analyst_reviews_it(
+        consoles: Consoles, browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    name = "four-eyes-restart"
+    _restart_console(consoles, "analyst", "--profile", str(consoles.cluster.profile("tax")))
+    _restart_console(consoles, "supervisor", "--profile", str(
+        consoles.cluster.net / "tax" / "analysts" / "supervisor-1.toml"))
+    with session(browser, consoles, "analyst") as analyst:
+        analyst.go("/ask?target=police&dataset=persons")
+        analyst.page.fill("#subjects", f"person_id={consoles.officer}")
+        analyst.page.fill("#case_id", "SZ-CONSOLE-4E2")
+        analyst.page.fill("#purpose", "who the officer is")
+        analyst.page.click("#preview")
+        analyst.page.click("#submit")
+        expect(analyst.page).to_have_url(re.compile(r"/cosign/[0-9a-f]{32}$"))
+        request_path = analyst.page.url.split(analyst.base, 1)[1]
+    # the analyst's console restarts: it no longer holds what it sent
+    _restart_console(consoles, "analyst", "--profile", str(consoles.cluster.profile("tax")))
+    with session(browser, consoles, "supervisor") as supervisor:
+        supervisor.go(request_path)
+        supervisor.page.click("#approve")
+        expect(supervisor.page.locator("#request-status")).to_have_attribute(
+            "data-status", "cosigned")
+    with session(browser, consoles, "analyst") as analyst:
+        analyst.go("/cosign")
+        expect(analyst.page.locator("#mine")).to_contain_text("已会签")
+        analyst.go(request_path)  # shown for review, not signed behind the analyst's back
+        expect(analyst.page.locator("#purpose")).to_have_text("who the officer is")
+        analyst.shot(name, "review")
+        analyst.page.click("#sign-cosigned")
+        expect(analyst.page).to_have_url(re.compile(r"/queries/[0-9a-f]{64}$"))
+        expect(analyst.page.locator("#answer-summary")).to_be_visible(timeout=UI_WAIT_MS)
+        analyst.shot(name, "answer")
+
+
 def test_a_finding_opens_a_case_whose_graph_shows_its_subject(consoles: Consoles,
                                                               browser: Any) -> None:
     from playwright.sync_api import expect

@@ -265,11 +265,28 @@ def _body_of(view: Any) -> Any:
 def cosign_one(request: Request) -> Response:
     person = console_of(request).need_person()
     view = person.cosign_request(str(request.path_params["rid"]))
-    if view.analyst == person.subject and view.status == "cosigned":
+    mine = view.analyst == person.subject
+    if mine and view.status == "cosigned" and person.sent_this(view):
+        # the query this console showed and sent: signed now, as the analyst confirmed
         qid = person.complete(view)
         return RedirectResponse(f"/queries/{qid.hex()}", status_code=303)
     return render(request, "cosign_request.html", page="cosign", v=view,
-                  q=_body_of(view).query, mine=view.analyst == person.subject)
+                  q=_body_of(view).query, mine=mine)
+
+
+async def cosign_submit(request: Request) -> Response:
+    """The analyst signs a co-signed query this console did not send itself (it was
+    restarted, or another of the person's consoles sent it) after reviewing it."""
+    person = console_of(request).need_person()
+    rid = str(request.path_params["rid"])
+    try:
+        view = await run_in_threadpool(person.cosign_request, rid)
+        if view.analyst != person.subject:
+            raise MalformedInput("only the analyst who asked signs the query")
+        qid = await run_in_threadpool(person.complete, view)
+    except ExchangeError as exc:
+        return failure(request, exc)
+    return RedirectResponse(f"/queries/{qid.hex()}", status_code=303)
 
 
 @guarded
@@ -561,6 +578,7 @@ def create_app(person: Person | None, gate: Gate, hosts: frozenset[str],
         Route("/cosign/{rid}/status", cosign_status),
         Route("/cosign/{rid}/approve", cosign_approve, methods=["POST"]),
         Route("/cosign/{rid}/decline", cosign_decline, methods=["POST"]),
+        Route("/cosign/{rid}/submit", cosign_submit, methods=["POST"]),
         Route("/findings", findings),
         Route("/findings/open", findings_open, methods=["POST"]),
         Route("/cases", cases),

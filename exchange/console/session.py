@@ -189,6 +189,11 @@ class Person:
     def decline(self, request_id: str, reason: str) -> cosign_pb2.CosignRequestView:
         return FourEyesClient(self.client).decline(request_id, reason)
 
+    def sent_this(self, view: cosign_pb2.CosignRequestView) -> bool:
+        """Whether this console sent the request, with the body the node still holds."""
+        with self.lock:
+            return self.sent_bodies.get(view.request_id) == bytes(view.body)
+
     def complete(self, view: cosign_pb2.CosignRequestView) -> bytes:
         """Sign the co-signed query and submit it (again, harmlessly: signing is
         deterministic and a resubmitted envelope returns its first outcome)."""
