@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("exchange.cosign")
 
+FOUR_EYES_SERVICE = cosign_pb2.DESCRIPTOR.services_by_name["FourEyes"].full_name
 REQUESTS_MAX = 1_024
 PER_ANALYST_MAX = 64
 BODY_BYTES_MAX = 256 << 10
