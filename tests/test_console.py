@@ -234,3 +234,50 @@ def test_a_person_who_chooses_another_time_zone_sees_it_named() -> None:
     result = CliRunner().invoke(cli, ["console", "--evidence-only", "--timezone", "Mars/Base",
                                       "--port", "0"])
     assert result.exit_code == 2 and "not a time zone" in result.output
+
+
+def test_a_console_prints_a_fresh_sign_in_url_on_sigusr1(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    url_file = tmp_path / "url"
+    proc = subprocess.Popen([sys.executable, "-m", "exchange.cli.main", "console",
+                             "--evidence-only", "--port", "0", "--url-file", str(url_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    def status(url: str) -> int:
+        try:
+            return int(urllib.request.build_opener(NoRedirect).open(url, timeout=10).status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def url_after(old: str) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = url_file.read_text().strip() if url_file.is_file() else ""
+            if text and text != old:
+                return text
+            assert proc.poll() is None
+            time.sleep(0.05)
+        raise AssertionError("no URL written")
+
+    try:
+        first = url_after("")
+        assert oct(url_file.stat().st_mode & 0o777) == "0o600"
+        assert status(first) == 303 and status(first) == 403
+        os.kill(proc.pid, signal.SIGUSR1)
+        second = url_after(first)
+        assert second != first and status(second) == 303
+    finally:
+        proc.terminate()
+        proc.wait(10)

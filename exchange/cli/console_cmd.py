@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -54,6 +55,15 @@ def _passphrase(profile_path: Path) -> bytes | None:
         except MalformedInput:
             click.echo("wrong passphrase", err=True)
     raise MalformedInput("three wrong passphrases")
+
+
+def _write_url(path: Path | None, url: str) -> None:
+    """The sign-in URL, readable by its owner only."""
+    if path is None:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
 
 
 @click.command("console")
@@ -116,13 +126,18 @@ def console_command(profile_option: str | None, evidence_only: bool, host: str,
     url = f"http://{shown}:{bound}/?token={gate.token}"
     who = f"{person.agency}/{person.subject}" if person else "evidence only"
     click.echo(f"console of {who}: {url}", err=False)
-    click.echo("(the token signs one browser in, then is spent; Ctrl-C stops the console)",
-               err=True)
+    click.echo(f"(the token signs one browser in, then is spent: `kill -USR1 {os.getpid()}` "
+               "prints a new one; Ctrl-C stops the console)", err=True)
     sys.stdout.flush()
-    if url_file is not None:
-        fd = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(url + "\n")
+    _write_url(url_file, url)
+
+    def fresh_token(signum: int, frame: object) -> None:
+        fresh = f"http://{shown}:{bound}/?token={gate.new_token()}"
+        click.echo(f"console of {who}: {fresh}")
+        sys.stdout.flush()
+        _write_url(url_file, fresh)
+
+    signal.signal(signal.SIGUSR1, fresh_token)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     try:
