@@ -379,7 +379,9 @@ def test_a_tampered_bundle_is_refused_and_the_genuine_one_verifies_without_a_pro
     exported = cluster.run_exchange("evidence", "export", "--store",
                                     str(cluster.net / "tax" / "data" / "blocks.db"),
                                     "--case", case_id, "--profile",
-                                    str(cluster.profile("tax")), "--out", str(genuine))
+                                    str(cluster.profile("tax")), "--reveal-with",
+                                    str(cluster.net / "tax" / "keys" / "data.key"),
+                                    "--out", str(genuine))
     assert exported.returncode == 0, exported.stderr[-2000:]
     data = bytearray(genuine.read_bytes())
     tampered = tmp_path / "tampered.bundle"
@@ -405,6 +407,8 @@ def test_a_tampered_bundle_is_refused_and_the_genuine_one_verifies_without_a_pro
         clerk.page.click("#verify")
         expect(clerk.page.locator("#verified")).to_be_visible()
         expect(clerk.page.locator("#report-timeline")).to_contain_text(case_id)
+        # the finding's revealed row, checked against its digest, names its subject
+        expect(clerk.page.locator("#report-timeline tr.revealed").first).to_be_visible()
         import hashlib
 
         expect(clerk.page.locator("#bundle-sha")).to_have_text(
