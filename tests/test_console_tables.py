@@ -73,3 +73,22 @@ def test_an_empty_table_still_prints_its_title(monkeypatch: pytest.MonkeyPatch) 
     output.table("cases at height 7", ["case", "opened by", "at height", "status",
                                        "findings", "transactions"], [])
     assert "cases at height 7" in out.getvalue()
+
+
+def test_lists_take_a_line_per_item_before_a_table_gives_way_to_blocks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(output, "console", Console(width=110, file=out, color_system=None))
+    bases = "tax-crime-investigation,anti-money-laundering"
+    output.table("police/persons (owner police, version 1)",
+                 ["to", "roles", "case", "legal bases", "shapes", "rows", "per hour",
+                  "supervisor"],
+                 [["customs", "analyst,supervisor", "required", bases, "subject,subject_set",
+                   10000, 600, "co-sign"]])
+    text = out.getvalue()
+    assert "│" in text or "┃" in text  # still a table
+    assert "…" not in text
+    lines = text.splitlines()
+    assert any("tax-crime-investigation," in line for line in lines)
+    assert any("anti-money-laundering" in line for line in lines)
+    assert not any(bases in line for line in lines)  # one item a line

@@ -36,30 +36,53 @@ def _widest_word(text: str) -> int:
     return max((cell_len(word) for word in text.split()), default=0)
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Print rows for people without ever cutting a value: identifiers (a column whose
-    cells have no spaces: USCCs, person ids, tx ids, signers, reason codes) keep their
-    whole width, prose wraps between words; when even that does not fit the width (a
-    pipe's or a narrow terminal's), each row is printed as its own block of
-    "column: value" lines instead."""
-    cells = [[str(c) for c in row] for row in rows]
-    columns = [str(c) for c in columns]
+def _min_widths(columns: Sequence[str], cells: Sequence[Sequence[str]]
+                ) -> tuple[list[int], list[bool]]:
+    """Each column's narrowest width that cuts no value, and whether it is prose (a
+    column with spaces in a cell, which wraps between words, never inside one)."""
     mins: list[int] = []
     prose: list[bool] = []
     for i, col in enumerate(columns):
         values = [row[i] for row in cells if i < len(row)]
         is_prose = any(len(v.split()) > 1 for v in values)
         prose.append(is_prose)
-        if is_prose:  # wraps between words, never inside one
+        if is_prose:
             widest = max([_widest_word(col), *(_widest_word(v) for v in values)])
             mins.append(max(widest, min(PROSE_CELLS_MIN, max(
                 [_widest_line(col), *(_widest_line(v) for v in values)]))))
         else:
             mins.append(max([_widest_line(col), *(_widest_line(v) for v in values)]))
-    needed = sum(mins) + FRAME_CELLS_PER_COLUMN * len(columns) + FRAME_CELLS
-    if needed > console.width:
-        _records(title, columns, cells)
-        return
+    return mins, prose
+
+
+def _fits(mins: Sequence[int]) -> bool:
+    return sum(mins) + FRAME_CELLS_PER_COLUMN * len(mins) + FRAME_CELLS <= console.width
+
+
+def _list_per_line(value: str) -> str:
+    """A comma-separated list without spaces ("analyst,supervisor") one item a line."""
+    if "," in value and not any(ch.isspace() for ch in value):
+        return value.replace(",", ",\n")
+    return value
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Print rows for people without ever cutting a value: identifiers (a column whose
+    cells have no spaces: USCCs, person ids, tx ids, signers, reason codes) keep their
+    whole width and prose wraps between words; if that is too wide for the width (a
+    pipe's or a narrow terminal's), lists ("analyst,supervisor") take a line per item;
+    if even that does not fit, each row is printed as its own block of "column | value"
+    lines instead."""
+    cells = [[str(c) for c in row] for row in rows]
+    columns = [str(c) for c in columns]
+    mins, prose = _min_widths(columns, cells)
+    if not _fits(mins):
+        listed = [[_list_per_line(v) for v in row] for row in cells]
+        listed_mins, listed_prose = _min_widths(columns, listed)
+        if not _fits(listed_mins):
+            _records(title, columns, cells)
+            return
+        cells, mins, prose = listed, listed_mins, listed_prose
     t = Table(title=title, title_justify="left")
     for col, width, is_prose in zip(columns, mins, prose, strict=True):
         t.add_column(col, min_width=width, no_wrap=not is_prose, overflow="fold")
