@@ -8,6 +8,7 @@ caller's credential is refused, and a declined request cannot be submitted."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,3 +162,104 @@ def test_a_request_that_is_not_a_query_of_the_agency_changes_nothing(net: Net) -
 
             four_eyes.submit(ledger_pb2.TxBody(chain_id="x").SerializeToString())
         assert len(four_eyes.listing(mine=True)) == before
+
+
+def _short_lived_request(net: Net, deadline_s: int) -> str:
+    """A request whose query's deadline is `deadline_s` from now (the CLI asks at least a
+    minute), left by analyst-1 through the FourEyes client."""
+    from exchange.cosign_client import unsigned_query_body
+    from exchange.crossquery import QuerySpec
+
+    path = Path(net.profile("analyst-1"))
+    with ExchangeClient(load_client_profile(path)) as client:
+        _, _, genesis = load_genesis(path)
+        signer = Signer.load(client.profile, genesis.chain_id)
+        body = unsigned_query_body(QuerySpec(
+            target="police", dataset="records", subjects=(("person_id", net.officer),),
+            case_id="SZ-4E-SHORT", purpose="short-lived", deadline_s=deadline_s), signer,
+            genesis, list(client.status().member_entries))
+        return FourEyesClient(client).submit(body).request_id
+
+
+def test_requests_and_decisions_survive_a_node_restart_and_expire_at_their_deadline(
+        net: Net) -> None:
+    import time
+
+    from exchange.client import NotFound
+
+    pending = net.request()
+    declined = net.request()
+    net.ok("cosign", "decline", declined, "--reason", "no case opened yet",
+           subject="supervisor-1")
+    short = _short_lived_request(net, deadline_s=2)
+    assert net.ok("cosign", "show", short)["status"] == "pending"
+    net.cluster.restart("tax")  # SIGTERM, then a new process on the same data
+    net.cluster.wait_ready()
+    waiting = [r["request"] for r in  # type: ignore[index, union-attr]
+               net.ok("cosign", "list", subject="supervisor-1")["requests"]]
+    assert pending in waiting and declined not in waiting
+    shown = net.ok("cosign", "show", declined)
+    assert shown["status"] == "declined" and shown["decline_reason"] == "no case opened yet"
+    approved = net.ok("cosign", "approve", pending, subject="supervisor-1")
+    assert approved["status"] == "cosigned"
+    net.cluster.restart("tax", signal.SIGKILL)  # no clean stop: the commit was enough
+    net.cluster.wait_ready()
+    assert net.ok("cosign", "show", pending)["status"] == "cosigned"
+    net.ok("cosign", "submit", pending)
+    path = Path(net.profile("analyst-1"))
+    with ExchangeClient(load_client_profile(path)) as client:
+        four_eyes = FourEyesClient(client)
+        give_up = time.monotonic() + 60
+        while short in [v.request_id for v in four_eyes.listing(mine=True)]:
+            assert time.monotonic() < give_up, "a request outlived its deadline"
+            time.sleep(0.2)
+        with pytest.raises(NotFound, match="expired, or never made here"):
+            four_eyes.get(short)
+
+
+def test_the_stored_requests_keep_their_bounds_and_expire(tmp_path: Path) -> None:
+    from exchange.errors import RateLimited
+    from exchange.node.cosign import (
+        PER_ANALYST_MAX,
+        REQUESTS_MAX,
+        STATUS_DECLINED,
+        CosignStore,
+    )
+    from exchange.v1 import cosign_pb2
+
+    now_ms = 1_800_000_000_000
+
+    def view(n: int, analyst: str, deadline_ms: int = now_ms + 60_000
+             ) -> cosign_pb2.CosignRequestView:
+        return cosign_pb2.CosignRequestView(request_id=f"r{n}", analyst=analyst,
+                                            agency="tax", status="pending",
+                                            created_ms=now_ms, deadline_ms=deadline_ms)
+
+    path = tmp_path / "cosign.db"
+    store = CosignStore(path)
+    for n in range(PER_ANALYST_MAX):
+        store.add(view(n, "analyst-1"), b"k1", now_ms, "tax")
+    with pytest.raises(RateLimited, match=f"analyst-1 has {PER_ANALYST_MAX} requests"):
+        store.add(view(10_000, "analyst-1"), b"k1", now_ms, "tax")
+    decided = view(0, "analyst-1")
+    decided.status, decided.decline_reason = STATUS_DECLINED, "no"
+    assert store.decide(decided, now_ms)
+    assert not store.decide(decided, now_ms)  # decided once
+    store.close()
+
+    store = CosignStore(path)  # reopened: as it was
+    assert store.count() == PER_ANALYST_MAX
+    found = store.find("r0", now_ms)
+    assert found is not None and found[0].status == STATUS_DECLINED and found[1] == b"k1"
+    n = PER_ANALYST_MAX
+    while n < REQUESTS_MAX:
+        store.add(view(n, f"analyst-{2 + n // PER_ANALYST_MAX}"), b"k", now_ms, "tax")
+        n += 1
+    with pytest.raises(RateLimited, match=f"holds {REQUESTS_MAX} co-signature requests"):
+        store.add(view(n, "analyst-new"), b"k", now_ms, "tax")
+    assert store.count() == REQUESTS_MAX and store.find(f"r{n}", now_ms) is None
+    later_ms = now_ms + 60_000  # every deadline has passed
+    assert store.find("r1", later_ms) is None and store.views(later_ms, "analyst-1") == []
+    store.add(view(n, "analyst-new", later_ms + 1), b"k", later_ms, "tax")
+    assert store.count() == 1
+    store.close()

@@ -7,18 +7,25 @@ back only a co-signature made in their own process, or declines with a reason. T
 analyst's own process then signs the query with the co-signature and submits it.
 
 Every caller is a person of this node's agency, authenticated by the credential bound
-to its TLS certificate (`_Auth.caller`). Requests live in the node's memory: at most
-REQUESTS_MAX at once, each dropped once its query's deadline has passed, so nothing here
-grows with the ledger. A node restart forgets them (the analyst asks again).
+to its TLS certificate (`_Auth.caller`). Requests are durable: they live in
+`cosign.db` beside the node's data (SQLite, WAL, synchronous=FULL), each written, and its
+decision recorded, by a committed transaction before the RPC answers, so a node restart
+forgets neither a request it acknowledged nor a supervisor's decision. At most
+REQUESTS_MAX are held at once (PER_ANALYST_MAX per analyst), each dropped once its query's
+deadline has passed, so nothing here grows with the ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -47,6 +54,7 @@ REQUEST_ID_BYTES = 16
 STATUS_PENDING = "pending"
 STATUS_COSIGNED = "cosigned"
 STATUS_DECLINED = "declined"
+BOOK_FILE = "cosign.db"
 
 T = TypeVar("T")
 
@@ -66,24 +74,121 @@ class _Held:
     body: ledger_pb2.TxBody = field(default_factory=ledger_pb2.TxBody)
 
 
+class CosignStore:
+    """The requests on disk: one row each, its view (protobuf) and the key id of the
+    analyst who asked; every write is one committed transaction (fsync'd: WAL,
+    synchronous=FULL) and the bounds are checked inside the transaction that inserts."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript("""
+            CREATE TABLE IF NOT EXISTS requests (
+                request_id TEXT PRIMARY KEY, analyst TEXT NOT NULL,
+                analyst_key_id BLOB NOT NULL, status TEXT NOT NULL,
+                created_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL,
+                view BLOB NOT NULL);
+            CREATE INDEX IF NOT EXISTS requests_deadline ON requests (deadline_ms);
+            CREATE INDEX IF NOT EXISTS requests_analyst ON requests (analyst, created_ms);
+        """)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, view: cosign_pb2.CosignRequestView, analyst_key_id: bytes,
+            now_ms: int, agency: str) -> None:
+        """Store a new request, or RateLimited (nothing stored) when the node or the
+        analyst already holds as many as allowed."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM requests WHERE deadline_ms <= ?", (now_ms,))
+                (held,) = self._db.execute("SELECT COUNT(*) FROM requests").fetchone()
+                if held >= REQUESTS_MAX:
+                    raise errors.RateLimited(f"{agency}'s node holds {REQUESTS_MAX} "
+                                             "co-signature requests; retry later", 60_000)
+                (mine,) = self._db.execute("SELECT COUNT(*) FROM requests WHERE analyst = ?",
+                                           (view.analyst,)).fetchone()
+                if mine >= PER_ANALYST_MAX:
+                    raise errors.RateLimited(f"{view.analyst} has {PER_ANALYST_MAX} "
+                                             "requests waiting", 60_000)
+                self._db.execute(
+                    "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (view.request_id, view.analyst, analyst_key_id, view.status,
+                     view.created_ms, view.deadline_ms, view.SerializeToString()))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def find(self, request_id: str, now_ms: int
+             ) -> tuple[cosign_pb2.CosignRequestView, bytes] | None:
+        """A request whose deadline has not passed, and its analyst's key id."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT view, analyst_key_id FROM requests WHERE request_id = ? "
+                "AND deadline_ms > ?", (request_id, now_ms)).fetchone()
+        if row is None:
+            return None
+        return cosign_pb2.CosignRequestView.FromString(row[0]), bytes(row[1])
+
+    def views(self, now_ms: int, analyst: str | None = None,
+              pending_not_of: str | None = None) -> list[cosign_pb2.CosignRequestView]:
+        """The live requests of `analyst`, or the pending ones of everyone but
+        `pending_not_of`, oldest first (at most REQUESTS_MAX)."""
+        args: tuple[str, ...]
+        if analyst is not None:
+            where, args = "analyst = ?", (analyst,)
+        else:
+            where, args = "analyst != ? AND status = ?", (pending_not_of or "", STATUS_PENDING)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT view FROM requests WHERE {where} AND deadline_ms > ? "  # noqa: S608
+                "ORDER BY created_ms, request_id LIMIT ?",
+                (*args, now_ms, REQUESTS_MAX)).fetchall()
+        return [cosign_pb2.CosignRequestView.FromString(r[0]) for r in rows]
+
+    def decide(self, view: cosign_pb2.CosignRequestView, now_ms: int) -> bool:
+        """Record a pending request's decision (the view as decided); False when it is
+        no longer pending or has expired (nothing written)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE requests SET status = ?, view = ? WHERE request_id = ? "
+                "AND status = ? AND deadline_ms > ?",
+                (view.status, view.SerializeToString(), view.request_id, STATUS_PENDING,
+                 now_ms))
+            return cur.rowcount == 1
+
+    def expire(self, now_ms: int) -> int:
+        """Drop the requests whose deadline has passed; how many."""
+        with self._lock:
+            return self._db.execute("DELETE FROM requests WHERE deadline_ms <= ?",
+                                    (now_ms,)).rowcount
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+
+
 class CosignBook:
-    """The co-signature requests of one node's agency, bounded and expiring."""
+    """The co-signature requests of one node's agency, bounded, expiring and durable."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, path: Path | None = None) -> None:
         self.node = node
-        self._held: dict[str, _Held] = {}
+        self.store = CosignStore(path or node.config.paths.data_dir / BOOK_FILE)
 
-    def _expire(self, now_ms: int) -> None:
-        for rid in [r for r, h in self._held.items() if h.view.deadline_ms <= now_ms]:
-            del self._held[rid]
+    def close(self) -> None:
+        self.store.close()
 
     def submit(self, caller: Caller, raw_body: bytes) -> cosign_pb2.CosignRequestView:
         """Hold an analyst's unsigned query body for a supervisor; MalformedInput for a
         body that is not a query of this agency and chain, already co-signed, or one
-        admission would refuse."""
+        admission would refuse. Stored (committed) before it returns."""
         assert caller.credential is not None
         now_ms = int(time.time() * 1000)
-        self._expire(now_ms)
         if len(raw_body) > BODY_BYTES_MAX:
             raise errors.Oversize(f"a query body is at most {BODY_BYTES_MAX} bytes")
         body = ledger_pb2.TxBody()
@@ -103,13 +208,6 @@ class CosignBook:
             raise errors.MalformedInput("the body already carries co-signatures")
         self.node.applier.queries.check_query_form(body, caller.credential, now_ms)
         analyst = caller.credential.subject
-        if len(self._held) >= REQUESTS_MAX:
-            raise errors.RateLimited(f"{self.node.agency}'s node holds {REQUESTS_MAX} "
-                                     "co-signature requests; retry later", 60_000)
-        if sum(1 for h in self._held.values() if h.view.analyst == analyst) >= \
-                PER_ANALYST_MAX:
-            raise errors.RateLimited(f"{analyst} has {PER_ANALYST_MAX} requests waiting",
-                                     60_000)
         q = body.query
         subjects, period = self._opened(body)
         decision = self._decide(body, caller, cosigned=False)
@@ -122,7 +220,7 @@ class CosignBook:
             policy_version=when_cosigned.policy_version or decision.policy_version,
             decision_code=decision.code or "allowed", decision_reason=decision.reason,
             allowed_when_cosigned=when_cosigned.allowed)
-        self._held[view.request_id] = _Held(view, caller.credential.key_id, body)
+        self.store.add(view, caller.credential.key_id, now_ms, self.node.agency)
         log.info("co-signature requested", request=view.request_id, analyst=analyst,
                  target=q.target_agency, dataset=q.dataset, case=q.case_id)
         return view
@@ -154,15 +252,14 @@ class CosignBook:
 
     def listing(self, caller: Caller, mine: bool) -> cosign_pb2.CosignRequestList:
         assert caller.credential is not None
-        self._expire(int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        self.store.expire(now_ms)
         me = caller.credential.subject
         if mine:
-            chosen = [h.view for h in self._held.values() if h.view.analyst == me]
+            chosen = self.store.views(now_ms, analyst=me)
         else:
             self._supervisor(caller)
-            chosen = [h.view for h in self._held.values()
-                      if h.view.analyst != me and h.view.status == STATUS_PENDING]
-        chosen.sort(key=lambda v: v.created_ms)
+            chosen = self.store.views(now_ms, pending_not_of=me)
         return cosign_pb2.CosignRequestList(requests=chosen)
 
     def get(self, caller: Caller, request_id: str) -> cosign_pb2.CosignRequestView:
@@ -188,8 +285,7 @@ class CosignBook:
             raise errors.InvalidSignature(f"the co-signature does not verify: {exc}") from exc
         held.view.status = STATUS_COSIGNED
         held.view.cosignature.CopyFrom(co)
-        held.view.supervisor = caller.credential.subject
-        held.view.decided_ms = int(time.time() * 1000)
+        self._record(caller, held)
         log.info("co-signed", request=request_id, supervisor=held.view.supervisor,
                  analyst=held.view.analyst)
         return held.view
@@ -202,22 +298,35 @@ class CosignBook:
         if len(reason) > REASON_CHARS_MAX:
             raise errors.MalformedInput(f"a reason is at most {REASON_CHARS_MAX} characters")
         held = self._decidable(caller, request_id)
-        assert caller.credential is not None
         held.view.status = STATUS_DECLINED
         held.view.decline_reason = reason
-        held.view.supervisor = caller.credential.subject
-        held.view.decided_ms = int(time.time() * 1000)
+        self._record(caller, held)
         log.info("co-signature declined", request=request_id,
                  supervisor=held.view.supervisor, analyst=held.view.analyst)
         return held.view
 
+    def _record(self, caller: Caller, held: _Held) -> None:
+        """Store the decision (committed) before it is answered; AlreadyExists when
+        another decision got there first, RequestNotFound when the deadline passed."""
+        assert caller.credential is not None
+        now_ms = int(time.time() * 1000)
+        held.view.supervisor = caller.credential.subject
+        held.view.decided_ms = now_ms
+        if not self.store.decide(held.view, now_ms):
+            found = self.store.find(held.view.request_id, now_ms)
+            if found is None:
+                raise RequestNotFound(f"co-signature request {held.view.request_id!r} "
+                                      "expired")
+            raise errors.AlreadyExists(f"request {held.view.request_id} is already "
+                                       f"{found[0].status}")
+
     def _find(self, request_id: str) -> _Held:
-        self._expire(int(time.time() * 1000))
-        held = self._held.get(request_id)
-        if held is None:
+        found = self.store.find(request_id, int(time.time() * 1000))
+        if found is None:
             raise RequestNotFound(f"no co-signature request {request_id!r} (expired, "
                                        "or never made here)")
-        return held
+        view, key_id = found
+        return _Held(view, key_id, ledger_pb2.TxBody.FromString(view.body))
 
     def _decidable(self, caller: Caller, request_id: str) -> _Held:
         self._supervisor(caller)
@@ -246,13 +355,17 @@ class FourEyesService(cosign_pb2_grpc.FourEyesServicer):
         self.auth = auth
         self.book = CosignBook(node)
 
+    def close(self) -> None:
+        self.book.close()
+
     async def _run(self, context: grpc.aio.ServicerContext, method: str,
                    fn: Callable[[Caller], T]) -> T:
         from exchange.node.server import _abort, _abort_error
 
         try:
             caller = self.auth.caller(context, method, person_only=True)
-            return fn(caller)
+            # off the event loop: a write waits for SQLite's fsync
+            return await asyncio.to_thread(fn, caller)
         except RequestNotFound as exc:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc}")
             raise  # unreachable: abort raises
@@ -290,7 +403,10 @@ class FourEyesService(cosign_pb2_grpc.FourEyesServicer):
             c, request.request_id, request.reason))
 
 
-def add_four_eyes(server: grpc.aio.Server, node: Node, auth: _Auth) -> None:
-    """Serve the FourEyes service beside the public API, on the same port."""
-    cosign_pb2_grpc.add_FourEyesServicer_to_server(FourEyesService(node, auth), server)
+def add_four_eyes(server: grpc.aio.Server, node: Node, auth: _Auth) -> FourEyesService:
+    """Serve the FourEyes service beside the public API, on the same port (closed by
+    the caller once the server has stopped)."""
+    service = FourEyesService(node, auth)
+    cosign_pb2_grpc.add_FourEyesServicer_to_server(service, server)
+    return service
 

@@ -702,7 +702,7 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
     from exchange.node.cosign import FOUR_EYES_SERVICE, add_four_eyes  # issue 21
 
-    add_four_eyes(server, node, auth)
+    four_eyes = add_four_eyes(server, node, auth)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([
@@ -735,5 +735,6 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await node.stop()
+    four_eyes.close()
     if node.fatal_error:
         raise SystemExit(f"node stopped: {node.fatal_error}")
