@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from exchange.cli.main import _register, cli
 from exchange.console.app import create_app
 from exchange.console.i18n import LANGUAGES, Formats, catalog, translator
-from exchange.console.messages import missing, template_msgids
+from exchange.console.messages import code_msgids, missing, template_msgids
 from exchange.console.security import COOKIE_NAME, CSRF_FIELD, Gate
 
 CONSOLE = Path(__file__).resolve().parent.parent / "exchange" / "console"
@@ -130,7 +130,19 @@ def test_templates_hold_no_inline_script_style_or_handler_and_no_other_origin() 
 
 def test_the_catalogues_translate_every_message_the_templates_use() -> None:
     ids = template_msgids()
-    assert len(ids) > 150
+    assert len(ids) > 100
+    _assert_translated(ids)
+
+
+def test_the_catalogues_translate_every_line_of_the_report_and_the_case_timeline() -> None:
+    ids = code_msgids()
+    assert "%(who)s asked %(target)s for %(dataset)s (%(why)s)" in ids  # the report's
+    assert "finding %(finding)s: %(reason)s" in ids  # the case timeline's
+    assert "The node refused: %(error)s" in template_msgids()
+    _assert_translated(ids)
+
+
+def _assert_translated(ids: dict[str, str]) -> None:
     assert missing() == {language: [] for language in LANGUAGES}
     zh = {str(m.id): str(m.string) for m in catalog("zh_CN") if m.id}
     en = {str(m.id): str(m.string) for m in catalog("en") if m.id}
@@ -139,7 +151,87 @@ def test_the_catalogues_translate_every_message_the_templates_use() -> None:
         wanted = sorted(re.findall(r"%\((\w+)\)s", msgid))
         for language, text in (("zh_CN", zh[msgid]), ("en", en[msgid])):
             assert sorted(re.findall(r"%\((\w+)\)s", text)) == wanted, (language, msgid)
-        assert re.search(r"[\u4e00-\u9fff]", zh[msgid]), ("not Chinese", msgid)
+        assert en[msgid] == msgid, ("English is the message id", msgid)
+        if re.search(r"[A-Za-z]", re.sub(r"%\(\w+\)s", "", msgid)):
+            assert re.search(r"[\u4e00-\u9fff]", zh[msgid]), ("not Chinese", msgid)
+
+
+def test_the_evidence_page_shows_the_reports_lines_and_times_in_the_persons_language(
+        tmp_path: Path) -> None:
+    from exchange.ledger.report import build_report
+    from exchange.lines import Msg
+    from tests.test_evidence_report import _build
+
+    built = _build(tmp_path)
+    report = build_report(built.data, 1_790_000_000_000)
+    english = translator("en")
+    for t in report.timeline:  # English through the catalogue is the CLI's line itself
+        assert isinstance(t.line_msg, Msg) and t.line_msg.render(english) == t.line
+    for x in report.exchanges:
+        assert isinstance(x.outcome_msg, Msg) and x.outcome_msg.render(english) == x.outcome
+    assert not {"line_msg", "time_ms", "outcome_msg"} & set(report.as_dict()["timeline"][0])  # type: ignore[index]
+
+    client, gate = _signed_in()
+    csrf = next(iter(gate.sessions.values())).csrf
+    response = client.post("/evidence", data={CSRF_FIELD: csrf},
+                           files={"bundle": ("case.bundle", built.data, "application/x")})
+    assert response.status_code == 200 and 'id="verified"' in response.text
+    page = response.text
+    timeline = page[page.index('id="report-timeline"'):]
+    exchanges = page[page.index('id="exchanges"'):page.index('id="report-timeline"')]
+    q1 = next(t for t in report.timeline if t.tx_id == built.tx["q1"])
+    assert q1.line not in page  # the English line is not shown...
+    assert "向 customs 查询" in timeline  # ...its Chinese one is
+    assert "已答复：2 行（已披露）" in exchanges
+    assert "asked" not in timeline and "answered query" not in timeline
+    assert " UTC" not in timeline and " UTC" not in exchanges  # times in Shanghai time
+    assert Formats("zh_CN").time_ms(q1.time_ms) in timeline
+
+
+def test_a_case_timelines_lines_are_messages_for_the_console_and_english_for_the_cli(
+        ) -> None:
+    from exchange.cases.view import CaseFile
+    from exchange.lines import render
+
+    casefile = CaseFile("SZ-1", "open", events=[
+        {"height": 3, "time_ms": 1, "action": "open", "tx": "ab", "agency": "tax",
+         "playbook": "", "finding": "F-1", "reason": "rebate claimed"}], queries=[
+        {"height": 4, "time_ms": 2, "tx": "cd", "from": "tax", "analyst": "analyst-1",
+         "to": "customs", "dataset": "exports", "subjects": [], "purpose": "check",
+         "playbook": "", "status": "answered", "row_count": 3, "outcome_height": 5,
+         "outcome_time_ms": 3, "outcome_tx": "ef"}])
+    plain = casefile.timeline()
+    assert [i["what"] for i in plain] == ["finding F-1: rebate claimed", "check", "3 rows"]
+    assert all("what_msg" not in i for i in plain)
+    zh = [render(i["what_msg"], translator("zh_CN")) for i in casefile.timeline(True)]
+    assert zh == ["发现 F-1：rebate claimed", "check", "3 行"]
+
+
+def test_a_node_error_keeps_its_words_under_a_heading_in_the_persons_language() -> None:
+    from starlette.requests import Request
+
+    from exchange.client import NodeUnavailable
+    from exchange.console.app import failure
+    from exchange.errors import PermissionDenied
+
+    client, gate = _signed_in()
+    browser = next(iter(gate.sessions.values()))
+
+    def page(exc: Exception) -> str:
+        scope = {"type": "http", "method": "GET", "path": "/ask", "query_string": b"",
+                 "scheme": "http", "server": (HOST, 80), "root_path": "",
+                 "headers": [], "app": client.app}
+        request = Request(scope)
+        request.state.browser = browser
+        return bytes(failure(request, exc).body).decode()
+
+    refused = page(PermissionDenied("node at 127.0.0.1:1 refused: not a supervisor"))
+    assert "节点拒绝：node at 127.0.0.1:1 refused: not a supervisor" in refused
+    down = page(NodeUnavailable("node at 127.0.0.1:1 is not reachable"))
+    assert "节点答复：node at 127.0.0.1:1 is not reachable" in down
+    from exchange.errors import MalformedInput
+
+    assert "节点" not in page(MalformedInput("choose a bundle file"))
 
 
 def test_a_message_is_formatted_in_the_chosen_language() -> None:

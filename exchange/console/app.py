@@ -42,6 +42,7 @@ from exchange.console.session import ROWS_SHOWN_MAX, Person
 from exchange.crossquery import QuerySpec
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
+from exchange.lines import render as render_line
 from exchange.node.answers import parse_since, parse_subject_text
 from exchange.v1 import node_pb2
 
@@ -93,8 +94,9 @@ def render(request: Request, template: str, status_code: int = 200,
     language = _lang(request)
     fmt = Formats(language, console.timezone)
     person = console.person
+    gettext = translator(language)
     response: Response = TEMPLATES.TemplateResponse(request, template, {
-        "_": translator(language), "lang": language, "languages": LANGUAGES, "fmt": fmt,
+        "_": gettext, "line": lambda value: render_line(value, gettext), "lang": language, "languages": LANGUAGES, "fmt": fmt,
         "csrf": request.state.browser.csrf, "csrf_field": CSRF_FIELD, "person": person,
         "pages": PAGES if person is not None else ("evidence",),
         "here": request.url.path, "timezone": console.timezone, "here_full": _local(str(request.url.path) + (
@@ -108,8 +110,20 @@ def _local(path: str) -> str:
     return path if path.startswith("/") and not path.startswith("//") else "/"
 
 
+# how the client words every error that comes from the node (exchange.client.map_rpc_error)
+NODE_ERROR_PREFIX = "node at "
+
+
 def failure(request: Request, exc: Exception, status: int = 400) -> Response:
-    return render(request, "error.html", status_code=status, error=str(exc))
+    """The error page; an error from the node keeps its own (English) words under a
+    heading in the person's language."""
+    error = str(exc)
+    from_node = ""
+    if isinstance(exc, ExchangeError) and error.startswith(NODE_ERROR_PREFIX):
+        _address, _, rest = error.removeprefix(NODE_ERROR_PREFIX).partition(" ")
+        from_node = "refused" if rest.startswith("refused:") else "said"
+    return render(request, "error.html", status_code=status, error=error,
+                  from_node=from_node)
 
 
 def guarded(fn: Callable[[Request], Response]) -> Callable[[Request], Any]:
@@ -361,7 +375,7 @@ def case_page(request: Request) -> Response:
     case_id = str(request.path_params["case_id"])
     casefile, graph = person.case(case_id)
     return render(request, "case.html", page="cases", c=casefile, graph=graph,
-                  timeline=casefile.timeline(), can_export=person.store_path() is not None)
+                  timeline=casefile.timeline(messages=True), can_export=person.store_path() is not None)
 
 
 @guarded
