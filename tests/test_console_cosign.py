@@ -263,3 +263,61 @@ def test_the_stored_requests_keep_their_bounds_and_expire(tmp_path: Path) -> Non
     store.add(view(n, "analyst-new", later_ms + 1), b"k", later_ms, "tax")
     assert store.count() == 1
     store.close()
+
+
+def test_a_persons_language_outlasts_a_console_restart_and_is_theirs_alone(
+        net: Net) -> None:
+    from starlette.testclient import TestClient
+
+    from exchange.console.app import create_app
+    from exchange.console.security import CSRF_FIELD, Gate
+    from exchange.console.session import connect_person
+    from exchange.console.settings import SETTINGS_FILE
+
+    host = "testserver"
+
+    def console(subject: str) -> tuple[TestClient, Gate]:
+        """A freshly started console of `subject`, one browser signed in."""
+        gate = Gate()
+        app = create_app(connect_person(Path(net.profile(subject)), None), gate,
+                         frozenset({host}))
+        client = TestClient(app, base_url=f"http://{host}", follow_redirects=False)
+        assert client.get(f"/evidence?token={gate.token}").status_code == 303
+        return client, gate
+
+    def lang(client: TestClient) -> str:
+        page = client.get("/evidence").text
+        return page.split('<html lang="', 1)[1].split('"', 1)[0]
+
+    first, gate = console("analyst-1")
+    assert lang(first) == "zh-CN"  # the default
+    csrf = next(iter(gate.sessions.values())).csrf
+    chosen = first.post("/lang", data={CSRF_FIELD: csrf, "lang": "en", "next": "/evidence"})
+    assert chosen.status_code == 303 and lang(first) == "en"
+    first.close()
+
+    again, _ = console("analyst-1")  # a new console: nothing of the last one in memory
+    assert lang(again) == "en"
+    other, _ = console("supervisor-1")  # the same profile folder, another person
+    assert lang(other) == "zh-CN"
+    settings = json.loads((Path(net.profile("analyst-1")).parent / SETTINGS_FILE)
+                          .read_text())
+    assert settings["tax/analyst-1"] == {"language": "en"}
+    assert "tax/supervisor-1" not in settings
+    again.close()
+    other.close()
+
+
+def test_an_unreadable_settings_file_counts_as_no_choice_and_is_replaced(
+        tmp_path: Path) -> None:
+    from exchange.console.settings import SETTINGS_FILE, PersonSettings
+
+    (tmp_path / SETTINGS_FILE).write_text("{ not json")
+    settings = PersonSettings(tmp_path, "tax/analyst-1")
+    assert settings.language is None
+    with pytest.raises(ValueError, match="not one of"):
+        settings.set_language("fr")
+    settings.set_language("en")
+    assert PersonSettings(tmp_path, "tax/analyst-1").language == "en"
+    assert PersonSettings(tmp_path, "tax/analyst-2").language is None
+    assert (tmp_path / SETTINGS_FILE).stat().st_mode & 0o777 == 0o600

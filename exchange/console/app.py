@@ -39,6 +39,7 @@ from starlette.templating import Jinja2Templates
 from exchange.console.i18n import LANGUAGES, TIMEZONE_DEFAULT, Formats, choose, translator
 from exchange.console.security import CSRF_FIELD, Gate, GateMiddleware
 from exchange.console.session import ROWS_SHOWN_MAX, Person
+from exchange.console.settings import PersonSettings
 from exchange.crossquery import QuerySpec
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
@@ -70,6 +71,10 @@ class Console:
         self.person = person
         self.gate = gate
         self.timezone = timezone
+        # the person's choices kept across restarts (an evidence-only console has none)
+        self.settings = PersonSettings(person.profile_path.parent,
+                                       f"{person.agency}/{person.subject}") \
+            if person is not None else None
         # the live pages' readers of the node's block stream (each a thread until the
         # next block after its page closes), bounded
         self.live_readers = 0
@@ -85,6 +90,9 @@ def _lang(request: Request) -> str:
     override = request.query_params.get("lang")
     if override in LANGUAGES:
         return str(override)
+    settings = console_of(request).settings
+    if settings is not None and settings.language is not None:
+        return settings.language
     return choose(request.state.browser.language)
 
 
@@ -96,7 +104,8 @@ def render(request: Request, template: str, status_code: int = 200,
     person = console.person
     gettext = translator(language)
     response: Response = TEMPLATES.TemplateResponse(request, template, {
-        "_": gettext, "line": lambda value: render_line(value, gettext), "lang": language, "languages": LANGUAGES, "fmt": fmt,
+        "_": gettext, "line": lambda value: render_line(value, gettext), "lang": language,
+        "languages": LANGUAGES, "fmt": fmt,
         "csrf": request.state.browser.csrf, "csrf_field": CSRF_FIELD, "person": person,
         "pages": PAGES if person is not None else ("evidence",),
         "here": request.url.path, "timezone": console.timezone, "here_full": _local(str(request.url.path) + (
@@ -568,6 +577,13 @@ async def language(request: Request) -> Response:
     chosen = str(form.get("lang", ""))
     if chosen in LANGUAGES:
         request.state.browser.language = chosen
+        settings = console_of(request).settings
+        if settings is not None:
+            try:
+                await run_in_threadpool(settings.set_language, chosen)
+            except OSError as exc:
+                return failure(request, MalformedInput(
+                    f"the language is chosen for this browser only: {exc}"))
     return RedirectResponse(_local(str(form.get("next", "/"))), status_code=303)
 
 
