@@ -321,3 +321,22 @@ def test_an_unreadable_settings_file_counts_as_no_choice_and_is_replaced(
     assert PersonSettings(tmp_path, "tax/analyst-1").language == "en"
     assert PersonSettings(tmp_path, "tax/analyst-2").language is None
     assert (tmp_path / SETTINGS_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_network_page_shows_what_the_nodes_health_service_says(net: Net) -> None:
+    from starlette.testclient import TestClient
+
+    from exchange.console.app import create_app
+    from exchange.console.security import Gate
+    from exchange.console.session import connect_person
+
+    person = connect_person(Path(net.profile("automation")), None)
+    assert person.serving() == "SERVING"
+    gate = Gate()
+    with TestClient(create_app(person, gate, frozenset({"testserver"})),
+                    base_url="http://testserver", follow_redirects=False) as client:
+        assert client.get(f"/network?token={gate.token}").status_code == 303
+        page = client.get("/network").text
+    card = page[page.index('id="serving"'):]
+    assert card.startswith('id="serving" data-status="SERVING">正在服务<')
+    person.client.close()

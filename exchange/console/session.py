@@ -53,6 +53,9 @@ class Preview:
         return not self.decision.allowed and self.with_cosignature.allowed
 
 
+HEALTH_SERVICE = "exchange.v1.Exchange"  # the service the node reports SERVING
+
+
 @dataclass
 class Person:
     """The console's person: profile, node, key and what they submitted from here."""
@@ -83,7 +86,21 @@ class Person:
         status = self.client.status()
         catalog = self.client.list_catalog()
         return {"status": status, "catalog": list(catalog.entries),
-                "catalog_height": catalog.height}
+                "catalog_height": catalog.height, "serving": self.serving()}
+
+    def serving(self) -> str:
+        """What the node's standard health service (grpc.health.v1) says of its public
+        API: SERVING, NOT_SERVING (e.g. while it shuts down), SERVICE_UNKNOWN, or
+        UNREACHABLE when the check itself fails."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub: Any = health_pb2_grpc.HealthStub(self.client.channel)
+        try:
+            answer = self.client._unary(  # noqa: SLF001 - the client's deadlines, errors
+                stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE))
+        except ExchangeError:
+            return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
 
     # -- ask --------------------------------------------------------------------------
     def preview(self, spec: QuerySpec) -> Preview:
