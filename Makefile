@@ -11,9 +11,27 @@ SEED ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install lock proto test lint typecheck bench sim demo clean cluster stop status logs
+.PHONY: install lock proto test lint typecheck bench sim demo clean cluster stop status logs \
+	console console-assets
 
-install: $(STAMP) $(GEN_STAMP)
+install: $(STAMP) $(GEN_STAMP) console-assets
+
+# The console's front-end libraries, pinned in package-lock.json, installed from the npm
+# registry at build time and served by the console itself (no asset from another site at
+# run time). Without npm the console works but its case graph is not drawn.
+CYTOSCAPE := exchange/console/static/vendor/cytoscape.min.js
+console-assets: $(CYTOSCAPE)
+
+$(CYTOSCAPE): package.json package-lock.json
+	@if ! command -v npm >/dev/null; then \
+	  echo "npm not found: the console's case graph (Cytoscape.js) is not installed"; \
+	elif npm ci --no-audit --no-fund --silent; then \
+	  mkdir -p $(@D) && cp node_modules/cytoscape/dist/cytoscape.min.js $@; \
+	else echo "npm ci failed: the console's case graph (Cytoscape.js) is not installed"; fi
+
+# The local cluster with sample data, and a console for a tax analyst and a tax supervisor.
+console: install
+	bash scripts/console.sh
 
 # The environment is installed from requirements.lock: every package (pip and the build
 # tools too) at an exact version with its hashes, so a clone builds the same environment
@@ -33,7 +51,11 @@ $(STAMP): pyproject.toml requirements.lock
 LOCK_ARGS = --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url \
 	--no-emit-find-links $(if $(UPGRADE),--upgrade,)
 
-lock: install
+# Not `install`: after a dependency is added to pyproject.toml the old lock cannot
+# install it (pip check fails), so lock needs only a venv holding pip-tools.
+lock:
+	@test -x $(VENV)/bin/pip-compile || { $(PYTHON) -m venv $(VENV) && \
+	  $(VENV)/bin/pip install --quiet pip-tools; }
 	$(VENV)/bin/pip-compile $(LOCK_ARGS) --extra dev --output-file requirements.lock pyproject.toml
 	$(VENV)/bin/pip-compile $(LOCK_ARGS) --constraint requirements.lock \
 	  --output-file requirements-runtime.lock pyproject.toml

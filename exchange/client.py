@@ -238,6 +238,11 @@ class ExchangeClient:
     def from_profile_path(cls, path: Path, **kwargs: Any) -> ExchangeClient:
         return cls(load_client_profile(path), **kwargs)
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The mutual-TLS channel, for the node's other services (FourEyes)."""
+        return self._channel
+
     def close(self) -> None:
         self._channel.close()
 

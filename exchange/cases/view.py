@@ -16,6 +16,7 @@ from exchange.crossquery import read_answer
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.ledger.block import parse_header
 from exchange.ledger.playbooks import parse_step_ref
+from exchange.lines import Msg
 from exchange.v1 import ledger_pb2, node_pb2
 
 # Columns of answers whose values are subjects a case links: companies, persons, accounts.
@@ -61,13 +62,17 @@ class CaseFile:
                         out[f"{kind}={value}"] = None
         return sorted(out)
 
-    def timeline(self) -> list[dict[str, Any]]:
-        """Events, findings, queries, answers and refusals in commit order."""
+    def timeline(self, messages: bool = False) -> list[dict[str, Any]]:
+        """Events, findings, queries, answers and refusals in commit order. With
+        `messages`, each item also has "what_msg": its "what" as a message (or data)
+        the console shows in the reader's language."""
         items: list[dict[str, Any]] = []
         for e in self.events:
-            what = e["reason"]
+            what: str | Msg = e["reason"]
             if e["finding"]:
-                what = f"finding {e['finding']}" + (f": {what}" if what else "")
+                what = Msg("finding %(finding)s: %(reason)s", finding=e["finding"],
+                           reason=e["reason"]) if e["reason"] else \
+                    Msg("finding %(finding)s", finding=e["finding"])
             items.append({"height": e["height"], "time_ms": e["time_ms"],
                           "kind": f"case {e['action']}", "tx": e["tx"],
                           "who": e["agency"] + ("/automation" if e["playbook"] else ""),
@@ -80,7 +85,7 @@ class CaseFile:
                           "what": q["purpose"], "playbook": q["playbook"]})
             if q["status"] in ("answered", "refused"):
                 kind = "answer" if q["status"] == "answered" else "refusal"
-                what = (f"{q['row_count']} rows" if kind == "answer"
+                what = (Msg("%(n)s rows", n=q["row_count"]) if kind == "answer"
                         else f"{q['refusal_code']}: {q['refusal_reason']}")
                 items.append({"height": q["outcome_height"], "time_ms": q["outcome_time_ms"],
                               "kind": kind, "tx": q["outcome_tx"], "who": q["to"],
@@ -88,6 +93,10 @@ class CaseFile:
                               "subjects": q["subjects"], "what": what,
                               "playbook": q["playbook"],
                               **({"rows": q["rows"]} if q.get("rows") is not None else {})})
+        for item in items:
+            if messages:
+                item["what_msg"] = item["what"]
+            item["what"] = str(item["what"])
         return sorted(items, key=lambda i: (i["height"], i["kind"] != "case open"))
 
     def as_dict(self) -> dict[str, Any]:

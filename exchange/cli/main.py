@@ -67,6 +67,10 @@ def _register() -> None:
 
     for command in (playbook_cmd.playbooks, watch_cmd.watch):
         cli.add_command(command)
+    from exchange.cli import console_cmd, cosign_cmd  # the web console, four eyes (issue 21)
+
+    for command in (console_cmd.console_command, cosign_cmd.cosign):
+        cli.add_command(command)
 
 
 def main() -> None:

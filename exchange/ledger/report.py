@@ -3,7 +3,10 @@
 `build_report` runs the bundle verifier first and builds the report only from what
 verified: a bundle that fails raises `BundleInvalid` and yields no report at all.
 `render_html` turns the report into one self-contained HTML page (inline CSS, no
-script, no external resource). Everything taken from the bundle is untrusted text and is
+script, no external resource). Its human-readable lines are English text, each also
+kept as a message (`exchange.lines.Msg`) with its times in milliseconds, so the console
+shows them in the reader's language and time zone; those fields are left out of
+`as_dict`. Everything taken from the bundle is untrusted text and is
 escaped by the template engine (autoescape), never concatenated into markup.
 
 Pure: bytes in, a report and a string out; the caller supplies the verification time.
@@ -21,6 +24,7 @@ import jinja2
 from exchange.ledger.block import RESULT_OK, open_envelope
 from exchange.ledger.evidence_verify import VerifiedTx, decode_bundle, verify_bundle
 from exchange.ledger.playbooks import parse_step_ref
+from exchange.lines import Msg
 from exchange.v1 import ledger_pb2
 
 # Limits on what one transaction's reveal shows; the bundle itself is never cut.
@@ -43,6 +47,7 @@ class RevealedRows:
     rows_total: int
     text: str = ""  # the plaintext itself when it is not JSON objects
     note: str = ""
+    note_msgs: list[Msg] = field(default_factory=list)  # the note as messages
 
 
 @dataclass
@@ -66,6 +71,9 @@ class TimelineItem:
     revealed: bool
     reveals: list[RevealedRows] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)
+    line_msg: Msg | None = None  # `line` as a message
+    time_ms: int = 0
+    signed_at_ms: int = 0
 
 
 @dataclass
@@ -81,6 +89,10 @@ class Exchange:
     answered_at: str
     outcome: str
     outcome_tx_id: str
+    outcome_msg: Msg | None = None  # `outcome` as a message
+    requester_msg: Msg | None = None  # set when the requester is not known
+    asked_at_ms: int = 0
+    answered_at_ms: int = 0
 
 
 @dataclass
@@ -101,7 +113,18 @@ class Report:
     exchanges: list[Exchange] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The report as plain data (its lines as English text only)."""
+        return asdict(self, dict_factory=_without_messages)
+
+
+# the console's fields: messages and milliseconds, not part of the report's data
+_MESSAGE_FIELDS = frozenset({"note_msgs", "line_msg", "time_ms", "signed_at_ms",
+                             "outcome_msg", "requester_msg", "asked_at_ms",
+                             "answered_at_ms"})
+
+
+def _without_messages(items: list[tuple[str, object]]) -> dict[str, object]:
+    return {k: v for k, v in items if k not in _MESSAGE_FIELDS}
 
 
 def utc(ms: int) -> str:
@@ -147,10 +170,12 @@ def _short(tx_id: str | bytes) -> str:
 
 def _item(t: VerifiedTx, body: ledger_pb2.TxBody, plaintexts: list[bytes],
           quorum: int) -> TimelineItem:
+    line = describe_message(t, body)
     return TimelineItem(
         tx_id=t.tx_id, tx_id_short=_short(t.tx_id), position=f"{t.height}.{t.index}",
         height=t.height, index=t.index, time=utc(t.block_timestamp_ms),
-        signed_at=utc(t.created_at_ms), kind=t.kind, who=t.signer, line=describe(t, body),
+        signed_at=utc(t.created_at_ms), kind=t.kind, who=t.signer, line=str(line),
+        line_msg=line, time_ms=t.block_timestamp_ms, signed_at_ms=t.created_at_ms,
         result=t.result, valid=t.result == RESULT_OK, attested_by=list(t.attested_by),
         quorum=quorum, inclusion_checked=True, signature_checked=True, revealed=t.revealed,
         reveals=[revealed_rows(p) for p in plaintexts],
@@ -158,105 +183,150 @@ def _item(t: VerifiedTx, body: ledger_pb2.TxBody, plaintexts: list[bytes],
 
 
 def describe(t: VerifiedTx, body: ledger_pb2.TxBody) -> str:
-    """One plain-language line for a transaction (clear metadata only)."""
+    """One plain-language line for a transaction (clear metadata only), in English."""
+    return str(describe_message(t, body))
+
+
+def _plural(n: int, one: Msg, many: Msg) -> Msg:
+    return one if n == 1 else many
+
+
+def describe_message(t: VerifiedTx, body: ledger_pb2.TxBody) -> Msg:
+    """The line of `describe` as a message (translated by the console)."""
     kind = body.WhichOneof("kind")
     agency = t.agency
     if kind == "query":
         return _query_line(body.query, t.signer)
     if kind == "answer_manifest":
         a = body.answer_manifest
-        rows = f"{a.row_count} row{'s' * (a.row_count != 1)}"
-        chunks = f" in {a.chunk_count} chunks" if a.chunk_count > 1 else ""
-        return f"{agency} answered query {_short(bytes(a.query_tx_id))}: {rows}{chunks}"
+        rows = _plural(a.row_count, Msg("%(n)s row", n=a.row_count),
+                       Msg("%(n)s rows", n=a.row_count))
+        query = _short(bytes(a.query_tx_id))
+        if a.chunk_count > 1:
+            return Msg("%(agency)s answered query %(query)s: %(rows)s in %(chunks)s chunks",
+                       agency=agency, query=query, rows=rows, chunks=a.chunk_count)
+        return Msg("%(agency)s answered query %(query)s: %(rows)s", agency=agency,
+                   query=query, rows=rows)
     if kind == "answer_chunk":
         c = body.answer_chunk
-        return (f"{agency} sent chunk {c.index} of its answer to query "
-                f"{_short(bytes(c.query_tx_id))}")
+        return Msg("%(agency)s sent chunk %(index)s of its answer to query %(query)s",
+                   agency=agency, index=c.index, query=_short(bytes(c.query_tx_id)))
     if kind == "refusal":
         r = body.refusal
-        return f"{agency} refused query {_short(bytes(r.query_tx_id))}: {r.code} {r.reason}"
+        return Msg("%(agency)s refused query %(query)s: %(code)s %(reason)s", agency=agency,
+                   query=_short(bytes(r.query_tx_id)), code=r.code, reason=r.reason)
     if kind == "findings":
         f = body.findings
-        period = f" (period {f.period})" if f.period else ""
-        found = f"{f.finding_count} finding{'s' * (f.finding_count != 1)}"
-        return f"{agency}'s rule {f.rule_id}{period} found {found}"
+        found = _plural(f.finding_count, Msg("%(n)s finding", n=f.finding_count),
+                        Msg("%(n)s findings", n=f.finding_count))
+        if f.period:
+            return Msg("%(agency)s's rule %(rule)s (period %(period)s) found %(found)s",
+                       agency=agency, rule=f.rule_id, period=f.period, found=found)
+        return Msg("%(agency)s's rule %(rule)s found %(found)s", agency=agency,
+                   rule=f.rule_id, found=found)
     if kind == "findings_chunk":
         part = body.findings_chunk
         n = len(part.findings)
-        return (f"{agency} committed part {part.index} of a rule's findings "
-                f"({n} finding{'s' * (n != 1)})")
+        return Msg("%(agency)s committed part %(index)s of a rule's findings (%(found)s)",
+                   agency=agency, index=part.index,
+                   found=_plural(n, Msg("%(n)s finding", n=n), Msg("%(n)s findings", n=n)))
     if kind == "case_event":
         return _case_line(body.case_event, agency)
     if kind == "rule_registration":
         reg = body.rule_registration
-        return (f"{agency} registered rule {reg.rule_id} version {reg.version} "
-                f"(digest {_short(bytes(reg.digest))})")
+        return Msg("%(agency)s registered rule %(rule)s version %(version)s (digest "
+                   "%(digest)s)", agency=agency, rule=reg.rule_id, version=reg.version,
+                   digest=_short(bytes(reg.digest)))
     if kind == "playbook_registration":
         p = body.playbook_registration
-        return (f"{agency} registered playbook {p.playbook_id} version {p.version} "
-                f"(digest {_short(bytes(p.digest))})")
+        return Msg("%(agency)s registered playbook %(playbook)s version %(version)s "
+                   "(digest %(digest)s)", agency=agency, playbook=p.playbook_id,
+                   version=p.version, digest=_short(bytes(p.digest)))
     if kind == "policy":
         pol = body.policy
-        return (f"{agency} set policy {pol.policy_id} version {pol.version} on dataset "
-                f"{pol.dataset}: {len(pol.grants)} grant(s)")
+        return Msg("%(agency)s set policy %(policy)s version %(version)s on dataset "
+                   "%(dataset)s: %(n)s grant(s)", agency=agency, policy=pol.policy_id,
+                   version=pol.version, dataset=pol.dataset, n=len(pol.grants))
     if kind == "catalog_entry":
-        return f"{agency} listed dataset {body.catalog_entry.dataset} in its catalog"
+        return Msg("%(agency)s listed dataset %(dataset)s in its catalog", agency=agency,
+                   dataset=body.catalog_entry.dataset)
     if kind == "credential_issue":
-        return f"{agency} put a credential of its own on the ledger"
+        return Msg("%(agency)s put a credential of its own on the ledger", agency=agency)
     if kind == "credential_revoke":
         rev = body.credential_revoke
-        return f"{agency} revoked key {_short(bytes(rev.key_id))}: {rev.reason}"
+        return Msg("%(agency)s revoked key %(key)s: %(reason)s", agency=agency,
+                   key=_short(bytes(rev.key_id)), reason=rev.reason)
     if kind == "key_rotation":
-        return f"{agency} replaced its {body.key_rotation.key_kind} key"
+        return Msg("%(agency)s replaced its %(kind)s key", agency=agency,
+                   kind=body.key_rotation.key_kind)
     if kind == "membership_change":
         m = body.membership_change
         if m.rate_limits:
-            return f"{agency} put a change of the admission rate limits on the ledger"
-        change = f"remove {m.remove_agency}" if m.remove_agency else "add a member"
-        return f"{agency} proposed a membership change: {change}"
+            return Msg("%(agency)s put a change of the admission rate limits on the ledger",
+                       agency=agency)
+        if m.remove_agency:
+            return Msg("%(agency)s proposed a membership change: remove %(member)s",
+                       agency=agency, member=m.remove_agency)
+        return Msg("%(agency)s proposed a membership change: add a member", agency=agency)
     if kind == "probe":
-        return f"{agency} sent a probe (carries no agency data)"
-    return f"{t.signer} recorded a {kind or 'transaction'}"
+        return Msg("%(agency)s sent a probe (carries no agency data)", agency=agency)
+    if kind:
+        return Msg("%(who)s recorded a %(kind)s", who=t.signer, kind=kind)
+    return Msg("%(who)s recorded a transaction", who=t.signer)
 
 
-def _query_line(q: ledger_pb2.Query, signer: str) -> str:
+def _query_line(q: ledger_pb2.Query, signer: str) -> Msg:
     """A query: who asked whom for what, and why (case, purpose, basis, on whose behalf)."""
-    why = [f"case {q.case_id}" if q.case_id else "no case"]
+    why = [Msg("case %(case)s", case=q.case_id) if q.case_id else Msg("no case")]
     if q.purpose:
-        why.append(f"purpose: {q.purpose}")
+        why.append(Msg("purpose: %(purpose)s", purpose=q.purpose))
     if q.legal_basis:
-        why.append(f"legal basis: {q.legal_basis}")
+        why.append(Msg("legal basis: %(basis)s", basis=q.legal_basis))
     step = parse_step_ref(q.on_behalf_of)
     if step is not None:
-        why.append(f"on behalf of playbook {_short(step.digest)}, step {step.step_key} "
-                   f"for finding {step.finding_id}")
+        why.append(Msg("on behalf of playbook %(playbook)s, step %(step)s for finding "
+                       "%(finding)s", playbook=_short(step.digest), step=step.step_key,
+                       finding=step.finding_id))
     elif q.on_behalf_of:
-        why.append(f"on behalf of rule {q.on_behalf_of[:TX_ID_SHORT_CHARS]}")
+        why.append(Msg("on behalf of rule %(rule)s",
+                       rule=q.on_behalf_of[:TX_ID_SHORT_CHARS]))
     if len(q.cosignatures):
-        why.append(f"{len(q.cosignatures)} co-signature(s)")
-    return f"{signer} asked {q.target_agency} for {q.dataset} ({'; '.join(why)})"
+        why.append(Msg("%(n)s co-signature(s)", n=len(q.cosignatures)))
+    return Msg("%(who)s asked %(target)s for %(dataset)s (%(why)s)", who=signer,
+               target=q.target_agency, dataset=q.dataset, why=why)
 
 
-def _case_line(ev: ledger_pb2.CaseEvent, agency: str) -> str:
-    ref = ""
+def _case_line(ev: ledger_pb2.CaseEvent, agency: str) -> Msg:
+    ref: Msg | None = None
     if ev.finding_id:
-        ref = f" with finding {ev.finding_id}"
+        ref = Msg("finding %(finding)s", finding=ev.finding_id)
     elif ev.ref_tx_id:
-        ref = f" with transaction {_short(bytes(ev.ref_tx_id))}"
-    reason = f" ({ev.reason})" if ev.reason else ""
+        ref = Msg("transaction %(tx)s", tx=_short(bytes(ev.ref_tx_id)))
+    who: str | Msg = agency
     step = parse_step_ref(ev.playbook_id)
     if step is not None:
-        agency = f"{agency}'s playbook {_short(step.digest)} (step {step.step_key})"
+        who = Msg("%(agency)s's playbook %(playbook)s (step %(step)s)", agency=agency,
+                  playbook=_short(step.digest), step=step.step_key)
+    line: Msg
     if ev.action == "notify":
-        return f"{agency} notified on case {ev.case_id}{reason}"
-    if ev.action == "open":
-        return f"case {ev.case_id} opened by {agency}{ref}{reason}"
-    if ev.action == "add":
-        added = ref.removeprefix(" with ") or "an entry"
-        return f"{agency} added {added} to case {ev.case_id}{reason}"
-    if ev.action == "close":
-        return f"case {ev.case_id} closed by {agency}{reason}"
-    return f"{agency} recorded case event {ev.action!r} on case {ev.case_id}{ref}{reason}"
+        line = Msg("%(agency)s notified on case %(case)s", agency=who, case=ev.case_id)
+    elif ev.action == "open":
+        line = Msg("case %(case)s opened by %(agency)s", case=ev.case_id, agency=who)
+        if ref is not None:
+            line = Msg("%(line)s with %(ref)s", line=line, ref=ref)
+    elif ev.action == "add":
+        line = Msg("%(agency)s added %(added)s to case %(case)s", agency=who,
+                   added=ref or Msg("an entry"), case=ev.case_id)
+    elif ev.action == "close":
+        line = Msg("case %(case)s closed by %(agency)s", case=ev.case_id, agency=who)
+    else:
+        line = Msg("%(agency)s recorded case event %(action)s on case %(case)s",
+                   agency=who, action=repr(ev.action), case=ev.case_id)
+        if ref is not None:
+            line = Msg("%(line)s with %(ref)s", line=line, ref=ref)
+    if ev.reason:
+        line = Msg("%(line)s (%(reason)s)", line=line, reason=ev.reason)
+    return line
 
 
 def _cell(value: object) -> str:
@@ -271,10 +341,10 @@ def revealed_rows(plaintext: bytes) -> RevealedRows:
     try:
         text = plaintext.decode("utf-8")
     except UnicodeDecodeError:
-        return RevealedRows([], [], 0, text=plaintext[:REVEAL_TEXT_CHARS_MAX // 2].hex(),
-                            note=f"{len(plaintext)} bytes, not UTF-8; shown as hex")
+        return _noted(RevealedRows([], [], 0, text=plaintext[:REVEAL_TEXT_CHARS_MAX // 2].hex()),
+                      [Msg("%(n)s bytes, not UTF-8; shown as hex", n=len(plaintext))])
     if text == "":
-        return RevealedRows([], [], 0, note="no records (the empty answer)")
+        return _noted(RevealedRows([], [], 0), [Msg("no records (the empty answer)")])
     objects: list[dict[str, object]] = []
     try:
         for line in text.splitlines():
@@ -284,20 +354,29 @@ def revealed_rows(plaintext: bytes) -> RevealedRows:
             objects.append(obj)
     except ValueError:
         shown = text[:REVEAL_TEXT_CHARS_MAX]
-        cut = f"; first {REVEAL_TEXT_CHARS_MAX} characters" if len(text) > len(shown) else ""
-        return RevealedRows([], [], 0, text=shown, note=f"not JSON rows{cut}")
+        notes = [Msg("not JSON rows")]
+        if len(text) > len(shown):
+            notes.append(Msg("first %(n)s characters", n=REVEAL_TEXT_CHARS_MAX))
+        return _noted(RevealedRows([], [], 0, text=shown), notes)
     names = list(dict.fromkeys(k for obj in objects for k in obj))
     columns = [c for c in _COLUMNS_FIRST if c in names] + \
               [c for c in names if c not in _COLUMNS_FIRST]
     notes = []
     if len(columns) > REVEAL_COLUMNS_SHOWN_MAX:
-        notes.append(f"{len(columns) - REVEAL_COLUMNS_SHOWN_MAX} more columns not shown")
+        notes.append(Msg("%(n)s more columns not shown",
+                         n=len(columns) - REVEAL_COLUMNS_SHOWN_MAX))
         columns = columns[:REVEAL_COLUMNS_SHOWN_MAX]
     if len(objects) > REVEAL_ROWS_SHOWN_MAX:
-        notes.append(f"{len(objects) - REVEAL_ROWS_SHOWN_MAX} more rows not shown")
+        notes.append(Msg("%(n)s more rows not shown", n=len(objects) - REVEAL_ROWS_SHOWN_MAX))
     rows = [[_cell(obj[c]) if c in obj else "" for c in columns]
             for obj in objects[:REVEAL_ROWS_SHOWN_MAX]]
-    return RevealedRows(columns, rows, len(objects), note="; ".join(notes))
+    return _noted(RevealedRows(columns, rows, len(objects)), notes)
+
+
+def _noted(rows: RevealedRows, notes: list[Msg]) -> RevealedRows:
+    rows.note_msgs = notes
+    rows.note = "; ".join(str(n) for n in notes)
+    return rows
 
 
 # -- who asked whom -------------------------------------------------------------------
@@ -315,39 +394,49 @@ def _exchanges(ordered: list[VerifiedTx], bodies: dict[str, ledger_pb2.TxBody]
         if t.kind == "query":
             q = bodies[t.tx_id].query
             out.append(_exchange(t.tx_id, t.signer, q.target_agency, q.dataset, q.case_id,
-                                 utc(t.block_timestamp_ms), t, outcomes.get(t.tx_id, []),
+                                 t.block_timestamp_ms, t, outcomes.get(t.tx_id, []),
                                  bodies))
         elif t.kind in ("answer_manifest", "refusal"):
             qid = bytes(getattr(bodies[t.tx_id], t.kind).query_tx_id).hex()
             if qid not in queries and outcomes[qid][0] is t:  # asked outside this bundle
-                out.append(_exchange(qid, "(query not in this bundle)", t.agency, "", "",
-                                     "", None, outcomes[qid], bodies))
+                out.append(_exchange(qid, Msg("(query not in this bundle)"), t.agency, "",
+                                     "", 0, None, outcomes[qid], bodies))
     return out
 
 
-def _exchange(qid: str, requester: str, target: str, dataset: str, case_id: str,
-              asked_at: str, query: VerifiedTx | None, outcomes: list[VerifiedTx],
+def _exchange(qid: str, requester: str | Msg, target: str, dataset: str, case_id: str,
+              asked_at_ms: int, query: VerifiedTx | None, outcomes: list[VerifiedTx],
               bodies: dict[str, ledger_pb2.TxBody]) -> Exchange:
+    def made(outcome: Msg, answered_at_ms: int = 0, outcome_tx_id: str = "") -> Exchange:
+        return Exchange(qid, str(requester), target, dataset, case_id,
+                        utc(asked_at_ms) if asked_at_ms else "",
+                        utc(answered_at_ms) if answered_at_ms else "", str(outcome),
+                        outcome_tx_id, outcome_msg=outcome,
+                        requester_msg=requester if isinstance(requester, Msg) else None,
+                        asked_at_ms=asked_at_ms, answered_at_ms=answered_at_ms)
+
     if query is not None and query.result != RESULT_OK:
-        return Exchange(qid, requester, target, dataset, case_id, asked_at, "",
-                        f"query judged invalid ({query.result}), recorded only", "")
+        return made(Msg("query judged invalid (%(result)s), recorded only",
+                        result=query.result))
     valid = [o for o in outcomes if o.result == RESULT_OK]
     chosen = valid[0] if valid else (outcomes[0] if outcomes else None)
     if chosen is None:
-        return Exchange(qid, requester, target, dataset, case_id, asked_at, "",
-                        "no answer or refusal in this bundle", "")
+        return made(Msg("no answer or refusal in this bundle"))
     body = bodies[chosen.tx_id]
+    outcome: Msg
     if chosen.kind == "answer_manifest":
         n = body.answer_manifest.row_count
-        outcome = f"answered: {n} row{'s' * (n != 1)}"
+        outcome = Msg("answered: %(rows)s", rows=_plural(n, Msg("%(n)s row", n=n),
+                                                         Msg("%(n)s rows", n=n)))
         if chosen.revealed:
-            outcome += " (revealed)"
+            outcome = Msg("%(outcome)s (revealed)", outcome=outcome)
     else:
-        outcome = f"refused: {body.refusal.code} {body.refusal.reason}".rstrip()
+        what = f"{body.refusal.code} {body.refusal.reason}".rstrip()
+        outcome = Msg("refused: %(what)s", what=what) if what else Msg("refused:")
     if chosen.result != RESULT_OK:
-        outcome = f"{outcome}; judged invalid ({chosen.result}), recorded only"
-    return Exchange(qid, requester, target, dataset, case_id, asked_at,
-                    utc(chosen.block_timestamp_ms), outcome, chosen.tx_id)
+        outcome = Msg("%(outcome)s; judged invalid (%(result)s), recorded only",
+                      outcome=outcome, result=chosen.result)
+    return made(outcome, chosen.block_timestamp_ms, chosen.tx_id)
 
 
 # -- HTML -----------------------------------------------------------------------------

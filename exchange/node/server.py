@@ -710,13 +710,16 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     auth = _Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
+    from exchange.node.cosign import FOUR_EYES_SERVICE, add_four_eyes  # issue 21
+
+    four_eyes = add_four_eyes(server, node, auth)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([
         node_pb2.DESCRIPTOR.services_by_name["Exchange"].full_name,
         peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME], server)
+        FOUR_EYES_SERVICE, reflection.SERVICE_NAME], server)
     if config.listen_metrics:
         metrics.serve_metrics(config.listen_metrics)
     host, port = parse_address(config.listen_grpc)
@@ -742,5 +745,6 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     await health.enter_graceful_shutdown()
     await server.stop(grace=1.0)
     await node.stop()
+    four_eyes.close()
     if node.fatal_error:
         raise SystemExit(f"node stopped: {node.fatal_error}")
