@@ -7,6 +7,7 @@ the caller's (a node's block store, the key registry, a list of cases)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -130,3 +131,14 @@ def resolve_tx_id(text: str, finder: FindsTransactions | TxIndex | None,
     found = finder.tx_ids_between(prefix.low, prefix.high, FIND_LIMIT_DEFAULT + 1)
     return choose(prefix, found[:FIND_LIMIT_DEFAULT], what,
                   more=len(found) > FIND_LIMIT_DEFAULT)
+
+
+def parse_since(text: str) -> int:
+    """A `since` time as people type it, as Unix ms: a date (YYYY-MM-DD, UTC midnight) or an ISO 8601 time."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise MalformedInput(f"--since {text!r} is not a date (YYYY-MM-DD) or ISO time") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)

@@ -15,8 +15,8 @@ from exchange.client import Signer, load_genesis
 from exchange.cosign_client import FourEyesClient, cosign_view, finalize, unsigned_query_body
 from exchange.crossquery import QuerySpec
 from exchange.errors import MalformedInput
-from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
-from exchange.node.answers import parse_subject_text
+from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
+from exchange.ledger.queries import parse_subject_text
 from exchange.v1 import cosign_pb2
 
 

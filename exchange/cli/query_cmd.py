@@ -3,7 +3,6 @@ sees them, and the record of every one of them."""
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
 from exchange.errors import MalformedInput
 from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.identity.keys import CachedSigner, read_signing_key
-from exchange.ids import resolve_tx_id
+from exchange.ids import parse_since, resolve_tx_id
 from exchange.ledger.queries import parse_subject_text
 from exchange.v1 import ledger_pb2, node_pb2
 
@@ -52,17 +51,6 @@ def _cosigner(profile_text: str, agency: str) -> CachedSigner:
     if profile.agency != agency:
         raise MalformedInput(f"co-signer profile is {profile.agency}'s, the query {agency}'s")
     return CachedSigner(read_signing_key(profile.signing_key, profile.passphrase()))
-
-
-def parse_since(text: str) -> int:
-    """`--since` as Unix ms: a date (YYYY-MM-DD, UTC midnight) or an ISO 8601 time."""
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise MalformedInput(f"--since {text!r} is not a date (YYYY-MM-DD) or ISO time") from exc
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
 
 
 @click.command("query")

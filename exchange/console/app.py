@@ -42,9 +42,10 @@ from exchange.console.session import ROWS_SHOWN_MAX, Person
 from exchange.console.settings import PersonSettings
 from exchange.crossquery import QuerySpec
 from exchange.errors import ExchangeError, MalformedInput
-from exchange.ledger.policy import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
+from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
+from exchange.ids import parse_since
+from exchange.ledger.queries import parse_subject_text
 from exchange.lines import render as render_line
-from exchange.node.answers import parse_since, parse_subject_text
 from exchange.v1 import node_pb2
 
 HERE = Path(__file__).parent

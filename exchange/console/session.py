@@ -307,12 +307,8 @@ class Person:
         """The case's evidence bundle, with a quorum's statements of its completeness,
         verified before it is handed out."""
         from exchange.ledger.case_export import case_tx_ids
-        from exchange.ledger.evidence import (
-            add_case_statements,
-            build_bundle,
-            encode_bundle,
-            verify_bundle,
-        )
+        from exchange.ledger.evidence import add_case_statements, build_bundle, encode_bundle
+        from exchange.ledger.evidence_verify import verify_bundle
         from exchange.ledger.store import BlockStore
 
         path = self.store_path()
@@ -378,8 +374,8 @@ class Person:
     # -- live -------------------------------------------------------------------------
     def events(self, stop: threading.Event) -> Iterator[dict[str, Any]]:
         """Findings, case events and case steps as they commit, from the next block."""
+        from exchange.cases.client_events import RELEVANT, ClientEventSource, relevant
         from exchange.cases.events import block_events
-        from exchange.cli.watch_cmd import RELEVANT, ClientEventSource, _relevant
         from exchange.ledger.block import RESULT_OK, results_root
 
         source = ClientEventSource(self.client)
@@ -395,7 +391,7 @@ class Person:
                 env = ledger_pb2.Envelope.FromString(raw)
                 body = ledger_pb2.TxBody.FromString(env.body)
                 kind = body.WhichOneof("kind")
-                if kind not in RELEVANT or not _relevant(kind, body, source):
+                if kind not in RELEVANT or not relevant(kind, body, source):
                     continue
                 txid = tx_id(env.body)
                 if kind == "query":

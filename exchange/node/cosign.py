@@ -7,7 +7,7 @@ back only a co-signature made in their own process, or declines with a reason. T
 analyst's own process then signs the query with the co-signature and submits it.
 
 Every caller is a person of this node's agency, authenticated by the credential bound
-to its TLS certificate (`_Auth.caller`). Requests are durable: they live in
+to its TLS certificate (`Auth.caller`). Requests are durable: they live in
 `cosign.db` beside the node's data (SQLite, WAL, synchronous=FULL), each written, and its
 decision recorded, by a committed transaction before the RPC answers, so a node restart
 forgets neither a request it acknowledged nor a supervisor's decision. At most
@@ -40,8 +40,8 @@ from exchange.ledger.sealing import open_sealed
 from exchange.v1 import cosign_pb2, cosign_pb2_grpc, ledger_pb2
 
 if TYPE_CHECKING:
+    from exchange.node.auth import Auth, Caller
     from exchange.node.node import Node
-    from exchange.node.server import Caller, _Auth
 
 log = structlog.get_logger("exchange.cosign")
 
@@ -57,12 +57,6 @@ STATUS_DECLINED = "declined"
 BOOK_FILE = "cosign.db"
 
 T = TypeVar("T")
-
-
-class RequestNotFound(errors.ExchangeError):
-    """No such co-signature request (expired, or never made at this node)."""
-
-    code = "NOT_FOUND"
 
 
 @dataclass
@@ -307,7 +301,7 @@ class CosignBook:
 
     def _record(self, caller: Caller, held: _Held) -> None:
         """Store the decision (committed) before it is answered; AlreadyExists when
-        another decision got there first, RequestNotFound when the deadline passed."""
+        another decision got there first, errors.NotFound when the deadline passed."""
         assert caller.credential is not None
         now_ms = int(time.time() * 1000)
         held.view.supervisor = caller.credential.subject
@@ -315,7 +309,7 @@ class CosignBook:
         if not self.store.decide(held.view, now_ms):
             found = self.store.find(held.view.request_id, now_ms)
             if found is None:
-                raise RequestNotFound(f"co-signature request {held.view.request_id!r} "
+                raise errors.NotFound(f"co-signature request {held.view.request_id!r} "
                                       "expired")
             raise errors.AlreadyExists(f"request {held.view.request_id} is already "
                                        f"{found[0].status}")
@@ -323,7 +317,7 @@ class CosignBook:
     def _find(self, request_id: str) -> _Held:
         found = self.store.find(request_id, int(time.time() * 1000))
         if found is None:
-            raise RequestNotFound(f"no co-signature request {request_id!r} (expired, "
+            raise errors.NotFound(f"no co-signature request {request_id!r} (expired, "
                                        "or never made here)")
         view, key_id = found
         return _Held(view, key_id, ledger_pb2.TxBody.FromString(view.body))
@@ -351,7 +345,7 @@ class FourEyesService(cosign_pb2_grpc.FourEyesServicer):
     """The FourEyes RPCs: each authenticates its caller as a person of the node's agency
     and maps domain errors to gRPC statuses as the public API does."""
 
-    def __init__(self, node: Node, auth: _Auth) -> None:
+    def __init__(self, node: Node, auth: Auth) -> None:
         self.auth = auth
         self.book = CosignBook(node)
 
@@ -360,18 +354,10 @@ class FourEyesService(cosign_pb2_grpc.FourEyesServicer):
 
     async def _run(self, context: grpc.aio.ServicerContext, method: str,
                    fn: Callable[[Caller], T]) -> T:
-        from exchange.node.server import _abort, _abort_error
-
-        try:
-            caller = self.auth.caller(context, method, person_only=True)
-            # off the event loop: a write waits for SQLite's fsync
-            return await asyncio.to_thread(fn, caller)
-        except RequestNotFound as exc:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"{exc.code}: {exc}")
-            raise  # unreachable: abort raises
-        except errors.ExchangeError as exc:
-            await _abort_error(context, exc)
-            raise  # unreachable: abort raises
+        # the server's interceptor maps a domain error to its status, as for every call
+        caller = self.auth.caller(context, method, person_only=True)
+        # off the event loop: a write waits for SQLite's fsync
+        return await asyncio.to_thread(fn, caller)
 
     async def SubmitCosignRequest(self, request: cosign_pb2.CosignSubmitRequest,
                                   context: grpc.aio.ServicerContext
@@ -403,7 +389,7 @@ class FourEyesService(cosign_pb2_grpc.FourEyesServicer):
             c, request.request_id, request.reason))
 
 
-def add_four_eyes(server: grpc.aio.Server, node: Node, auth: _Auth) -> FourEyesService:
+def add_four_eyes(server: grpc.aio.Server, node: Node, auth: Auth) -> FourEyesService:
     """Serve the FourEyes service beside the public API, on the same port (closed by
     the caller once the server has stopped)."""
     service = FourEyesService(node, auth)

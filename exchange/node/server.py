@@ -7,7 +7,7 @@ member nodes only. Identities come from the TLS certificate and are checked agai
 issuing agency's CA (exchange.identity.peer_auth). A person (not a node) calls on
 behalf of the credential on the ledger that binds their certificate's key
 (Credential.tls_key_sha256): every call checks it valid at the applied height
-(`_Auth.caller`), so a revoked or expired credential reads nothing, and every read is
+(`Auth.caller`), so a revoked or expired credential reads nothing, and every read is
 logged with the credential it was checked against. Domain errors are mapped to gRPC
 status codes here, once, by one interceptor (`_Edge`, which also logs refusals and times
 every call): what a status echoes is cut to DETAILS_CHARS_MAX, so
@@ -22,7 +22,6 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -33,18 +32,11 @@ from grpc_reflection.v1alpha import reflection
 
 from exchange import errors
 from exchange.identity.config import NodeConfig, parse_address
-from exchange.identity.peer_auth import (
-    PeerAuthenticator,
-    PeerIdentity,
-    member_cas_from,
-    peer_certificate,
-)
-from exchange.identity.registry import KeyInfo
-from exchange.identity.tls import load_certificate, public_key_sha256
 from exchange.ids import find_transactions
 from exchange.ledger import merkle
 from exchange.ledger.block import parse_header
 from exchange.node import metrics
+from exchange.node.auth import Auth, Caller
 from exchange.node.credentials import list_credentials
 from exchange.node.node import Node
 from exchange.node.peers import SERVER_OPTIONS, BadPeerMessage, message_from_proto
@@ -256,110 +248,7 @@ class _Edge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler._replace(**changes)
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """An authenticated caller: a member node, or a person (analyst, supervisor,
-    automation) with the credential their certificate is bound to."""
-
-    who: PeerIdentity
-    tls_key_sha256: bytes
-    credential: KeyInfo | None  # None for a member node
-
-    def __str__(self) -> str:
-        if self.credential is None:
-            return str(self.who)
-        return f"{self.who} (credential {self.credential.key_id.hex()})"
-
-
-class _Auth:
-    """Who a caller is, by the member CAs and pinned node certificates on the ledger as
-    of the last applied block, and, for a person, by the credential on the ledger that
-    binds their certificate's key (design decision 14)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self._version = -1
-        self._refresh()
-
-    def _refresh(self) -> None:
-        registry = self.node.registry
-        if registry.version != self._version:
-            self._version = registry.version
-            self.authenticator = PeerAuthenticator(
-                member_cas_from(registry.members.values()), registry.node_certs)
-            self._known: dict[bytes, tuple[PeerIdentity, bytes]] = {}
-
-    def _identify(self, context: grpc.aio.ServicerContext) -> tuple[PeerIdentity, bytes]:
-        self._refresh()
-        try:
-            cert = peer_certificate(context.auth_context())
-            known = self._known.get(cert)
-            if known is None:
-                known = (self.authenticator.identify(cert),
-                         public_key_sha256(load_certificate(cert)))
-                if len(self._known) > 1024:
-                    self._known.clear()
-                self._known[cert] = known
-            return known
-        except errors.ExchangeError as exc:
-            log.warning("caller refused", peer=context.peer(), error=str(exc))
-            raise errors.PermissionDenied(str(exc)) from exc
-
-    def identify(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
-        return self._identify(context)[0]
-
-    def member_node(self, context: grpc.aio.ServicerContext) -> PeerIdentity:
-        who = self.identify(context)
-        if not who.is_node:
-            log.warning("non-node caller on the peer service", caller=str(who))
-            raise errors.PermissionDenied(f"{who} is not a member node")
-        return who
-
-    def caller(self, context: grpc.aio.ServicerContext, read: str = "",
-               person_only: bool = False) -> Caller:
-        """The one check of every public API call: a member node (unless
-        `person_only`), or a person of this node's agency whose credential binds the
-        certificate presented and is valid at the applied height (not revoked, not
-        expired). A read (`read` names it) on behalf of a person is logged with the
-        credential it was checked against."""
-        who, tls_key = self._identify(context)
-        if who.is_node:
-            if person_only:
-                raise errors.PermissionDenied(
-                    f"{who} is not an analyst of {self.node.agency}")
-            return Caller(who, tls_key, None)
-        if who.agency != self.node.agency:
-            raise errors.PermissionDenied(f"{who} is not of {self.node.agency}")
-        caller = self.recheck(Caller(who, tls_key, None))
-        if read:
-            assert caller.credential is not None
-            log.info("read", method=read, reader=str(who),
-                     credential=caller.credential.key_id.hex(),
-                     height=self.node.store.height)
-        return caller
-
-    def own_agency_or_node(self, context: grpc.aio.ServicerContext) -> Caller:
-        """`caller` for a call that reads nothing of a person's (submissions, status)."""
-        return self.caller(context)
-
-    def recheck(self, caller: Caller) -> Caller:
-        """`caller` with its credential checked again as of now (a long stream is cut
-        when its reader's credential is revoked)."""
-        if caller.who.is_node:
-            return caller
-        height = self.node.store.height
-        try:
-            info = self.node.registry.check_reader(
-                caller.tls_key_sha256, caller.who.agency, caller.who.subject, height,
-                int(time.time() * 1000))
-        except errors.CredentialInvalid as exc:
-            log.warning("reader refused", reader=str(caller.who), height=height,
-                        error=str(exc))
-            raise
-        return Caller(caller.who, caller.tls_key_sha256, info)
-
-
-def _own_person(auth: _Auth, context: grpc.aio.ServicerContext,
+def _own_person(auth: Auth, context: grpc.aio.ServicerContext,
                 read: str = "read") -> Caller:
     """A person of the node's own agency (not a node), checked and logged as a read."""
     return auth.caller(context, read, person_only=True)
@@ -368,7 +257,7 @@ def _own_person(auth: _Auth, context: grpc.aio.ServicerContext,
 class ExchangeService(node_pb2_grpc.ExchangeServicer):
     """The public API."""
 
-    def __init__(self, node: Node, auth: _Auth) -> None:
+    def __init__(self, node: Node, auth: Auth) -> None:
         self.node = node
         self.auth = auth
 
@@ -648,7 +537,7 @@ def _run_parts(run: node_pb2.FindingsRun) -> list[node_pb2.FindingsRun]:
 class PeerService(peer_pb2_grpc.PeerServicer):
     """What member nodes offer each other."""
 
-    def __init__(self, node: Node, auth: _Auth) -> None:
+    def __init__(self, node: Node, auth: Auth) -> None:
         self.node = node
         self.auth = auth
 
@@ -707,7 +596,7 @@ async def serve(config: NodeConfig, ready: Callable[[Node], None] | None = None)
     node = Node(config)
     server_creds = node.tls.server_credentials()
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[_Decoding(), _Edge()])
-    auth = _Auth(node)
+    auth = Auth(node)
     node_pb2_grpc.add_ExchangeServicer_to_server(ExchangeService(node, auth), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node, auth), server)
     from exchange.node.cosign import FOUR_EYES_SERVICE, add_four_eyes  # issue 21
