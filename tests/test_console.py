@@ -210,7 +210,7 @@ def test_a_case_timelines_lines_are_messages_for_the_console_and_english_for_the
 def test_a_node_error_keeps_its_words_under_a_heading_in_the_persons_language() -> None:
     from starlette.requests import Request
 
-    from exchange.client import NodeUnavailable
+    from exchange.errors import NodeUnavailable
     from exchange.console.app import failure
     from exchange.errors import PermissionDenied
 

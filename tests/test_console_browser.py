@@ -346,7 +346,7 @@ def test_a_finding_opens_a_case_whose_graph_shows_its_subject(consoles: Consoles
 
         with analyst.page.expect_download() as download:
             analyst.page.click("#export")
-        from exchange.ledger.evidence import verify_bundle
+        from exchange.ledger.evidence_verify import verify_bundle
 
         verified = verify_bundle(Path(download.value.path()).read_bytes())
         assert len(verified.transactions) >= 3  # the case event, the query, its answer

@@ -185,7 +185,7 @@ def test_requests_and_decisions_survive_a_node_restart_and_expire_at_their_deadl
         net: Net) -> None:
     import time
 
-    from exchange.client import NotFound
+    from exchange.errors import NotFound
 
     pending = net.request()
     declined = net.request()
