@@ -71,11 +71,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy exchange agents
+	$(VENV)/bin/mypy exchange agents bench
 	$(VENV)/bin/lint-imports
 
 bench: install
-	$(PY) -m exchange.bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 sim: install
 	$(PY) -m tests.sim $(if $(SEED),--seed $(SEED) --verbose,--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS),)

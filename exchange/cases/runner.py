@@ -50,9 +50,9 @@ from exchange.cases.playbooks import (
     load_playbooks,
 )
 from exchange.client import ExchangeClient, Signer
+from exchange.client.crossquery import QuerySpec, build_query, read_answer
 from exchange.compare.duck import RuleLimits
 from exchange.compare.jobs import Runner as JobsRunner
-from exchange.crossquery import QuerySpec, build_query, read_answer
 from exchange.errors import (
     Conflict,
     ExchangeError,

@@ -12,7 +12,7 @@ from typing import Any
 
 from agents.common.checks import is_valid_person_id, is_valid_uscc
 from exchange.client import ExchangeClient
-from exchange.crossquery import read_answer
+from exchange.client.crossquery import read_answer
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.ledger.block import parse_header
 from exchange.ledger.playbooks import parse_step_ref

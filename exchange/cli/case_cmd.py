@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import ExchangeClient, Signer, load_genesis
 from exchange.errors import UnknownId
 from exchange.ids import choose_text

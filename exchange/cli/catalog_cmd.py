@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from google.protobuf.json_format import MessageToDict
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, table
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.v1 import ledger_pb2
 
 

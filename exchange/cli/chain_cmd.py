@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options, short
 from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.cli.status_cmd import connect, emit_json_line, json_option, node_options, short
 from exchange.client import ExchangeClient, load_genesis, resolve_profile_path
 from exchange.errors import ChainBroken, ExchangeError, WrongChain
 from exchange.identity.genesis import genesis_hash

@@ -4,7 +4,7 @@ a known load on the running network through the profile's node and says PASS or 
 The load is closed-loop (each client keeps one 1 KiB probe transaction, signed by the
 profile's analyst key, in flight at a time, as etcd's benchmark counts); a transaction
 counts when the node answers that its block committed with it judged OK. The levels
-(exchange.perf.LOAD_LEVELS) say how many clients, for how long, and what throughput and
+(exchange.client.loadgen.LOAD_LEVELS) say how many clients, for how long, and what throughput and
 p99 latency the network must reach; the README's "Checking performance" lists them.
 """
 
@@ -14,11 +14,18 @@ import sys
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import emit_json
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import Signer, chain_id_for
+from exchange.client.loadgen import (
+    ENVELOPE_BYTES,
+    LOAD_LEVELS,
+    LoadLevel,
+    LoadResult,
+    judge,
+    run_load,
+)
 from exchange.errors import MalformedInput, NodeError, NodeTimeout, NodeUnavailable, WrongChain
-from exchange.perf import ENVELOPE_BYTES, LOAD_LEVELS, LoadLevel, LoadResult, judge, run_load
 
 EXIT_FAIL = 1
 EXIT_INTERRUPTED = 130

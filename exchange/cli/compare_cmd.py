@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.cli.status_cmd import connect, emit_json_line, json_option, node_options
 from exchange.client import Signer, load_genesis
 from exchange.errors import MalformedInput
 from exchange.ids import resolve_tx_id

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.cli.query_cmd import SHAPES, _fields
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import Signer, load_genesis
-from exchange.cosign_client import FourEyesClient, cosign_view, finalize, unsigned_query_body
-from exchange.crossquery import QuerySpec
+from exchange.client.cosign import FourEyesClient, cosign_view, finalize, unsigned_query_body
+from exchange.client.crossquery import QuerySpec
 from exchange.errors import MalformedInput
 from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.queries import parse_subject_text
@@ -32,7 +32,7 @@ def view_dict(v: cosign_pb2.CosignRequestView) -> dict[str, object]:
 
 
 def _show(v: cosign_pb2.CosignRequestView) -> None:
-    from exchange.cosign_client import parse_body
+    from exchange.client.cosign import parse_body
 
     q = parse_body(v).query
     console.print(f"request {v.request_id}: {v.status}")
@@ -107,7 +107,7 @@ def cosign_list(mine: bool, profile_option: str | None, timeout_s: float,
     if as_json:
         emit_json({"requests": [view_dict(v) for v in views]})
         return
-    from exchange.cosign_client import parse_body
+    from exchange.client.cosign import parse_body
 
     rows = []
     for v in views:

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import Signer, chain_id_for
 from exchange.errors import AlreadyExists, MalformedInput
 from exchange.identity import tls

@@ -63,7 +63,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
     if case_id and profile_option is not None:
         # a case id's beginning, resolved by the node the statements are asked of
         from exchange.cli.case_cmd import resolve_case_id
-        from exchange.cli.node_cmds import connect
+        from exchange.cli.status_cmd import connect
         from exchange.errors import UnknownId
 
         _, client = connect(profile_option, 30.0)
@@ -89,7 +89,7 @@ def export_cmd(store_path: Path, tx_ids: tuple[str, ...], case_id: str, with_inp
             reveals = reveals_for(store, ids, read_data_keyring(reveal_key, passphrase))
         bundle = build_bundle(store, ids, reveals, through_height=through)
         if with_statements:
-            from exchange.cli.node_cmds import connect
+            from exchange.cli.status_cmd import connect
 
             _, client = connect(profile_option, 30.0)
             with client:

@@ -48,14 +48,14 @@ def _register() -> None:
         init_cmd,
         membership_cmd,
         node_cmd,
-        node_cmds,
         policy_cmd,
         query_cmd,
         report_cmd,  # noqa: F401 - attaches `evidence report` to the evidence group
+        status_cmd,
     )
 
-    for command in (init_cmd.init, node_cmd.node, node_cmds.status, node_cmds.tx,
-                    node_cmds.block, node_cmds.submit_probe, chain_cmd.chain,
+    for command in (init_cmd.init, node_cmd.node, status_cmd.status, status_cmd.tx,
+                    status_cmd.block, status_cmd.submit_probe, chain_cmd.chain,
                     evidence_cmd.evidence, policy_cmd.policy, data_cmd.data,
                     catalog_cmd.catalog, query_cmd.query, query_cmd.answer,
                     query_cmd.audit, credential_cmd.credential, compare_cmd.rules,

@@ -19,8 +19,8 @@ import click
 from cryptography import x509
 
 from exchange.cli.agency_cmd import _DIR, _PATH, agency
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import emit_json
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import ExchangeClient, Signer
 from exchange.errors import MalformedInput
 from exchange.identity import ceremony, tls

@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, table
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import Signer, load_genesis
 from exchange.errors import MalformedInput
 from exchange.v1 import ledger_pb2

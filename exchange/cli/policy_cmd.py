@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from exchange.cli.node_cmds import connect, json_option, node_options
 from exchange.cli.output import console, emit_json, table
+from exchange.cli.status_cmd import connect, json_option, node_options
 from exchange.client import Signer, chain_id_for
 from exchange.errors import MalformedInput, PermissionDenied
 from exchange.ledger.policy import describe, policy_from_dict

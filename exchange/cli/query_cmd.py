@@ -10,13 +10,13 @@ from typing import Any
 
 import click
 
-from exchange.cli.node_cmds import (
+from exchange.cli.output import console, emit_json, fmt_ms, table
+from exchange.cli.status_cmd import (
     connect,
     json_option,
     node_options,
     optional_registry,
 )
-from exchange.cli.output import console, emit_json, fmt_ms, table
 from exchange.client import (
     ExchangeClient,
     Signer,
@@ -25,7 +25,7 @@ from exchange.client import (
     load_genesis,
     resolve_profile_path,
 )
-from exchange.crossquery import Answer, QuerySpec, build_query, read_answer
+from exchange.client.crossquery import Answer, QuerySpec, build_query, read_answer
 from exchange.errors import MalformedInput
 from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.identity.keys import CachedSigner, read_signing_key

@@ -8,7 +8,7 @@ import click
 
 from exchange.cases.client_events import RELEVANT, ClientEventSource, relevant
 from exchange.cases.events import block_events, line_of, wanted
-from exchange.cli.node_cmds import connect, emit_json_line, json_option, node_options
+from exchange.cli.status_cmd import connect, emit_json_line, json_option, node_options
 from exchange.client import ExchangeClient
 from exchange.ledger.block import RESULT_OK, parse_header, results_root, tx_id
 from exchange.v1 import ledger_pb2

@@ -14,12 +14,12 @@ from typing import Any
 
 from agents.lookup import SUBJECTS_MAX
 from exchange.client import ExchangeClient, Signer
+from exchange.client.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput
 from exchange.compare.rule_file import load_rule_bytes
 from exchange.compare.rules import PlannedQuery, Rule
 from exchange.compare.session import RunSession
-from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput, ProofInvalid, Unavailable
 from exchange.identity.default_policies import LEGAL_BASIS_TAX_CRIME
 from exchange.ledger.findings import summary_of

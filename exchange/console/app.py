@@ -36,11 +36,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from exchange.client.crossquery import QuerySpec
 from exchange.console.i18n import LANGUAGES, TIMEZONE_DEFAULT, Formats, choose, translator
 from exchange.console.security import CSRF_FIELD, Gate, GateMiddleware
 from exchange.console.session import ROWS_SHOWN_MAX, Person
 from exchange.console.settings import PersonSettings
-from exchange.crossquery import QuerySpec
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.identity.default_policies import LEGAL_BASIS_AML, LEGAL_BASIS_TAX_CRIME
 from exchange.ids import parse_since
@@ -280,7 +280,7 @@ def cosign_list(request: Request) -> Response:
 
 
 def _body_of(view: Any) -> Any:
-    from exchange.cosign_client import parse_body
+    from exchange.client.cosign import parse_body
 
     return parse_body(view)
 

@@ -23,8 +23,8 @@ from exchange.client import (
     find_genesis,
     load_genesis,
 )
-from exchange.cosign_client import FourEyesClient, cosign_view, finalize, unsigned_query_body
-from exchange.crossquery import CheckedAnswer, QuerySpec, build_query
+from exchange.client.cosign import FourEyesClient, cosign_view, finalize, unsigned_query_body
+from exchange.client.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.errors import ExchangeError, MalformedInput
 from exchange.identity.registry import KeyRegistry
 from exchange.ledger.block import parse_header, tx_id
