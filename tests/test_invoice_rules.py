@@ -12,8 +12,7 @@ from pathlib import Path
 
 import agents
 from agents.common import checks
-from exchange.compare import load_rule, run_rule
-from exchange.compare import duck
+from exchange.compare import duck, load_rule, run_rule
 from exchange.compare.local import run_locally
 from exchange.compare.rules import rules_dir
 
