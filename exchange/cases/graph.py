@@ -1,6 +1,7 @@
 """The graph of a case: the companies, persons and accounts its answers link, through
-legal representatives (the tax register), account holders (the bank's accounts) and
-counterparties (the bank's transactions), with what the other answers say about each
+legal representatives (the tax register), account holders (the bank's accounts),
+counterparties (the bank's transactions) and invoices (the tax bureau's VAT invoices,
+issuer to buyer), with what the other answers say about each
 (police records, customs declarations). Built from the rows on record only, so it shows
 exactly what the agency was told. Pure: a CaseFile's contents in, nodes and edges out.
 """
@@ -21,6 +22,7 @@ ACCOUNT = "account"
 LEGAL_REP = "legal representative"
 HOLDS = "holds"
 COUNTERPARTY = "counterparty"
+INVOICED = "invoiced"
 
 
 def node_id(kind: str, key: str) -> str:
@@ -99,6 +101,9 @@ def build_graph(subjects: Iterable[str],
     records: dict[str, list[str]] = defaultdict(list)
     flows: dict[tuple[str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 2)
     declared: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 3)
+    # (issuer, buyer) -> invoice numbers seen, domestic and export totals
+    invoiced: dict[tuple[str, str], tuple[set[str], list[Decimal]]] = defaultdict(
+        lambda: (set(), [Decimal(0)] * 2))
     for dataset, rows in answers:
         for row in rows:
             if dataset in ("taxpayers", "active_legal_reps") and row.get("uscc"):
@@ -121,6 +126,14 @@ def build_graph(subjects: Iterable[str],
                 key = (str(row["account_no"]), str(row["counterparty_account"]))
                 amount = Decimal(str(row.get("amount_cny") or 0))
                 flows[key][0 if row.get("direction") == "in" else 1] += amount
+            elif dataset == "vat_invoices" and row.get("issuer_uscc") and \
+                    row.get("buyer_uscc") and row.get("issuer_uscc") != row.get("buyer_uscc"):
+                numbers, sums = invoiced[(str(row["issuer_uscc"]), str(row["buyer_uscc"]))]
+                number = str(row.get("invoice_no") or len(numbers))
+                if number not in numbers:  # one invoice in two answers counts once
+                    numbers.add(number)
+                    amount = Decimal(str(row.get("amount_cny") or 0))
+                    sums[1 if row.get("kind") == "export" else 0] += amount
             elif dataset == "persons" and row.get("person_id"):
                 person = g.node(PERSON, str(row["person_id"]))
                 if row.get("name"):
@@ -154,6 +167,13 @@ def build_graph(subjects: Iterable[str],
             edge.notes["in"] = f"{inflow:.2f} CNY"
         if outflow:
             edge.notes["out"] = f"{outflow:.2f} CNY"
+    for (issuer, buyer), (numbers, (domestic, export)) in sorted(invoiced.items()):
+        edge = g.link(g.node(COMPANY, issuer), INVOICED, g.node(COMPANY, buyer))
+        edge.notes["invoices"] = str(len(numbers))
+        if domestic:
+            edge.notes["domestic"] = f"{domestic:.2f} CNY"
+        if export:
+            edge.notes["export"] = f"{export:.2f} CNY"
     for person_id, kinds in records.items():
         g.node(PERSON, person_id).notes["police records"] = ", ".join(sorted(kinds))
     for uscc, (count, exports, imports) in declared.items():
