@@ -136,7 +136,7 @@ def test_one_case_holds_every_member_of_a_ring_with_each_members_follow_ups(
     rings: dict[str, set[tuple[bytes, str]]] = defaultdict(set)
     for key, f in ring.items():
         rings[root(f["subject"])].add(key)
-    assert len(rings) >= 5  # the planted rings of the month
+    assert len(rings) >= 2  # planted rings of the month, each its own group
     asked: dict[str, set[tuple[str, str, str]]] = defaultdict(set)
     for entry in trail.entries:
         q = entry.query
