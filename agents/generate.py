@@ -221,7 +221,7 @@ def _split(total: int, parts: int, r: Callable[[], float]) -> list[int]:
         return [total]
     weights = [0.25 + r() for _ in range(parts)]
     scale = total / sum(weights)
-    amounts = [max(1, int(w * scale)) for w in weights[:-1]]
+    amounts = [int(w * scale) or 1 for w in weights[:-1]]  # max(1, .) of a natural
     last = total - sum(amounts)
     if last < 1:
         return [total]
@@ -989,6 +989,7 @@ class _Generator:
         months = len(self.periods)
         self.seq = {"invoice": 0, "decl": 0, "claim": 0}
         self.txn_seq = 0
+        self.txn_amount, self.txn_amount_text = -1, ""
         self.txn_lines = w.buffers["pboc/transactions"]  # the same list across flushes
         self.fi_seq = 0
         for c in range(self.n):
@@ -1280,7 +1281,7 @@ class _Generator:
         if plan.invoices and self.co.taxpayer:
             revenue = plan.declared or plan.inflow or self.co.size
             count = 1 + int(r() * r() * 12) + int(revenue > 2_000_000 * CNY) * 3
-            export_value = sum(v for v, _ in plan.exports)
+            export_value = sum(v for v, _ in plan.exports) if plan.exports else 0
             n_export = min(count - 1, len(plan.exports)) if export_value else 0
             domestic = max(revenue - export_value, count * CNY)
             amounts = (_split(domestic, count - n_export, r)
@@ -1305,7 +1306,7 @@ class _Generator:
                 seq += 1
                 kind = "export" if k >= count - n_export else "domestic"
                 rate = 13 if r() < 0.7 else 9 if r() < 0.5 else 6
-                amount = max(amount, CNY)
+                amount = amount if amount > CNY else CNY
                 u = r()
                 buyer = int(u * (n - 1))
                 buyer += buyer >= c
@@ -1336,8 +1337,10 @@ class _Generator:
         """Write one transaction and keep the books of the company being written (the
         other side of a transfer is the payer's out, which no book counts)."""
         self.txn_seq += 1
+        if amount != self.txn_amount:  # both legs of a transfer: formatted once
+            self.txn_amount, self.txn_amount_text = amount, fmt_fen(amount)
         self.txn_lines.append(
-            f"T{day[:4]}{self.txn_seq:011d},{account},{counterparty},{fmt_fen(amount)},"
+            f"T{day[:4]}{self.txn_seq:011d},{account},{counterparty},{self.txn_amount_text},"
             f"{direction},{cross_border},{day}\n")
         if account not in self.account_owner:
             return  # a person's account or another company's out: no book counts it
