@@ -22,6 +22,7 @@ size always give the same bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -52,8 +53,12 @@ RULE_REVENUE = "revenue-below-bank-inflows"
 RULE_IMPORT_UNDERVALUATION = "import-undervaluation"
 RULE_PAYMENTS_WITHOUT_IMPORTS = "payments-without-imports"
 RULE_OFFICER_RECORD = "officer-with-police-record"
+RULE_BEYOND_INFLOWS = "invoices-beyond-inflows"
+RULE_RING = "invoice-ring"
+RULE_ABNORMAL_ISSUERS = "invoices-from-abnormal-issuers"
 RULE_IDS = (RULE_EXPORT_REBATE, RULE_REVENUE, RULE_IMPORT_UNDERVALUATION,
-            RULE_PAYMENTS_WITHOUT_IMPORTS, RULE_OFFICER_RECORD)
+            RULE_PAYMENTS_WITHOUT_IMPORTS, RULE_OFFICER_RECORD, RULE_BEYOND_INFLOWS,
+            RULE_RING, RULE_ABNORMAL_ISSUERS)
 
 COMPANIES_MIN = 100
 COMPANIES_MAX = 3_000_000
@@ -69,6 +74,11 @@ CNY = 100  # fen
 R2_EXCESS_MIN = 1_000_000 * CNY
 R3_EXCESS_MIN = 500_000 * CNY
 R4_PAYMENTS_MIN = 200_000 * CNY
+R6_INVOICED_MIN = 1_000_000 * CNY  # invoices-beyond-inflows: more than this, and > 3x
+RING_PAIR_MIN = 100_000 * CNY  # invoice-ring: a pair at least this
+RING_LENGTH_MAX = 6
+R8_RECEIVED_MIN = 100_000 * CNY  # invoices-from-abnormal-issuers: more than this
+INACTIVE = ("deregistered", "abnormal")
 FLAGGING_KINDS = ("wanted", "fraud_conviction", "lost_id_report")
 RECORD_KINDS = FLAGGING_KINDS + ("under_investigation",)
 
@@ -208,7 +218,7 @@ def _split(total: int, parts: int, r: Callable[[], float]) -> list[int]:
         return [total]
     weights = [0.25 + r() for _ in range(parts)]
     scale = total / sum(weights)
-    amounts = [max(1, int(w * scale)) for w in weights[:-1]]
+    amounts = [int(w * scale) or 1 for w in weights[:-1]]  # max(1, .) of a natural
     last = total - sum(amounts)
     if last < 1:
         return [total]
@@ -331,6 +341,41 @@ _PERSON_SCENARIOS: tuple[tuple[str, bool], ...] = (
     ("r5_abnormal", False),
 )
 
+# False invoicing (DATA_CONTRACT.md): ring scenarios, as (name, shape, every member found).
+# A shape is the ring's members and its pairs; see _Generator.plant_ring.
+_RING_SCENARIOS: tuple[tuple[str, bool], ...] = (
+    ("ring_2", True), ("ring_3", True), ("ring_4", True), ("ring_5", True),
+    ("ring_6", True),
+    ("ring_7", False),  # longer than six: no finding
+    ("ring_split", True),  # one pair reaches 100,000.00 exactly over three invoices
+    ("ring_broken", False),  # one pair 99,999.99: the ring is broken
+    ("ring_wrong_month", False),  # one pair reaches it only with an invoice of another month
+    ("ring_wrong_kind", False),  # ... only with an export invoice
+    ("ring_self", True),  # members also invoice themselves (ignored); a self-only decoy
+    ("figure_eight", True),  # a 3-ring and a 4-ring sharing one company
+    ("shared_edge", True),  # two 3-rings sharing an edge: its issuer counts it once
+    ("ring_tail", True),  # a member also invoices a company off the ring (not found)
+)
+# invoices-beyond-inflows, planted on issuers: (name, finding)
+_BEYOND_SCENARIOS: tuple[tuple[str, bool], ...] = (
+    ("r6_big", True), ("r6_ratio_at", False), ("r6_ratio_above", True),
+    ("r6_million_at", False), ("r6_million_above", True),
+    ("r6_exports", False),  # exactly 3x inflows domestic, more only with export invoices
+    ("r6_self", False),  # ... more only with self-invoices
+    ("r6_dormant", True),  # a deregistered company with no bank flows at all
+)
+# invoices-from-abnormal-issuers, planted on buyers: (name, finding)
+_ABNORMAL_SCENARIOS: tuple[tuple[str, bool], ...] = (
+    ("r8_abnormal", True), ("r8_deregistered", True), ("r8_at", False),
+    ("r8_two_issuers", True),  # 50,000.00 from each status, one fen beyond together
+    ("r8_exports", False),  # more only with export invoices
+    ("r8_active", False),  # more only with an active issuer's invoices
+    ("r8_wrong_month", False),  # more only with an invoice of another month
+    ("r8_self", False),  # an abnormal company invoicing itself
+)
+# invoice-ring members' pairs, CNY: between these (the threshold is 100,000)
+RING_PAIR_CNY = (100_000, 400_000)
+
 
 _MASK64 = (1 << 64) - 1
 
@@ -392,6 +437,21 @@ class _Generator:
         self.rep_override: dict[int, int] = {}
         self.found: list[tuple[str, str, str]] = []
         self.extra_accounts = 0
+        # False invoicing: its own random stream, so that the other datasets' bytes do
+        # not depend on it; planted invoices per (issuer, month index) as (buyer, fen,
+        # kind, day index), the months whose ordinary invoices an issuer does not write,
+        # the companies no ordinary invoice pair of 100,000 CNY may reach, and the
+        # buyers each (issuer, month) already has a planted invoice to.
+        self.side = random.Random(f"false-invoicing/{config.seed}")
+        self.fi_invoices: dict[tuple[int, int], list[tuple[int, int, str, int]]] = {}
+        self.fi_quiet: set[tuple[int, int]] = set()
+        self.fi_protected: set[int] = set()
+        self.fi_partners: dict[tuple[int, int], set[int]] = {}
+        self.fi_beyond: dict[tuple[int, int], str] = {}  # (issuer, month) -> scenario
+        self.fi_expect: list[tuple[str, str, int, int, bool]] = []  # name, rule, c, p, found
+        self.fi_received: dict[tuple[int, int], int] = {}  # (buyer, month) -> fen from
+        self.fi_edges: dict[tuple[int, int, int], int] = {}  # (p, u, v) -> planted fen
+        self.sink = -1
 
     # -- traits drawn from the index ----------------------------------------------------
 
@@ -487,16 +547,25 @@ class _Generator:
             self.account_counts[c] = co.account_count
         assert len(set(self.uscc_of(c) for c in range(min(n, 50_000)))) == min(n, 50_000)
 
-    def _walk(self, pool: str) -> Iterator[int]:
+    def _walk(self, pool: str, rng: random.Random | None = None) -> Iterator[int]:
         """The companies of a pool, in an order drawn from the seed, each once."""
         n = self.n
-        step = 1 + int(self.rng.random() * (n - 1))
+        rng = rng or self.rng
+        step = 1 + int(rng.random() * (n - 1))
         while math.gcd(step, n) != 1:
             step += 1
-        start = int(self.rng.random() * n)
+        start = int(rng.random() * n)
         for k in range(n):
             c = (start + k * step) % n
             co = self.company(c)
+            if pool == "issuer":  # any active taxpayer, exporters and importers too
+                if co.taxpayer and co.status == "active":
+                    yield c
+                continue
+            if pool == "inactive":
+                if co.taxpayer and co.status in INACTIVE:
+                    yield c
+                continue
             if co.exporter or co.importer:
                 continue
             if pool == "non_taxpayer":
@@ -561,6 +630,300 @@ class _Generator:
                      "r5_also_under_investigation": ("under_investigation", "wanted"),
                      }.get(name, ("wanted",))  # r5_wanted, the inactive taxpayers' reps
             self.planted_records[self.rep(c)] = kinds
+        self.assign_false_invoicing(taken)
+
+    # -- false invoicing ------------------------------------------------------------------
+
+    def assign_false_invoicing(self, planted_before: set[int]) -> None:
+        """Choose the companies and months of the false-invoicing cases and plan their
+        invoices (those of invoices-beyond-inflows are drawn when the issuer's inflows in
+        the month are known), all from the generator's second random stream.
+
+        No ordinary invoice pair can close a ring: an ordinary pair of 100,000 CNY or
+        more goes from a company to one of higher index (or to a company that issues no
+        invoice), never to a protected company. A planted pair comes from a protected
+        company (no pair of 100,000 CNY reaches it), or from a ring member in the ring's
+        month, when it writes no ordinary invoice, to another member or to a company
+        that writes none either. So every cycle of the threshold graph is made of planted
+        pairs, and the ground truth of invoice-ring is computed from those alone."""
+        side = self.side
+        r = side.random
+        per = max(1, self.n // 2_500)
+        months = len(self.periods)
+        issuers = self._walk("issuer", side)
+        inactive = self._walk("inactive", side)
+        month_walks = [self._walk("issuer", side) for _ in range(months)]
+        reserved: set[int] = set()
+
+        def too_few() -> MalformedInput:
+            return MalformedInput(f"too few companies to plant every case; use at least "
+                                  f"{COMPANIES_MIN}")
+
+        def take_issuer(size_min: int = 0, size_max: int = 1 << 62) -> int:
+            for c in issuers:
+                if c in reserved or c in planted_before or c in self.status_override:
+                    continue
+                if size_min <= self.company(c).size < size_max:
+                    reserved.add(c)
+                    return c
+            raise too_few()
+
+        def take_inactive(status: str) -> int:
+            for c in inactive:
+                if c not in reserved and self.company(c).status == status:
+                    reserved.add(c)
+                    return c
+            c = take_issuer()  # a small population may lack one: make one
+            self.status_override[c] = status
+            return c
+
+        busy: list[set[int]] = [set() for _ in range(months)]
+
+        def take_member(p: int) -> int:
+            for c in month_walks[p]:
+                if c not in reserved and c not in self.status_override and c not in busy[p]:
+                    busy[p].add(c)
+                    return c
+            raise too_few()
+
+        # invoices-beyond-inflows: issuers with inflows on the right side of 1,000,000 / 3
+        for _ in range(per):
+            for name, finding in _BEYOND_SCENARIOS:
+                p = int(r() * months)
+                if name == "r6_dormant":
+                    c = take_inactive("deregistered")
+                elif name in ("r6_million_at", "r6_million_above"):
+                    c = take_issuer(size_max=200_000 * CNY)  # 3 x inflows < 1,000,000
+                elif name == "r6_big":
+                    c = take_issuer()
+                else:
+                    c = take_issuer(size_min=600_000 * CNY)  # 3 x inflows > 1,000,000
+                self.fi_beyond[(c, p)] = name
+                self.fi_quiet.add((c, p))
+                self.fi_protected.add(c)
+                self.fi_expect.append((name, RULE_BEYOND_INFLOWS, c, p, finding))
+        # invoices-from-abnormal-issuers: per unit, one month, one issuer of each status
+        r8_units = []
+        for _ in range(per):
+            p = int(r() * months)
+            abnormal, deregistered, active = (take_inactive("abnormal"),
+                                              take_inactive("deregistered"), take_issuer())
+            self.fi_protected.update((abnormal, deregistered, active))
+            r8_units.append((p, abnormal, deregistered, active))
+        for p, abnormal, deregistered, active in r8_units:
+            other = p - 1 if p else min(p + 1, months - 1)
+            for name, finding in _ABNORMAL_SCENARIOS:
+                if name == "r8_wrong_month" and other == p:
+                    continue
+                buyer = abnormal if name == "r8_self" else take_member(p)
+                self.fi_expect.append((name, RULE_ABNORMAL_ISSUERS, buyer, p, finding))
+                plant = self.plant
+                if name == "r8_abnormal":
+                    for fen in _split(R8_RECEIVED_MIN + 1, 2, r):
+                        plant(p, abnormal, buyer, fen)
+                elif name == "r8_deregistered":
+                    plant(p, deregistered, buyer, int((150_000 + 750_000 * r()) * CNY))
+                elif name == "r8_at":
+                    plant(p, abnormal, buyer, R8_RECEIVED_MIN)
+                elif name == "r8_two_issuers":
+                    plant(p, abnormal, buyer, R8_RECEIVED_MIN // 2)
+                    plant(p, deregistered, buyer, R8_RECEIVED_MIN // 2 + 1)
+                elif name == "r8_exports":
+                    plant(p, abnormal, buyer, R8_RECEIVED_MIN)
+                    plant(p, abnormal, buyer, 300_000 * CNY, "export")
+                elif name == "r8_active":
+                    plant(p, abnormal, buyer, R8_RECEIVED_MIN)
+                    plant(p, active, buyer, 400_000 * CNY)
+                elif name == "r8_wrong_month":
+                    plant(p, abnormal, buyer, 60_000 * CNY)
+                    plant(other, abnormal, buyer, 40_000 * CNY + 1)
+                else:  # r8_self
+                    plant(p, abnormal, abnormal, 500_000 * CNY)
+        # invoice-ring
+        for _ in range(per):
+            for name, finding in _RING_SCENARIOS:
+                p = int(r() * months)
+                other = p - 1 if p else min(p + 1, months - 1)
+                if name == "ring_wrong_month" and other == p:
+                    continue
+                self.plant_ring(name, finding, p, other, functools.partial(take_member, p))
+        self.fi_special = reserved.union(*busy)
+        self.fi_writes = set(self.fi_invoices) | set(self.fi_beyond)
+        self.sink = next((c for c in range(self.n) if not self.company(c).taxpayer
+                          and c not in self.fi_special), -1)
+        if self.sink < 0:
+            raise too_few()
+
+    def plant(self, p: int, issuer: int, buyer: int, fen: int, kind: str = "domestic") -> None:
+        """One planted invoice in month `p` (its day drawn now)."""
+        assert fen > 0
+        day = int(self.side.random() * len(self.month_days[p]))
+        self.fi_invoices.setdefault((issuer, p), []).append((buyer, fen, kind, day))
+        if issuer != buyer:
+            self.fi_partners.setdefault((issuer, p), set()).add(buyer)
+            if kind == "domestic":
+                key = (p, issuer, buyer)
+                self.fi_edges[key] = self.fi_edges.get(key, 0) + fen
+
+    def plant_ring(self, name: str, finding: bool, p: int, other: int,
+                   member: Callable[[], int]) -> None:
+        """A ring scenario in month `p`: its members write no ordinary invoice that month."""
+        r = self.side.random
+
+        def pair_fen() -> int:
+            low, high = RING_PAIR_CNY
+            return int((low + (high - low) * r()) * CNY)
+
+        def cycle(members: list[int]) -> None:
+            for i, c in enumerate(members):
+                self.plant(p, c, members[(i + 1) % len(members)], pair_fen())
+
+        expect: dict[int, bool] = {}
+        if name.startswith("ring_") and name[5:].isdigit():
+            members = [member() for _ in range(int(name[5:]))]
+            self.plant(p, members[0], members[1], RING_PAIR_MIN)  # exactly the threshold
+            for i in range(1, len(members)):
+                self.plant(p, members[i], members[(i + 1) % len(members)], pair_fen())
+            expect = dict.fromkeys(members, finding)
+        elif name in ("ring_split", "ring_broken", "ring_wrong_month", "ring_wrong_kind"):
+            members = [member() for _ in range(4 if name == "ring_broken" else 3)]
+            a, b = members[0], members[1]
+            for i in range(1, len(members)):
+                self.plant(p, members[i], members[(i + 1) % len(members)], pair_fen())
+            if name == "ring_split":
+                for fen in _split(RING_PAIR_MIN, 3, r):
+                    self.plant(p, a, b, fen)
+            elif name == "ring_broken":
+                for fen in _split(RING_PAIR_MIN - 1, 2, r):
+                    self.plant(p, a, b, fen)
+            elif name == "ring_wrong_month":
+                self.plant(p, a, b, 60_000 * CNY)
+                self.plant(other, a, b, 40_000 * CNY)
+            else:
+                self.plant(p, a, b, 60_000 * CNY)
+                self.plant(p, a, b, 40_000 * CNY, "export")
+            expect = dict.fromkeys(members, finding)
+        elif name == "ring_self":
+            members = [member() for _ in range(3)]
+            cycle(members)
+            for c in members:
+                self.plant(p, c, c, pair_fen())
+            alone = member()
+            self.plant(p, alone, alone, 500_000 * CNY)
+            expect = dict.fromkeys(members, True) | {alone: False}
+        elif name == "figure_eight":
+            hub = member()
+            left, right = [member() for _ in range(2)], [member() for _ in range(3)]
+            cycle([hub, *left])
+            cycle([hub, *right])
+            expect = dict.fromkeys([hub, *left, *right], True)
+        elif name == "shared_edge":
+            a, b, c, d = (member() for _ in range(4))
+            for u, v in ((a, b), (b, c), (c, a), (b, d), (d, a)):
+                self.plant(p, u, v, pair_fen())
+            expect = dict.fromkeys((a, b, c, d), True)
+        else:  # ring_tail
+            members = [member() for _ in range(3)]
+            cycle(members)
+            tail = member()
+            self.plant(p, members[0], tail, pair_fen())
+            expect = dict.fromkeys(members, True) | {tail: False}
+        for c, found in expect.items():
+            self.fi_quiet.add((c, p))
+            self.fi_expect.append((name, RULE_RING, c, p, found))
+
+    def upward_buyer(self, c: int, u: float, avoid: set[int] | frozenset[int]) -> int:
+        """A buyer for an invoice pair of 100,000 CNY or more: a company of higher index
+        than `c` that is not in `avoid`, or (above the last) the sink, which issues no
+        invoice. `u` in [0, 1) picks it."""
+        n = self.n
+        b = c + 1 + int(u * (n - 1 - c))
+        while b < n and b in avoid:
+            b += 1
+        return b if b < n else self.sink
+
+    def write_planted_invoices(self, c: int, p: int, uscc: str, period: str) -> None:
+        """The planted invoices of company `c` in month `p` (invoices-beyond-inflows'
+        drawn now, from its inflows), and their books."""
+        if (c, p) not in self.fi_writes:
+            return
+        planned = list(self.fi_invoices.get((c, p), ()))
+        name = self.fi_beyond.get((c, p))
+        if name is not None:
+            planned += self.beyond_invoices(c, p, name)
+        if not planned:
+            return
+        days = self.month_days[p]
+        out = self.w.buffer("tax/vat_invoices")
+        for buyer, fen, kind, day in planned:
+            self.fi_seq += 1
+            out.append(f"{period[2:4]}443000{self.fi_seq:012d},{uscc},{self.uscc_of(buyer)},"
+                       f"{fmt_fen(fen)},{fmt_fen(max(1, (fen * 13 + 50) // 100))},"
+                       f"{days[day]},{kind}\n")
+            if kind == "domestic" and buyer != c:
+                self.book_invoiced[p] += fen
+                if self.co.status in INACTIVE:
+                    key = (buyer, p)
+                    self.fi_received[key] = self.fi_received.get(key, 0) + fen
+
+    def beyond_invoices(self, c: int, p: int, name: str) -> list[tuple[int, int, str, int]]:
+        """The invoices of an invoices-beyond-inflows case, from the issuer's inflows."""
+        r = self.side.random
+        inflow = self.book_inflow[p]
+        triple = 3 * inflow
+        extra: list[tuple[int, str]] = []
+        if name == "r6_big":
+            total = max(triple, R6_INVOICED_MIN) + int((100_000 + 1_900_000 * r()) * CNY)
+        elif name == "r6_dormant":
+            assert inflow == 0, (name, c)
+            total = int((1_200_000 + 1_800_000 * r()) * CNY)
+        elif name.startswith("r6_million_"):
+            assert triple < R6_INVOICED_MIN, (name, c, inflow)
+            total = R6_INVOICED_MIN + (1 if name.endswith("above") else 0)
+        else:
+            assert triple > R6_INVOICED_MIN, (name, c, inflow)
+            total = triple + (1 if name == "r6_ratio_above" else 0)
+            if name == "r6_exports":
+                extra.append((2_000_000 * CNY, "export"))
+            elif name == "r6_self":
+                extra.append((2_000_000 * CNY, "self"))
+        days = len(self.month_days[p])
+        out = []
+        for fen in _split(total, 2 + int(r() * 3), r):
+            buyer = self.upward_buyer(c, r(), self.fi_special)
+            out.append((buyer, fen, "domestic", int(r() * days)))
+        for fen, kind in extra:
+            buyer = c if kind == "self" else self.upward_buyer(c, r(), self.fi_special)
+            out.append((buyer, fen, "domestic" if kind == "self" else kind, int(r() * days)))
+        return out
+
+    def ring_findings(self) -> list[tuple[str, str, str]]:
+        """invoice-ring's findings: only planted pairs can close a ring (see
+        assign_false_invoicing), so the threshold graph of planted pairs decides. An edge
+        u -> v is on a ring of 2..6 companies iff v reaches u in at most 5 edges."""
+        found = []
+        for p, period in enumerate(self.periods):
+            succ: dict[int, list[int]] = {}
+            for (q, u, v), fen in self.fi_edges.items():
+                if q == p and fen >= RING_PAIR_MIN:
+                    succ.setdefault(u, []).append(v)
+            on_ring = set()
+            for u, buyers in succ.items():
+                for v in buyers:
+                    seen, frontier = {v}, [v]
+                    for _ in range(RING_LENGTH_MAX - 1):
+                        reached = []
+                        for x in frontier:
+                            for w in succ.get(x, ()):
+                                if w not in seen:
+                                    seen.add(w)
+                                    reached.append(w)
+                        frontier = reached
+                    if u in seen:
+                        on_ring.add(u)
+                        break
+            found += [(RULE_RING, self.uscc_of(u), period) for u in on_ring]
+        return found
 
     # -- writing ------------------------------------------------------------------------
 
@@ -621,7 +984,11 @@ class _Generator:
         bank_start = date(2003, 1, 1).toordinal()
         bank_span = first_day - bank_start - 1
         months = len(self.periods)
-        self.seq = {"txn": 0, "invoice": 0, "decl": 0, "claim": 0}
+        self.seq = {"invoice": 0, "decl": 0, "claim": 0}
+        self.txn_seq = 0
+        self.txn_amount, self.txn_amount_text = -1, ""
+        self.txn_lines = w.buffers["pboc/transactions"]  # the same list across flushes
+        self.fi_seq = 0
         for c in range(self.n):
             co = self.co = self.company(c)
             uscc = self.uscc_of(c)
@@ -650,6 +1017,7 @@ class _Generator:
             self.book_claimed = [0] * months
             self.book_claims = [0] * months
             self.book_declared: list[int | None] = [None] * months
+            self.book_invoiced = [0] * months  # domestic, to other companies
             plans = [self.base_plan(c) for _ in range(months)]
             for p, name in sorted(self.scenario_of.get(c, ())):
                 plans[p] = self.scenario_plan(name, c, p, plans)
@@ -908,36 +1276,68 @@ class _Generator:
 
         # VAT invoices: most of the revenue, in many invoices; exporters' part as export
         if plan.invoices and self.co.taxpayer:
-            invoices = w.buffer("tax/vat_invoices")
             revenue = plan.declared or plan.inflow or self.co.size
             count = 1 + int(r() * r() * 12) + int(revenue > 2_000_000 * CNY) * 3
-            export_value = sum(v for v, _ in plan.exports)
+            export_value = sum(v for v, _ in plan.exports) if plan.exports else 0
             n_export = min(count - 1, len(plan.exports)) if export_value else 0
             domestic = max(revenue - export_value, count * CNY)
             amounts = (_split(domestic, count - n_export, r)
                        + (_split(export_value, n_export, r) if n_export else []))
             n = self.n
+            # An ordinary domestic pair that would reach 100,000 CNY to a company of
+            # lower index, and any invoice to a protected company or to a buyer of the
+            # issuer's planted invoices this month, goes to a company of higher index
+            # instead (assign_false_invoicing says why); the month of a ring member or
+            # of an invoices-beyond-inflows issuer has its planted invoices only.
+            quiet = (c, p) in self.fi_quiet
+            avoid = self.fi_protected
+            partners = self.fi_partners.get((c, p))
+            if partners:
+                avoid = avoid | partners
+            low: dict[int, int] = {}
+            invoices = w.buffers["tax/vat_invoices"]
+            invoiced = 0
+            seq = self.seq["invoice"]
+            uscc_of = self.uscc_of
             for k, amount in enumerate(amounts):
-                self.seq["invoice"] += 1
+                seq += 1
                 kind = "export" if k >= count - n_export else "domestic"
                 rate = 13 if r() < 0.7 else 9 if r() < 0.5 else 6
-                amount = max(amount, CNY)
-                buyer = int(r() * (n - 1))
+                amount = amount if amount > CNY else CNY
+                u = r()
+                buyer = int(u * (n - 1))
                 buyer += buyer >= c
+                day = days[int(r() * n_days)]
+                if quiet:
+                    continue  # drawn all the same: the other datasets keep their bytes
+                if kind == "domestic":
+                    invoiced += amount
+                    if buyer in avoid:
+                        buyer = self.upward_buyer(c, u, avoid)
+                    elif buyer < c:
+                        total = low.get(buyer, 0) + amount
+                        if total >= RING_PAIR_MIN:
+                            buyer = self.upward_buyer(c, u, avoid)
+                        else:
+                            low[buyer] = total
                 invoices.append(
-                    f"{period[2:4]}442000{self.seq['invoice']:012d},{uscc},{self.uscc_of(buyer)},"
-                    f"{fmt_fen(amount)},{fmt_fen((amount * rate + 50) // 100)},"
-                    f"{days[int(r() * n_days)]},{kind}\n")
-            if len(invoices) >= FLUSH_LINES:
-                w.flush("tax/vat_invoices")
+                    f"{period[2:4]}442000{seq:012d},{uscc},{uscc_of(buyer)},"
+                    f"{fmt_fen(amount)},{fmt_fen((amount * rate + 50) // 100)},{day},{kind}\n")
+            self.seq["invoice"] = seq
+            self.book_invoiced[p] += invoiced
+        self.write_planted_invoices(c, p, uscc, period)
+        if len(w.buffers["tax/vat_invoices"]) >= FLUSH_LINES:
+            w.flush("tax/vat_invoices")
 
     def txn(self, account: str, counterparty: str, amount: int, direction: str,
             cross_border: int, day: str, p: int) -> None:
         """Write one transaction and keep the books of the company being written (the
         other side of a transfer is the payer's out, which no book counts)."""
-        self.seq["txn"] += 1
-        self.w.buffers["pboc/transactions"].append(
-            f"T{day[:4]}{self.seq['txn']:011d},{account},{counterparty},{fmt_fen(amount)},"
+        self.txn_seq += 1
+        if amount != self.txn_amount:  # both legs of a transfer: formatted once
+            self.txn_amount, self.txn_amount_text = amount, fmt_fen(amount)
+        self.txn_lines.append(
+            f"T{day[:4]}{self.txn_seq:011d},{account},{counterparty},{self.txn_amount_text},"
             f"{direction},{cross_border},{day}\n")
         if account not in self.account_owner:
             return  # a person's account or another company's out: no book counts it
@@ -990,12 +1390,19 @@ class _Generator:
                 found.append((RULE_IMPORT_UNDERVALUATION, uscc, period))
             if payments > R4_PAYMENTS_MIN and not self.book_import_count[p]:
                 found.append((RULE_PAYMENTS_WITHOUT_IMPORTS, uscc, period))
+            invoiced = self.book_invoiced[p]
+            if invoiced > R6_INVOICED_MIN and invoiced > 3 * inflow:
+                found.append((RULE_BEYOND_INFLOWS, uscc, period))
         if co.taxpayer and co.status == "active":
             rep = self.rep(co.c)
             if any(k in FLAGGING_KINDS for k in self.record_kinds(rep)):
                 found.append((RULE_OFFICER_RECORD, pair_subject(uscc, self.person_id(rep)), ""))
 
     def write_ground_truth(self) -> None:
+        self.found += self.ring_findings()
+        self.found += [(RULE_ABNORMAL_ISSUERS, self.uscc_of(buyer), self.periods[p])
+                       for (buyer, p), fen in self.fi_received.items()
+                       if fen > R8_RECEIVED_MIN]
         self.found.sort()
         self.check_planted(set(self.found))
         with open(self.out / "ground_truth.csv", "w", encoding="utf-8", newline="") as f:
@@ -1019,6 +1426,10 @@ class _Generator:
                 item = Planted(name, RULE_OFFICER_RECORD, subject, "", expected[name])
                 self.planted.append(item)
                 assert ((RULE_OFFICER_RECORD, subject, "") in found) == expected[name], item
+        for name, rule, c, p, finding in self.fi_expect:
+            item = Planted(name, rule, self.uscc_of(c), self.periods[p], finding)
+            self.planted.append(item)
+            assert ((rule, item.subject, item.period) in found) == finding, item
 
 
 def generate(config: GeneratorConfig, out: Path, overwrite: bool = False) -> GenerationReport:

@@ -113,6 +113,15 @@ echo; echo "the case's steps as exchange watch showed them when they committed:"
 TIP=$(as tax status --json | $PY -c 'import json,sys; print(json.load(sys.stdin)["height"])')
 as tax watch --case $CASE2 --from-height 1 --until-height "$TIP"
 
+echo; echo "a ring of companies invoicing each other round (invoice-ring): every member is a"
+echo "finding naming the members that follow it, so one case holds the whole ring, with each"
+echo "member's follow-ups (its invoices, accounts, transactions, inflows, representative):"
+RING=$(as tax case list --json | $PY -c 'import json,sys; print(next((c["case"] for c in json.load(sys.stdin)["cases"] if c["case"].startswith("TAX-IR")), ""))')
+[ -n "$RING" ] || { echo "no ring case was opened" >&2; exit 1; }
+as tax case show $RING
+echo; echo "the ring's graph: companies linked by their invoices, and by their accounts:"
+as tax case graph $RING
+
 step "10. Analysts of every agency also submit plain signed transactions to their own node"
 for agency in tax police customs pboc; do
   as "$agency" submit-probe --count 2

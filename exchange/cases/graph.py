@@ -1,6 +1,7 @@
 """The graph of a case: the companies, persons and accounts its answers link, through
-legal representatives (the tax register), account holders (the bank's accounts) and
-counterparties (the bank's transactions), with what the other answers say about each
+legal representatives (the tax register), account holders (the bank's accounts),
+counterparties (the bank's transactions) and invoices (the tax bureau's VAT invoices,
+issuer to buyer), with what the other answers say about each
 (police records, customs declarations). Built from the rows on record only, so it shows
 exactly what the agency was told. Pure: a CaseFile's contents in, nodes and edges out.
 """
@@ -21,6 +22,7 @@ ACCOUNT = "account"
 LEGAL_REP = "legal representative"
 HOLDS = "holds"
 COUNTERPARTY = "counterparty"
+INVOICED = "invoiced"
 
 
 def node_id(kind: str, key: str) -> str:
@@ -101,6 +103,7 @@ def build_graph(subjects: Iterable[str],
         for row in rows:
             _add_row(g, seen, dataset, row)
     _link_flows(g, seen.flows)
+    _link_invoices(g, seen.invoiced)
     for person_id, kinds in seen.records.items():
         g.node(PERSON, person_id).notes["police records"] = ", ".join(sorted(kinds))
     for uscc, (count, exports, imports) in seen.declared.items():
@@ -120,6 +123,9 @@ class _Sums:
         default_factory=lambda: defaultdict(lambda: [Decimal(0)] * 2))
     declared: dict[str, list[Decimal]] = field(
         default_factory=lambda: defaultdict(lambda: [Decimal(0)] * 3))
+    # (issuer, buyer) -> invoice numbers seen, domestic and export totals
+    invoiced: dict[tuple[str, str], tuple[set[str], list[Decimal]]] = field(
+        default_factory=lambda: defaultdict(lambda: (set(), [Decimal(0)] * 2)))
 
 
 def _add_row(g: CaseGraph, seen: _Sums, dataset: str, row: Mapping[str, Any]) -> None:
@@ -144,6 +150,14 @@ def _add_row(g: CaseGraph, seen: _Sums, dataset: str, row: Mapping[str, Any]) ->
         key = (str(row["account_no"]), str(row["counterparty_account"]))
         amount = Decimal(str(row.get("amount_cny") or 0))
         seen.flows[key][0 if row.get("direction") == "in" else 1] += amount
+    elif dataset == "vat_invoices" and row.get("issuer_uscc") and \
+            row.get("buyer_uscc") and row.get("issuer_uscc") != row.get("buyer_uscc"):
+        numbers, sums = seen.invoiced[(str(row["issuer_uscc"]), str(row["buyer_uscc"]))]
+        number = str(row.get("invoice_no") or len(numbers))
+        if number not in numbers:  # one invoice in two answers counts once
+            numbers.add(number)
+            amount = Decimal(str(row.get("amount_cny") or 0))
+            sums[1 if row.get("kind") == "export" else 0] += amount
     elif dataset == "persons" and row.get("person_id"):
         person = g.node(PERSON, str(row["person_id"]))
         if row.get("name"):
@@ -215,3 +229,15 @@ def render_tree(g: CaseGraph, title: str) -> Any:
             continue
         grow(tree.add(f"[bold]{label(g.nodes[nid])}[/bold]"), nid)
     return tree
+
+
+def _link_invoices(g: CaseGraph,
+                   invoiced: Mapping[tuple[str, str], tuple[set[str], list[Decimal]]]) -> None:
+    """Issuer-to-buyer edges with how many invoices and their domestic and export sums."""
+    for (issuer, buyer), (numbers, (domestic, export)) in sorted(invoiced.items()):
+        edge = g.link(g.node(COMPANY, issuer), INVOICED, g.node(COMPANY, buyer))
+        edge.notes["invoices"] = str(len(numbers))
+        if domestic:
+            edge.notes["domestic"] = f"{domestic:.2f} CNY"
+        if export:
+            edge.notes["export"] = f"{export:.2f} CNY"

@@ -171,10 +171,19 @@ class Finding:
     subject: str
     amount: Decimal | None
     in_force: bool
+    # companies the finding links its subject to (its `linked_uscc` column: for
+    # invoice-ring, the companies that follow it on its rings)
+    linked: tuple[str, ...] = ()
 
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(p for p in self.subject.split("/") if p)
+
+    @property
+    def reach(self) -> set[str]:
+        """Its subjects and the companies it links them to: a case holding any of them
+        takes it."""
+        return {*self.parts, *self.linked}
 
     @property
     def uscc(self) -> str:
@@ -216,6 +225,14 @@ class RoundReport:
 
 
 @dataclass
+class _Group:
+    """What the jobs of one group (one subject, or findings linking their subjects)
+    share as they run one after the other: the case each case prefix put them in."""
+
+    cases: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class _Job:
     playbook: Playbook
     finding: Finding
@@ -228,6 +245,18 @@ class _Job:
     def ref(self, index: int) -> str:
         return step_ref(self.playbook.digest, self.finding.run_tx_id,
                         self.finding.finding_id, self.playbook.step_key(index))
+
+
+LINKED_COLUMN = "linked_uscc"
+LINKED_MAX = 64
+
+
+def _linked(line: dict[str, Any]) -> tuple[str, ...]:
+    """The valid usccs of a finding's `linked_uscc` column (space-separated), bounded."""
+    value = line.get(LINKED_COLUMN)
+    if not isinstance(value, str):
+        return ()
+    return tuple(u for u in value.split()[:LINKED_MAX] if is_valid_uscc(u))
 
 
 def _amount(line: dict[str, Any]) -> Decimal | None:
@@ -288,10 +317,26 @@ class PlaybookRunner:
         if not jobs:
             return report
         # one subject's jobs run one after the other (the second finding about a company
-        # joins the case the first opened); different subjects run side by side
+        # joins the case the first opened), and so do the jobs of findings that link
+        # their subjects (a ring's members: one case holds them all); the others run
+        # side by side
+        parent: dict[str, str] = {}
+
+        def root(key: str) -> str:
+            while parent.setdefault(key, key) != key:
+                parent[key] = parent[parent[key]]
+                key = parent[key]
+            return key
+
+        for job in jobs:
+            key = job.finding.uscc or job.finding.subject
+            for other in job.finding.linked:
+                a, b = root(key), root(other)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
         groups: dict[str, list[_Job]] = defaultdict(list)
         for job in sorted(jobs, key=lambda j: (j.finding.height, j.finding.finding_id)):
-            groups[job.finding.uscc or job.finding.subject].append(job)
+            groups[root(job.finding.uscc or job.finding.subject)].append(job)
         self.progress(f"playbooks: {len(jobs)} jobs on {len(groups)} subjects")
         with ThreadPoolExecutor(self.settings.workers, thread_name_prefix="playbook") as pool:
             list(pool.map(lambda g: self._run_group(g, report, stopping), groups.values()))
@@ -334,7 +379,7 @@ class PlaybookRunner:
                     bytes(run.tx_id), summary.finding_id, run.rule_id, run.period,
                     summary.severity, run.owner_agency, run.height, run.time_ms,
                     str(line.get("subject", "")), _amount(line),
-                    in_force=not run.superseded_by))
+                    in_force=not run.superseded_by, linked=_linked(line)))
         return out
 
     def _load_cases(self, findings: Iterable[Finding]) -> None:
@@ -351,7 +396,7 @@ class PlaybookRunner:
                     case.holds.add((bytes(ref_tx), finding_id))
                     f = by_key.get((bytes(ref_tx), finding_id))
                     if f is not None:
-                        case.subjects.update(f.parts)
+                        case.subjects.update(f.reach)
         if cases:
             trail = self.client.audit(node_pb2.AuditRequest(agency=self.agency,
                                                             limit=100_000))
@@ -381,10 +426,11 @@ class PlaybookRunner:
             self._hour = hour
 
     def _holder(self, finding: Finding) -> OpenCase | None:
-        """The oldest open case of the agency that holds a subject of `finding`."""
+        """The oldest open case of the agency that holds a subject of `finding` or a
+        company it links them to."""
+        reach = finding.reach
         with self._lock:
-            holders = [c for c in self._cases.values()
-                       if c.subjects & set(finding.parts)]
+            holders = [c for c in self._cases.values() if c.subjects & reach]
         return min(holders, key=lambda c: (c.opened_height, c.case_id)) if holders else None
 
     def _takes(self, playbook: Playbook, finding: Finding, job: _Job) -> bool:
@@ -401,11 +447,12 @@ class PlaybookRunner:
     # -- a job ---------------------------------------------------------------------------
     def _run_group(self, jobs: list[_Job], report: RoundReport,
                    stopping: threading.Event | None) -> None:
+        group = _Group()
         for job in jobs:
             if stopping is not None and stopping.is_set():
                 return
             try:
-                outcome = self._run_job(job, report)
+                outcome = self._run_job(job, report, group)
             except CaseClosed as exc:
                 self.spool.finish(job.key, "case closed")
                 with self._lock:
@@ -431,14 +478,14 @@ class PlaybookRunner:
                 with self._lock:
                     report.finished += 1
 
-    def _run_job(self, job: _Job, report: RoundReport) -> str:
+    def _run_job(self, job: _Job, report: RoundReport, group: _Group | None = None) -> str:
         playbook, finding = job.playbook, job.finding
         answers: dict[str, list[dict[str, Any]]] = {}
         case_id = ""
         for index, step in enumerate(playbook.steps):
             ref = job.ref(index)
             if isinstance(step, CaseStep):
-                case_id = self._case_step(job, step, ref, report)
+                case_id = self._case_step(job, step, ref, report, group)
                 if not case_id:
                     return ""  # mode add and no case holds the subject (yet)
                 with self._lock:
@@ -493,11 +540,18 @@ class PlaybookRunner:
                 return s
         raise Deferred(f"step {ref} is done on the ledger but not listed yet")
 
-    def _case_step(self, job: _Job, step: CaseStep, ref: str, report: RoundReport) -> str:
+    def _case_step(self, job: _Job, step: CaseStep, ref: str, report: RoundReport,
+                   group: _Group | None = None) -> str:
         done = self._steps.get(ref)
         if done is not None:
+            if group is not None:
+                group.cases.setdefault(step.prefix, done.case_id)
             return done.case_id
         holder = self._holder(job.finding)
+        if holder is None and group is not None and step.prefix in group.cases:
+            # a linked finding of the same group (a ring's member) opened the case
+            with self._lock:
+                holder = self._cases.get(group.cases[step.prefix])
         if holder is None and step.mode == "add":
             with self._lock:
                 report.skipped["no open case holds the subject"] += 1
@@ -518,7 +572,9 @@ class PlaybookRunner:
             self._steps[ref] = node_pb2.PlaybookStepView(ref=ref, tx_id=txid, kind="case",
                                                          case_id=case_id)
             case = self._cases.setdefault(case_id, OpenCase(case_id, 0))
-            case.subjects.update(job.finding.parts)
+            case.subjects.update(job.finding.reach)
+            if group is not None:
+                group.cases.setdefault(step.prefix, case_id)
             case.holds.add(job.finding.key)
             report.steps["case " + action] += 1
         return case_id

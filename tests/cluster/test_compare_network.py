@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("compare_network")]
 SEED = 21
 COMPANIES = 400
 PERIODS = ("2026-07", "2026-08", "2026-09")
-RULES = {"tax": ("export-rebate-without-exports", "revenue-below-bank-inflows"),
+RULES = {"tax": ("export-rebate-without-exports", "revenue-below-bank-inflows",
+                 "invoices-beyond-inflows", "invoice-ring", "invoices-from-abnormal-issuers"),
          "customs": ("import-undervaluation",), "pboc": ("payments-without-imports",),
          "police": ("officer-with-police-record",)}
 UNBOUND = "officer-with-police-record"

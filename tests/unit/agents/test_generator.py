@@ -78,6 +78,44 @@ class Books:
                             if t["status"] == "active"}
         self.flagged = {r["person_id"] for r in rows(root / "police" / "records.csv")
                         if r["kind"] in ("wanted", "fraud_conviction", "lost_id_report")}
+        self.status = {t["uscc"]: t["status"] for t in rows(root / "tax" / "taxpayers.csv")}
+        # domestic invoices to another company, per (issuer, buyer, month); and how many
+        self.pairs: dict[tuple[str, str, str], Decimal] = defaultdict(lambda: zero)
+        self.pair_invoices: dict[tuple[str, str, str], int] = defaultdict(int)
+        for i in rows(root / "tax" / "vat_invoices.csv"):
+            if i["kind"] == "domestic" and i["issuer_uscc"] != i["buyer_uscc"]:
+                key = (i["issuer_uscc"], i["buyer_uscc"], i["issued_on"][:7])
+                self.pairs[key] += Decimal(i["amount_cny"])
+                self.pair_invoices[key] += 1
+        self.invoiced: dict[tuple[str, str], Decimal] = defaultdict(lambda: zero)
+        self.from_inactive: dict[tuple[str, str], Decimal] = defaultdict(lambda: zero)
+        for (issuer, buyer, period), amount in self.pairs.items():
+            self.invoiced[(issuer, period)] += amount
+            if self.status.get(issuer) in ("deregistered", "abnormal"):
+                self.from_inactive[(buyer, period)] += amount
+
+
+def ring_members(pairs: Mapping[tuple[str, str, str], Decimal]) -> set[Finding]:
+    """Companies on a directed cycle of 2..6 distinct companies whose every pair is at
+    least 100,000 CNY in the month: each cycle enumerated from its smallest member by
+    depth-first search (no shortcut shared with the rule's SQL)."""
+    succ: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for (issuer, buyer, period), amount in pairs.items():
+        if amount >= 100_000:
+            succ[period][issuer].append(buyer)
+    found: set[Finding] = set()
+
+    def walk(graph: Mapping[str, list[str]], period: str, path: list[str]) -> None:
+        for nxt in graph.get(path[-1], ()):
+            if nxt == path[0] and len(path) >= 2:
+                found.update(("invoice-ring", c, period) for c in path)
+            elif nxt > path[0] and nxt not in path and len(path) < 6:
+                walk(graph, period, [*path, nxt])
+
+    for period, graph in succ.items():
+        for start in list(graph):
+            walk(graph, period, [start])
+    return found
 
 
 def evaluate(root: Path) -> set[Finding]:
@@ -102,6 +140,18 @@ def evaluate(root: Path) -> set[Finding]:
     for company, person in b.active_reps:
         if person in b.flagged:
             found.add(("officer-with-police-record", f"{company}/{person}", ""))
+    return found | evaluate_invoices(b)
+
+
+def evaluate_invoices(b: Books) -> set[Finding]:
+    """The three false-invoicing rules over the CSV files."""
+    found = ring_members(b.pairs)
+    for (issuer, period), invoiced in b.invoiced.items():
+        if invoiced > Decimal("1000000") and invoiced > 3 * b.inflows[(issuer, period)]:
+            found.add(("invoices-beyond-inflows", issuer, period))
+    for (buyer, period), amount in b.from_inactive.items():
+        if amount > Decimal("100000"):
+            found.add(("invoices-from-abnormal-issuers", buyer, period))
     return found
 
 
@@ -137,7 +187,14 @@ def evaluate_on_views(root: Path, stores: Mapping[str, agents.AgencyStore],
         if rep.legal_rep_id in b.flagged:
             found.add(("officer-with-police-record",
                        f"{rep.uscc}/{rep.legal_rep_id}", ""))
-    return found
+    for period in periods:  # the false-invoicing rules against pboc's company_flows
+        flows = {r.uscc: r.inflows_cny for r in agents.views_of("pboc")["company_flows"].rows(
+            stores["pboc"], period)}
+        for (issuer, p), invoiced in b.invoiced.items():
+            if p == period and invoiced > 1_000_000 and \
+                    invoiced > 3 * flows.get(issuer, Decimal(0)):
+                found.add(("invoices-beyond-inflows", issuer, period))
+    return found | {f for f in evaluate_invoices(b) if f[0] != "invoices-beyond-inflows"}
 
 
 def digest(root: Path) -> str:
@@ -211,7 +268,8 @@ def test_every_rule_has_findings_and_every_threshold_has_decoys(medium: Path) ->
     rules = {rule for rule, _, _ in truth}
     assert rules == {"export-rebate-without-exports", "revenue-below-bank-inflows",
                      "import-undervaluation", "payments-without-imports",
-                     "officer-with-police-record"}
+                     "officer-with-police-record", "invoices-beyond-inflows", "invoice-ring",
+                     "invoices-from-abnormal-issuers"}
     b = Books(medium)
     million = Decimal("1000000")
     # each threshold met exactly (no finding) and passed by one fen (a finding)
@@ -240,6 +298,32 @@ def test_every_rule_has_findings_and_every_threshold_has_decoys(medium: Path) ->
                for p, k in kinds.items())
     assert any(statuses.get(p) == "active" and k == {"under_investigation"}
                for p, k in kinds.items())
+    # invoices-beyond-inflows: exactly 3x inflows and a fen beyond; exactly 1,000,000 and
+    # a fen beyond with inflows below a third of it; a company with no bank flows at all
+    gaps = {v - 3 * b.inflows[k] for k, v in b.invoiced.items() if v > million}
+    assert {Decimal(0), Decimal("0.01")} <= gaps
+    assert {million, million + Decimal("0.01")} <= {
+        v for k, v in b.invoiced.items() if 3 * b.inflows[k] < million}
+    assert any(v > million and k not in b.flow_keys for k, v in b.invoiced.items())
+    # invoices-from-abnormal-issuers: exactly 100,000 and a fen beyond, from both statuses
+    hundred_k = Decimal("100000")
+    assert {hundred_k, hundred_k + Decimal("0.01")} <= set(b.from_inactive.values())
+    assert {"deregistered", "abnormal"} <= {
+        b.status[i] for (i, _buyer, _p), v in b.pairs.items()
+        if b.status.get(i) in ("deregistered", "abnormal")}
+    # invoice-ring: pairs reaching 100,000.00 exactly over several invoices and pairs
+    # one fen short; companies on a 7-cycle only, found by nobody; self-invoices
+    summed = {v for k, v in b.pairs.items() if b.pair_invoices[k] >= 2}
+    assert {hundred_k, hundred_k - Decimal("0.01")} <= summed
+    ring = {c for rule, c, _p in truth if rule == "invoice-ring"}
+    seven = [c for (c, _b, _p), v in b.pairs.items() if v >= hundred_k and c not in ring]
+    assert seven  # the 7-ring's and the broken rings' members
+    invoices = list(rows(medium / "tax" / "vat_invoices.csv"))
+    assert any(i["issuer_uscc"] == i["buyer_uscc"] for i in invoices)
+    pair_of = [(i["issuer_uscc"], i["buyer_uscc"], i["issued_on"][:7], Decimal(i["amount_cny"]))
+               for i in invoices if i["kind"] == "export"]
+    assert any(b.pairs.get(k[:3], Decimal(0)) < hundred_k <= b.pairs.get(k[:3], Decimal(0))
+               + k[3] for k in pair_of)  # an export invoice would close a ring
 
 
 def test_volumes_and_shapes_are_realistic(medium: Path) -> None:

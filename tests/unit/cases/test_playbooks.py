@@ -20,7 +20,7 @@ from agents import AGENCIES
 from agents.common import checks
 from exchange.cases.events import QueryFacts, block_events, wanted
 from exchange.cases.events import line_of as event_line
-from exchange.cases.graph import COUNTERPARTY, HOLDS, LEGAL_REP, build_graph
+from exchange.cases.graph import COUNTERPARTY, HOLDS, INVOICED, LEGAL_REP, build_graph
 from exchange.cases.playbooks import (
     CaseStep,
     NotifyStep,
@@ -162,7 +162,9 @@ def test_the_reference_pack_has_a_playbook_for_each_reference_rule() -> None:
     assert taken == {"export-rebate-without-exports": "tax",
                      "revenue-below-bank-inflows": "tax", "import-undervaluation": "customs",
                      "payments-without-imports": "pboc",
-                     "officer-with-police-record": "police"}
+                     "officer-with-police-record": "police", "invoice-ring": "tax",
+                     "invoices-beyond-inflows": "tax",
+                     "invoices-from-abnormal-issuers": "tax"}
 
 
 @pytest.mark.parametrize(("old", "new", "needle", "message"), [
@@ -546,6 +548,29 @@ def test_the_graph_links_companies_persons_and_accounts_from_the_answers() -> No
     console.print(render_tree(g, "case"))
     text = console.export_text()
     assert "legal representative person" in text and "(above)" in text
+
+
+def test_the_graph_links_companies_by_the_invoices_on_record() -> None:
+    a, b, c = _uscc(41), _uscc(42), _uscc(43)
+    invoices = [
+        {"invoice_no": "1", "issuer_uscc": a, "buyer_uscc": b, "amount_cny": Decimal("60000.00"),
+         "kind": "domestic"},
+        {"invoice_no": "2", "issuer_uscc": a, "buyer_uscc": b, "amount_cny": Decimal("40000.00"),
+         "kind": "domestic"},
+        {"invoice_no": "3", "issuer_uscc": a, "buyer_uscc": b, "amount_cny": Decimal("5.00"),
+         "kind": "export"},
+        {"invoice_no": "4", "issuer_uscc": b, "buyer_uscc": a, "amount_cny": Decimal("1.00"),
+         "kind": "domestic"},
+        {"invoice_no": "5", "issuer_uscc": c, "buyer_uscc": c, "amount_cny": Decimal("9.00"),
+         "kind": "domestic"},  # a self-invoice links nothing
+    ]
+    # the same invoice in two answers (the issuer's and the buyer's) counts once
+    g = build_graph([a, b], [("vat_invoices", invoices), ("vat_invoices", invoices[:2])])
+    edges = {(e.source, e.relation, e.target): e for e in g.edges.values()}
+    ab = edges[(f"company:{a}", INVOICED, f"company:{b}")]
+    assert ab.notes == {"invoices": "3", "domestic": "100000.00 CNY", "export": "5.00 CNY"}
+    assert edges[(f"company:{b}", INVOICED, f"company:{a}")].notes["domestic"] == "1.00 CNY"
+    assert f"company:{c}" not in g.nodes
 
 
 # -- events -----------------------------------------------------------------------------
