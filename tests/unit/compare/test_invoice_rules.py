@@ -14,7 +14,7 @@ import agents
 from agents.common import checks
 from exchange.compare import duck, load_rule, run_rule
 from exchange.compare.local import run_locally
-from exchange.compare.rules import rules_dir
+from exchange.compare.rule_file import rules_dir
 
 P = "2026-09"
 BEYOND = "invoices-beyond-inflows"
