@@ -212,34 +212,28 @@ class NodeEventSource:
         return case.agency if case is not None else ""
 
 
-class Webhook:
-    """The outbox, its builder and its sender, for one node."""
+class WebhookSender:
+    """The durable outbox and the thread that posts its events, signed, to the agency's
+    URL, with retries and back-off: everything of a webhook that needs no node."""
 
-    def __init__(self, node: WebhookHost, settings: WebhookSettings) -> None:
-        self.node = node
+    def __init__(self, outbox_path: Path, settings: WebhookSettings) -> None:
         self.settings = settings
         self.key = settings.secret()
-        self.outbox = Outbox(node.config.paths.data_dir / "webhook.db")
-        self.source = NodeEventSource(node)
-        self._wake = threading.Event()
+        self.outbox = Outbox(outbox_path)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._rng = random.Random()
         self._threads: list[threading.Thread] = []
-        if self.outbox.cursor() is None:  # first start: events from here on
-            self.outbox.add(node.store.height, [])
 
     def start(self) -> None:
-        for target, name in ((self._build_loop, "webhook-build"),
-                             (self._send_loop, "webhook-send")):
-            thread = threading.Thread(target=self._guarded, args=(target, name), name=name,
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._spawn(self._send_loop, "webhook-send")
         log.info("webhook started", url=self.settings.url, cursor=self.outbox.cursor())
 
-    def wake(self) -> None:
-        """A block was applied (called on the node's loop: never blocks)."""
-        self._wake.set()
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=self._guarded, args=(target, name), name=name,
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def close(self) -> None:
         self._stop.set()
@@ -257,41 +251,6 @@ class Webhook:
                 log.error("webhook thread failed; restarting it", thread=name,
                           error=repr(exc)[:ERROR_CHARS_MAX])
                 self._stop.wait(BUILD_POLL_S)
-
-    # -- building ----------------------------------------------------------------------
-    def _build_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(BUILD_POLL_S)
-            self._wake.clear()
-            self.build_pending()
-
-    def build_pending(self) -> int:
-        """Put the events of every block applied since the cursor into the outbox."""
-        added = 0
-        cursor = self.outbox.cursor() or 0
-        store = self.node.store
-        chain_id = self.node.chain_id
-        agency = self.node.agency
-        while cursor < store.height and not self._stop.is_set():
-            height = cursor + 1
-            _, time_ms, _ = store.index_columns(height)
-            transactions = []
-            for raw, code in zip(store.envelopes(height), store.results(height), strict=True):
-                opened = open_envelope(raw, chain_id)
-                transactions.append((opened.tx_id, opened.body, code))
-            events = [e for e in block_events(height, time_ms, transactions, self.source)
-                      if e.concerns(agency)]
-            added += self.outbox.add(height, [(e.id, self._body(e)) for e in events])
-            cursor = height
-        if added:
-            EVENTS.labels("queued").inc(added)
-            self._refresh_pending()
-        return added
-
-    def _body(self, event: Event) -> bytes:
-        doc = {**event.as_dict(), "agency": self.node.agency, "chain_id": self.node.chain_id}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          default=str).encode()
 
     def _refresh_pending(self) -> None:
         PENDING.set(self.outbox.counts()["pending"])
@@ -340,3 +299,58 @@ class Webhook:
         (log.error if give_up else log.info)(
             "webhook post failed" + ("; giving up" if give_up else "; retrying"),
             event=event_id, attempt=tried, error=error)
+
+
+class Webhook(WebhookSender):
+    """A node's webhook: the sender, and the builder that turns each applied block into
+    the events concerning the node's agency and puts them in the outbox."""
+
+    def __init__(self, node: WebhookHost, settings: WebhookSettings) -> None:
+        super().__init__(node.config.paths.data_dir / "webhook.db", settings)
+        self.node = node
+        self.source = NodeEventSource(node)
+        if self.outbox.cursor() is None:  # first start: events from here on
+            self.outbox.add(node.store.height, [])
+
+    def start(self) -> None:
+        self._spawn(self._build_loop, "webhook-build")
+        super().start()
+
+    def wake(self) -> None:
+        """A block was applied (called on the node's loop: never blocks)."""
+        self._wake.set()
+
+    # -- building ----------------------------------------------------------------------
+    def _build_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(BUILD_POLL_S)
+            self._wake.clear()
+            self.build_pending()
+
+    def build_pending(self) -> int:
+        """Put the events of every block applied since the cursor into the outbox."""
+        added = 0
+        cursor = self.outbox.cursor() or 0
+        store = self.node.store
+        chain_id = self.node.chain_id
+        agency = self.node.agency
+        while cursor < store.height and not self._stop.is_set():
+            height = cursor + 1
+            _, time_ms, _ = store.index_columns(height)
+            transactions = []
+            for raw, code in zip(store.envelopes(height), store.results(height), strict=True):
+                opened = open_envelope(raw, chain_id)
+                transactions.append((opened.tx_id, opened.body, code))
+            events = [e for e in block_events(height, time_ms, transactions, self.source)
+                      if e.concerns(agency)]
+            added += self.outbox.add(height, [(e.id, self._body(e)) for e in events])
+            cursor = height
+        if added:
+            EVENTS.labels("queued").inc(added)
+            self._refresh_pending()
+        return added
+
+    def _body(self, event: Event) -> bytes:
+        doc = {**event.as_dict(), "agency": self.node.agency, "chain_id": self.node.chain_id}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode()

@@ -1,6 +1,7 @@
 """The node's webhook (exchange.node.webhook): the [webhook] table of the node config, the
 durable outbox, the HMAC-SHA256 signature and the retries with back-off, against a real
-HTTP server started by the test."""
+HTTP server started by the test. The events a node builds from its blocks are tested with
+real nodes (tests/cluster/test_playbooks_cluster.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from exchange.errors import MalformedInput
 from exchange.identity.config import WebhookSettings, load_node_config, node_config_to_toml
-from exchange.node.webhook import Outbox, Webhook, backoff_ms, signature
+from exchange.node.webhook import Outbox, WebhookSender, backoff_ms, signature
 
 KEY = b"0123456789abcdef0123456789abcdef"
 WAIT_S = 30.0
@@ -76,11 +76,6 @@ def _wait(condition: Any, what: str) -> None:
         time.sleep(0.02)
 
 
-def _fake_node(data_dir: Path) -> Any:
-    return SimpleNamespace(config=SimpleNamespace(paths=SimpleNamespace(data_dir=data_dir)),
-                           store=SimpleNamespace(height=0), agency="tax", chain_id="test")
-
-
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "webhook.key"
@@ -88,13 +83,15 @@ def secret_file(tmp_path: Path) -> Path:
     return path
 
 
-def _webhook(tmp_path: Path, url: str, secret_file: Path, **kw: int) -> Webhook:
+def _webhook(tmp_path: Path, url: str, secret_file: Path, **kw: int) -> WebhookSender:
+    """The webhook's sending half, which needs no node; building events from blocks runs
+    in a real node in tests/cluster/test_playbooks_cluster.py."""
     settings = WebhookSettings(url=url, secret_file=secret_file, timeout_ms=2_000,
                                backoff_ms_min=kw.pop("backoff_ms_min", 10),
                                backoff_ms_max=kw.pop("backoff_ms_max", 40), **kw)
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    return Webhook(_fake_node(data), settings)
+    return WebhookSender(data / "webhook.db", settings)
 
 
 def test_each_event_is_posted_once_signed_and_retried_after_failures(
