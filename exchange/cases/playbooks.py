@@ -11,6 +11,9 @@ problem is a PlaybookError naming the file and line (the same strict reader as r
 files). The canonical bytes are the canonical JSON of what the file means; their digest
 is what the ledger registers, and each step's key (``<index>-<name>``) is what makes the
 ledger accept each step only once per finding.
+
+Over 600 lines on purpose: the playbook file format and its checks, key by key, as
+compare/rules.py is for rules.
 """
 
 from __future__ import annotations

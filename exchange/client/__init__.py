@@ -7,6 +7,11 @@ each unary call has a deadline, and every gRPC failure is mapped here, once, to 
 domain error carrying the server's message.
 
 A `Signer` signs transaction bodies as the profile's analyst, for this chain.
+
+Over 600 lines on purpose: one class, ExchangeClient, with one method per call of the
+public API and the one place that maps gRPC failures to domain errors; query building
+(crossquery.py), four eyes (cosign.py) and load generation (loadgen.py) already live
+beside it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,11 @@ from the person's own node through `session.Person`, in the person's language.
 
 Handlers that call the node are plain functions: Starlette runs them in its thread pool,
 so a slow node never blocks the event loop. The live page's events come from the node's
-FollowBlocks stream, read in a thread and pushed to the page as server-sent events."""
+FollowBlocks stream, read in a thread and pushed to the page as server-sent events.
+
+Over 600 lines on purpose: the routes of every page in one place, so that each page's
+URL, its checks (session, CSRF) and its template are read together.
+"""
 
 from __future__ import annotations
 

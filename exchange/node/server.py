@@ -13,6 +13,10 @@ status codes here, once, by one interceptor (`_Edge`, which also logs refusals a
 every call): what a status echoes is cut to DETAILS_CHARS_MAX, so
 a huge value in a message never turns the error into RESOURCE_EXHAUSTED; a request body
 that does not decode is INVALID_ARGUMENT (`_Decoding`), not UNKNOWN with a traceback.
+
+Over 600 lines on purpose: the gRPC services of the public API, one method per call, and
+the interceptor that maps their errors, logs and metrics; the node's logic lives in its
+parts (node.py composes them).
 """
 
 from __future__ import annotations

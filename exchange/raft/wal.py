@@ -61,6 +61,10 @@ silently corrupts acknowledged data there is outside what this log can detect.
 
 Not thread-safe: one owner thread calls every method. A lock file stops a second
 process from opening the same directory.
+
+Over 600 lines on purpose: the frame format, the writer thread, recovery and truncation
+share one fsync discipline and are tested together by the kill -9 tests; apart, each
+would hide what the others rely on.
 """
 
 from __future__ import annotations
