@@ -1,30 +1,34 @@
 """The fastest reader of dataset files: DuckDB parses and checks whole files in C++.
 
 Like agents.common.bulk's reader it answers only "has the file no problem at all, and
-what are its rows?" (the row reader words problems). It takes files of the plain shape
-the generator and most extracts have (no quote, carriage return, NUL, blank line or
-BOM: each line a record, split on commas, which is what the row reader's csv.reader
-does to such a line), found by one scan of the bytes that also hashes them
-(`scan_file`); other files are read by agents.common.bulk. DuckDB's read_csv then
-splits the lines (every row as wide as the header, or an error) and one query checks
-and converts every value with the rules of the columns' parsers written as vectorised
-SQL (identifiers, texts, check digits of uscc and person_id, dates, periods, amounts to
-integer fen, enums, flags, holder ids by their kind): a value the row reader would
-refuse stops the query (DuckDB's `error()`), and the reader raises `NotBulk`. A value
-the row reader accepts may be refused here too (an amount of over 12 integer digits,
-which is out of bounds anyway); the loader then reads the load row by row, which is
-slower but decides.
+what are its rows?" (the row reader words problems). It takes files of the shape the
+generator and most extracts have, where DuckDB's CSV reader splits records exactly as
+the row reader's csv.reader does: no carriage return, NUL, blank line or BOM, a header
+without quotes, and no white space between a quote and the comma or line end next to it
+(DuckDB drops spaces there, csv.reader keeps them or refuses the line). One scan of the
+bytes finds that (`scan_file`); other files are read by agents.common.bulk. DuckDB's
+read_csv then splits the records (RFC 4180 quoting; every row as wide as the header,
+else an error) and one query checks and converts every value with the rules of the
+columns' parsers written as vectorised SQL (identifiers, texts, check digits of uscc and
+person_id, dates, periods, amounts to integer fen, enums, flags, holder ids by their
+kind): a value the row reader would refuse stops the query (DuckDB's `error()`), and
+the reader raises `NotBulk`; so does a quoted line break (a record over several lines).
+A value the row reader accepts may be refused here too (an amount of over 12 integer
+digits, which is out of bounds anyway); the loader then reads the load row by row,
+which is slower but decides.
 
-The query streams: DuckDB writes the rows as CSV into a pipe in file order and the
-writer takes them `batch_rows` at a time; DuckDB holds a few of its vectors in memory
-(its memory limit is `DUCKDB_MEMORY_MAX`). An optional value that is absent comes out
-as "" (the writer stores NULL for it, as for None).
+The query streams: DuckDB writes the rows into a pipe in file order, fields separated
+by a control character no valid value holds, and the writer takes them `batch_rows` at
+a time; DuckDB holds a few of its vectors in memory (its memory limit is
+`DUCKDB_MEMORY_MAX`). An optional value that is absent comes out as "" (the writer
+stores NULL for it, as for None).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -50,8 +54,14 @@ DUCKDB_THREADS_MAX = 4
 # An amount this reader converts has at most this many digits before the point (a
 # larger one exceeds checks.AMOUNT_FEN_MAX, which the row reader refuses).
 AMOUNT_INTEGER_DIGITS_MAX = len(str(checks.AMOUNT_FEN_MAX // checks.FEN_PER_CNY))
-# Bytes that the plain shape has not: a quote, a carriage return, a NUL.
-_NOT_PLAIN = (b'"', b"\r", b"\x00")
+# Bytes that a plain file has not: a carriage return, a NUL.
+_NOT_PLAIN = (b"\r", b"\x00")
+# White space between a quote and a field's end, which DuckDB and csv.reader read apart.
+_SPACED_QUOTE = re.compile(rb'(?m)(?:^|,)[ \t]+"|"[ \t]+(?:,|$)')
+# Between DuckDB and the writer: a field separator and a quote no valid value holds
+# (schema.TEXT refuses control characters; the other kinds allow none at all).
+_FIELD_SEPARATOR = "\x1f"
+_OUTPUT_QUOTE = "\x1e"
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -66,12 +76,14 @@ class Scan:
 
 
 def scan_file(path: Path) -> Scan:
-    """Find whether DuckDB's plain reading of the file is the row reader's: no quote,
-    carriage return or NUL anywhere, no blank line, no BOM, a header first line of
-    UTF-8 (DuckDB refuses bad UTF-8 in the rest itself)."""
+    """Find whether DuckDB reads the file's records as the row reader does (see the
+    module): no carriage return or NUL anywhere, no blank line, no BOM, a header first
+    line of UTF-8 without quotes, no white space next to a quote at a field's end
+    (DuckDB refuses bad UTF-8 in the rest itself)."""
     size = lines = 0
     plain = True
     first = b""
+    carry = b""  # the last piece's unfinished line
     previous = b"\n"  # a file starting with a line break starts with a blank line
     with open(path, "rb") as f:
         while True:
@@ -86,12 +98,22 @@ def scan_file(path: Path) -> Scan:
                 if (any(b in chunk for b in _NOT_PLAIN) or b"\n\n" in chunk
                         or (previous == b"\n" and chunk[:1] == b"\n")):
                     plain = False
+                elif b'"' in chunk or b'"' in carry:
+                    data = carry + chunk  # whole lines, as the pattern is of one line
+                    end = data.rfind(b"\n") + 1
+                    carry = data[end:]
+                    if _SPACED_QUOTE.search(data, 0, end) is not None:
+                        plain = False
+                else:
+                    carry = chunk[chunk.rfind(b"\n") + 1:]
             previous = chunk[-1:]
+    if plain and _SPACED_QUOTE.search(carry) is not None:
+        plain = False
     if size and previous != b"\n":
         lines += 1
     header: tuple[str, ...] = ()
     head = first.split(b"\n", 1)[0]
-    if first.startswith(_BOM) or not head:
+    if first.startswith(_BOM) or not head or b'"' in head:
         plain = False
     else:
         try:
@@ -221,7 +243,7 @@ def select_sql(dataset: Dataset, header: tuple[str, ...], path: Path) -> str:
             values.append(f"CASE WHEN {v} IS NOT NULL AND {check} THEN {converted} "
                           f"ELSE {bad} END")
     source = (f"read_csv({_sql_text(str(path))}, header = true, auto_detect = false, "
-              f"delim = ',', quote = '', escape = '', new_line = '\\n', "
+              f"delim = ',', quote = '\"', escape = '\"', new_line = '\\n', "
               f"strict_mode = true, null_padding = false, columns = {{{types}}})")
     return f"SELECT {', '.join(values)} FROM {source}"
 
@@ -293,8 +315,9 @@ class DuckFileReader:
 
         def produce() -> None:
             try:
-                con.execute(f"COPY ({sql}) TO '/dev/fd/{write_end}' "
-                            "(FORMAT CSV, HEADER false, USE_TMP_FILE false)")
+                con.execute(f"COPY ({sql}) TO '/dev/fd/{write_end}' (FORMAT CSV, "
+                            f"HEADER false, DELIMITER '{_FIELD_SEPARATOR}', "
+                            f"QUOTE '{_OUTPUT_QUOTE}', USE_TMP_FILE false)")
             except BaseException as exc:  # handed to the reader, raised there
                 failed.append(exc)
             finally:
@@ -313,11 +336,11 @@ class DuckFileReader:
                     data = carry + chunk
                     end = data.rfind(b"\n") + 1
                     carry = data[end:]
-                    if b'"' in data:  # DuckDB quoted a value: not a plain one
-                        raise NotBulk("a value DuckDB quotes")
+                    if _OUTPUT_QUOTE.encode() in data:  # a value holds a line break
+                        raise NotBulk("a record over several lines")
                     lines = data[:end].decode("utf-8").split("\n")
                     lines.pop()
-                    batch = list(map(str.split, lines, repeat(",")))
+                    batch = list(map(str.split, lines, repeat(_FIELD_SEPARATOR)))
                     if batch and (len(batch[0]) != width or len(batch[-1]) != width):
                         raise NotBulk("a row of another width")
                     for at in range(0, len(batch), self.batch_rows):

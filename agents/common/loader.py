@@ -61,6 +61,9 @@ class FileLoad:
     size_bytes: int = field(default=0, compare=False)
     # reading, checking and writing it (and building its indexes)
     seconds: float = field(default=0.0, compare=False)
+    # the bulk path's reader: "duckdb" (agents.common.duckread) or "python"
+    # (agents.common.bulk); "" on the row path
+    reader: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
                 loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
                                       int(before), after,
                                       reader.sha256, "bulk", reader.size_bytes,
-                                      round(seconds, 3)))
+                                      round(seconds, 3), _reader_name(reader)))
                 if progress is not None:
                     progress(LoadProgress(dataset.name, reader.display_name, "bulk",
                                           reader.rows, reader.size_bytes, reader.size_bytes,
@@ -198,6 +201,12 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
     except OSError as exc:
         raise MalformedInput(f"{exc.filename}: {exc.strerror} (nothing was loaded)") from exc
     return LoadReport(agency=agency, folder=str(folder), replace=replace, files=tuple(loads))
+
+
+def _reader_name(reader: BatchReader) -> str:
+    if isinstance(reader, DuckFileReader) and reader.method == "duckdb":
+        return "duckdb"
+    return "python"
 
 
 def _in_turn(readers: Sequence[BatchReader]
