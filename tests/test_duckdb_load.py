@@ -299,3 +299,20 @@ def test_a_load_killed_midway_leaves_the_store_as_it_was(tmp_path: Path) -> None
         assert dump(store) == before
         assert store.fetch("PRAGMA journal_mode", {}) == [("wal",)]
         assert store.fetch("PRAGMA integrity_check", {}) == [("ok",)]
+
+
+def test_a_bad_value_deep_in_a_big_file_loads_nothing_and_is_named(
+        tmp_path: Path, stores: Callable[[str, str], SqliteAgencyStore]) -> None:
+    store = stores("pboc", "pboc")
+    write(tmp_path / "first", "accounts.csv", *accounts(40))
+    agents.load_dataset_dir("pboc", tmp_path / "first", store)
+    before, log = dump(store), store.load_log()
+    rows = transactions(150_000, 40)
+    rows[149_990] = "T149989,A9,X1,12.345,in,0,2026-09-01"
+    write(tmp_path / "in", "accounts.csv", *accounts(40))
+    write(tmp_path / "in", "transactions.csv", *rows)
+    with pytest.raises(DataFileError, match=r"transactions.csv, line 149991, column 4 "
+                                            r"\(amount_cny\): '12.345' is not an amount"):
+        agents.load_dataset_dir("pboc", tmp_path / "in", store)
+    assert dump(store) == before and store.load_log() == log
+    assert store.fetch("PRAGMA journal_mode", {}) == [("wal",)]

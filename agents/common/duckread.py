@@ -123,11 +123,14 @@ def scan_file(path: Path) -> Scan:
     return Scan(size, lines, plain, header if plain else ())
 
 
-def file_sha256(path: Path) -> str:
-    """The digest of the file's bytes (hashlib lets go of the interpreter meanwhile)."""
+def file_sha256(path: Path, stop: threading.Event | None = None) -> str | None:
+    """The digest of the file's bytes (hashlib lets go of the interpreter meanwhile);
+    None if `stop` is set first."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(SCAN_BYTES):
+            if stop is not None and stop.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -285,17 +288,23 @@ class DuckFileReader:
             self.rows, self.bytes_read = reader.rows, reader.bytes_read
             self.sha256 = reader.sha256
             return
-        digests: list[str] = []
-        hashing = threading.Thread(target=lambda: digests.append(file_sha256(self.path)),
-                                   name="load-hash", daemon=True)
+        digests: list[str | None] = []
+        stop = threading.Event()
+        hashing = threading.Thread(
+            target=lambda: digests.append(file_sha256(self.path, stop)), name="load-hash",
+            daemon=True)
         hashing.start()
         try:
             yield from self._plain_batches(scan)
+        except BaseException:
+            stop.set()  # the load stops: so does the hashing
+            raise
         finally:
             hashing.join()
-        if not digests:
+        digest = digests[0] if digests else None
+        if digest is None:
             raise NotBulk("the file could not be hashed")
-        self.sha256 = digests[0]
+        self.sha256 = digest
 
     def _plain_batches(self, scan: Scan) -> Iterator[list[tuple[object, ...]]]:
         """DuckDB writes the checked, converted rows as CSV into a pipe on its own
