@@ -268,6 +268,29 @@ def test_a_load_beside_another_connection_stays_in_wal_mode(
     assert store.fetch("PRAGMA journal_mode", {}) == [("wal",)]
 
 
+def test_a_load_beside_another_process_stays_in_wal_mode(
+        tmp_path: Path, stores: Callable[[str, str], SqliteAgencyStore]) -> None:
+    store = stores("pboc", "pboc")
+    reader = ("import sqlite3, sys\n"
+              "db = sqlite3.connect(sys.argv[1])\n"
+              "db.execute('SELECT COUNT(*) FROM accounts').fetchone()\n"
+              "print('open', flush=True)\n"
+              "sys.stdin.read()\n"
+              "print(db.execute('SELECT COUNT(*) FROM accounts').fetchone()[0])\n")
+    child = subprocess.Popen([sys.executable, "-c", reader, str(store.path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "open\n"
+        assert store._journal_alone() == "wal"
+        write(tmp_path / "in", "accounts.csv", *accounts(5))
+        agents.load_dataset_dir("pboc", tmp_path / "in", store)
+    finally:
+        out, _ = child.communicate("")
+    assert out == "5\n"
+    assert store.fetch("PRAGMA journal_mode", {}) == [("wal",)]
+
+
 def test_a_load_killed_midway_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "pboc.db"
     write(tmp_path / "first", "accounts.csv", *accounts(40))

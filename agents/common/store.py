@@ -316,10 +316,13 @@ class SqliteAgencyStore:
     def _journal_alone(self) -> str:
         """A rollback journal if this is the store's only connection (leaving WAL mode
         needs that), else WAL as before; the journal mode in force."""
+        self._db.execute("PRAGMA busy_timeout=0")  # no waiting for the others to go
         try:
             (mode,) = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()
         except sqlite3.OperationalError:  # another connection holds the store
             (mode,) = self._db.execute("PRAGMA journal_mode").fetchone()
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return str(mode)
 
     def fetch(self, sql: str, params: Mapping[str, object]) -> list[tuple[object, ...]]:
