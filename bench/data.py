@@ -65,15 +65,22 @@ def generate_figures(companies: int, seed: int, out: Path) -> dict[str, object]:
 def load_figures(agency: str, folder: Path, store: Path) -> dict[str, object]:
     """`exchange data load` of one agency's folder into a new SQLite store: per file and
     in all, megabytes, seconds and MB/s; the process's CPU seconds and peak RSS."""
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{store}{suffix}").unlink(missing_ok=True)
+    load_before = os.getloadavg()[0]
     run = run_measured([*_exchange(), "data", "load", "--agency", agency, str(folder),
                         "--store", str(store), "--json"])
     files = json.loads(run.stdout)["files"]
     size = sum(f["size_bytes"] for f in files)
     return {"agency": agency, "mb": round(size / 1e6, 1), "seconds": round(run.seconds, 1),
             "mb_per_s": round(size / 1e6 / run.seconds, 1),
-            "cpu_seconds": round(run.cpu_seconds, 1), "rss_peak_mb": round(run.rss_peak_mb),
+            "cpu_seconds": round(run.cpu_seconds, 1),
+            # what a shared machine's other work changes least: MB per CPU second
+            "mb_per_cpu_s": round(size / 1e6 / run.cpu_seconds, 1) if run.cpu_seconds
+            else None,
+            # the machine's load average (1 min) before and after: others' work included
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            "rss_peak_mb": round(run.rss_peak_mb),
             "store_mb": round(store.stat().st_size / 1e6),
             "files": [{"dataset": f["dataset"], "rows": f["rows"], "method": f["method"],
                        "mb": round(f["size_bytes"] / 1e6, 1), "seconds": f["seconds"],
@@ -102,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     total_mb = sum(float(str(f["mb"])) for f in loads)
     total_s = sum(float(str(f["seconds"])) for f in loads)
     print("\n| companies | generate s | generate RSS MB | agency | MB | load s | MB/s "
-          "| load CPU s | load RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+          "| load CPU s | MB per CPU s | load RSS MB | load average |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|")
     g = figures["generate"]
     assert isinstance(g, dict)
     for f in loads:
         print(f"| {args.companies:,} | {g['seconds']} | {g['rss_peak_mb']} | {f['agency']} "
               f"| {f['mb']} | {f['seconds']} | {f['mb_per_s']} | {f['cpu_seconds']} "
-              f"| {f['rss_peak_mb']} |")
+              f"| {f['mb_per_cpu_s']} | {f['rss_peak_mb']} | {f['load_average']} |")
     print(f"\nall four: {total_mb:.0f} MB in {total_s:.0f} s, "
           f"{total_mb / total_s:.1f} MB/s loaded one after the other")
     if not args.keep:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from operator import add
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from agents.common import checks
 from agents.common.csvread import FILE_ROWS_MAX
@@ -341,8 +342,25 @@ READ_AHEAD_BATCHES_MAX = 4
 _END = object()
 
 
-def read_ahead(readers: Sequence[BulkFileReader]
-               ) -> Iterator[tuple[BulkFileReader, list[tuple[object, ...]] | None]]:
+class BatchReader(Protocol):
+    """A reader of one file's stored rows in batches (BulkFileReader and
+    agents.common.duckread.DuckFileReader); `rows`, `bytes_read` and `sha256` say how
+    far it is, the last once it is done."""
+
+    dataset: Dataset
+    display_name: str
+    size_bytes: int
+    bytes_read: int
+    rows: int
+    sha256: str
+
+    def batches(self) -> Iterator[list[tuple[object, ...]]]: ...
+
+
+R = TypeVar("R", bound=BatchReader)
+
+
+def read_ahead(readers: Sequence[R]) -> Iterator[tuple[R, list[tuple[object, ...]] | None]]:
     """Every batch of every reader in order as (reader, batch), and (reader, None) once
     a reader is done, read on a thread while the caller writes (SQLite lets go of the
     interpreter while it inserts and builds indexes). A reader's exception is raised

@@ -27,12 +27,20 @@ errors.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.common.bulk import BATCH_ROWS, BulkFileReader, NotBulk, code_memory, read_ahead
+from agents.common.bulk import (
+    BATCH_ROWS,
+    BatchReader,
+    BulkFileReader,
+    NotBulk,
+    code_memory,
+    read_ahead,
+)
 from agents.common.csvread import DataFileError, DatasetFileReader, FileProblem, ProblemFound
+from agents.common.duckread import DuckFileReader
 from agents.common.schema import Dataset
 from agents.common.store import AgencyStore, LoadSession, RowsRefused, SqliteAgencyStore
 from exchange.errors import MalformedInput
@@ -53,6 +61,9 @@ class FileLoad:
     size_bytes: int = field(default=0, compare=False)
     # reading, checking and writing it (and building its indexes)
     seconds: float = field(default=0.0, compare=False)
+    # the bulk path's reader: "duckdb" (agents.common.duckread) or "python"
+    # (agents.common.bulk); "" on the row path
+    reader: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -118,11 +129,12 @@ def dataset_files(datasets: Sequence[Dataset], folder: Path) -> dict[str, Path]:
 def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
                   store: AgencyStore, replace: bool = False, *,
                   progress: Progress | None = None, batch_rows: int = BATCH_ROWS,
-                  bulk: bool = True) -> LoadReport:
+                  bulk: bool = True, use_duckdb: bool = True) -> LoadReport:
     """Load the dataset files of `folder` into `store`, atomically (see the module).
 
     `progress` is called after each batch of `batch_rows` rows and at the end of each
-    file; `bulk=False` takes the row path straight away."""
+    file; `bulk=False` takes the row path straight away; `use_duckdb=False` reads every
+    file of the bulk path with agents.common.bulk's reader."""
     assert batch_rows > 0
     if store.agency != agency:
         raise MalformedInput(f"the store holds {store.agency!r} data, not {agency!r}")
@@ -130,7 +142,7 @@ def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
     if bulk and isinstance(store, SqliteAgencyStore):
         try:
             return _load_bulk(agency, datasets, folder, files, store, replace, progress,
-                              batch_rows)
+                              batch_rows, use_duckdb)
         except (NotBulk, RowsRefused):
             pass  # rolled back: the row path finds and names the problem
     return _load_rows(agency, datasets, folder, files, store, replace, progress, batch_rows)
@@ -138,19 +150,22 @@ def load_datasets(agency: str, datasets: Sequence[Dataset], folder: Path,
 
 def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
                files: dict[str, Path], store: SqliteAgencyStore, replace: bool,
-               progress: Progress | None, batch_rows: int) -> LoadReport:
+               progress: Progress | None, batch_rows: int, use_duckdb: bool
+               ) -> LoadReport:
     present = [d for d in datasets if d.name in files]
     by_name = {d.name: d for d in datasets}
     loads: list[FileLoad] = []
     codes = code_memory()
-    readers = [BulkFileReader(files[d.name], d, _display(folder, d.file_name), batch_rows,
-                              codes) for d in present]
+    kind = DuckFileReader if use_duckdb else BulkFileReader
+    readers: list[BatchReader] = [
+        kind(files[d.name], d, _display(folder, d.file_name), batch_rows, codes)
+        for d in present]
     try:
         with store.bulk_session() as session:
-            current: BulkFileReader | None = None
+            current: BatchReader | None = None
             started = before = 0.0
             written = 0
-            for reader, batch in read_ahead(readers):
+            for reader, batch in _in_turn(readers):
                 dataset = reader.dataset
                 if reader is not current:
                     current, started, written = reader, time.perf_counter(), 0
@@ -170,7 +185,7 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
                 loads.append(FileLoad(dataset.name, reader.display_name, reader.rows,
                                       int(before), after,
                                       reader.sha256, "bulk", reader.size_bytes,
-                                      round(seconds, 3)))
+                                      round(seconds, 3), _reader_name(reader)))
                 if progress is not None:
                     progress(LoadProgress(dataset.name, reader.display_name, "bulk",
                                           reader.rows, reader.size_bytes, reader.size_bytes,
@@ -186,6 +201,26 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
     except OSError as exc:
         raise MalformedInput(f"{exc.filename}: {exc.strerror} (nothing was loaded)") from exc
     return LoadReport(agency=agency, folder=str(folder), replace=replace, files=tuple(loads))
+
+
+def _reader_name(reader: BatchReader) -> str:
+    if isinstance(reader, DuckFileReader) and reader.method == "duckdb":
+        return "duckdb"
+    return "python"
+
+
+def _in_turn(readers: Sequence[BatchReader]
+             ) -> Iterator[tuple[BatchReader, list[tuple[object, ...]] | None]]:
+    """Every batch of every reader as (reader, batch), and (reader, None) when a
+    reader is done: a DuckDB reader's on this thread (its parsing runs in DuckDB's),
+    others' read ahead on a thread of their own."""
+    for reader in readers:
+        if isinstance(reader, DuckFileReader):
+            for batch in reader.batches():
+                yield reader, batch
+            yield reader, None
+        else:
+            yield from read_ahead([reader])
 
 
 def _load_rows(agency: str, datasets: Sequence[Dataset], folder: Path,
