@@ -114,7 +114,7 @@ def load(agency: str | None, folder: Path, store: str | None, config: Path | Non
         emit_json({"agency": report.agency, "store": shown, "replace": report.replace,
                    "files": [{"dataset": f.dataset, "file": f.file, "rows": f.rows,
                               "rows_before": f.rows_before, "rows_after": f.rows_after,
-                              "sha256": f.sha256, "method": f.method,
+                              "sha256": f.sha256, "method": f.method, "reader": f.reader,
                               "size_bytes": f.size_bytes, "seconds": f.seconds}
                              for f in report.files]})
         return

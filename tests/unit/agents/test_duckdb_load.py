@@ -26,7 +26,7 @@ from agents.common.schema import Column
 from agents.common.store import SqliteAgencyStore, SqliteBulkSession
 from agents.generate import GeneratorConfig, generate
 from exchange.errors import MalformedInput
-from tests.test_bulk_load import (
+from tests.unit.agents.test_bulk_load import (
     _CHARS,
     _KINDS,
     _TRICKY,
