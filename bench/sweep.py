@@ -111,6 +111,8 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
             print(f"[sweep {companies:,}] {text}", flush=True)
 
     out: dict[str, Any] = {"companies": companies, "period": PERIOD}
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)  # `--work-dir var/bench` as given
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=work_dir) as tmp:
         root = Path(tmp).resolve()  # the nodes and the CLI run with the cluster as cwd
         cluster = Cluster(root)
