@@ -306,7 +306,7 @@ def test_a_load_killed_midway_leaves_the_store_as_it_was(tmp_path: Path) -> None
               " flush=True))\n")
     child = subprocess.Popen([sys.executable, "-c", loader, str(path), str(tmp_path / "in")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+                             cwd=Path(__file__).resolve().parents[3])
     assert child.stderr is not None
     try:
         for line in child.stderr:  # wait until transactions are being written
