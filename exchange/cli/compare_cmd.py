@@ -3,6 +3,7 @@ them on the network, replaying a run, and listing findings."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -368,8 +369,13 @@ def jobs() -> None:
               help="Jobs config (TOML): profile, rules, periods, interval_s, agency_store.")
 @click.option("--rounds", type=click.IntRange(0, 1_000_000), default=0,
               help="Stop after this many rounds (0: run until stopped).")
+@click.option("--rule-runs-concurrent-max", "rule_runs_concurrent_max",
+              type=click.IntRange(1, 16), default=None,
+              help="Rule runs of a round side by side (default: the config's "
+                   "rule_runs_concurrent_max, else 2).")
 @json_option
-def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
+def jobs_serve(config_path: Path, rounds: int, rule_runs_concurrent_max: int | None,
+               as_json: bool) -> None:
     """Run the agency's rules every interval: each rule version and period once, again
     only when the agency's own data was loaded anew; picks up after a restart from what
     the ledger holds. Then its playbooks. One line per round (a JSON line with --json);
@@ -381,6 +387,8 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     config = JobsConfig.load(config_path)
+    if rule_runs_concurrent_max is not None:
+        config = dataclasses.replace(config, rule_runs_concurrent_max=rule_runs_concurrent_max)
     status = None
     if sys.stdout.isatty() and not as_json:
         from rich.status import Status
