@@ -201,3 +201,25 @@ def test_side_by_side_shared_runs_find_what_sequential_runs_with_own_inputs_find
         assert out["findings"] == shared.finding_count
     # run alone, each asked the register itself: three more queries of it
     assert len(_invoice_queries(cluster)) == 1 + len(SHARING)
+
+
+def test_compare_run_of_several_rules_asks_their_shared_input_once(
+        cluster: Cluster, shared_runs: dict[str, Any]) -> None:
+    before = len(_invoice_queries(cluster))
+    ran = cluster.run_exchange(
+        "compare", "run", "invoice-ring", "invoices-from-abnormal-issuers", "--period",
+        PERIOD, "--subjects-per-query", "5", "--findings-chunk-bytes", "600",
+        "--rule-runs-concurrent-max", "2", "--json", "--profile",
+        _profile(cluster, "automation"), timeout_s=300)
+    assert ran.returncode == 0, ran.stderr
+    runs = {r["rule"]: r for r in json.loads(ran.stdout)["runs"]}
+    assert set(runs) == {"invoice-ring", "invoices-from-abnormal-issuers"}
+    assert runs["invoice-ring"]["input_txs"][0] == \
+        runs["invoices-from-abnormal-issuers"]["input_txs"][0]
+    assert len(_invoice_queries(cluster)) == before + 1
+    for rule_id, out in runs.items():
+        assert out["output_digest"] == bytes(
+            shared_runs["runs"][rule_id].output_digest).hex(), rule_id
+        replayed = cluster.run_exchange("compare", "replay", out["findings_tx"], "--json",
+                                        "--profile", _profile(cluster, "automation"))
+        assert replayed.returncode == 0, (rule_id, replayed.stderr)
