@@ -35,8 +35,11 @@ def cluster_setup(c: Cluster) -> None:
                                        f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}"))
 
 
+OUTSIDER = "export-rebate-without-exports"  # registered, reads no invoice
+
+
 def cluster_ready(c: Cluster) -> None:
-    for rule_id in SHARING:
+    for rule_id in (*SHARING, OUTSIDER):
         reg = c.run_exchange("rules", "register", rule_id, "--profile",
                              _profile(c, "supervisor-1"))
         assert reg.returncode == 0, reg.stderr
@@ -223,3 +226,38 @@ def test_compare_run_of_several_rules_asks_their_shared_input_once(
         replayed = cluster.run_exchange("compare", "replay", out["findings_tx"], "--json",
                                         "--profile", _profile(cluster, "automation"))
         assert replayed.returncode == 0, (rule_id, replayed.stderr)
+
+
+def test_a_rule_the_shared_input_does_not_name_cannot_use_it(
+        cluster: Cluster, shared_runs: dict[str, Any]) -> None:
+    """The ledger accepts the shared query as an input only of the rules it names."""
+    from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
+    from exchange.compare.network import NetworkRun
+    from exchange.compare.rule_file import load_rules
+    from exchange.compare.session import RunSession
+
+    profile = Path(_profile(cluster, "automation"))
+    outsider = next(r for r in load_rules("tax") if r.id == OUTSIDER)
+    shared_qid = bytes(shared_runs["runs"]["invoice-ring"].input_tx_ids[0])
+    _, _, genesis = load_genesis(profile)
+    with ExchangeClient(load_client_profile(profile)) as client:
+        signer = Signer.load(client.profile, genesis.chain_id)
+        with RunSession(outsider) as session:
+            for name in outsider.input_names:
+                session.finish(name)
+            output = session.run({"period": PERIOD})
+        outside = NetworkRun(client, signer, genesis, outsider)._findings_envelope(
+            PERIOD, b'{"period":"2026-09"}', [shared_qid], output, [])
+        refused = client.submit(outside, wait=True)
+        # the same run by a rule the query names (its inputs differ from its earlier
+        # run's, so it is a new run) commits: only the rule made the difference
+        named = next(r for r in load_rules("tax") if r.id == "invoices-beyond-inflows")
+        with RunSession(named) as session:
+            for name in named.input_names:
+                session.finish(name)
+            named_output = session.run({"period": PERIOD})
+        inside = NetworkRun(client, signer, genesis, named)._findings_envelope(
+            PERIOD, b'{"period":"2026-09"}', [shared_qid], named_output, [])
+        accepted = client.submit(inside, wait=True)
+    assert refused.result == "FINDINGS_INVALID", refused
+    assert accepted.result == "OK", accepted
