@@ -32,6 +32,7 @@ from exchange.testing.localnet import Cluster
 PERIOD = "2026-09"
 SEED = 9
 LOAD_PROCESSES = 2  # the machine's cores
+RULE_RUNS_CONCURRENT_MAX = 2  # an owner's rules at once (the jobs runner's default)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -82,18 +83,40 @@ def _register_rules(cluster: Cluster) -> list[tuple[Path, Any]]:
     return runs
 
 
-def _run_rule(auto: Path, rule: Any, spool: Path) -> dict[str, Any]:
+def _shared_inputs(auto: Path, rules: list[Any]) -> tuple[list[dict[str, bytes]], float]:
+    """The owner's own inputs several of its rules read alike, committed once (as the
+    jobs runner does), and the seconds that took."""
+    from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
+    from exchange.compare.network import QUERY_DEADLINE_S
+    from exchange.compare.own_inputs import SharedOwnInputs, planned_run
+
+    started = time.perf_counter()
+    _, _, genesis = load_genesis(auto)
+    with ExchangeClient(load_client_profile(auto), deadline_s=300) as client:
+        signer = Signer.load(client.profile, genesis.chain_id)
+        shared = SharedOwnInputs(client, signer, genesis, QUERY_DEADLINE_S).commit(
+            [planned_run(rule, _params(rule)) for rule in rules])
+    return shared, time.perf_counter() - started
+
+
+def _params(rule: Any) -> dict[str, str]:
+    return {"period": PERIOD} if rule.period_bound else {}
+
+
+def _run_rule(auto: Path, rule: Any, spool: Path,
+              own_inputs: dict[str, bytes] | None = None) -> dict[str, Any]:
     from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
     from exchange.compare.network import NetworkRun, RunBounds
 
     _, _, genesis = load_genesis(auto)
     with ExchangeClient(load_client_profile(auto), deadline_s=300) as client:
         signer = Signer.load(client.profile, genesis.chain_id)
-        params = {"period": PERIOD} if rule.period_bound else {}
         r = NetworkRun(client, signer, genesis, rule,
-                       bounds=RunBounds(spool_dir=spool)).run(params)
+                       bounds=RunBounds(spool_dir=spool)).run(_params(rule),
+                                                              own_inputs=own_inputs)
     return {"rule": r.rule_id, "period": r.period, "result": r.result,
             "seconds": round(r.seconds, 1), "rows_in": r.rows_in,
+            "shared_own_inputs": len(own_inputs or {}),
             "rows_moved": r.rows_in - r.own_rows, "queries": len(r.input_tx_ids),
             "answer_chunks": r.answer_chunks, "findings": len(r.output.rows),
             "findings_chunks": r.findings_chunks,
@@ -101,16 +124,22 @@ def _run_rule(auto: Path, rule: Any, spool: Path) -> dict[str, Any]:
 
 
 def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
-            data_dir: Path | None = None) -> dict[str, Any]:
+            data_dir: Path | None = None,
+            rule_runs_concurrent_max: int = RULE_RUNS_CONCURRENT_MAX,
+            share_own_inputs: bool = True) -> dict[str, Any]:
     """The figures above; `data_dir`: a folder the generator already wrote for
-    `companies` companies and seed SEED (generation is then not timed)."""
+    `companies` companies and seed SEED (generation is then not timed). Each owner runs
+    up to `rule_runs_concurrent_max` of its rules at once and, with `share_own_inputs`,
+    commits an own input several of its rules read alike once (as the jobs runner)."""
     from agents.generate import GeneratorConfig, generate
 
     def say(text: str) -> None:
         if verbose:
             print(f"[sweep {companies:,}] {text}", flush=True)
 
-    out: dict[str, Any] = {"companies": companies, "period": PERIOD}
+    out: dict[str, Any] = {"companies": companies, "period": PERIOD,
+                           "rule_runs_concurrent_max": rule_runs_concurrent_max,
+                           "share_own_inputs": share_own_inputs}
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)  # `--work-dir var/bench` as given
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=work_dir) as tmp:
@@ -146,12 +175,22 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
             spool.mkdir()
 
             def owner_runs(items: list[tuple[Path, Any]]) -> list[dict[str, Any]]:
-                done = []
-                for auto, rule in items:
-                    done.append(_run_rule(auto, rule, spool))
-                    say(f"{rule.id}: {done[-1]['seconds']} s, {done[-1]['rows_moved']:,} rows "
-                        f"moved, {done[-1]['findings']} findings")
-                return done
+                shared: list[dict[str, bytes]] = [{} for _ in items]
+                if share_own_inputs:
+                    shared, seconds = _shared_inputs(items[0][0], [r for _, r in items])
+                    if any(shared):
+                        say(f"{items[0][1].owner}: shared own inputs committed in "
+                            f"{seconds:.1f} s")
+
+                def one(item: tuple[tuple[Path, Any], dict[str, bytes]]) -> dict[str, Any]:
+                    (auto, rule), own = item
+                    done = _run_rule(auto, rule, spool, own)
+                    say(f"{rule.id}: {done['seconds']} s, {done['rows_moved']:,} rows "
+                        f"moved, {done['findings']} findings")
+                    return done
+
+                with cf.ThreadPoolExecutor(rule_runs_concurrent_max) as runs_pool:
+                    return list(runs_pool.map(one, zip(items, shared, strict=True)))
 
             started = time.perf_counter()
             with cf.ThreadPoolExecutor(len(by_owner)) as threads:
@@ -216,9 +255,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="a folder `exchange data generate --seed 9 --companies N` "
                              "wrote, instead of generating anew")
+    parser.add_argument("--rule-runs-concurrent-max", type=int,
+                        default=RULE_RUNS_CONCURRENT_MAX,
+                        help="an owner's rules run at once (1: one after another)")
+    parser.add_argument("--no-share-own-inputs", action="store_true",
+                        help="each run commits its own inputs itself (as before issue 19's "
+                             "scaling)")
     args = parser.parse_args()
+    if args.rule_runs_concurrent_max < 1:
+        parser.error("--rule-runs-concurrent-max is at least 1")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print(json.dumps(measure(args.companies, args.work_dir, data_dir=args.data)),
+    print(json.dumps(measure(args.companies, args.work_dir, data_dir=args.data,
+                             rule_runs_concurrent_max=args.rule_runs_concurrent_max,
+                             share_own_inputs=not args.no_share_own_inputs)),
           flush=True)
 
 

@@ -3,6 +3,7 @@ them on the network, replaying a run, and listing findings."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ def compare() -> None:
 
 @compare.command("run")
 @click.argument("rule")
+@click.argument("more_rules", nargs=-1)
 @click.option("--period", default=None, help="Month YYYY-MM (for period-bound rules).")
 @click.option("--subjects-per-query", "subjects_per_query", type=int, default=None,
               help="Subjects one query of a subject set names; more subjects make more "
@@ -155,21 +157,33 @@ def compare() -> None:
 @click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Where answers are spooled while they stream in "
                                  "(default: the system's temporary folder).")
+@click.option("--rule-runs-concurrent-max", "rule_runs_concurrent_max",
+              type=click.IntRange(1, 16), default=2,
+              help="With several rules: how many run at once (default 2).")
 @rule_limit_options
 @node_options
 @json_option
-def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
+def compare_run(rule: str, more_rules: tuple[str, ...], period: str | None,
+                subjects_per_query: int | None,
                 findings_chunk_bytes: int | None, spool_dir: Path | None,
+                rule_runs_concurrent_max: int,
                 time_limit_s: float, memory_limit_mib: int, threads: int,
                 profile_option: str | None, timeout_s: float, as_json: bool) -> None:
     """Ask the rule's queries (and its owner's own inputs), run its SQL and commit the
     findings. Use the owner's automation profile. Every answer streams into the run's
-    DuckDB chunk by chunk, so no input is held whole in memory."""
+    DuckDB chunk by chunk, so no input is held whole in memory. With several rules, an
+    input asked whole that two or more of them read alike is asked once for all of them,
+    and up to --rule-runs-concurrent-max of them run at once."""
     from exchange.compare.network import NetworkRun, RunBounds
 
     bounds = RunBounds.with_overrides(subjects_per_query_max=subjects_per_query,
                                       findings_chunk_bytes=findings_chunk_bytes,
                                       spool_dir=spool_dir)
+    if more_rules:
+        _compare_run_several((rule, *more_rules), period, bounds,
+                             _limits(time_limit_s, memory_limit_mib, threads),
+                             rule_runs_concurrent_max, profile_option, timeout_s, as_json)
+        return
 
     profile_path, client = connect(profile_option, max(timeout_s, 60.0))
     with client:
@@ -197,14 +211,7 @@ def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
 
                 result = NetworkRun(client, signer, genesis, r, advance, bounds,
                                     limits).run(params)
-    out = {"rule": result.rule_id, "period": result.period,
-           "findings_tx": result.findings_tx_id.hex(), "height": result.height,
-           "result": result.result, "findings": len(result.output.rows),
-           "output_digest": result.output.digest.hex(), "inputs": len(result.input_tx_ids),
-           "rows_in": result.rows_in, "seconds": round(result.seconds, 2),
-           "answer_chunks": result.answer_chunks, "findings_chunks": result.findings_chunks,
-           "supersedes": [t.hex() for t in result.superseded],
-           "subjects": [row["subject"] for row in result.output.rows]}
+    out = _run_dict(result)
     if as_json:
         emit_json(out)
         return
@@ -217,6 +224,66 @@ def compare_run(rule: str, period: str | None, subjects_per_query: int | None,
         columns = list(result.output.rows[0])
         table("findings", columns, [[row.get(c, "") for c in columns]
                                     for row in result.output.rows[:100]])
+
+
+def _run_dict(result: Any) -> dict[str, Any]:
+    """A committed run (exchange.compare.network.RunResult) as plain data."""
+    return {"rule": result.rule_id, "period": result.period,
+            "findings_tx": result.findings_tx_id.hex(), "height": result.height,
+            "result": result.result, "findings": len(result.output.rows),
+            "output_digest": result.output.digest.hex(), "inputs": len(result.input_tx_ids),
+            "input_txs": [t.hex() for t in result.input_tx_ids],
+            "rows_in": result.rows_in, "seconds": round(result.seconds, 2),
+            "answer_chunks": result.answer_chunks, "findings_chunks": result.findings_chunks,
+            "supersedes": [t.hex() for t in result.superseded],
+            "subjects": [row["subject"] for row in result.output.rows]}
+
+
+def _compare_run_several(specs: tuple[str, ...], period: str | None, bounds: Any,
+                         limits: Any, concurrent_max: int, profile_option: str | None,
+                         timeout_s: float, as_json: bool) -> None:
+    """`compare run A B ...`: the rules' shared inputs committed once, the runs side by
+    side; every run is tried, and the command fails if any did."""
+    import concurrent.futures as cf
+
+    from exchange.compare.network import QUERY_DEADLINE_S, NetworkRun
+    from exchange.compare.own_inputs import SharedOwnInputs, planned_run
+    from exchange.errors import ExchangeError
+
+    profile_path, client = connect(profile_option, max(timeout_s, 60.0))
+    with client:
+        _, _, genesis = load_genesis(profile_path)
+        signer = Signer.load(client.profile, genesis.chain_id)
+        rules = [_rule(spec, client.profile.agency) for spec in specs]
+        if len({r.id for r in rules}) != len(rules):
+            raise MalformedInput("a rule is named twice")
+        params = [{"period": period} if period and r.period_bound else {} for r in rules]
+        say = None if as_json else (lambda msg: console.print(f"  {msg}"))
+        shared = SharedOwnInputs(client, signer, genesis, QUERY_DEADLINE_S,
+                                 progress=say).commit(
+            [planned_run(r, p) for r, p in zip(rules, params, strict=True)])
+
+        def one(i: int) -> dict[str, Any]:
+            try:
+                result = NetworkRun(client, signer, genesis, rules[i], say, bounds,
+                                    limits).run(params[i], own_inputs=shared[i])
+            except ExchangeError as exc:
+                return {"rule": rules[i].id, "error": str(exc)}
+            return _run_dict(result)
+
+        with cf.ThreadPoolExecutor(concurrent_max) as pool:
+            outs = list(pool.map(one, range(len(rules))))
+    if as_json:
+        emit_json({"runs": outs})
+    else:
+        for out in outs:
+            console.print(f"{out['rule']}: " + (f"failed: {out['error']}" if "error" in out
+                          else f"{out['findings']} findings, committed at height "
+                               f"{out['height']} as {out['findings_tx']} in "
+                               f"{out['seconds']:.1f} s"))
+    failed = [o["rule"] for o in outs if "error" in o]
+    if failed:
+        raise MalformedInput(f"rule run(s) failed: {', '.join(failed)}")
 
 
 @compare.command("replay")
@@ -368,8 +435,13 @@ def jobs() -> None:
               help="Jobs config (TOML): profile, rules, periods, interval_s, agency_store.")
 @click.option("--rounds", type=click.IntRange(0, 1_000_000), default=0,
               help="Stop after this many rounds (0: run until stopped).")
+@click.option("--rule-runs-concurrent-max", "rule_runs_concurrent_max",
+              type=click.IntRange(1, 16), default=None,
+              help="Rule runs of a round side by side (default: the config's "
+                   "rule_runs_concurrent_max, else 2).")
 @json_option
-def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
+def jobs_serve(config_path: Path, rounds: int, rule_runs_concurrent_max: int | None,
+               as_json: bool) -> None:
     """Run the agency's rules every interval: each rule version and period once, again
     only when the agency's own data was loaded anew; picks up after a restart from what
     the ledger holds. Then its playbooks. One line per round (a JSON line with --json);
@@ -381,6 +453,8 @@ def jobs_serve(config_path: Path, rounds: int, as_json: bool) -> None:
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     config = JobsConfig.load(config_path)
+    if rule_runs_concurrent_max is not None:
+        config = dataclasses.replace(config, rule_runs_concurrent_max=rule_runs_concurrent_max)
     status = None
     if sys.stdout.isatty() and not as_json:
         from rich.status import Status

@@ -28,6 +28,14 @@ on the findings it may read:
     playbook_spool = "var/jobs/tax.playbooks.db"  # default: beside state_file
     run_playbooks = true
 
+The round's rule runs go side by side, at most `rule_runs_concurrent_max` at once (default
+2); an own input that several of them read alike (same dataset, period, fields) is
+committed once, on behalf of all of them (exchange.compare.own_inputs; its envelope is
+kept in the state file until every run it serves has committed, so a restarted runner
+reuses it rather than committing it again):
+
+    rule_runs_concurrent_max = 2
+
 Every run of a rule (and of a playbook's rule step) is bounded; a run over a limit fails
 naming it, commits nothing, and the runner goes on with the other rules:
 
@@ -39,6 +47,7 @@ naming it, commits nothing, and the runner goes on with the other rules:
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import hashlib
 import json
@@ -59,6 +68,10 @@ from exchange.v1 import node_pb2
 
 log = structlog.get_logger("exchange.jobs")
 INTERVAL_S_MIN = 1.0
+# Rule runs of one round side by side: the machine's two cores (each run's DuckDB and the
+# answers it streams); a run mostly waits for its answers.
+RULE_RUNS_CONCURRENT_MAX_DEFAULT = 2
+RULE_RUNS_CONCURRENT_MAX_LIMIT = 16
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class JobsConfig:
     findings_chunk_bytes: int = 0
     spool_dir: Path | None = None
     rule_limits: RuleLimits = field(default_factory=RuleLimits)
+    rule_runs_concurrent_max: int = RULE_RUNS_CONCURRENT_MAX_DEFAULT
 
     @classmethod
     def load(cls, path: Path) -> JobsConfig:
@@ -121,7 +135,10 @@ class JobsConfig:
                    findings_chunk_bytes=doc.bounded("findings_chunk_bytes", 0, 0,
                                                     512 * 1024),
                    spool_dir=doc.optional_path("spool_dir"),
-                   rule_limits=doc.rule_limits())
+                   rule_limits=doc.rule_limits(),
+                   rule_runs_concurrent_max=doc.bounded(
+                       "rule_runs_concurrent_max", RULE_RUNS_CONCURRENT_MAX_DEFAULT, 1,
+                       RULE_RUNS_CONCURRENT_MAX_LIMIT))
 
     def run_bounds(self) -> Any:
         """The bounds of each rule run (exchange.compare.network.RunBounds)."""
@@ -162,7 +179,7 @@ class _JobsDoc:
         "state_file", "playbooks", "run_playbooks", "follow_ups_per_finding_max",
         "follow_ups_per_hour_per_agency", "playbook_workers", "playbook_spool",
         "subjects_per_query_max", "findings_chunk_bytes", "spool_dir", "rule_limits",
-        "rules_dir"})
+        "rules_dir", "rule_runs_concurrent_max"})
 
     def __init__(self, path: Path, doc: dict[str, Any]) -> None:
         self.file = path
@@ -270,6 +287,7 @@ class Runner:
         self.progress = progress
         self.stopping = threading.Event()
         self._state: dict[str, str] = {}
+        self._state_lock = threading.RLock()  # runs save it from worker threads
         if config.state_file is not None and config.state_file.exists():
             self._state = json.loads(config.state_file.read_text())
         self.playbook_runner: PlaybookRounds | None = None
@@ -301,18 +319,15 @@ class Runner:
         return rules
 
     def one_round(self) -> RoundReport:
-        from exchange.compare.network import NetworkRun
-
         report = RoundReport()
         fingerprint = load_log_fingerprint(self.agency, self.config.agency_store)
         runs = self.client.list_findings(node_pb2.ListFindingsRequest(
             owner_agency=self.agency)).runs
         done = {(bytes(r.rule_digest), r.period) for r in runs if not r.case_id}
+        todo: list[tuple[Any, str]] = []
         for rule in self.rules():
             periods = self.config.wanted_periods() if rule.period_bound else [""]
             for period in periods:
-                if self.stopping.is_set():
-                    return report
                 key = f"{rule.digest_hex}/{period}"
                 if (rule.digest, period) in done:
                     if key not in self._state:  # run before this runner kept state
@@ -322,21 +337,25 @@ class Runner:
                         report.skipped += 1
                         continue
                     # the owner's data was loaded anew since: a new run supersedes
-                try:
-                    result = NetworkRun(self.client, self.signer, self.genesis, rule,
-                                        self.progress, self.config.run_bounds(),
-                                        self.config.rule_limits).run(
-                        {"period": period} if period else {})
-                except ExchangeError as exc:
-                    log.warning("rule run failed", rule=rule.id, period=period, error=str(exc))
-                    report.failed.append((rule.id, period, str(exc)))
-                    continue
-                self._state[key] = fingerprint
-                self._save_state()
-                report.ran.append((rule.id, period, len(result.output.rows)))
-                log.info("rule run", rule=rule.id, period=period,
-                         findings=len(result.output.rows), tx=result.findings_tx_id.hex(),
-                         seconds=round(result.seconds, 2))
+                todo.append((rule, period))
+        if self.stopping.is_set():
+            return report
+        try:
+            shared = self._shared_inputs(todo, fingerprint)
+        except ExchangeError as exc:
+            log.warning("shared own inputs not committed", error=str(exc))
+            report.failed += [(rule.id, period, str(exc)) for rule, period in todo]
+            return report
+        with cf.ThreadPoolExecutor(self.config.rule_runs_concurrent_max,
+                                   thread_name_prefix="rule-run") as pool:
+            futures = [pool.submit(self._run_one, rule, period, own, fingerprint)
+                       for (rule, period), own in zip(todo, shared, strict=True)]
+            for (rule, period), future in zip(todo, futures, strict=True):
+                outcome = future.result()
+                if isinstance(outcome, str):
+                    report.failed.append((rule.id, period, outcome))
+                elif outcome is not None:
+                    report.ran.append((rule.id, period, outcome))
         if self.playbook_runner is not None and not self.stopping.is_set():
             try:
                 report.playbooks = self.playbook_runner.one_round(self.stopping)
@@ -345,6 +364,42 @@ class Runner:
             else:
                 log.info("playbooks round", **report.playbooks.as_dict())
         return report
+
+    def _shared_inputs(self, todo: list[tuple[Any, str]],
+                       fingerprint: str) -> list[dict[str, bytes]]:
+        """For each run to do, its own inputs committed once for several runs."""
+        from exchange.compare.network import QUERY_DEADLINE_S
+        from exchange.compare.own_inputs import SharedOwnInputs, planned_run
+
+        planned = [planned_run(rule, {"period": period} if period else {})
+                   for rule, period in todo]
+        with self._state_lock:
+            return SharedOwnInputs(self.client, self.signer, self.genesis, QUERY_DEADLINE_S,
+                                   self._state, self._save_state, fingerprint,
+                                   self.progress).commit(planned)
+
+    def _run_one(self, rule: Any, period: str, own_inputs: dict[str, bytes],
+                 fingerprint: str) -> int | str | None:
+        """One rule run (on a worker thread): its findings count, or why it failed (None:
+        stopping)."""
+        from exchange.compare.network import NetworkRun
+
+        if self.stopping.is_set():
+            return None
+        try:
+            result = NetworkRun(self.client, self.signer, self.genesis, rule,
+                                self.progress, self.config.run_bounds(),
+                                self.config.rule_limits).run(
+                {"period": period} if period else {}, own_inputs=own_inputs)
+        except ExchangeError as exc:
+            log.warning("rule run failed", rule=rule.id, period=period, error=str(exc))
+            return str(exc)
+        with self._state_lock:
+            self._state[f"{rule.digest_hex}/{period}"] = fingerprint
+            self._save_state()
+        log.info("rule run", rule=rule.id, period=period, findings=len(result.output.rows),
+                 tx=result.findings_tx_id.hex(), seconds=round(result.seconds, 2))
+        return len(result.output.rows)
 
     def serve(self, rounds: int = 0,
               on_round: Callable[[RoundReport], None] | None = None) -> None:

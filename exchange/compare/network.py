@@ -17,6 +17,7 @@ from exchange.client import ExchangeClient, Signer
 from exchange.client.crossquery import CheckedAnswer, QuerySpec, build_query
 from exchange.compare.duck import RuleLimits
 from exchange.compare.engine import RuleOutput
+from exchange.compare.own_inputs import input_name_in, input_purpose
 from exchange.compare.rule_file import load_rule_bytes
 from exchange.compare.rules import PlannedQuery, Rule
 from exchange.compare.session import RunSession
@@ -196,15 +197,20 @@ class NetworkRun:
               case_id: str = "") -> QuerySpec:
         shape = SHAPE.QUERY_SHAPE_SUBJECT_SET if subjects else SHAPE.QUERY_SHAPE_AGGREGATE
         return QuerySpec(target=target, dataset=dataset, subjects=subjects, period=period,
-                         purpose=f"rule {self.rule.id} v{self.rule.version}: input {name}",
+                         purpose=input_purpose(self.rule.id, self.rule.version, name),
                          legal_basis=LEGAL_BASIS_TAX_CRIME, fields=fields, shape=int(shape),
                          deadline_s=QUERY_DEADLINE_S, on_behalf_of=self.rule.digest_hex,
                          case_id=case_id)
 
-    def run(self, params: Mapping[str, str], scope: RunScope | None = None) -> RunResult:
+    def run(self, params: Mapping[str, str], scope: RunScope | None = None,
+            own_inputs: Mapping[str, bytes] | None = None) -> RunResult:
         """Run the rule with `params`; with a scope, on the case's subjects only. Every
         answer streams chunk by chunk into the run's DuckDB (spooled on disk), so the
-        size of the inputs is bounded by neither a message nor this process's memory."""
+        size of the inputs is bounded by neither a message nor this process's memory.
+        `own_inputs`: inputs asked whole (own reads, period-wide views) already committed
+        for several rules at once (input name -> query id, exchange.compare.own_inputs),
+        referenced instead of asked anew."""
+        shared = dict(own_inputs or {}) if scope is None else {}
         started = time.perf_counter()
         self.ensure_registered()
         plan = self.rule.plan(params)
@@ -215,6 +221,9 @@ class NetworkRun:
             # the owner's own inputs, as answers its own node gives it
             own_specs: list[tuple[Any, QuerySpec | None]] = []
             for o in plan.own:
+                if o.name in shared:
+                    own_specs.append((o, None))
+                    continue
                 subjects: tuple[tuple[str, str], ...] = ()
                 if scope is not None:
                     subjects = scope.for_keys(_subject_kinds(plan.owner, o.dataset))
@@ -225,7 +234,10 @@ class NetworkRun:
                                                 o.fields, o.name, case_id)))
             own_ids = iter(self._ask([s for _, s in own_specs if s is not None]))
             for o, spec in own_specs:
-                if spec is not None:
+                if o.name in shared:
+                    input_ids.append(shared[o.name])
+                    self._stream_into(session, shared[o.name], o.name)
+                elif spec is not None:
                     qid = next(own_ids)
                     input_ids.append(qid)
                     self._stream_into(session, qid, o.name)
@@ -233,7 +245,11 @@ class NetworkRun:
                 own_rows += n
                 self.progress(f"own {o.dataset}: {n} rows")
             for q in plan.queries:
-                ids = self._ask_input(session, q, scope, case_id)
+                if q.name in shared:  # asked for several rules: the findings go to q.agency
+                    self._asked_agencies.add(q.agency)
+                    ids = [shared[q.name]]
+                else:
+                    ids = self._ask_input(session, q, scope, case_id)
                 input_ids += ids
                 for qid in ids:
                     self._stream_into(session, qid, q.name)
@@ -408,11 +424,11 @@ def replay(client: ExchangeClient, run_tx_id: bytes, limits: RuleLimits | None =
 
 
 def _input_name(rule: Rule, q: node_pb2.QueryView, own_names: list[str]) -> str:
-    """Which input of the rule an answered query was: its purpose names it."""
-    marker = ": input "
-    if marker not in q.purpose:
+    """Which input of the rule an answered query was: its purpose names it (for an own
+    input asked once for several rules, in the part naming this rule)."""
+    name = input_name_in(q.purpose, rule.id, rule.version)
+    if name is None:
         raise ProofInvalid(f"query {q.tx_id.hex()} does not name a rule input")
-    name = q.purpose.rsplit(marker, 1)[1]
     if name not in rule.input_names:
         raise ProofInvalid(f"query {q.tx_id.hex()} names unknown input {name!r}")
     return name

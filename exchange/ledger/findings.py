@@ -54,6 +54,17 @@ def run_case(parameters: bytes) -> str:
     return case if isinstance(case, str) else ""
 
 
+# An own input several of an owner's rules read (same dataset, period, fields, subjects)
+# is committed once, on behalf of all of them: its Query.on_behalf_of lists their rule
+# digests, hex, sorted, joined by this separator (a single digest as before).
+RULE_DIGESTS_SEPARATOR = ","
+
+
+def rule_digests_of(on_behalf_of: str) -> frozenset[str]:
+    """The rule digests (hex) a query was asked on behalf of."""
+    return frozenset(on_behalf_of.split(RULE_DIGESTS_SEPARATOR)) if on_behalf_of else frozenset()
+
+
 def inputs_digest(input_tx_ids: list[bytes]) -> bytes:
     """The digest a run is keyed by: its inputs' tx ids, in the order named."""
     h = hashlib.sha256(b"exchange/v1/run-inputs\0")
@@ -187,7 +198,7 @@ class FindingsBook:
         for qid in inputs:
             rec = self.queries.get(qid)
             if rec is None or rec.requester != owner or rec.status != STATUS_ANSWERED or \
-                    rec.on_behalf_of != f.rule_digest.hex():
+                    f.rule_digest.hex() not in rule_digests_of(rec.on_behalf_of):
                 raise Rejected(CODE_FINDINGS_INVALID, f"input {qid.hex()} is not an answered "
                                                       f"query of {owner} for this rule")
         parties = {owner} | {self.queries.queries[q].target for q in inputs}
