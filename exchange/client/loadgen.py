@@ -182,13 +182,13 @@ def run_load(profiles: list[Path], clients: int, duration_s: float,
     for i in range(clients):
         profile = str(profiles[i % len(profiles)])
         plan[i % processes][profile] = plan[i % processes].get(profile, 0) + 1
-    return _run_workers(_worker,
+    return run_workers(_worker,
                         [(sorted(a.items()), duration_s, start_at, chain_id)
                          for a in plan if a],
                         clients, duration_s)
 
 
-def _run_workers(target: Callable[..., None], arg_lists: list[tuple[Any, ...]],
+def run_workers(target: Callable[..., None], arg_lists: list[tuple[Any, ...]],
                  clients: int, duration_s: float) -> LoadResult:
     """Start one process per argument tuple (each reports (latencies, errors) on the queue
     passed last), wait for them and summarise what the closed-loop clients measured."""
@@ -364,7 +364,7 @@ def judge(result: LoadResult, level: LoadLevel | None) -> list[str]:
 
 
 __all__ = ["LOAD_LEVELS", "LoadFailed", "LoadLevel", "LoadResult", "echo_baseline", "judge",
-           "run_load", "summary_line"]
+           "run_load", "run_workers", "summary_line"]
 
 
 async def _bulk_loop(profile_path: Path, batch: int, duration_s: float,
@@ -517,7 +517,7 @@ def run_crossqueries(plans: list[QueryPlan], clients: int, duration_s: float,
     for i in range(clients):
         slot = assignment[i % processes]
         slot[i % len(plans)] = slot.get(i % len(plans), 0) + 1
-    return _run_workers(_query_worker,
+    return run_workers(_query_worker,
                         [([(plans[p], n) for p, n in sorted(slot.items())], duration_s,
                           start_at) for slot in assignment if slot],
                         clients, duration_s)
