@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from exchange.client.stream import SubmitStream
 from exchange.errors import ExchangeError
 from exchange.identity.config import Profile
 from exchange.identity.keys import CachedSigner
@@ -119,7 +120,7 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
                            start_at: float, chain_id_given: str | None, out: list[float],
                            errs: list[str]) -> None:
     from exchange.ledger.block import new_body, seal_envelope
-    from exchange.v1 import node_pb2, node_pb2_grpc
+    from exchange.v1 import node_pb2_grpc
 
     profile, signer, chain_id, creds = _open_profile(profile_path, chain_id_given)
     payload_bytes = probe_payload_bytes(chain_id, profile.agency, signer)
@@ -130,6 +131,8 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
     while time.time() < start_at:
         await asyncio.sleep(0.01)
     deadline = time.monotonic() + duration_s
+    # every client of this profile in this process submits over one long-lived stream
+    stream = SubmitStream(stub)
 
     async def one_client() -> None:
         while time.monotonic() < deadline:
@@ -138,11 +141,20 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
             envelope = seal_envelope(body, signer)
             started = time.perf_counter()
             try:
-                r = await stub.Submit(node_pb2.SubmitRequest(envelope=envelope),
-                                      timeout=SUBMIT_TIMEOUT_S)
+                r = await stream.submit(envelope, SUBMIT_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if len(errs) < ERROR_SAMPLES_KEPT_MAX:
                     errs.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.05)
+                continue
+            except (ExchangeError, TimeoutError) as exc:
+                if len(errs) < ERROR_SAMPLES_KEPT_MAX:
+                    errs.append(f"{getattr(exc, 'code', 'TIMEOUT')}: {exc}")
+                await asyncio.sleep(0.05)
+                continue
+            if r.error_code:
+                if len(errs) < ERROR_SAMPLES_KEPT_MAX:
+                    errs.append(f"{r.error_code}: {r.error}")
                 await asyncio.sleep(0.05)
                 continue
             if r.status != "committed" or r.result != "OK":
@@ -153,6 +165,7 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
             out.append(time.perf_counter() - started)
 
     await asyncio.gather(*(one_client() for _ in range(clients)))
+    await stream.close()
     await channel.close()
 
 
