@@ -160,6 +160,32 @@ def bench_cluster(duration_s: float = 10.0, levels: tuple[int, ...] = (1, 16, 64
                             "one caller per node", "value": r.tx_per_s, "unit": "tx/s",
                     "batch_p50_ms": r.latency_p50_ms, "batch_p99_ms": r.latency_p99_ms,
                     "errors": r.errors})
+    out.extend(_etcd_side_by_side(out, duration_s, levels))
+    return out
+
+
+def _etcd_side_by_side(ours: list[Result], duration_s: float, levels: tuple[int, ...]
+                       ) -> list[Result]:
+    """A four-member etcd 3.4 on loopback measured right after the project's run with the
+    same closed-loop client counts (bench.etcd), and the ratio of the project's tx/s to
+    etcd's writes/s at each count; one line and nothing else where etcd is missing."""
+    from bench import etcd
+
+    if etcd.etcd_binary() is None:
+        print("cluster part: etcd not installed (Debian package etcd-server), so no "
+              "etcd figures to compare with", flush=True)
+        return []
+    tx_per_s = {int(str(r["name"]).split(", ")[-1].split()[0]): float(str(r["value"]))
+                for r in ours if str(r["name"]).startswith("4-node cluster, signed")}
+    out: list[Result] = []
+    for r, cpu_s in etcd.measure(levels, duration_s):
+        out.append({"name": f"etcd 3.4, 4 members, Put 1 KiB, {r.clients} clients",
+                    "value": r.tx_per_s, "unit": "writes/s", "p50_ms": r.latency_p50_ms,
+                    "p99_ms": r.latency_p99_ms, "max_ms": r.latency_max_ms,
+                    "errors": r.errors,
+                    "etcd_cpu_ms_per_write": round(cpu_s / max(1, r.committed) * 1000, 3),
+                    "ratio_ours_to_etcd": round(tx_per_s.get(r.clients, 0.0)
+                                                / max(r.tx_per_s, 0.1), 3)})
     return out
 
 

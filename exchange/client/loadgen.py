@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from exchange.client.stream import SubmitStream
 from exchange.errors import ExchangeError
 from exchange.identity.config import Profile
 from exchange.identity.keys import CachedSigner
@@ -119,7 +120,7 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
                            start_at: float, chain_id_given: str | None, out: list[float],
                            errs: list[str]) -> None:
     from exchange.ledger.block import new_body, seal_envelope
-    from exchange.v1 import node_pb2, node_pb2_grpc
+    from exchange.v1 import node_pb2_grpc
 
     profile, signer, chain_id, creds = _open_profile(profile_path, chain_id_given)
     payload_bytes = probe_payload_bytes(chain_id, profile.agency, signer)
@@ -130,6 +131,8 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
     while time.time() < start_at:
         await asyncio.sleep(0.01)
     deadline = time.monotonic() + duration_s
+    # every client of this profile in this process submits over one long-lived stream
+    stream = SubmitStream(stub)
 
     async def one_client() -> None:
         while time.monotonic() < deadline:
@@ -138,11 +141,20 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
             envelope = seal_envelope(body, signer)
             started = time.perf_counter()
             try:
-                r = await stub.Submit(node_pb2.SubmitRequest(envelope=envelope),
-                                      timeout=SUBMIT_TIMEOUT_S)
+                r = await stream.submit(envelope, SUBMIT_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if len(errs) < ERROR_SAMPLES_KEPT_MAX:
                     errs.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.05)
+                continue
+            except (ExchangeError, TimeoutError) as exc:
+                if len(errs) < ERROR_SAMPLES_KEPT_MAX:
+                    errs.append(f"{getattr(exc, 'code', 'TIMEOUT')}: {exc}")
+                await asyncio.sleep(0.05)
+                continue
+            if r.error_code:
+                if len(errs) < ERROR_SAMPLES_KEPT_MAX:
+                    errs.append(f"{r.error_code}: {r.error}")
                 await asyncio.sleep(0.05)
                 continue
             if r.status != "committed" or r.result != "OK":
@@ -153,6 +165,7 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
             out.append(time.perf_counter() - started)
 
     await asyncio.gather(*(one_client() for _ in range(clients)))
+    await stream.close()
     await channel.close()
 
 
@@ -182,13 +195,13 @@ def run_load(profiles: list[Path], clients: int, duration_s: float,
     for i in range(clients):
         profile = str(profiles[i % len(profiles)])
         plan[i % processes][profile] = plan[i % processes].get(profile, 0) + 1
-    return _run_workers(_worker,
+    return run_workers(_worker,
                         [(sorted(a.items()), duration_s, start_at, chain_id)
                          for a in plan if a],
                         clients, duration_s)
 
 
-def _run_workers(target: Callable[..., None], arg_lists: list[tuple[Any, ...]],
+def run_workers(target: Callable[..., None], arg_lists: list[tuple[Any, ...]],
                  clients: int, duration_s: float) -> LoadResult:
     """Start one process per argument tuple (each reports (latencies, errors) on the queue
     passed last), wait for them and summarise what the closed-loop clients measured."""
@@ -364,7 +377,7 @@ def judge(result: LoadResult, level: LoadLevel | None) -> list[str]:
 
 
 __all__ = ["LOAD_LEVELS", "LoadFailed", "LoadLevel", "LoadResult", "echo_baseline", "judge",
-           "run_load", "summary_line"]
+           "run_load", "run_workers", "summary_line"]
 
 
 async def _bulk_loop(profile_path: Path, batch: int, duration_s: float,
@@ -517,7 +530,7 @@ def run_crossqueries(plans: list[QueryPlan], clients: int, duration_s: float,
     for i in range(clients):
         slot = assignment[i % processes]
         slot[i % len(plans)] = slot.get(i % len(plans), 0) + 1
-    return _run_workers(_query_worker,
+    return run_workers(_query_worker,
                         [([(plans[p], n) for p, n in sorted(slot.items())], duration_s,
                           start_at) for slot in assignment if slot],
                         clients, duration_s)

@@ -47,7 +47,7 @@ from exchange.v1 import ledger_pb2, node_pb2
 
 log = structlog.get_logger("exchange.node")
 
-INFLIGHT_BLOCKS_MAX = 2  # proposed but not yet applied, at the leader
+INFLIGHT_BLOCKS_MAX = 1  # proposed but not yet applied, at the leader (1: larger blocks, BENCHMARKS.md)
 MEMPOOL_TX_MAX = 50_000
 PENDING_BYTES_MAX = 256 << 20  # admitted envelopes this node waits for, by size
 RESUBMIT_AFTER_S = 3.0

@@ -56,6 +56,8 @@ RETRY_AFTER_KEY = errors.RETRY_AFTER_KEY
 DETAILS_CHARS_MAX = 1_024
 # No chain reaches a height past this (heights are signed 64-bit in the stores).
 HEIGHT_MAX = 2**63 - 1
+# requests of one SubmitStream admitted and not yet answered; reading waits beyond
+SUBMIT_STREAM_INFLIGHT_MAX = 1_024
 
 
 def status_of(exc: errors.ExchangeError) -> grpc.StatusCode:
@@ -303,6 +305,54 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
         who = self.auth.caller(context)
         return await self.node.submit(request.envelope, wait=not request.no_wait,
                                       limited=not who.who.is_node)
+
+    async def SubmitStream(self, request_iterator: AsyncIterator[node_pb2.SubmitRequest],
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[node_pb2.SubmitResponse]:
+        """Submit over one stream: each request admitted and answered on its own (with
+        its seq, in commit order), at most SUBMIT_STREAM_INFLIGHT_MAX at once (reading
+        waits beyond that); the caller's credential is checked again for each."""
+        who = self.auth.caller(context)
+        out: asyncio.Queue[node_pb2.SubmitResponse | BaseException | None] = asyncio.Queue()
+        room = asyncio.Semaphore(SUBMIT_STREAM_INFLIGHT_MAX)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: node_pb2.SubmitRequest) -> None:
+            try:
+                caller = self.auth.recheck(who)
+                r = await self.node.submit(request.envelope, wait=not request.no_wait,
+                                           limited=not caller.who.is_node)
+            except errors.ExchangeError as exc:
+                r = node_pb2.SubmitResponse(error_code=exc.code, error=str(exc),
+                                            retry_after_ms=getattr(exc, "retry_after_ms", 0))
+            finally:
+                room.release()
+            r.seq = request.seq
+            out.put_nowait(r)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await room.acquire()
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.wait(set(tasks))
+                out.put_nowait(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the call below
+                out.put_nowait(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
 
     async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:

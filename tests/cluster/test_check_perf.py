@@ -21,8 +21,8 @@ from exchange.client.loadgen import (
     LOAD_LEVELS,
     LoadFailed,
     LoadResult,
-    _run_workers,
     judge,
+    run_workers,
 )
 from exchange.identity.config import load_profile
 from exchange.identity.local_network import init_network
@@ -109,7 +109,7 @@ def _dying_worker(queue: object) -> None:
 
 def test_a_load_worker_that_dies_is_reported_not_waited_for() -> None:
     with pytest.raises(LoadFailed, match="exited with code 3"):
-        _run_workers(_dying_worker, [()], clients=1, duration_s=600.0)
+        run_workers(_dying_worker, [()], clients=1, duration_s=600.0)
 
 
 # -- the command when it cannot run -----------------------------------------------------------

@@ -157,6 +157,29 @@ def test_invalid_submission_is_refused_with_reason_and_changes_nothing(
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_submit_stream_answers_each_request_by_seq_committed_or_refused(
+        cluster: Cluster) -> None:
+    """Many submissions on one SubmitStream: each valid one answered committed (as a
+    unary Submit would be) with its own seq, a refused one with its reason and seq, and
+    the refusal changes nothing for the others on the stream."""
+    signer = _signer(cluster, "police")
+    good = {seq: _probe(signer) for seq in (1, 2, 3, 5)}
+    refused = {4: _forged(signer), 6: b"\xff\x00not protobuf"}
+    requests = [node_pb2.SubmitRequest(envelope=env, seq=seq)
+                for seq, env in sorted({**good, **refused}.items())]
+    with _channel(cluster, "police") as ch:
+        answers = {r.seq: r for r in node_pb2_grpc.ExchangeStub(ch).SubmitStream(
+            iter(requests), timeout=30)}
+    assert sorted(answers) == [1, 2, 3, 4, 5, 6]
+    for seq, env in good.items():
+        a = answers[seq]
+        assert (a.status, a.result, a.error_code, a.tx_id) == \
+            ("committed", "OK", "", _tx_id_of(env)), a
+        assert _submit(cluster, "police", env).height == a.height  # on the ledger there
+    assert answers[4].error_code == "BAD_SIGNATURE" and answers[4].status == ""
+    assert answers[6].error_code == "MALFORMED" and answers[6].status == ""
+
+
 def test_same_envelope_again_returns_the_original_result(cluster: Cluster) -> None:
     envelope = _probe(_signer(cluster, "customs"))
     first = _submit(cluster, "customs", envelope)
