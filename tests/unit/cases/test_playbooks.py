@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -18,8 +18,6 @@ import pytest
 
 from agents import AGENCIES
 from agents.common import checks
-from exchange.cases.events import QueryFacts, block_events, wanted
-from exchange.cases.events import line_of as event_line
 from exchange.cases.graph import COUNTERPARTY, HOLDS, INVOICED, LEGAL_REP, build_graph
 from exchange.cases.playbooks import (
     CaseStep,
@@ -575,64 +573,3 @@ def test_the_graph_links_companies_by_the_invoices_on_record() -> None:
 
 # -- events -----------------------------------------------------------------------------
 
-class _Source:
-    def __init__(self, lines: Mapping[int, Mapping[str, Any]]) -> None:
-        self.lines = lines
-
-    def query_facts(self, query_tx_id: bytes) -> QueryFacts | None:
-        return QueryFacts(CASE, "tax", "police", "records") if query_tx_id == b"q" * 32 \
-            else None
-
-    def finding_lines(self, run_tx_id: bytes,
-                      findings: ledger_pb2.Findings) -> Mapping[int, Mapping[str, Any]]:
-        return self.lines
-
-    def finding_parties(self, run_tx_id: bytes, findings: ledger_pb2.Findings) -> set[str]:
-        return {"tax", "customs"}
-
-    def finding_summaries(self, run_tx_id: bytes, findings: ledger_pb2.Findings
-                          ) -> list[tuple[str, str]]:
-        return []
-
-    def case_opener(self, case_id: str) -> str:
-        return "tax"
-
-
-def test_a_block_makes_an_event_per_finding_case_event_and_case_step() -> None:
-    def body(agency: str, fill: str, message: object) -> ledger_pb2.TxBody:
-        b = new_body("c", agency, 1)
-        getattr(b, fill).CopyFrom(message)
-        return b
-
-    findings = ledger_pb2.Findings(rule_id=RULE_ID, period=PERIOD, findings=[
-        ledger_pb2.FindingSummary(finding_id=FINDING_ID, severity="high"),
-        ledger_pb2.FindingSummary(finding_id=f"{RULE_ID}/{PERIOD}/2", severity="low")])
-    ref = pb.step_ref(b"d" * 32, b"r" * 32, FINDING_ID, "2-officer_records")
-    txs = [
-        (b"1" * 32, body("tax", "findings", findings), "OK"),
-        (b"2" * 32, body("tax", "case_event", ledger_pb2.CaseEvent(
-            case_id=CASE, action="open", ref_tx_id=b"1" * 32, finding_id=FINDING_ID)), "OK"),
-        (b"3" * 32, body("tax", "query", ledger_pb2.Query(
-            target_agency="police", dataset="records", case_id=CASE, purpose="p",
-            on_behalf_of=ref)), "OK"),
-        (b"4" * 32, body("police", "refusal", ledger_pb2.Refusal(
-            query_tx_id=b"q" * 32, code="NOT_GRANTED", reason="no")), "OK"),
-        (b"5" * 32, body("tax", "query", ledger_pb2.Query(target_agency="pboc",
-                                                          dataset="accounts")), "OK"),
-        (b"6" * 32, body("tax", "case_event", ledger_pb2.CaseEvent(
-            case_id=CASE, action="close")), "CASE_INVALID"),
-    ]
-    events = block_events(9, 1_000, txs, _Source({0: {"subject": USCC, "amount": "5.00"}}))
-    assert [(e.kind, e.id[:8]) for e in events] == [
-        ("finding", "31313131"), ("finding", "31313131"), ("case", "32323232"),
-        ("query", "33333333"), ("refusal", "34343434")]
-    first, second, opened, asked, refused = events
-    assert first.data["subject"] == USCC and "subject" not in second.data
-    assert first.id.endswith(f"/{FINDING_ID}") and first.concerns("customs")
-    assert not first.concerns("police") and opened.concerns("tax")
-    assert asked.data["step"] == "2-officer_records" and asked.concerns("police")
-    assert refused.data["code"] == "NOT_GRANTED" and refused.case_id == CASE
-    assert [e.kind for e in events if wanted(e, severity="high")] == [
-        "finding", "case", "query", "refusal"]
-    assert [e.kind for e in events if wanted(e, case_id="OTHER")] == []
-    assert all(event_line(e) for e in events)

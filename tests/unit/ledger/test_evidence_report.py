@@ -106,7 +106,10 @@ class Built:
     tx: dict[str, str]  # name -> tx id (hex)
 
 
-def _build(tmp: Path) -> Built:
+def build_ledger(tmp: Path) -> tuple[Ledger, dict[str, bytes], list[evidence_pb2.Reveal]]:
+    """A real ledger of a small investigation, cut into attested blocks: two queries (one
+    refused), a rule, its input answered, its findings and a case opened with them; the
+    tx ids by name and the reveals of what tax may read. The store is left open."""
     net = make_net(policies=default_policies(AGENCIES))
     store = BlockStore.create(tmp / "store.db", net.signed_genesis)
     genesis = verify_genesis(net.signed_genesis)
@@ -176,6 +179,12 @@ def _build(tmp: Path) -> Built:
     ids = {"q1": q1_id, "q2": q2_id, "a1": a1_id, "r2": r2_id, "reg": reg_id, "q3": q3_id,
            "again": again_id, "a3": a3_id, "f5": f5_id, "c6": c6_id}
     reveals = [a1_reveal, evidence_pb2.Reveal(tx_id=f5_id, salt=salt, plaintext=line)]
+    return led, ids, reveals
+
+
+def _build(tmp: Path) -> Built:
+    led, ids, reveals = build_ledger(tmp)
+    store = led.applier.store
     data = encode_bundle(build_bundle(store, list(ids.values()), reveals))
     store.close()
     return Built(data, {k: v.hex() for k, v in ids.items()})
