@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -113,3 +116,18 @@ def _records(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) 
 
 def fmt_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def exit_on_interrupt() -> None:
+    """Ctrl-C (SIGINT) ends a command that follows a stream at once, with status 0, what
+    it printed flushed. Not KeyboardInterrupt: raised inside gRPC's blocking wait for the
+    next message it can leave the call's lock taken, and the process then hangs in the
+    stream's cancel (seen in the suite: `chain follow` still running a minute after
+    Ctrl-C)."""
+    def stop(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, stop)

@@ -8,6 +8,7 @@ import click
 
 from exchange.cases.client_events import RELEVANT, ClientEventSource, relevant
 from exchange.cases.events import block_events, line_of, wanted
+from exchange.cli.output import exit_on_interrupt
 from exchange.cli.status_cmd import connect, emit_json_line, json_option, node_options
 from exchange.client import ExchangeClient
 from exchange.ledger.block import RESULT_OK, parse_header, results_root, tx_id
@@ -49,16 +50,14 @@ def watch(case_id: str, severity: str | None, from_height: int, until_height: in
             until_height = min(until_height, tip) if until_height else tip
             if from_height == 0 or from_height > until_height:
                 return  # nothing committed in the range asked
-        try:
-            for block in client.follow_blocks(from_height):
-                header = parse_header(block.header)
-                if until_height and header.height > until_height:
-                    break
-                _emit_block(client, source, block, header, case_id, severity or "", as_json)
-                if until_height and header.height >= until_height:
-                    break
-        except KeyboardInterrupt:
-            pass
+        exit_on_interrupt()
+        for block in client.follow_blocks(from_height):
+            header = parse_header(block.header)
+            if until_height and header.height > until_height:
+                break
+            _emit_block(client, source, block, header, case_id, severity or "", as_json)
+            if until_height and header.height >= until_height:
+                break
 
 
 def _emit_block(client: ExchangeClient, source: ClientEventSource, block: ledger_pb2.Block,
