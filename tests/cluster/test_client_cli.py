@@ -454,13 +454,31 @@ def test_chain_verify_fetches_every_block_and_verifies_it_from_genesis(
     assert human.returncode == 0 and "blocks verified" in human.stdout
 
 
+def _as_from_a_shell() -> None:
+    """The follower starts as a terminal's command does: no signal blocked or ignored
+    (a test worker's process may have inherited either from what ran in it before)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_state(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as exc:
+        return str(exc)
+    return "; ".join(line for line in status.splitlines()
+                     if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn",
+                                         "SigCgt", "Threads")))
+
+
 @pytest.mark.cluster
 def test_chain_follow_streams_blocks_and_ctrl_c_exits_0(cluster: Cluster) -> None:
     _probe(cluster, "tax")
     follow = subprocess.Popen(
         [sys.executable, "-m", "exchange.cli.main", "chain", "follow", "--from", "1", "--json",
          "--profile", str(cluster.profile("tax"))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env,
+        preexec_fn=_as_from_a_shell)
     try:
         assert follow.stdout is not None
         first = json.loads(follow.stdout.readline())
@@ -469,7 +487,12 @@ def test_chain_follow_streams_blocks_and_ctrl_c_exits_0(cluster: Cluster) -> Non
         second = json.loads(follow.stdout.readline())
         assert second["height"] == 2
         follow.send_signal(signal.SIGINT)
-        assert follow.wait(60) == 0  # a bound on waiting (a loaded machine is slow)
+        try:
+            code = follow.wait(60)  # a bound on waiting (a loaded machine is slow)
+        except subprocess.TimeoutExpired:
+            pytest.fail("chain follow still runs a minute after SIGINT; its signal state: "
+                        + _signal_state(follow.pid))
+        assert code == 0
     finally:
         if follow.poll() is None:
             follow.kill()
