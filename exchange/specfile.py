@@ -11,9 +11,9 @@ SpecError, so catching one kind never catches the other.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -51,6 +51,40 @@ def read_checked_file(path: Path, bytes_max: int, error: type[SpecError],
         return path.read_bytes()
     except OSError as exc:
         raise error(str(path), None, f"cannot read: {exc.strerror}") from None
+
+
+class OwnedSpec(Protocol):
+    """A spec file's object: its id and the agency that owns it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def owner(self) -> str: ...
+
+
+S = TypeVar("S", bound=OwnedSpec)
+
+
+def load_owned_folder(folder: Path, suffix: str, agency: str, load: Callable[[Path], S],
+                      kind: str, error: type[SpecError]) -> list[S]:
+    """Every spec of `agency` in `folder` (its files ending in `suffix`, by name), each
+    owned by it: what rules and playbooks folders share."""
+    out = []
+    for path in sorted(folder.glob(f"*{suffix}")):
+        spec = load(path)
+        if spec.owner != agency:
+            raise error(str(path), None, f"{kind} {spec.id} is owned by {spec.owner}, "
+                        f"but it is in {agency}'s {kind}s")
+        out.append(spec)
+    return out
+
+
+def check_named_after_file(path: Path, suffix: str, spec_id: str, kind: str,
+                           error: type[SpecError]) -> None:
+    """A spec read from a file of its kind must carry the file's name as its id."""
+    if path.suffix == suffix and path.stem != spec_id:
+        raise error(str(path), 1, f"{kind} id {spec_id!r} differs from the file name "
+                    f"{path.name!r}")
 
 
 def compose_yaml(data: bytes, source: str,

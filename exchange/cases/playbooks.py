@@ -41,7 +41,9 @@ from exchange.specfile import (
     TAG_STR,
     SpecError,
     StrictYaml,
+    check_named_after_file,
     compose_yaml,
+    load_owned_folder,
     read_checked_file,
 )
 
@@ -213,14 +215,8 @@ def playbooks_dir(agency: str) -> Path:
 def load_playbooks(agency: str, folder: Path | None = None) -> list[Playbook]:
     """Every playbook of `agency` (its `*.yaml` files, by file name), each owned by it."""
     folder = playbooks_dir(agency) if folder is None else Path(folder)
-    out = []
-    for path in sorted(folder.glob(f"*{PLAYBOOK_FILE_SUFFIX}")):
-        playbook = load_playbook(path)
-        if playbook.owner != agency:
-            raise PlaybookError(str(path), None, f"playbook {playbook.id} is owned by "
-                                f"{playbook.owner}, but it is in {agency}'s playbooks")
-        out.append(playbook)
-    return out
+    return load_owned_folder(folder, PLAYBOOK_FILE_SUFFIX, agency, load_playbook, "playbook",
+                             PlaybookError)
 
 
 def load_playbook(path: Path) -> Playbook:
@@ -228,9 +224,7 @@ def load_playbook(path: Path) -> Playbook:
     path = Path(path)
     data = read_checked_file(path, PLAYBOOK_FILE_BYTES_MAX, PlaybookError, "playbook")
     playbook = load_playbook_bytes(data, str(path))
-    if path.suffix == PLAYBOOK_FILE_SUFFIX and path.stem != playbook.id:
-        raise PlaybookError(str(path), 1, f"playbook id {playbook.id!r} differs from the "
-                            f"file name {path.name!r}")
+    check_named_after_file(path, PLAYBOOK_FILE_SUFFIX, playbook.id, "playbook", PlaybookError)
     return playbook
 
 

@@ -42,7 +42,9 @@ from exchange.specfile import (
     TAG_INT,
     TAG_NULL,
     StrictYaml,
+    check_named_after_file,
     compose_yaml,
+    load_owned_folder,
     read_checked_file,
 )
 
@@ -79,14 +81,7 @@ def rules_dir(agency: str) -> Path:
 def load_rules(agency: str, folder: Path | None = None) -> list[Rule]:
     """Every rule of `agency` (its `*.yaml` files, by file name), each owned by it."""
     folder = rules_dir(agency) if folder is None else Path(folder)
-    rules = []
-    for path in sorted(folder.glob(f"*{RULE_FILE_SUFFIX}")):
-        rule = load_rule(path)
-        if rule.owner != agency:
-            raise RuleError(str(path), None, f"rule {rule.id} is owned by {rule.owner}, "
-                            f"but it is in {agency}'s rules")
-        rules.append(rule)
-    return rules
+    return load_owned_folder(folder, RULE_FILE_SUFFIX, agency, load_rule, "rule", RuleError)
 
 
 def load_rule(path: Path) -> Rule:
@@ -94,9 +89,7 @@ def load_rule(path: Path) -> Rule:
     path = Path(path)
     data = read_checked_file(path, RULE_FILE_BYTES_MAX, RuleError, "rule")
     rule = load_rule_bytes(data, str(path))
-    if path.suffix == RULE_FILE_SUFFIX and path.stem != rule.id:
-        raise RuleError(str(path), 1, f"rule id {rule.id!r} differs from the file name "
-                        f"{path.name!r}")
+    check_named_after_file(path, RULE_FILE_SUFFIX, rule.id, "rule", RuleError)
     return rule
 
 
