@@ -20,6 +20,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import add
 from pathlib import Path
@@ -54,7 +55,7 @@ _BASE34_DIGITS = str.maketrans(checks.USCC_ALPHABET, "0123456789abcdefghijklmnop
 
 
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector paused: a batch makes many small containers and no
     cycles, and the collector's passes over them cost a third of the reading."""
     enabled = gc.isenabled()
@@ -64,6 +65,24 @@ def _no_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+@dataclass(frozen=True)
+class FlatRows:
+    """Rows as one flat list of stored values, row after row, `width` values each: how
+    agents.common.duckread hands its rows to the writer, which inserts many rows per
+    statement (a list per row and a statement step per row cost the writer's thread
+    more than the inserting itself)."""
+
+    values: list[object]
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.values) // self.width
+
+
+# What a bulk reader yields: rows, or the same as one flat list.
+Batch = list[tuple[object, ...]] | FlatRows
 
 
 class NotBulk(Exception):
@@ -308,7 +327,7 @@ class BulkFileReader:
             holder_at = [(i, dataset.position(c.holder_kind_column))
                          for i, c in enumerate(dataset.columns) if c.kind is Kind.HOLDER_ID]
             batch: list[list[str]] = []
-            with _no_gc():
+            with gc_paused():
                 for fields in records:
                     if not fields:
                         continue  # a blank line, as the row reader skips it
@@ -354,13 +373,13 @@ class BatchReader(Protocol):
     rows: int
     sha256: str
 
-    def batches(self) -> Iterator[list[tuple[object, ...]]]: ...
+    def batches(self) -> Iterator[Batch]: ...
 
 
 R = TypeVar("R", bound=BatchReader)
 
 
-def read_ahead(readers: Sequence[R]) -> Iterator[tuple[R, list[tuple[object, ...]] | None]]:
+def read_ahead(readers: Sequence[R]) -> Iterator[tuple[R, Batch | None]]:
     """Every batch of every reader in order as (reader, batch), and (reader, None) once
     a reader is done, read on a thread while the caller writes (SQLite lets go of the
     interpreter while it inserts and builds indexes). A reader's exception is raised

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from agents.common.bulk import (
     BATCH_ROWS,
+    Batch,
     BatchReader,
     BulkFileReader,
     NotBulk,
@@ -40,7 +41,7 @@ from agents.common.bulk import (
     read_ahead,
 )
 from agents.common.csvread import DataFileError, DatasetFileReader, FileProblem, ProblemFound
-from agents.common.duckread import DuckFileReader
+from agents.common.duckread import DuckFileReader, prepared
 from agents.common.schema import Dataset
 from agents.common.store import AgencyStore, LoadSession, RowsRefused, SqliteAgencyStore
 from exchange.errors import MalformedInput
@@ -161,7 +162,8 @@ def _load_bulk(agency: str, datasets: Sequence[Dataset], folder: Path,
         kind(files[d.name], d, _display(folder, d.file_name), batch_rows, codes)
         for d in present]
     try:
-        with store.bulk_session() as session:
+        with prepared([r for r in readers if isinstance(r, DuckFileReader)]), \
+                store.bulk_session() as session:
             current: BatchReader | None = None
             started = before = 0.0
             written = 0
@@ -210,7 +212,7 @@ def _reader_name(reader: BatchReader) -> str:
 
 
 def _in_turn(readers: Sequence[BatchReader]
-             ) -> Iterator[tuple[BatchReader, list[tuple[object, ...]] | None]]:
+             ) -> Iterator[tuple[BatchReader, Batch | None]]:
     """Every batch of every reader as (reader, batch), and (reader, None) when a
     reader is done: a DuckDB reader's on this thread (its parsing runs in DuckDB's),
     others' read ahead on a thread of their own."""

@@ -155,6 +155,49 @@ def test_duckdb_reader_python_reader_and_row_path_store_the_same_rows(
         assert dump(by_duck) == dump(by_rows)
 
 
+@pytest.mark.parametrize("batch_rows", [250, 20_000])
+def test_many_rows_a_statement_store_what_the_row_path_stores(
+        sample: Path, stores: Callable[[str, str], SqliteAgencyStore],
+        batch_rows: int) -> None:
+    """Batches of ROWS_PER_INSERT rows a statement and a remainder (250 = 2 x 100 + 50;
+    20,000 takes a whole file's piece), in every dataset of every agency."""
+    for agency in agents.AGENCIES:
+        by_duck = stores(agency, f"{agency}-duck-{batch_rows}")
+        by_rows = stores(agency, f"{agency}-rows-{batch_rows}")
+        duck = agents.load_dataset_dir(agency, sample / agency, by_duck,
+                                       batch_rows=batch_rows)
+        rows = agents.load_dataset_dir(agency, sample / agency, by_rows, bulk=False)
+        assert {f.reader for f in duck.files} == {"duckdb"}
+        assert duck.files == rows.files
+        assert dump(by_duck) == dump(by_rows)
+
+
+def _wrong_check_digit(code: str) -> str:
+    return code[:-1] + ("1" if code[-1] != "1" else "2")
+
+
+@pytest.mark.parametrize(("column", "bad"), [
+    (2, _wrong_check_digit(uscc(4_000))),  # holder_id: a uscc whose check digit is wrong
+    (4, "2026-02-30"),  # opened_on: no such day
+])
+def test_a_value_checked_once_per_distinct_value_refuses_the_whole_load(
+        tmp_path: Path, stores: Callable[[str, str], SqliteAgencyStore],
+        column: int, bad: str) -> None:
+    """Codes and dates are checked on their distinct values beside the streaming rows:
+    a bad one deep in the file, after thousands of rows were written, still loads
+    nothing and the row path names it."""
+    store = stores("pboc", "pboc")
+    before = dump(store)
+    lines = accounts(5_000)
+    fields = lines[4_000].split(",")
+    fields[column] = bad
+    lines[4_000] = ",".join(fields)
+    write(tmp_path / "in", "accounts.csv", *lines)
+    with pytest.raises(DataFileError, match=rf"accounts.csv, line 4001, column {column + 1} "):
+        agents.load_dataset_dir("pboc", tmp_path / "in", store, batch_rows=100)
+    assert dump(store) == before
+
+
 def test_an_absent_optional_value_is_stored_as_null(
         tmp_path: Path, stores: Callable[[str, str], SqliteAgencyStore]) -> None:
     write(tmp_path / "in", "persons.csv", "person_id,name", f"{pid(1)},甲", f"{pid(2)},乙")
