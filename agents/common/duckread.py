@@ -384,6 +384,7 @@ def check_distinct(dataset: Dataset, scan: Scan, path: Path, codes: CodeMemory) 
     if distinct is None:
         return None
     con = duckdb.connect(config={"threads": CHECK_THREADS, "memory_limit": DUCKDB_MEMORY_MAX})
+    con.execute("SET enable_progress_bar = false")  # no bars on the loader's stderr
     try:
         if not all_distinct_valid(con.execute(distinct[0]), distinct[1], codes):
             return "a value the row reader refuses"
@@ -488,6 +489,7 @@ class DuckFileReader:
         con = duckdb.connect(config={"threads": STREAM_THREADS,
                                      "memory_limit": DUCKDB_MEMORY_MAX,
                                      "preserve_insertion_order": True})
+        con.execute("SET enable_progress_bar = false")
         read_end, write_end = os.pipe()
         failed: list[BaseException] = []
 

@@ -208,7 +208,13 @@ def connect(limits: RuleLimits | None = None) -> duckdb.DuckDBPyConnection:
     memory (one thread until `set_threads`)."""
     config: dict[str, str | bool | int | float | list[str]] = dict(CONNECT_CONFIG)
     config["memory_limit"] = f"{(limits or RuleLimits()).memory_mib}MiB"
-    return duckdb.connect(":memory:", config=config)
+    return _quiet(duckdb.connect(":memory:", config=config))
+
+
+def _quiet(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """No progress bars: a long run would draw them on the jobs' stderr."""
+    con.execute("SET enable_progress_bar = false")
+    return con
 
 
 def set_threads(con: duckdb.DuckDBPyConnection, threads: int) -> None:
@@ -257,7 +263,7 @@ def connect_for_loading(limits: RuleLimits | None = None) -> duckdb.DuckDBPyConn
     config: dict[str, str | bool | int | float | list[str]] = {
         **CONNECT_CONFIG, "enable_external_access": True,
         "memory_limit": f"{(limits or RuleLimits()).memory_mib}MiB"}
-    return duckdb.connect(":memory:", config=config)
+    return _quiet(duckdb.connect(":memory:", config=config))
 
 
 def lock(con: duckdb.DuckDBPyConnection) -> None:
