@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cache
@@ -505,14 +505,13 @@ class DuckFileReader:
 
         producer = threading.Thread(target=produce, name="load-duckdb", daemon=True)
         width = len(self.dataset.columns)
-        try:
-            producer.start()
-            with open(read_end, "rb", closefd=True) as pipe:
+
+        def pieces() -> Generator[list[object], None, None]:
+            """The pipe's pieces as flat lists of values (a split per row would make a
+            list per row)."""
+            with pipe:
                 carry = b""
-                while True:
-                    chunk = pipe.read(PIPE_READ_BYTES)
-                    if not chunk:
-                        break
+                while chunk := pipe.read(PIPE_READ_BYTES):
                     data = carry + chunk
                     end = data.rfind(b"\n") + 1
                     carry = data[end:]
@@ -520,24 +519,31 @@ class DuckFileReader:
                         raise NotBulk("a record over several lines")
                     if not end:
                         continue
-                    # one flat list of the piece's values: a split per row would make a
-                    # list per row, which the writer's thread cannot spare
                     lines = data.count(b"\n", 0, end)
                     values = data[:end - 1].decode("utf-8").replace(
                         "\n", _FIELD_SEPARATOR).split(_FIELD_SEPARATOR)
                     if len(values) != lines * width:
                         raise NotBulk("a row of another width")
-                    step = self.batch_rows * width
-                    for at in range(0, len(values), step):
-                        part = values[at:at + step] if len(values) > step else values
-                        self.rows += len(part) // width
-                        self.bytes_read = (self.size_bytes * self.rows // data_lines
-                                           if data_lines else self.size_bytes)
-                        yield FlatRows(cast(list[object], part), width)
+                    yield cast(list[object], values)
                 if carry:
                     raise NotBulk("DuckDB's output ends inside a row")
+
+        pipe = open(read_end, "rb", closefd=True)  # noqa: SIM115 (closed in finally)
+        split = pieces()
+        try:
+            producer.start()
+            step = self.batch_rows * width
+            for values in split:
+                for at in range(0, len(values), step):
+                    part = values[at:at + step] if len(values) > step else values
+                    self.rows += len(part) // width
+                    self.bytes_read = (self.size_bytes * self.rows // data_lines
+                                       if data_lines else self.size_bytes)
+                    yield FlatRows(part, width)
         finally:
-            producer.join()  # it ends: the pipe's reading end is closed
+            split.close()
+            pipe.close()  # if the split never began: DuckDB's writes end with EPIPE
+            producer.join()
             con.close()
         if failed:
             exc = failed[0]
