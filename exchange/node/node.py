@@ -65,6 +65,7 @@ from exchange.node.membership import Membership
 from exchange.node.mempool import SUBMIT_TIMEOUT_S, Mempool
 from exchange.node.peers import PeerLinks
 from exchange.node.raft_io import LinksTransport, WalStorage
+from exchange.node.raftlink import MemberCerts, RaftLinkServer
 from exchange.node.reads import Reads
 from exchange.node.responder import Responder, close_quietly
 from exchange.node.tls_state import NodeTls
@@ -188,6 +189,7 @@ class Node:
         if config.webhook is not None:
             self.webhook = Webhook(self, config.webhook)
         self._tasks: list[asyncio.Task[None]] = []
+        self.raft_server: RaftLinkServer | None = None  # from start()
         self._followers: list[asyncio.Queue[ledger_pb2.Block]] = []
         self.fatal_error = ""
         self.fatal = asyncio.Event()
@@ -230,8 +232,12 @@ class Node:
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
         self.channels.credentials = client_credentials = self.tls.client_credentials()
+        certs = MemberCerts(self.registry)
+        self.raft_server = RaftLinkServer(self.agency, certs, self.tls.ssl_server_context,
+                                          self.receive, self.receive_attestations)
+        await self.raft_server.start(self.config.listen_grpc)
         self.transport.links = links = PeerLinks(self.agency, self.channels.addresses,
-                                                 client_credentials)
+                                                 client_credentials, self.tls, certs)
         links.start()
         for coro, name in ((self.driver.run(self._kick), "raft"), (self._ticker(), "tick"),
                            (self.mempool.run_cutter(), "cutter"),
@@ -277,6 +283,8 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.raft_server is not None:
+            await self.raft_server.close()
         if self.transport.links is not None:
             await self.transport.links.close()
         await self.channels.close()

@@ -1,29 +1,31 @@
-"""Raft messages over gRPC: conversion to and from protobuf, and the outbound side.
+"""The outbound side of the Raft peer links.
 
-Each peer gets one long-lived client stream (`Peer.Raft`) fed from a bounded queue.
+Each peer gets one long-lived TLS connection (raftlink.py) fed from a bounded queue.
 Raft tolerates loss, so a full queue drops the oldest messages rather than blocking the
-node, and a broken stream is re-opened with back-off.
+node, and a broken connection is re-opened with back-off. The gRPC channel options for
+the other peer calls live here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 import grpc
 import structlog
 
-from exchange.raft.messages import Message, MessageType
-from exchange.raft.types import ConfState, Entry, EntryKind, SnapshotMeta
+from exchange.node.peers_wire import message_to_proto
+from exchange.node.raftlink import LINK_ERRORS, MemberCerts, dial, encode_frame
+from exchange.node.tls_state import NodeTls
+from exchange.raft.messages import Message
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.peers")
 
 QUEUE_MESSAGES_MAX = 4096
 BATCH_MESSAGES_MAX = 256
-ENTRIES_PER_MESSAGE_MAX = 10_000
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
@@ -51,43 +53,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class BadPeerMessage(ValueError):
-    """A protobuf Raft message that does not convert to a valid Message."""
-
-
-def message_to_proto(m: Message) -> peer_pb2.RaftMessage:
-    out = peer_pb2.RaftMessage(
-        type=int(m.type), from_id=m.from_id, to_id=m.to_id, term=m.term, log_term=m.log_term,
-        index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint,
-        force=m.force,
-        entries=[peer_pb2.RaftEntry(term=e.term, index=e.index, kind=int(e.kind), data=e.data)
-                 for e in m.entries])
-    if m.snapshot is not None:
-        out.snapshot.CopyFrom(peer_pb2.RaftSnapshotMeta(
-            index=m.snapshot.index, term=m.snapshot.term, voters=list(m.snapshot.conf.voters),
-            learners=list(m.snapshot.conf.learners)))
-    return out
-
-
-def message_from_proto(p: peer_pb2.RaftMessage) -> Message:
-    try:
-        mtype = MessageType(p.type)
-        entries = tuple(Entry(term=e.term, index=e.index, kind=EntryKind(e.kind), data=e.data)
-                        for e in p.entries)
-    except ValueError as exc:
-        raise BadPeerMessage(str(exc)) from exc
-    if len(entries) > ENTRIES_PER_MESSAGE_MAX:
-        raise BadPeerMessage("too many entries in one message")
-    snapshot = None
-    if p.HasField("snapshot"):
-        snapshot = SnapshotMeta(index=p.snapshot.index, term=p.snapshot.term,
-                                conf=ConfState(voters=tuple(p.snapshot.voters),
-                                               learners=tuple(p.snapshot.learners)))
-    return Message(type=mtype, from_id=p.from_id, to_id=p.to_id, term=p.term,
-                   log_term=p.log_term, index=p.index, entries=entries, commit=p.commit,
-                   reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force)
-
-
 class AttestationQueue(Generic[A]):
     """Attestations waiting for the link to one peer: bounded, and handed over whole to
     the link that replaces this one (nothing sends an attestation again)."""
@@ -95,6 +60,12 @@ class AttestationQueue(Generic[A]):
     def __init__(self, size_max: int = QUEUE_MESSAGES_MAX) -> None:
         self.size_max = size_max
         self._items: list[A] = []
+
+    @classmethod
+    def of(cls, items: list[A]) -> AttestationQueue[A]:
+        queue: AttestationQueue[A] = cls()
+        queue._items = items[:queue.size_max]
+        return queue
 
     def __len__(self) -> int:
         return len(self._items)
@@ -117,13 +88,17 @@ class AttestationQueue(Generic[A]):
 
 
 class PeerLink:
-    """The outbound stream to one peer."""
+    """The outbound Raft link to one peer (raftlink.py: TLS, length-prefixed frames),
+    and a gRPC channel to its peer service for the status calls."""
 
     def __init__(self, peer_id: str, address: str, credentials: grpc.ChannelCredentials,
+                 tls: NodeTls, certs: MemberCerts,
                  on_state: Callable[[str, bool], None]) -> None:
         self.peer_id = peer_id
         self.address = address
         self._credentials = credentials
+        self._tls = tls
+        self._certs = certs
         self._queue: asyncio.Queue[peer_pb2.RaftMessage] = asyncio.Queue(QUEUE_MESSAGES_MAX)
         self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
         self._on_state = on_state
@@ -160,39 +135,69 @@ class PeerLink:
                     self._queue.get_nowait()
                     self.dropped += 1
 
-    async def _batches(self) -> AsyncIterator[peer_pb2.RaftBatch]:
+    async def _next_batch(self) -> peer_pb2.RaftBatch:
+        """The queued messages (at most BATCH_MESSAGES_MAX) and attestations; waits for
+        one message, or ATTESTATION_LINGER_S when only attestations wait."""
         while True:
             batch: list[peer_pb2.RaftMessage] = []
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), ATTESTATION_LINGER_S))
-            except TimeoutError:
-                if not self._attestations:
-                    continue
+            if self._queue.empty():
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(),
+                                                        ATTESTATION_LINGER_S))
+                except TimeoutError:
+                    if not self._attestations:
+                        continue
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            atts = self._attestations.take()
-            yield peer_pb2.RaftBatch(messages=batch, attestations=atts)
+            return peer_pb2.RaftBatch(messages=batch, attestations=self._attestations.take())
+
+    async def _pump(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            batch = await self._next_batch()
+            if writer.is_closing():
+                # not sent: the attestations go on the next connection
+                self._attestations.take_over(AttestationQueue.of(list(batch.attestations)))
+                return
+            writer.write(encode_frame(batch.SerializeToString()))
+            await writer.drain()
+
+    async def _watch(self, reader: asyncio.StreamReader) -> None:
+        """The peer sends nothing on this link: any byte or the end means it is gone."""
+        await reader.read(1)
 
     async def _run(self) -> None:
         delay = RECONNECT_DELAY_S_MIN
         while True:
+            writer: asyncio.StreamWriter | None = None
             try:
-                call = self.stub.Raft(self._batches())
+                reader, writer = await dial(self.address, self.peer_id,
+                                            self._tls.ssl_client_context(), self._certs)
                 self._set_connected(True)
-                await call
+                delay = RECONNECT_DELAY_S_MIN
+                tasks = {asyncio.ensure_future(self._pump(writer)),
+                         asyncio.ensure_future(self._watch(reader))}
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                for task in done:
+                    task.result()
+                log.info("peer link closed by the peer", peer=self.peer_id)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                if self.connected:
-                    log.info("peer stream closed", peer=self.peer_id, code=exc.code().name,
-                             detail=exc.details())
+            except LINK_ERRORS as exc:
+                (log.info if self.connected else log.debug)(
+                    "peer link down", peer=self.peer_id, error=str(exc) or type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - keep the link alive whatever happens
-                log.warning("peer stream failed", peer=self.peer_id, error=repr(exc))
+                log.warning("peer link failed", peer=self.peer_id, error=repr(exc))
+            finally:
+                if writer is not None:
+                    writer.close()
             self._set_connected(False)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S_MAX)
-            if self.connected:
-                delay = RECONNECT_DELAY_S_MIN
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -211,11 +216,18 @@ class PeerLinks:
     """Outbound links to every other member."""
 
     def __init__(self, self_id: str, peers: Mapping[str, str],
-                 credentials: grpc.ChannelCredentials) -> None:
+                 credentials: grpc.ChannelCredentials, tls: NodeTls,
+                 certs: MemberCerts) -> None:
         self.self_id = self_id
         self._credentials = credentials
-        self.links = {pid: PeerLink(pid, addr, credentials, self._state)
-                      for pid, addr in peers.items() if pid != self_id}
+        self._tls = tls
+        self._certs = certs
+        self.links = {pid: self._link(pid, addr) for pid, addr in peers.items()
+                      if pid != self_id}
+
+    def _link(self, peer_id: str, address: str) -> PeerLink:
+        return PeerLink(peer_id, address, self._credentials, self._tls, self._certs,
+                        self._state)
 
     def _state(self, peer_id: str, connected: bool) -> None:
         log.info("peer link", peer=peer_id, connected=connected)
@@ -249,7 +261,7 @@ class PeerLinks:
         # meanwhile is lost, and each takes over what its predecessor had not sent
         for pid, addr in wanted.items():
             if pid not in self.links:
-                self.links[pid] = link = PeerLink(pid, addr, self._credentials, self._state)
+                self.links[pid] = link = self._link(pid, addr)
                 old = closing.get(pid)
                 if old is not None:
                     link.take_over(old)
