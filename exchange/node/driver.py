@@ -41,6 +41,11 @@ class Storage(Protocol):
     def compact(self, meta: SnapshotMeta) -> None:
         """Drop the entries up to `meta.index`, durably (the state holds them)."""
 
+    def needs_sync(self, rd: Ready) -> bool:
+        """False when writing `rd` is a small write with no fsync (the commit index
+        alone moved): the runner then writes it in place instead of handing it to the
+        disk thread and back."""
+
 
 class Transport(Protocol):
     """Raft messages to peers; best effort (Raft retries)."""
@@ -186,7 +191,10 @@ class RaftDriver:
             await wake.wait()
             wake.clear()
             while (rd := self.take_ready()) is not None:
-                await self._on_disk(self.persist, rd)
+                if self.storage.needs_sync(rd):
+                    await self._on_disk(self.persist, rd)
+                else:
+                    self.persist(rd)
                 await self.finish(rd)
 
 
