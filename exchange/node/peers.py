@@ -17,7 +17,7 @@ import grpc
 import structlog
 
 from exchange.node.peers_wire import message_to_proto
-from exchange.node.raftlink import LINK_ERRORS, MemberCerts, dial, encode_frame
+from exchange.node.raftlink import FRAME_BYTES_MAX, LINK_ERRORS, MemberCerts, dial, encode_frame
 from exchange.node.tls_state import NodeTls
 from exchange.raft.messages import Message
 from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
@@ -26,6 +26,7 @@ log = structlog.get_logger("exchange.peers")
 
 QUEUE_MESSAGES_MAX = 4096
 BATCH_MESSAGES_MAX = 256
+BATCH_ENTRY_BYTES_MAX = FRAME_BYTES_MAX // 2  # the rest is room for attestations
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
@@ -103,6 +104,7 @@ class PeerLink:
         self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
+        self._carry: peer_pb2.RaftMessage | None = None  # taken, goes first in the next batch
         self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self.stub = peer_pb2_grpc.PeerStub(self.channel)
         self.dropped = 0
@@ -122,6 +124,8 @@ class PeerLink:
         not sent yet: its pending attestations (above all those of the block that changed
         the credentials, which nothing sends again) and its queued Raft messages."""
         self._attestations.take_over(old._attestations)
+        if old._carry is not None:
+            self.send(old._carry)
         while not old._queue.empty():
             self.send(old._queue.get_nowait())
 
@@ -136,19 +140,30 @@ class PeerLink:
                     self.dropped += 1
 
     async def _next_batch(self) -> peer_pb2.RaftBatch:
-        """The queued messages (at most BATCH_MESSAGES_MAX) and attestations; waits for
-        one message, or ATTESTATION_LINGER_S when only attestations wait."""
+        """The queued messages (at most BATCH_MESSAGES_MAX, and entries of at most
+        BATCH_ENTRY_BYTES_MAX: a frame stays under FRAME_BYTES_MAX) and attestations;
+        waits for one message, or ATTESTATION_LINGER_S when only attestations wait."""
         while True:
             batch: list[peer_pb2.RaftMessage] = []
-            if self._queue.empty():
+            if self._carry is not None:
+                batch.append(self._carry)
+                self._carry = None
+            elif self._queue.empty():
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(),
                                                         ATTESTATION_LINGER_S))
                 except TimeoutError:
                     if not self._attestations:
                         continue
+            size = sum(m.ByteSize() for m in batch if m.entries)
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                m = self._queue.get_nowait()
+                if m.entries:
+                    size += m.ByteSize()
+                    if size > BATCH_ENTRY_BYTES_MAX:
+                        self._carry = m  # first in the next frame
+                        break
+                batch.append(m)
             return peer_pb2.RaftBatch(messages=batch, attestations=self._attestations.take())
 
     async def _pump(self, writer: asyncio.StreamWriter) -> None:

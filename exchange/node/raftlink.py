@@ -196,6 +196,7 @@ class RaftLinkServer:
         self._attest = attest
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._by_agency: dict[str, asyncio.Task[None]] = {}  # the latest link of each
         self.address = ""
 
     async def start(self, grpc_listen: str) -> None:
@@ -241,6 +242,7 @@ class RaftLinkServer:
         try:
             der = peer_certificate_der(writer)
             who = self.certs.node(der)
+            self._replace(who.agency)
             magic = await asyncio.wait_for(reader.readexactly(len(MAGIC)), HANDSHAKE_TIMEOUT_S)
             if magic != MAGIC:
                 raise BadFrame("not a Raft link (wrong preamble)")
@@ -260,6 +262,18 @@ class RaftLinkServer:
         except LINK_ERRORS as exc:
             log.warning("raft link closed", peer=str(who) if who else str(peer),
                         error=str(exc) or type(exc).__name__)
+
+    def _replace(self, agency: str) -> None:
+        """A member's new link ends its older one (a peer that restarted, or one whose
+        old connection went silent): one inbound link per member."""
+        task = asyncio.current_task()
+        assert task is not None
+        older = self._by_agency.get(agency)
+        if older is not None and older is not task and not older.done():
+            older.cancel()
+        self._by_agency[agency] = task
+        task.add_done_callback(lambda t: self._by_agency.pop(agency, None)
+                               if self._by_agency.get(agency) is t else None)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -25,6 +25,7 @@ from exchange.identity.tls import (
     issue_node_certificate,
     write_identity,
 )
+from exchange.node import peers
 from exchange.node.peers import PeerLinks
 from exchange.node.peers_wire import message_to_proto
 from exchange.node.raftlink import (
@@ -41,6 +42,7 @@ from exchange.node.raftlink import (
 )
 from exchange.node.tls_state import NodeTls
 from exchange.raft.messages import Message, MessageType
+from exchange.raft.types import Entry
 from exchange.v1 import identity_pb2, ledger_pb2, peer_pb2
 
 WAIT_S = 20.0
@@ -427,5 +429,42 @@ def test_links_reconnect_after_the_peer_restarts(net: Net) -> None:
         finally:
             await links.close()
             await server.close()
+
+    asyncio.run(body())
+
+
+def test_a_member_s_new_connection_ends_its_older_one(net: Net) -> None:
+    async def body() -> None:
+        async with serving(net) as (inbox, port):
+            context = net.tls("tax").ssl_client_context()
+            old_reader, old_writer = await _connect_raw(port, context)
+            old_writer.write(MAGIC + _frame(_heartbeat(1)))
+            await _until(lambda: len(inbox.messages) == 1, "old link delivers")
+            new_reader, new_writer = await _connect_raw(port, context)
+            new_writer.write(MAGIC + _frame(_heartbeat(2)))
+            assert await _closed_by_server(old_reader)
+            await _until(lambda: len(inbox.messages) == 2, "new link delivers")
+            old_writer.close()
+            new_writer.close()
+
+    asyncio.run(body())
+
+
+def test_a_batch_holds_entries_up_to_the_frame_budget_and_the_rest_goes_next(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peers, "BATCH_ENTRY_BYTES_MAX", 2500)
+
+    def append(index: int) -> Message:
+        return Message(type=MessageType.APPEND, from_id="tax", to_id="police", term=2,
+                       index=index, entries=(Entry(term=2, index=index + 1,
+                                                   data=b"x" * 1000),))
+
+    async def body() -> None:
+        link = _links(net, _free_base_port()).links["police"]
+        for i in range(5):
+            link.send(message_to_proto(append(i)))
+        sizes = [len((await link._next_batch()).messages) for _ in range(3)]
+        assert sizes == [2, 2, 1]
+        await link.close()
 
     asyncio.run(body())
