@@ -7,7 +7,8 @@ it is durable and nothing is applied twice:
     take_ready -> write -> sync (durable) -> finish: send, install, apply, advance, compact
 
 A node runs the phases in `run()` on its asyncio loop, with the disk phases in its
-write-ahead log's thread; the seeded simulation (tests/sim) calls the same phases as
+write-ahead log's thread (a Ready that needs no fsync, `Storage.needs_sync`, is written
+in place); the seeded simulation (tests/sim) calls the same phases as
 separate events with a fake disk and network, and may crash the node between any two.
 The driver reads no clock and starts no thread: whoever runs it ticks it and steps it.
 """

@@ -2,7 +2,8 @@
 
     RaftDriver  (driver.py)      the Raft core run against Storage, Transport, Applier
       Storage   = WalStorage     (raft_io.py) the write-ahead log
-      Transport = LinksTransport (raft_io.py) the peer links (peers.py)
+      Transport = LinksTransport (raft_io.py) the peer links (peers.py, raftlink.py: TLS
+                                 frames on the gRPC port + 2)
       Applier   = this Node      committed blocks into the ledger, then to the parts below
     Mempool     (mempool.py)     admit, forward, resubmit, cut and propose blocks
     Finality    (finality.py)    attestations out and in, the final height

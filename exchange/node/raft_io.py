@@ -1,5 +1,5 @@
 """The production Storage and Transport of the Raft driver: the write-ahead log on disk
-and the peer links over gRPC."""
+and the peer links (peers.py; mutual TLS frames, raftlink.py)."""
 
 from __future__ import annotations
 
