@@ -14,7 +14,9 @@ The Ready contract (etcd's), for each `ready()`:
    and runs alongside; call `restore_snapshot_done(meta)` once it is installed).
 2. Durably append `entries_to_persist`, first deleting every stored entry with an index
    >= `entries_to_persist[0].index`.
-3. Durably write `hard_state` if set. Steps 1-3 must be fsynced before step 4.
+3. Durably write `hard_state` if set. Steps 1-3 must be fsynced before step 4 (a
+   `hard_state` whose term and vote are unchanged only moves the commit index, which
+   need not survive a crash: it may be written without the fsync, as etcd does).
 4. Send `messages` (in any order; they may be lost, duplicated or reordered).
 5. Apply `committed_entries` in order, each exactly once. A client may be told that its
    proposal committed only now, never earlier.
