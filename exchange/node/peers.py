@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import grpc
 import structlog
 
+from exchange.errors import Unavailable
 from exchange.node.peers_wire import message_to_proto
 from exchange.node.raftlink import FRAME_BYTES_MAX, LINK_ERRORS, MemberCerts, dial, encode_frame
 from exchange.node.tls_state import NodeTls
 from exchange.raft.messages import Message
-from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
+from exchange.v1 import ledger_pb2, node_pb2, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.peers")
 
@@ -31,6 +32,7 @@ RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
 ATTESTATION_LINGER_S = 0.1
+FORWARD_TIMEOUT_S = 5.0  # as the gRPC forward's deadline (mempool.py)
 A = TypeVar("A")
 
 SERVER_OPTIONS = [
@@ -88,6 +90,16 @@ class AttestationQueue(Generic[A]):
         self._items = (old.take() + self._items)[:self.size_max]
 
 
+Outgoing = peer_pb2.RaftMessage | peer_pb2.Forward | peer_pb2.ForwardReply
+
+
+def _payload_bytes(m: Outgoing) -> int:
+    """What an item weighs in a frame, counted only where it can be large."""
+    if isinstance(m, peer_pb2.RaftMessage) and not m.entries:
+        return 0
+    return m.ByteSize()
+
+
 class PeerLink:
     """The outbound Raft link to one peer (raftlink.py: TLS, length-prefixed frames),
     and a gRPC channel to its peer service for the status calls."""
@@ -100,11 +112,11 @@ class PeerLink:
         self._credentials = credentials
         self._tls = tls
         self._certs = certs
-        self._queue: asyncio.Queue[peer_pb2.RaftMessage] = asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(QUEUE_MESSAGES_MAX)
         self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
-        self._carry: peer_pb2.RaftMessage | None = None  # taken, goes first in the next batch
+        self._carry: Outgoing | None = None  # taken, goes first in the next batch
         self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self.stub = peer_pb2_grpc.PeerStub(self.channel)
         self.dropped = 0
@@ -129,7 +141,7 @@ class PeerLink:
         while not old._queue.empty():
             self.send(old._queue.get_nowait())
 
-    def send(self, m: peer_pb2.RaftMessage) -> None:
+    def send(self, m: Outgoing) -> None:
         while True:
             try:
                 self._queue.put_nowait(m)
@@ -140,11 +152,12 @@ class PeerLink:
                     self.dropped += 1
 
     async def _next_batch(self) -> peer_pb2.RaftBatch:
-        """The queued messages (at most BATCH_MESSAGES_MAX, and entries of at most
-        BATCH_ENTRY_BYTES_MAX: a frame stays under FRAME_BYTES_MAX) and attestations;
-        waits for one message, or ATTESTATION_LINGER_S when only attestations wait."""
+        """The queued messages and forwards (at most BATCH_MESSAGES_MAX, and entries and
+        envelopes of at most BATCH_ENTRY_BYTES_MAX: a frame stays under FRAME_BYTES_MAX)
+        and attestations; waits for one item, or ATTESTATION_LINGER_S when only
+        attestations wait."""
         while True:
-            batch: list[peer_pb2.RaftMessage] = []
+            batch: list[Outgoing] = []
             if self._carry is not None:
                 batch.append(self._carry)
                 self._carry = None
@@ -155,16 +168,23 @@ class PeerLink:
                 except TimeoutError:
                     if not self._attestations:
                         continue
-            size = sum(m.ByteSize() for m in batch if m.entries)
+            size = sum(_payload_bytes(m) for m in batch)
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
                 m = self._queue.get_nowait()
-                if m.entries:
-                    size += m.ByteSize()
-                    if size > BATCH_ENTRY_BYTES_MAX:
-                        self._carry = m  # first in the next frame
-                        break
+                size += _payload_bytes(m)
+                if size > BATCH_ENTRY_BYTES_MAX:
+                    self._carry = m  # first in the next frame
+                    break
                 batch.append(m)
-            return peer_pb2.RaftBatch(messages=batch, attestations=self._attestations.take())
+            out = peer_pb2.RaftBatch(attestations=self._attestations.take())
+            for m in batch:
+                if isinstance(m, peer_pb2.RaftMessage):
+                    out.messages.append(m)
+                elif isinstance(m, peer_pb2.Forward):
+                    out.forwards.append(m)
+                else:
+                    out.forward_replies.append(m)
+            return out
 
     async def _pump(self, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -239,6 +259,9 @@ class PeerLinks:
         self._certs = certs
         self.links = {pid: self._link(pid, addr) for pid, addr in peers.items()
                       if pid != self_id}
+        # forwards sent and not yet answered: id -> (the leader asked, its answer)
+        self._forwards: dict[int, tuple[str, asyncio.Future[node_pb2.SubmitBatchResponse]]] = {}
+        self._forward_id = 0
 
     def _link(self, peer_id: str, address: str) -> PeerLink:
         return PeerLink(peer_id, address, self._credentials, self._tls, self._certs,
@@ -246,6 +269,59 @@ class PeerLinks:
 
     def _state(self, peer_id: str, connected: bool) -> None:
         log.info("peer link", peer=peer_id, connected=connected)
+        if not connected:  # what went to it may be lost: its forwards fail now
+            self._fail_forwards(peer_id, "the link to the leader went down")
+
+    def _fail_forwards(self, peer_id: str, why: str) -> None:
+        for fid, (leader, fut) in list(self._forwards.items()):
+            if leader == peer_id:
+                del self._forwards[fid]
+                if not fut.done():
+                    fut.set_exception(Unavailable(why))
+
+    def forward(self, leader: str, envelopes: Sequence[bytes]
+                ) -> asyncio.Task[node_pb2.SubmitBatchResponse] | None:
+        """Send `envelopes` to `leader` on the Raft link, as SubmitBatch with no_wait:
+        the task's result is the leader's answer (Unavailable: no answer in
+        FORWARD_TIMEOUT_S, or the link went down). None: no link up to `leader` (the
+        caller uses the gRPC call instead)."""
+        link = self.links.get(leader)
+        if link is None or not link.connected:
+            return None
+        self._forward_id += 1
+        fid = self._forward_id
+        fut: asyncio.Future[node_pb2.SubmitBatchResponse] = \
+            asyncio.get_running_loop().create_future()
+        self._forwards[fid] = (leader, fut)
+        link.send(peer_pb2.Forward(id=fid, envelopes=envelopes))
+
+        async def answer() -> node_pb2.SubmitBatchResponse:
+            try:
+                return await asyncio.wait_for(fut, FORWARD_TIMEOUT_S)
+            except TimeoutError:
+                raise Unavailable(f"{leader} did not answer a forward in "
+                                  f"{FORWARD_TIMEOUT_S} s") from None
+            finally:
+                self._forwards.pop(fid, None)
+
+        return asyncio.get_running_loop().create_task(answer())
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]) -> None:
+        """`agency` answered forwards (an answer to a forward sent to another member, or
+        to none pending, is ignored)."""
+        for reply in replies:
+            pending = self._forwards.get(reply.id)
+            if pending is None or pending[0] != agency:
+                continue
+            del self._forwards[reply.id]
+            if not pending[1].done():
+                pending[1].set_result(node_pb2.SubmitBatchResponse(results=reply.results))
+
+    def reply_forward(self, agency: str, reply: peer_pb2.ForwardReply) -> None:
+        """Answer a forward from `agency` (dropped if it is no member any more)."""
+        link = self.links.get(agency)
+        if link is not None:
+            link.send(reply)
 
     def start(self) -> None:
         for link in self.links.values():
@@ -281,7 +357,12 @@ class PeerLinks:
                 if old is not None:
                     link.take_over(old)
                 link.start()
+        for pid in closing:
+            if pid not in wanted:
+                self._fail_forwards(pid, f"{pid} is no longer a member")
         await asyncio.gather(*(link.close() for link in closing.values()))
 
     async def close(self) -> None:
+        for peer_id in list(self.links):
+            self._fail_forwards(peer_id, "the node is stopping")
         await asyncio.gather(*(link.close() for link in self.links.values()))

@@ -89,10 +89,15 @@ async def read_frame(reader: asyncio.StreamReader, size_max: int = FRAME_BYTES_M
         raise BadFrame(f"truncated frame ({len(exc.partial)} of {size} bytes)") from exc
 
 
+FORWARD_ENVELOPES_MAX = 10_000  # as SubmitBatch
+
+
 @dataclass(frozen=True, slots=True)
 class CheckedBatch:
     messages: list[Message]
     attestations: list[ledger_pb2.Attestation]
+    forwards: Sequence[peer_pb2.Forward] = ()
+    forward_replies: Sequence[peer_pb2.ForwardReply] = ()
 
 
 def check_batch(payload: bytes, sender: str, receiver: str) -> CheckedBatch:
@@ -112,7 +117,12 @@ def check_batch(payload: bytes, sender: str, receiver: str) -> CheckedBatch:
         if m.from_id != sender or m.to_id != receiver:
             raise BadFrame(f"{sender} sent a message from {m.from_id!r} to {m.to_id!r}")
         messages.append(m)
-    return CheckedBatch(messages, [a for a in batch.attestations if a.agency == sender])
+    for forward in batch.forwards:
+        if len(forward.envelopes) > FORWARD_ENVELOPES_MAX:
+            raise BadFrame(f"a forward of {len(forward.envelopes)} envelopes (at most "
+                           f"{FORWARD_ENVELOPES_MAX})")
+    return CheckedBatch(messages, [a for a in batch.attestations if a.agency == sender],
+                        batch.forwards, batch.forward_replies)
 
 
 class MemberRegistry(Protocol):
@@ -180,16 +190,30 @@ LINK_ERRORS = (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError,
                ExchangeError)
 
 
+class Forwarding(Protocol):
+    """Where forwarded envelopes and the answers to this node's forwards go."""
+
+    def forwarded(self, agency: str, forward: peer_pb2.Forward) -> None:
+        """Member `agency` forwards envelopes to this node (as its leader)."""
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]
+                        ) -> None:
+        """Member `agency` answers forwards this node sent it."""
+
+
 class RaftLinkServer:
     """Accepts the member nodes' Raft links and delivers what they send."""
 
     def __init__(self, agency: str, certs: MemberCerts,
                  server_context: Callable[[], ssl.SSLContext],
                  deliver: Callable[[Message], Awaitable[None]],
-                 attest: Callable[[Sequence[ledger_pb2.Attestation]], None]) -> None:
+                 attest: Callable[[Sequence[ledger_pb2.Attestation]], None],
+                 forwarding: Forwarding | None = None) -> None:
         """`server_context()`: the TLS context as of now (trust follows the ledger);
-        `deliver(m)`: one Raft message, in order; `attest(atts)`: a peer's attestations."""
+        `deliver(m)`: one Raft message, in order; `attest(atts)`: a peer's attestations;
+        `forwarding`: forwarded envelopes and answers (none: they are ignored)."""
         self.agency = agency
+        self._forwarding = forwarding
         self.certs = certs
         self._server_context = server_context
         self._deliver = deliver
@@ -255,6 +279,11 @@ class RaftLinkServer:
                 batch = check_batch(payload, who.agency, self.agency)
                 if batch.attestations:
                     self._attest(batch.attestations)
+                if self._forwarding is not None:
+                    if batch.forward_replies:
+                        self._forwarding.forward_replied(who.agency, batch.forward_replies)
+                    for forward in batch.forwards:
+                        self._forwarding.forwarded(who.agency, forward)
                 for m in batch.messages:
                     await self._deliver(m)
         except asyncio.CancelledError:

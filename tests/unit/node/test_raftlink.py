@@ -16,7 +16,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from exchange.errors import CredentialInvalid
+from exchange.errors import CredentialInvalid, Unavailable
 from exchange.identity.config import RAFT_PORT_OFFSET, BlockCutting, NodeConfig, NodePaths
 from exchange.identity.tls import (
     TlsIdentity,
@@ -43,7 +43,7 @@ from exchange.node.raftlink import (
 from exchange.node.tls_state import NodeTls
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry
-from exchange.v1 import identity_pb2, ledger_pb2, peer_pb2
+from exchange.v1 import identity_pb2, ledger_pb2, node_pb2, peer_pb2
 
 WAIT_S = 20.0
 
@@ -466,5 +466,82 @@ def test_a_batch_holds_entries_up_to_the_frame_budget_and_the_rest_goes_next(
         sizes = [len((await link._next_batch()).messages) for _ in range(3)]
         assert sizes == [2, 2, 1]
         await link.close()
+
+    asyncio.run(body())
+
+
+class Leader:
+    """A leader's side of forwarding: answers each forward with "accepted" per
+    envelope, on its own link back to the follower."""
+
+    def __init__(self) -> None:
+        self.links: PeerLinks | None = None
+        self.forwarded_envelopes: list[bytes] = []
+
+    def forwarded(self, agency: str, forward: peer_pb2.Forward) -> None:
+        self.forwarded_envelopes.extend(forward.envelopes)
+        assert self.links is not None
+        self.links.reply_forward(agency, peer_pb2.ForwardReply(
+            id=forward.id, results=[node_pb2.SubmitResponse(status="accepted")
+                                    for _ in forward.envelopes]))
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]
+                        ) -> None:
+        raise AssertionError("the leader sent no forwards")
+
+
+class Follower:
+    def __init__(self, links: PeerLinks) -> None:
+        self.links = links
+
+    def forwarded(self, agency: str, forward: peer_pb2.Forward) -> None:
+        raise AssertionError("nobody forwards to a follower here")
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]
+                        ) -> None:
+        self.links.forward_replied(agency, replies)
+
+
+def test_a_forward_on_the_link_gets_the_leader_s_answer_and_fails_when_the_link_drops(
+        net: Net) -> None:
+    async def body() -> None:
+        tax_port, police_port = _free_base_port(), _free_base_port()
+        certs = MemberCerts(net.registry)
+        tax_links = PeerLinks("tax", {"police": f"127.0.0.1:{police_port}"},
+                              grpc.ssl_channel_credentials(), net.tls("tax"), certs)
+        police_links = PeerLinks("police", {"tax": f"127.0.0.1:{tax_port}"},
+                                 grpc.ssl_channel_credentials(), net.tls("police"), certs)
+        leader, inbox = Leader(), Inbox()
+        leader.links = police_links
+        police_server = RaftLinkServer("police", certs, net.tls("police").ssl_server_context,
+                                       inbox.deliver, inbox.attest, leader)
+        tax_server = RaftLinkServer("tax", certs, net.tls("tax").ssl_server_context,
+                                    inbox.deliver, inbox.attest, Follower(tax_links))
+        await police_server.start(f"127.0.0.1:{police_port}")
+        await tax_server.start(f"127.0.0.1:{tax_port}")
+        tax_links.start()
+        police_links.start()
+        try:
+            assert tax_links.forward("customs", [b"x"]) is None  # no link to it
+            await _until(lambda: tax_links.links["police"].connected
+                         and police_links.links["tax"].connected, "links up")
+            task = tax_links.forward("police", [b"env-1", b"env-2"])
+            assert task is not None
+            reply = await task
+            assert [r.status for r in reply.results] == ["accepted", "accepted"]
+            assert leader.forwarded_envelopes == [b"env-1", b"env-2"]
+            # an answer that never comes: the link to the leader drops, the forward fails
+            await police_links.close()  # the leader answers nothing any more
+            pending = tax_links.forward("police", [b"env-3"])
+            assert pending is not None
+            await _until(lambda: b"env-3" in leader.forwarded_envelopes, "forward arrived")
+            await police_server.close()
+            with pytest.raises(Unavailable, match="went down"):
+                await pending
+        finally:
+            await tax_links.close()
+            await police_links.close()
+            await tax_server.close()
+            await police_server.close()
 
     asyncio.run(body())
