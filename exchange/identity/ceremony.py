@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 
 from exchange.errors import AlreadyExists, InvalidSignature, MalformedInput
 from exchange.identity import tls
-from exchange.identity.config import NodeConfig, format_address, parse_address
+from exchange.identity.config import RAFT_PORT_OFFSET, NodeConfig, format_address, parse_address
 from exchange.identity.default_policies import default_policies
 from exchange.identity.genesis import (
     DEFAULT_PARAMS,
@@ -226,6 +226,9 @@ def agency_init(out_dir: Path, agency: str, host: str, chain_id: str, *,
     metrics = port + METRICS_PORT_OFFSET if metrics_port is None else metrics_port
     if not 1 <= metrics <= 65535:
         raise MalformedInput(f"metrics port {metrics} out of range")
+    if metrics == port + RAFT_PORT_OFFSET or port + RAFT_PORT_OFFSET > 65535:
+        raise MalformedInput(f"port {port} + {RAFT_PORT_OFFSET} is the Raft peer link's: "
+                             "it must be free and not the metrics port")
     bind = host if listen_host is None else _listen_host(listen_host)
     out_dir = Path(os.path.normpath(out_dir.absolute()))
     if out_dir.exists():

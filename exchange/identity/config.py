@@ -23,6 +23,9 @@ from exchange.identity.genesis import verify_genesis
 from exchange.identity.tls import trust_bundle
 from exchange.v1 import identity_pb2
 
+RAFT_PORT_OFFSET = 2  # the Raft peer link (exchange.node.raftlink) beside the gRPC port
+PORT_MAX = 65535
+
 AGENCY_PATTERN = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
 SUBJECT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ENV_VAR_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -109,7 +112,8 @@ class WebhookSettings:
 @dataclass(frozen=True)
 class NodeConfig:
     """One node. A single gRPC port serves the public API and the peer service (both
-    mutual TLS); metrics are plain HTTP on their own port."""
+    mutual TLS); the Raft peer link (mutual TLS) listens on that port + RAFT_PORT_OFFSET;
+    metrics are plain HTTP on their own port."""
 
     agency: str
     node_id: str
@@ -275,7 +279,7 @@ def parse_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     port = int(port_text)
-    if not 1 <= port <= 65535 or not host:
+    if not 1 <= port <= PORT_MAX or not host:
         raise MalformedInput(f"expected host:port, got {address!r}")
     return host, port
 
@@ -337,8 +341,15 @@ def _listen(listen: _Table) -> tuple[str, str]:
     listen_grpc = listen.address("grpc")
     listen_metrics = listen.address("metrics")
     listen.done()
-    if parse_address(listen_grpc)[1] == parse_address(listen_metrics)[1]:
+    grpc_port, metrics_port = parse_address(listen_grpc)[1], parse_address(listen_metrics)[1]
+    if grpc_port == metrics_port:
         raise listen.error("metrics", "must use another port than listen.grpc")
+    if metrics_port == grpc_port + RAFT_PORT_OFFSET:
+        raise listen.error("metrics", f"must use another port than listen.grpc + "
+                           f"{RAFT_PORT_OFFSET} (the Raft peer link's)")
+    if grpc_port + RAFT_PORT_OFFSET > PORT_MAX:
+        raise listen.error("grpc", f"leaves no port for the Raft peer link (listen.grpc + "
+                           f"{RAFT_PORT_OFFSET})")
     return listen_grpc, listen_metrics
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from exchange.errors import AlreadyExists, MalformedInput
 from exchange.identity import ceremony
-from exchange.identity.config import format_address
+from exchange.identity.config import RAFT_PORT_OFFSET, format_address
 from exchange.identity.genesis import DEFAULT_PARAMS, genesis_hash
 from exchange.identity.network import (
     DEFAULT_AGENCIES,
@@ -118,7 +118,8 @@ def init_network(out_dir: Path, agencies: Sequence[str] = DEFAULT_AGENCIES,
     names = validate_agencies(agencies)
     chain = validate_chain_id(chain_id if chain_id is not None else new_chain_id())
     validate_host(host)
-    last_port = base_port + PORT_STRIDE * (len(names) - 1) + METRICS_PORT_OFFSET
+    last_port = (base_port + PORT_STRIDE * (len(names) - 1)
+                 + max(METRICS_PORT_OFFSET, RAFT_PORT_OFFSET))
     if base_port < 1 or last_port > 65535:
         raise MalformedInput(f"ports {base_port}..{last_port} do not fit in 1..65535")
     created_ms = int(time.time() * 1000) if now_ms is None else now_ms

@@ -7,7 +7,8 @@ it is durable and nothing is applied twice:
     take_ready -> write -> sync (durable) -> finish: send, install, apply, advance, compact
 
 A node runs the phases in `run()` on its asyncio loop, with the disk phases in its
-write-ahead log's thread; the seeded simulation (tests/sim) calls the same phases as
+write-ahead log's thread (a Ready that needs no fsync, `Storage.needs_sync`, is written
+in place); the seeded simulation (tests/sim) calls the same phases as
 separate events with a fake disk and network, and may crash the node between any two.
 The driver reads no clock and starts no thread: whoever runs it ticks it and steps it.
 """
@@ -40,6 +41,11 @@ class Storage(Protocol):
 
     def compact(self, meta: SnapshotMeta) -> None:
         """Drop the entries up to `meta.index`, durably (the state holds them)."""
+
+    def needs_sync(self, rd: Ready) -> bool:
+        """False when writing `rd` is a small write with no fsync (the commit index
+        alone moved): the runner then writes it in place instead of handing it to the
+        disk thread and back."""
 
 
 class Transport(Protocol):
@@ -186,7 +192,10 @@ class RaftDriver:
             await wake.wait()
             wake.clear()
             while (rd := self.take_ready()) is not None:
-                await self._on_disk(self.persist, rd)
+                if self.storage.needs_sync(rd):
+                    await self._on_disk(self.persist, rd)
+                else:
+                    self.persist(rd)
                 await self.finish(rd)
 
 

@@ -58,6 +58,9 @@ SUBMIT_TIMEOUT_S = 30.0
 FORWARD_TIMEOUT_S = 5.0
 FORWARD_RETRY_S = 0.1
 FORWARD_BATCH_MAX = 1_000
+# (leader, envelopes) -> the leader's answer, or None when the link to it is down
+LinkForward = Callable[[str, Sequence[bytes]],
+                       "asyncio.Task[node_pb2.SubmitBatchResponse] | None"]
 PROPOSED_KEPT_MAX = 64  # proposal times kept for the block latency metric
 CLOCK_OFF_WAIT_S = 0.1
 SNAPSHOT_WAIT_S = 0.05
@@ -98,6 +101,8 @@ class Mempool:
         self.cutting = cutting
         self._signer = signer
         self.channels = channels
+        # forwards on the Raft link (PeerLinks.forward), once the node has started
+        self.link_forward: LinkForward | None = None
         self.checks = checks
         self.finality = finality
         self._clock_ok = clock_ok
@@ -288,13 +293,18 @@ class Mempool:
                 return
             if leader and leader != self.agency and self.channels.knows(leader):
                 # (a leader just removed from the network is no leader to forward to)
-                call = self.channels.leader_stub(leader).SubmitBatch(
-                    node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
-                    timeout=FORWARD_TIMEOUT_S)
+                # on the Raft link to the leader when it is up, else as a gRPC call
+                call: Any = self.link_forward(leader, raws) if self.link_forward else None
+                if call is None:
+                    call = self.channels.leader_stub(leader).SubmitBatch(
+                        node_pb2.SubmitBatchRequest(envelopes=list(raws), no_wait=True),
+                        timeout=FORWARD_TIMEOUT_S)
                 try:
                     reply = await self._unless_leader_changes(call, leader)
                 except grpc.aio.AioRpcError as exc:
                     log.info("forward to leader failed", leader=leader, code=exc.code().name)
+                except Unavailable as exc:
+                    log.info("forward to leader failed", leader=leader, error=str(exc))
                 else:
                     if reply is not None:
                         self._refused_by_leader(leader, raws, reply.results)

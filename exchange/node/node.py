@@ -2,7 +2,8 @@
 
     RaftDriver  (driver.py)      the Raft core run against Storage, Transport, Applier
       Storage   = WalStorage     (raft_io.py) the write-ahead log
-      Transport = LinksTransport (raft_io.py) the peer links (peers.py)
+      Transport = LinksTransport (raft_io.py) the peer links (peers.py, raftlink.py: TLS
+                                 frames on the gRPC port + 2)
       Applier   = this Node      committed blocks into the ledger, then to the parts below
     Mempool     (mempool.py)     admit, forward, resubmit, cut and propose blocks
     Finality    (finality.py)    attestations out and in, the final height
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, Unavailable
 from exchange.identity.config import NodeConfig, read_signed_genesis
 from exchange.identity.keys import CachedSigner
 from exchange.identity.registry import KeyRegistry
@@ -65,6 +66,7 @@ from exchange.node.membership import Membership
 from exchange.node.mempool import SUBMIT_TIMEOUT_S, Mempool
 from exchange.node.peers import PeerLinks
 from exchange.node.raft_io import LinksTransport, WalStorage
+from exchange.node.raftlink import MemberCerts, RaftLinkServer
 from exchange.node.reads import Reads
 from exchange.node.responder import Responder, close_quietly
 from exchange.node.tls_state import NodeTls
@@ -73,12 +75,13 @@ from exchange.raft.core import RaftConfig, RaftError, RaftNode, Role
 from exchange.raft.messages import Message, MessageType
 from exchange.raft.types import Entry, EntryKind, SnapshotMeta
 from exchange.raft.wal import WriteAheadLog
-from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2
+from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, peer_pb2
 
 log = structlog.get_logger("exchange.node")
 T = TypeVar("T")
 
 ENTRIES_PER_MSG_MAX = 16
+FORWARDS_IN_FLIGHT_MAX = 64  # forwards from followers admitted at once, as a leader
 BYTES_PER_MSG_MAX = 32 << 20
 FOLLOWER_QUEUE_BLOCKS_MAX = 1024
 CATALOG_RETRY_S = 1.0
@@ -188,6 +191,8 @@ class Node:
         if config.webhook is not None:
             self.webhook = Webhook(self, config.webhook)
         self._tasks: list[asyncio.Task[None]] = []
+        self.raft_server: RaftLinkServer | None = None  # from start()
+        self._forwards: set[asyncio.Task[None]] = set()  # forwarded to us, being admitted
         self._followers: list[asyncio.Queue[ledger_pb2.Block]] = []
         self.fatal_error = ""
         self.fatal = asyncio.Event()
@@ -230,8 +235,13 @@ class Node:
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
         self.channels.credentials = client_credentials = self.tls.client_credentials()
+        certs = MemberCerts(self.registry)
         self.transport.links = links = PeerLinks(self.agency, self.channels.addresses,
-                                                 client_credentials)
+                                                 client_credentials, self.tls, certs)
+        self.raft_server = RaftLinkServer(self.agency, certs, self.tls.ssl_server_context,
+                                          self.receive, self.receive_attestations, self)
+        await self.raft_server.start(self.config.listen_grpc)
+        self.mempool.link_forward = links.forward
         links.start()
         for coro, name in ((self.driver.run(self._kick), "raft"), (self._ticker(), "tick"),
                            (self.mempool.run_cutter(), "cutter"),
@@ -272,11 +282,13 @@ class Node:
 
     async def stop(self) -> None:
         catching_up = self.catch_up.task
-        for task in self._tasks + ([catching_up] if catching_up else []):
+        for task in self._tasks + ([catching_up] if catching_up else []) + list(self._forwards):
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.raft_server is not None:
+            await self.raft_server.close()
         if self.transport.links is not None:
             await self.transport.links.close()
         await self.channels.close()
@@ -418,6 +430,42 @@ class Node:
     def receive_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> None:
         """Queue peers' attestations; they are verified and stored in batches."""
         self.finality.receive(attestations)
+
+    # -- forwards on the Raft link (raftlink.Forwarding) ------------------------------
+    def forwarded(self, agency: str, forward: peer_pb2.Forward) -> None:
+        """A member forwards envelopes here (as its leader): admitted as a member
+        node's SubmitBatch with no_wait, the answer sent back on the link."""
+        if len(self._forwards) >= FORWARDS_IN_FLIGHT_MAX:
+            self._answer_forward(agency, forward.id, Unavailable(
+                "too many forwards in flight; retry shortly"), len(forward.envelopes))
+            return
+        task = asyncio.get_running_loop().create_task(self._admit_forward(agency, forward))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
+
+    async def _admit_forward(self, agency: str, forward: peer_pb2.Forward) -> None:
+        try:
+            results = await self.submit_batch(list(forward.envelopes), wait=False)
+        except ExchangeError as exc:
+            self._answer_forward(agency, forward.id, exc, len(forward.envelopes))
+            return
+        links = self.transport.links
+        if links is not None:
+            links.reply_forward(agency, peer_pb2.ForwardReply(id=forward.id, results=results))
+
+    def _answer_forward(self, agency: str, forward_id: int, exc: ExchangeError,
+                        count: int) -> None:
+        links = self.transport.links
+        if links is not None:
+            result = node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
+            links.reply_forward(agency, peer_pb2.ForwardReply(id=forward_id,
+                                                              results=[result] * count))
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]
+                        ) -> None:
+        links = self.transport.links
+        if links is not None:
+            links.forward_replied(agency, replies)
 
     # -- submissions -------------------------------------------------------------------
     def admit(self, raw: bytes) -> OpenedEnvelope:

@@ -1,33 +1,38 @@
-"""Raft messages over gRPC: conversion to and from protobuf, and the outbound side.
+"""The outbound side of the Raft peer links.
 
-Each peer gets one long-lived client stream (`Peer.Raft`) fed from a bounded queue.
+Each peer gets one long-lived TLS connection (raftlink.py) fed from a bounded queue.
 Raft tolerates loss, so a full queue drops the oldest messages rather than blocking the
-node, and a broken stream is re-opened with back-off.
+node, and a broken connection is re-opened with back-off. The gRPC channel options for
+the other peer calls live here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import grpc
 import structlog
 
-from exchange.raft.messages import Message, MessageType
-from exchange.raft.types import ConfState, Entry, EntryKind, SnapshotMeta
-from exchange.v1 import ledger_pb2, peer_pb2, peer_pb2_grpc
+from exchange.errors import Unavailable
+from exchange.node.peers_wire import message_to_proto
+from exchange.node.raftlink import FRAME_BYTES_MAX, LINK_ERRORS, MemberCerts, dial, encode_frame
+from exchange.node.tls_state import NodeTls
+from exchange.raft.messages import Message
+from exchange.v1 import ledger_pb2, node_pb2, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.peers")
 
 QUEUE_MESSAGES_MAX = 4096
 BATCH_MESSAGES_MAX = 256
-ENTRIES_PER_MESSAGE_MAX = 10_000
+BATCH_ENTRY_BYTES_MAX = FRAME_BYTES_MAX // 2  # the rest is room for attestations
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
 ATTESTATION_LINGER_S = 0.1
+FORWARD_TIMEOUT_S = 5.0  # as the gRPC forward's deadline (mempool.py)
 A = TypeVar("A")
 
 SERVER_OPTIONS = [
@@ -51,43 +56,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class BadPeerMessage(ValueError):
-    """A protobuf Raft message that does not convert to a valid Message."""
-
-
-def message_to_proto(m: Message) -> peer_pb2.RaftMessage:
-    out = peer_pb2.RaftMessage(
-        type=int(m.type), from_id=m.from_id, to_id=m.to_id, term=m.term, log_term=m.log_term,
-        index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint,
-        force=m.force,
-        entries=[peer_pb2.RaftEntry(term=e.term, index=e.index, kind=int(e.kind), data=e.data)
-                 for e in m.entries])
-    if m.snapshot is not None:
-        out.snapshot.CopyFrom(peer_pb2.RaftSnapshotMeta(
-            index=m.snapshot.index, term=m.snapshot.term, voters=list(m.snapshot.conf.voters),
-            learners=list(m.snapshot.conf.learners)))
-    return out
-
-
-def message_from_proto(p: peer_pb2.RaftMessage) -> Message:
-    try:
-        mtype = MessageType(p.type)
-        entries = tuple(Entry(term=e.term, index=e.index, kind=EntryKind(e.kind), data=e.data)
-                        for e in p.entries)
-    except ValueError as exc:
-        raise BadPeerMessage(str(exc)) from exc
-    if len(entries) > ENTRIES_PER_MESSAGE_MAX:
-        raise BadPeerMessage("too many entries in one message")
-    snapshot = None
-    if p.HasField("snapshot"):
-        snapshot = SnapshotMeta(index=p.snapshot.index, term=p.snapshot.term,
-                                conf=ConfState(voters=tuple(p.snapshot.voters),
-                                               learners=tuple(p.snapshot.learners)))
-    return Message(type=mtype, from_id=p.from_id, to_id=p.to_id, term=p.term,
-                   log_term=p.log_term, index=p.index, entries=entries, commit=p.commit,
-                   reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force)
-
-
 class AttestationQueue(Generic[A]):
     """Attestations waiting for the link to one peer: bounded, and handed over whole to
     the link that replaces this one (nothing sends an attestation again)."""
@@ -95,6 +63,12 @@ class AttestationQueue(Generic[A]):
     def __init__(self, size_max: int = QUEUE_MESSAGES_MAX) -> None:
         self.size_max = size_max
         self._items: list[A] = []
+
+    @classmethod
+    def of(cls, items: list[A]) -> AttestationQueue[A]:
+        queue: AttestationQueue[A] = cls()
+        queue._items = items[:queue.size_max]
+        return queue
 
     def __len__(self) -> int:
         return len(self._items)
@@ -116,18 +90,33 @@ class AttestationQueue(Generic[A]):
         self._items = (old.take() + self._items)[:self.size_max]
 
 
+Outgoing = peer_pb2.RaftMessage | peer_pb2.Forward | peer_pb2.ForwardReply
+
+
+def _payload_bytes(m: Outgoing) -> int:
+    """What an item weighs in a frame, counted only where it can be large."""
+    if isinstance(m, peer_pb2.RaftMessage) and not m.entries:
+        return 0
+    return m.ByteSize()
+
+
 class PeerLink:
-    """The outbound stream to one peer."""
+    """The outbound Raft link to one peer (raftlink.py: TLS, length-prefixed frames),
+    and a gRPC channel to its peer service for the status calls."""
 
     def __init__(self, peer_id: str, address: str, credentials: grpc.ChannelCredentials,
+                 tls: NodeTls, certs: MemberCerts,
                  on_state: Callable[[str, bool], None]) -> None:
         self.peer_id = peer_id
         self.address = address
         self._credentials = credentials
-        self._queue: asyncio.Queue[peer_pb2.RaftMessage] = asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._tls = tls
+        self._certs = certs
+        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(QUEUE_MESSAGES_MAX)
         self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
+        self._carry: Outgoing | None = None  # taken, goes first in the next batch
         self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self.stub = peer_pb2_grpc.PeerStub(self.channel)
         self.dropped = 0
@@ -147,10 +136,12 @@ class PeerLink:
         not sent yet: its pending attestations (above all those of the block that changed
         the credentials, which nothing sends again) and its queued Raft messages."""
         self._attestations.take_over(old._attestations)
+        if old._carry is not None:
+            self.send(old._carry)
         while not old._queue.empty():
             self.send(old._queue.get_nowait())
 
-    def send(self, m: peer_pb2.RaftMessage) -> None:
+    def send(self, m: Outgoing) -> None:
         while True:
             try:
                 self._queue.put_nowait(m)
@@ -160,39 +151,88 @@ class PeerLink:
                     self._queue.get_nowait()
                     self.dropped += 1
 
-    async def _batches(self) -> AsyncIterator[peer_pb2.RaftBatch]:
+    async def _next_batch(self) -> peer_pb2.RaftBatch:
+        """The queued messages and forwards (at most BATCH_MESSAGES_MAX, and entries and
+        envelopes of at most BATCH_ENTRY_BYTES_MAX: a frame stays under FRAME_BYTES_MAX)
+        and attestations; waits for one item, or ATTESTATION_LINGER_S when only
+        attestations wait."""
         while True:
-            batch: list[peer_pb2.RaftMessage] = []
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), ATTESTATION_LINGER_S))
-            except TimeoutError:
-                if not self._attestations:
-                    continue
+            batch: list[Outgoing] = []
+            if self._carry is not None:
+                batch.append(self._carry)
+                self._carry = None
+            elif self._queue.empty():
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(),
+                                                        ATTESTATION_LINGER_S))
+                except TimeoutError:
+                    if not self._attestations:
+                        continue
+            size = sum(_payload_bytes(m) for m in batch)
             while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            atts = self._attestations.take()
-            yield peer_pb2.RaftBatch(messages=batch, attestations=atts)
+                m = self._queue.get_nowait()
+                size += _payload_bytes(m)
+                if size > BATCH_ENTRY_BYTES_MAX:
+                    self._carry = m  # first in the next frame
+                    break
+                batch.append(m)
+            out = peer_pb2.RaftBatch(attestations=self._attestations.take())
+            for m in batch:
+                if isinstance(m, peer_pb2.RaftMessage):
+                    out.messages.append(m)
+                elif isinstance(m, peer_pb2.Forward):
+                    out.forwards.append(m)
+                else:
+                    out.forward_replies.append(m)
+            return out
+
+    async def _pump(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            batch = await self._next_batch()
+            if writer.is_closing():
+                # not sent: the attestations go on the next connection
+                self._attestations.take_over(AttestationQueue.of(list(batch.attestations)))
+                return
+            writer.write(encode_frame(batch.SerializeToString()))
+            await writer.drain()
+
+    async def _watch(self, reader: asyncio.StreamReader) -> None:
+        """The peer sends nothing on this link: any byte or the end means it is gone."""
+        await reader.read(1)
 
     async def _run(self) -> None:
         delay = RECONNECT_DELAY_S_MIN
         while True:
+            writer: asyncio.StreamWriter | None = None
             try:
-                call = self.stub.Raft(self._batches())
+                reader, writer = await dial(self.address, self.peer_id,
+                                            self._tls.ssl_client_context(), self._certs)
                 self._set_connected(True)
-                await call
+                delay = RECONNECT_DELAY_S_MIN
+                tasks = {asyncio.ensure_future(self._pump(writer)),
+                         asyncio.ensure_future(self._watch(reader))}
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                for task in done:
+                    task.result()
+                log.info("peer link closed by the peer", peer=self.peer_id)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                if self.connected:
-                    log.info("peer stream closed", peer=self.peer_id, code=exc.code().name,
-                             detail=exc.details())
+            except LINK_ERRORS as exc:
+                (log.info if self.connected else log.debug)(
+                    "peer link down", peer=self.peer_id, error=str(exc) or type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - keep the link alive whatever happens
-                log.warning("peer stream failed", peer=self.peer_id, error=repr(exc))
+                log.warning("peer link failed", peer=self.peer_id, error=repr(exc))
+            finally:
+                if writer is not None:
+                    writer.close()
             self._set_connected(False)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S_MAX)
-            if self.connected:
-                delay = RECONNECT_DELAY_S_MIN
 
     def _set_connected(self, value: bool) -> None:
         if value != self.connected:
@@ -211,14 +251,77 @@ class PeerLinks:
     """Outbound links to every other member."""
 
     def __init__(self, self_id: str, peers: Mapping[str, str],
-                 credentials: grpc.ChannelCredentials) -> None:
+                 credentials: grpc.ChannelCredentials, tls: NodeTls,
+                 certs: MemberCerts) -> None:
         self.self_id = self_id
         self._credentials = credentials
-        self.links = {pid: PeerLink(pid, addr, credentials, self._state)
-                      for pid, addr in peers.items() if pid != self_id}
+        self._tls = tls
+        self._certs = certs
+        self.links = {pid: self._link(pid, addr) for pid, addr in peers.items()
+                      if pid != self_id}
+        # forwards sent and not yet answered: id -> (the leader asked, its answer)
+        self._forwards: dict[int, tuple[str, asyncio.Future[node_pb2.SubmitBatchResponse]]] = {}
+        self._forward_id = 0
+
+    def _link(self, peer_id: str, address: str) -> PeerLink:
+        return PeerLink(peer_id, address, self._credentials, self._tls, self._certs,
+                        self._state)
 
     def _state(self, peer_id: str, connected: bool) -> None:
         log.info("peer link", peer=peer_id, connected=connected)
+        if not connected:  # what went to it may be lost: its forwards fail now
+            self._fail_forwards(peer_id, "the link to the leader went down")
+
+    def _fail_forwards(self, peer_id: str, why: str) -> None:
+        for fid, (leader, fut) in list(self._forwards.items()):
+            if leader == peer_id:
+                del self._forwards[fid]
+                if not fut.done():
+                    fut.set_exception(Unavailable(why))
+
+    def forward(self, leader: str, envelopes: Sequence[bytes]
+                ) -> asyncio.Task[node_pb2.SubmitBatchResponse] | None:
+        """Send `envelopes` to `leader` on the Raft link, as SubmitBatch with no_wait:
+        the task's result is the leader's answer (Unavailable: no answer in
+        FORWARD_TIMEOUT_S, or the link went down). None: no link up to `leader` (the
+        caller uses the gRPC call instead)."""
+        link = self.links.get(leader)
+        if link is None or not link.connected:
+            return None
+        self._forward_id += 1
+        fid = self._forward_id
+        fut: asyncio.Future[node_pb2.SubmitBatchResponse] = \
+            asyncio.get_running_loop().create_future()
+        self._forwards[fid] = (leader, fut)
+        link.send(peer_pb2.Forward(id=fid, envelopes=envelopes))
+
+        async def answer() -> node_pb2.SubmitBatchResponse:
+            try:
+                return await asyncio.wait_for(fut, FORWARD_TIMEOUT_S)
+            except TimeoutError:
+                raise Unavailable(f"{leader} did not answer a forward in "
+                                  f"{FORWARD_TIMEOUT_S} s") from None
+            finally:
+                self._forwards.pop(fid, None)
+
+        return asyncio.get_running_loop().create_task(answer())
+
+    def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]) -> None:
+        """`agency` answered forwards (an answer to a forward sent to another member, or
+        to none pending, is ignored)."""
+        for reply in replies:
+            pending = self._forwards.get(reply.id)
+            if pending is None or pending[0] != agency:
+                continue
+            del self._forwards[reply.id]
+            if not pending[1].done():
+                pending[1].set_result(node_pb2.SubmitBatchResponse(results=reply.results))
+
+    def reply_forward(self, agency: str, reply: peer_pb2.ForwardReply) -> None:
+        """Answer a forward from `agency` (dropped if it is no member any more)."""
+        link = self.links.get(agency)
+        if link is not None:
+            link.send(reply)
 
     def start(self) -> None:
         for link in self.links.values():
@@ -249,12 +352,17 @@ class PeerLinks:
         # meanwhile is lost, and each takes over what its predecessor had not sent
         for pid, addr in wanted.items():
             if pid not in self.links:
-                self.links[pid] = link = PeerLink(pid, addr, self._credentials, self._state)
+                self.links[pid] = link = self._link(pid, addr)
                 old = closing.get(pid)
                 if old is not None:
                     link.take_over(old)
                 link.start()
+        for pid in closing:
+            if pid not in wanted:
+                self._fail_forwards(pid, f"{pid} is no longer a member")
         await asyncio.gather(*(link.close() for link in closing.values()))
 
     async def close(self) -> None:
+        for peer_id in list(self.links):
+            self._fail_forwards(peer_id, "the node is stopping")
         await asyncio.gather(*(link.close() for link in self.links.values()))

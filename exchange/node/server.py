@@ -43,7 +43,8 @@ from exchange.node import metrics
 from exchange.node.auth import Auth, Caller
 from exchange.node.credentials import list_credentials
 from exchange.node.node import Node
-from exchange.node.peers import SERVER_OPTIONS, BadPeerMessage, message_from_proto
+from exchange.node.peers import SERVER_OPTIONS
+from exchange.node.peers_wire import BadPeerMessage, message_from_proto
 from exchange.v1 import evidence_pb2, ledger_pb2, node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.server")

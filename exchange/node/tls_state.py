@@ -12,6 +12,7 @@ asked for a new configuration at each handshake.
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +51,8 @@ class NodeTls:
         self.trust = (config.read_trust_bundle() if self._fixed_trust
                       else trust_pem(members))
         self._changed = False
+        self._generation = 0  # counts changes of certificate or trust
+        self._ssl: dict[bool, tuple[int, ssl.SSLContext]] = {}
 
     @property
     def cert_der(self) -> bytes:
@@ -76,6 +79,33 @@ class NodeTls:
                                                 private_key=self.key_pem,
                                                 certificate_chain=self.cert_pem)
 
+    def ssl_server_context(self) -> ssl.SSLContext:
+        """The Raft link's server side (raftlink.py) as of now: this node's certificate,
+        a client certificate required and chained to a trusted member CA."""
+        return self._ssl_context(server_side=True)
+
+    def ssl_client_context(self) -> ssl.SSLContext:
+        """The Raft link's dialling side as of now: this node's certificate, the
+        server's chained to a trusted member CA and naming the host dialled."""
+        return self._ssl_context(server_side=False)
+
+    def _ssl_context(self, server_side: bool) -> ssl.SSLContext:
+        with self._lock:
+            cached = self._ssl.get(server_side)
+            if cached is not None and cached[0] == self._generation:
+                return cached[1]
+            generation, trust = self._generation, self.trust
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side
+                                 else ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.check_hostname = not server_side
+            ctx.load_verify_locations(cadata=trust.decode())
+            # the files hold what cert_pem and key_pem hold (switch_to replaces both)
+            ctx.load_cert_chain(self._cert_path, self._key_path)
+            self._ssl[server_side] = (generation, ctx)
+            return ctx
+
     def set_members(self, members: Iterable[identity_pb2.Member]) -> bool:
         """Trust exactly these members' CAs; True if that changed anything."""
         if self._fixed_trust:
@@ -85,6 +115,7 @@ class NodeTls:
             if trust == self.trust:
                 return False
             self.trust, self._changed = trust, True
+            self._generation += 1
         return True
 
     def switch_to(self, cert_der: bytes) -> bool:
@@ -105,5 +136,6 @@ class NodeTls:
         os.replace(next_cert, self._cert_path)
         with self._lock:
             self.cert_pem, self.key_pem, self._changed = cert_pem, key_pem, True
+            self._generation += 1
         log.info("node certificate switched to the one on the ledger")
         return True

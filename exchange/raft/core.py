@@ -14,7 +14,9 @@ The Ready contract (etcd's), for each `ready()`:
    and runs alongside; call `restore_snapshot_done(meta)` once it is installed).
 2. Durably append `entries_to_persist`, first deleting every stored entry with an index
    >= `entries_to_persist[0].index`.
-3. Durably write `hard_state` if set. Steps 1-3 must be fsynced before step 4.
+3. Durably write `hard_state` if set. Steps 1-3 must be fsynced before step 4 (a
+   `hard_state` whose term and vote are unchanged only moves the commit index, which
+   need not survive a crash: it may be written without the fsync, as etcd does).
 4. Send `messages` (in any order; they may be lost, duplicated or reordered).
 5. Apply `committed_entries` in order, each exactly once. A client may be told that its
    proposal committed only now, never earlier.
@@ -243,6 +245,10 @@ class RaftNode:
         self._votes: dict[str, bool] = {}
         self._prs: dict[str, Progress] = {}
         self._msgs: list[Message] = []
+        # followers sent an APPEND or SNAPSHOT since the last heartbeat: that contact
+        # stands in for their next heartbeat (one message and its answer fewer per
+        # follower and heartbeat interval while blocks flow)
+        self._contacted: set[str] = set()
         self._voters: tuple[str, ...] = log.conf_state.voters
         self._outstanding: Ready | None = None
         self._become_follower(self._term, "")
@@ -692,6 +698,8 @@ class RaftNode:
 
     def _send(self, m: Message) -> None:
         assert m.to_id != self._id
+        if m.type is MessageType.APPEND or m.type is MessageType.SNAPSHOT:
+            self._contacted.add(m.to_id)
         self._msgs.append(m)
 
     def _check_message(self, m: Message) -> None:
@@ -1006,8 +1014,11 @@ class RaftNode:
                 self._send_append(node_id)
 
     def _bcast_heartbeat(self) -> None:
+        """A heartbeat to every follower not sent an APPEND or SNAPSHOT since the last
+        one (that message already reset its election timer and will be answered)."""
+        contacted, self._contacted = self._contacted, set()
         for node_id, pr in self._prs.items():
-            if node_id != self._id:
+            if node_id != self._id and node_id not in contacted:
                 commit = min(pr.match, self._log.committed)
                 self._send(
                     Message(MessageType.HEARTBEAT, self._id, node_id, self._term, commit=commit)

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from exchange.client import ExchangeClient, load_client_profile
 from exchange.errors import ExchangeError
+from exchange.identity.config import RAFT_PORT_OFFSET
 from exchange.identity.network import DEFAULT_AGENCIES, METRICS_PORT_OFFSET, PORT_STRIDE
 from exchange.v1 import node_pb2
 
@@ -52,13 +53,13 @@ def _port_free(port: int) -> bool:
 
 def free_base_port(agencies: int, rng: random.Random | None = None) -> int:
     """A base port such that every port `exchange init --base-port` will assign to
-    `agencies` nodes (gRPC and metrics) is free now."""
+    `agencies` nodes (gRPC, metrics and the Raft link) is free now."""
     r = rng or random.Random()
     span = PORT_STRIDE * agencies
     for _ in range(PORT_ATTEMPTS_MAX):
         base = r.randrange(PORT_RANGE[0], PORT_RANGE[1] - span)
         ports = [base + PORT_STRIDE * i + off for i in range(agencies)
-                 for off in (0, METRICS_PORT_OFFSET)]
+                 for off in (0, METRICS_PORT_OFFSET, RAFT_PORT_OFFSET)]
         if all(_port_free(p) for p in ports):
             return base
     raise RuntimeError(f"no free block of {span} ports found")

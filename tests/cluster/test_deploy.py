@@ -39,7 +39,7 @@ from exchange.cli.health_cmd import _tls_name, check_health, dial_address
 from exchange.cli.main import _register, cli
 from exchange.compare.jobs import JobsConfig
 from exchange.errors import ExchangeError
-from exchange.identity.config import load_node_config, parse_address
+from exchange.identity.config import RAFT_PORT_OFFSET, load_node_config, parse_address
 from exchange.testing.localnet import Cluster
 
 pytestmark = [pytest.mark.xdist_group("deploy")]
@@ -849,8 +849,9 @@ def test_kubernetes_overlays_give_each_node_exactly_its_configured_files(
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == port
         assert ports["metrics"] == parse_address(config.listen_metrics)[1]
+        assert ports["raft"] == port + RAFT_PORT_OFFSET
         service = objects[("Service", "exchange-grpc")]
-        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["grpc"]
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["grpc", "raft"]
         # no root key, CA key or analyst key reaches the cluster
         secrets = [base64.b64decode(v) for d in docs if d["kind"] == "Secret"
                    for v in d.get("data", {}).values()]

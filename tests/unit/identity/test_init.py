@@ -510,3 +510,16 @@ def test_passphrase_env_encrypts_identity_keys_and_profiles_name_it(
     monkeypatch.setenv("EXCHANGE_TEST_PASSPHRASE", "short")
     with pytest.raises(Malformed, match="8 characters"):
         init_network(tmp_path / "other", passphrase_env="EXCHANGE_TEST_PASSPHRASE")
+
+
+def test_a_metrics_port_on_the_raft_link_s_port_is_refused(net: NetworkLayout) -> None:
+    text = (net.out_dir / "tax" / "node.toml").read_text()
+    assert 'metrics = "127.0.0.1:7101"' in text
+    # beside the original, so that its relative paths resolve the same way
+    path = net.out_dir / "tax" / "node-raft-port.toml"
+    path.write_text(text.replace('metrics = "127.0.0.1:7101"', 'metrics = "127.0.0.1:7102"'))
+    try:
+        with pytest.raises(MalformedInput, match=r"listen.grpc \+ 2 \(the Raft peer link's\)"):
+            load_node_config(path)
+    finally:
+        path.unlink()

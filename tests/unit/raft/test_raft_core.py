@@ -484,6 +484,28 @@ def test_heartbeat_commit_is_capped_at_follower_match() -> None:
     assert beats == {"n2": 1, "n3": 0}
 
 
+def test_a_follower_sent_an_append_skips_the_next_heartbeat_only() -> None:
+    leader = make_node("n1")
+    become_leader_by_hand(leader, ["n2", "n3"])
+    for _ in range(4):  # heartbeats settle: every follower gets one again
+        leader.tick()
+    drain(leader)
+    heartbeat_ticks = leader._cfg.heartbeat_tick
+
+    def beats() -> set[str]:
+        for _ in range(heartbeat_ticks):
+            leader.tick()
+        messages, _, _ = drain(leader)
+        return {m.to_id for m in messages if m.type is MessageType.HEARTBEAT}
+
+    assert beats() == {"n2", "n3"}
+    leader.step(Message(MessageType.APPEND_RESP, "n2", "n1", leader.term, index=1))
+    messages, _, _ = drain(leader)  # the commit goes to n2 (n3, probed, waits)
+    assert {m.to_id for m in messages if m.type is MessageType.APPEND} == {"n2"}
+    assert beats() == {"n3"}  # n2 just heard from the leader
+    assert beats() == {"n2", "n3"}  # nothing since: heartbeats again
+
+
 def test_step_between_ready_and_advance_goes_to_the_next_ready() -> None:
     follower = make_node("n2", hard_state=HardState(term=1))
     first = (Entry(1, 1), Entry(1, 2))
