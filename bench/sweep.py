@@ -33,6 +33,11 @@ PERIOD = "2026-09"
 SEED = 9
 LOAD_PROCESSES = 2  # the machine's cores
 RULE_RUNS_CONCURRENT_MAX = 2  # an owner's rules at once (the jobs runner's default)
+# The jobs config's [rule_limits] for a city-scale register: a month of the city's
+# invoices is about 9 million rows, over the default 1,024 MiB of DuckDB memory once
+# loaded, and a rule's SQL over it runs longer than the default 60 s on this machine.
+RULE_MEMORY_MIB = 4096
+RULE_TIME_S = 1800.0
 
 
 def _dir_bytes(path: Path) -> int:
@@ -106,14 +111,15 @@ def _params(rule: Any) -> dict[str, str]:
 def _run_rule(auto: Path, rule: Any, spool: Path,
               own_inputs: dict[str, bytes] | None = None) -> dict[str, Any]:
     from exchange.client import ExchangeClient, Signer, load_client_profile, load_genesis
+    from exchange.compare.duck import RuleLimits
     from exchange.compare.network import NetworkRun, RunBounds
 
     _, _, genesis = load_genesis(auto)
     with ExchangeClient(load_client_profile(auto), deadline_s=300) as client:
         signer = Signer.load(client.profile, genesis.chain_id)
-        r = NetworkRun(client, signer, genesis, rule,
-                       bounds=RunBounds(spool_dir=spool)).run(_params(rule),
-                                                              own_inputs=own_inputs)
+        r = NetworkRun(client, signer, genesis, rule, bounds=RunBounds(spool_dir=spool),
+                       limits=RuleLimits(time_s=RULE_TIME_S, memory_mib=RULE_MEMORY_MIB)
+                       ).run(_params(rule), own_inputs=own_inputs)
     return {"rule": r.rule_id, "period": r.period, "result": r.result,
             "seconds": round(r.seconds, 1), "rows_in": r.rows_in,
             "shared_own_inputs": len(own_inputs or {}),
@@ -184,7 +190,15 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
 
                 def one(item: tuple[tuple[Path, Any], dict[str, bytes]]) -> dict[str, Any]:
                     (auto, rule), own = item
-                    done = _run_rule(auto, rule, spool, own)
+                    started = time.perf_counter()
+                    try:
+                        done = _run_rule(auto, rule, spool, own)
+                    except Exception as exc:  # the other rules' figures still count
+                        say(f"{rule.id}: FAILED after {time.perf_counter() - started:.1f} "
+                            f"s: {exc}")
+                        return {"rule": rule.id, "failed": str(exc), "subjects": [],
+                                "seconds": round(time.perf_counter() - started, 1),
+                                "rows_moved": 0, "findings": 0}
                     say(f"{rule.id}: {done['seconds']} s, {done['rows_moved']:,} rows "
                         f"moved, {done['findings']} findings")
                     return done
