@@ -13,11 +13,11 @@ columns' parsers written as vectorised SQL (identifiers, texts, amounts to integ
 enums, flags): a value the row reader would refuse stops the query (DuckDB's `error()`),
 and the reader raises `NotBulk`; so does a quoted line break (a record over several
 lines). Values that repeat from row to row (uscc and person_id with their check
-digits, holder ids by their kind, dates, periods) are checked once per distinct value
-instead, by a second query on a thread of its own beside the streaming rows (`prepared`:
-it also scans and hashes the next files ahead of the writer); its verdict is taken
-before the reader reports the file done, so a refused value still loads nothing. A value the row
-reader accepts may be refused here too (an amount of over 12 integer digits, which is
+digits, holder ids by their kind, dates, periods; not a dataset's whole key) are
+checked once per distinct value instead, by a second query on a thread of its own
+beside the streaming rows (`prepared`: it also scans and hashes the next files ahead of
+the writer); its verdict is taken before the reader reports the file done, so a refused
+value still loads nothing. A value the row reader accepts may be refused here too (an amount of over 12 integer digits, which is
 out of bounds anyway); the loader then reads the load row by row, which is slower but
 decides.
 
@@ -248,6 +248,14 @@ DISTINCT_KINDS = frozenset({Kind.USCC, Kind.PERSON_ID, Kind.HOLDER_ID, Kind.DATE
                             Kind.PERIOD})
 
 
+def checked_distinct(dataset: Dataset, column: Column) -> bool:
+    """Whether the column's values are checked once per distinct value (`distinct_sql`)
+    rather than on every row: its kind repeats from row to row, and it is not the
+    dataset's whole key (a key's values are all distinct, and DuckDB checks them on the
+    streaming rows faster than one by one)."""
+    return column.kind in DISTINCT_KINDS and dataset.key != (column.name,)
+
+
 def _positions(dataset: Dataset, header: tuple[str, ...]) -> dict[str, str]:
     """Each dataset column's field in the file as SQL (`c<i>`); NotBulk if the header
     lacks a column or repeats it."""
@@ -268,7 +276,7 @@ def _source_sql(header: tuple[str, ...], path: Path) -> str:
 
 def select_sql(dataset: Dataset, header: tuple[str, ...], path: Path) -> str:
     """The query of a plain file's stored rows in file order, raising an error at the
-    first value the row reader would refuse, but for the values of DISTINCT_KINDS, which
+    first value the row reader would refuse, but for the values `checked_distinct`, which
     it only requires present (`distinct_check_sql` checks them); NotBulk if the header
     lacks a column."""
     positions = _positions(dataset, header)
@@ -276,7 +284,7 @@ def select_sql(dataset: Dataset, header: tuple[str, ...], path: Path) -> str:
     for column in dataset.columns:
         v = positions[column.name]
         kind_v = positions[column.holder_kind_column] if column.holder_kind_column else ""
-        check = "TRUE" if column.kind in DISTINCT_KINDS else valid_sql(column, v, kind_v)
+        check = "TRUE" if checked_distinct(dataset, column) else valid_sql(column, v, kind_v)
         bad = f"error('{column.name}: a value the row reader refuses')"
         converted = stored_sql(column, v)
         if column.optional:
@@ -295,7 +303,7 @@ def distinct_sql(dataset: Dataset, header: tuple[str, ...], path: Path
     it selects them; None if the dataset has none. Each result row is one distinct
     value of one column (or pair), the other columns NULL."""
     positions = _positions(dataset, header)
-    columns = [c for c in dataset.columns if c.kind in DISTINCT_KINDS]
+    columns = [c for c in dataset.columns if checked_distinct(dataset, c)]
     if not columns:
         return None
     selected: list[str] = []
@@ -376,7 +384,7 @@ class _Preparation:
 
 
 def check_distinct(dataset: Dataset, scan: Scan, path: Path, codes: CodeMemory) -> str | None:
-    """Why a value of the file's columns of DISTINCT_KINDS is refused, or None if every
+    """Why a value of the file's columns `checked_distinct` is refused, or None if every
     one is valid (DuckDB finds the distinct values; see `all_distinct_valid`)."""
     import duckdb
 
