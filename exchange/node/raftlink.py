@@ -253,6 +253,12 @@ class RaftLinkServer:
         self._connections.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # ended on purpose (the node closing, or a newer link from the same member):
+            # the handler finishes normally, as asyncio 3.11's server callback calls
+            # exception() on its task and logs a cancelled one as an error with a
+            # traceback (fixed in 3.12)
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
