@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 import click
+import uvloop
 
 from exchange.identity.config import NodeConfig, load_node_config, read_signed_genesis
 from exchange.ledger.store import BlockStore
@@ -28,7 +28,9 @@ def node(config_path: Path, rebuild_state: bool) -> None:
     logs.configure(config.log_level)
     if rebuild_state:
         _rebuild_state(config)
-    asyncio.run(serve(config, ready=logs.bind_node))
+    # uvloop: the Raft link's TLS frames and the loop's own work cost 10-13 % less node
+    # CPU per transaction than on asyncio's default loop (BENCHMARKS.md, issue 20)
+    uvloop.run(serve(config, ready=logs.bind_node))
 
 
 def _rebuild_state(config: NodeConfig) -> None:
