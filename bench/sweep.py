@@ -194,11 +194,10 @@ def measure(companies: int, work_dir: Path | None = None, verbose: bool = True,
                     try:
                         done = _run_rule(auto, rule, spool, own)
                     except Exception as exc:  # the other rules' figures still count
-                        say(f"{rule.id}: FAILED after {time.perf_counter() - started:.1f} "
-                            f"s: {exc}")
+                        seconds = round(time.perf_counter() - started, 1)
+                        say(f"{rule.id}: FAILED after {seconds} s: {exc}")
                         return {"rule": rule.id, "failed": str(exc), "subjects": [],
-                                "seconds": round(time.perf_counter() - started, 1),
-                                "rows_moved": 0, "findings": 0}
+                                "seconds": seconds, "rows_moved": 0, "findings": 0}
                     say(f"{rule.id}: {done['seconds']} s, {done['rows_moved']:,} rows "
                         f"moved, {done['findings']} findings")
                     return done

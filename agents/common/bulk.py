@@ -211,11 +211,17 @@ class _ColumnCheck:
 
     def holders(self, column: Column, ids: Sequence[object], kinds: Sequence[object]) -> None:
         """A HOLDER_ID column: each id valid as its kind column says."""
-        company = [i for i, k in zip(ids, kinds, strict=True) if k == "company"]
-        person = [i for i, k in zip(ids, kinds, strict=True) if k != "company"]
-        if ((company and not self._codes[Kind.USCC].all_valid(company))  # type: ignore[arg-type]
-                or (person and not self._codes[Kind.PERSON_ID].all_valid(person))):  # type: ignore[arg-type]
+        if not holders_valid(self._codes, ids, kinds):
             raise NotBulk(f"{column.name}: an id not valid for its holder kind")
+
+
+def holders_valid(codes: CodeMemory, ids: Sequence[object], kinds: Sequence[object]) -> bool:
+    """Each holder id valid as its holder kind says: a company's a uscc, anyone else's
+    a person_id (checked once each through `codes`)."""
+    company = [i for i, k in zip(ids, kinds, strict=True) if k == "company"]
+    person = [i for i, k in zip(ids, kinds, strict=True) if k != "company"]
+    return ((not company or codes[Kind.USCC].all_valid(company))  # type: ignore[arg-type]
+            and (not person or codes[Kind.PERSON_ID].all_valid(person)))  # type: ignore[arg-type]
 
 
 class BulkFileReader:

@@ -17,9 +17,9 @@ digits, holder ids by their kind, dates, periods; not a dataset's whole key) are
 checked once per distinct value instead, by a second query on a thread of its own
 beside the streaming rows (`prepared`: it also scans and hashes the next files ahead of
 the writer); its verdict is taken before the reader reports the file done, so a refused
-value still loads nothing. A value the row reader accepts may be refused here too (an amount of over 12 integer digits, which is
-out of bounds anyway); the loader then reads the load row by row, which is slower but
-decides.
+value still loads nothing. A value the row reader accepts may be refused here too (an
+amount of over 12 integer digits, which is out of bounds anyway); the loader then reads
+the load row by row, which is slower but decides.
 
 The query streams: DuckDB writes the rows into a pipe in file order, fields separated
 by a control character no valid value holds, and the writer takes them as one flat list
@@ -54,6 +54,7 @@ from agents.common.bulk import (
     NotBulk,
     code_memory,
     gc_paused,
+    holders_valid,
     read_ahead,
 )
 from agents.common.csvread import FILE_ROWS_MAX
@@ -241,7 +242,7 @@ def stored_sql(column: Column, v: str) -> str:
 
 
 # Kinds whose values repeat from row to row (a company's uscc, a person's id, a date):
-# checked once per distinct value by `distinct_check_sql` rather than on every row (the
+# checked once per distinct value (`distinct_sql`, `check_distinct`) rather than on every row (the
 # check digits were half the reading's CPU for invoices, where 2.9 million rows name
 # 300,000 companies).
 DISTINCT_KINDS = frozenset({Kind.USCC, Kind.PERSON_ID, Kind.HOLDER_ID, Kind.DATE,
@@ -277,7 +278,7 @@ def _source_sql(header: tuple[str, ...], path: Path) -> str:
 def select_sql(dataset: Dataset, header: tuple[str, ...], path: Path) -> str:
     """The query of a plain file's stored rows in file order, raising an error at the
     first value the row reader would refuse, but for the values `checked_distinct`, which
-    it only requires present (`distinct_check_sql` checks them); NotBulk if the header
+    it only requires present (`check_distinct` checks them); NotBulk if the header
     lacks a column."""
     positions = _positions(dataset, header)
     values = []
@@ -335,10 +336,7 @@ def all_distinct_valid(cursor: duckdb.DuckDBPyConnection, columns: list[Column],
         for column in columns:
             if column.holder_kind_column:
                 pairs = [(r[at], r[at + 1]) for r in rows if r[at + 1] is not None]
-                company = [v for k, v in pairs if k == "company"]
-                person = [v for k, v in pairs if k != "company"]
-                if not (codes[Kind.USCC].all_valid(company)
-                        and codes[Kind.PERSON_ID].all_valid(person)):
+                if not holders_valid(codes, [v for _k, v in pairs], [k for k, _v in pairs]):
                     return False
                 at += 2
                 continue
@@ -383,6 +381,17 @@ class _Preparation:
             self.refused.set_exception(exc)
 
 
+def _connect(threads: int, **config: str | bool | int) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB for the loader: `threads`, DUCKDB_MEMORY_MAX, no progress
+    bars (they would be drawn on the loader's stderr)."""
+    import duckdb
+
+    con = duckdb.connect(config={"threads": threads, "memory_limit": DUCKDB_MEMORY_MAX,
+                                 **config})
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def check_distinct(dataset: Dataset, scan: Scan, path: Path, codes: CodeMemory) -> str | None:
     """Why a value of the file's columns `checked_distinct` is refused, or None if every
     one is valid (DuckDB finds the distinct values; see `all_distinct_valid`)."""
@@ -391,8 +400,7 @@ def check_distinct(dataset: Dataset, scan: Scan, path: Path, codes: CodeMemory) 
     distinct = distinct_sql(dataset, scan.header, path)
     if distinct is None:
         return None
-    con = duckdb.connect(config={"threads": CHECK_THREADS, "memory_limit": DUCKDB_MEMORY_MAX})
-    con.execute("SET enable_progress_bar = false")  # no bars on the loader's stderr
+    con = _connect(CHECK_THREADS)
     try:
         if not all_distinct_valid(con.execute(distinct[0]), distinct[1], codes):
             return "a value the row reader refuses"
@@ -459,7 +467,7 @@ class DuckFileReader:
         in DuckDB's threads and the rest is the writer's own work (a second Python
         thread splitting rows would hold the interpreter the writer needs between
         every two rows it inserts). The file's scan, digest and distinct-value check
-        come from `prepare` if it was called (ahead, on a thread of their own), else
+        come from `prepared` if the loader used it (ahead, on a thread of their own), else
         are made here."""
         if self._prepared is None:
             self._prepared = _Preparation(code_memory())
@@ -494,10 +502,7 @@ class DuckFileReader:
         if data_lines > FILE_ROWS_MAX:
             raise NotBulk(f"more than {FILE_ROWS_MAX} rows")
         sql = select_sql(self.dataset, scan.header, self.path)
-        con = duckdb.connect(config={"threads": STREAM_THREADS,
-                                     "memory_limit": DUCKDB_MEMORY_MAX,
-                                     "preserve_insertion_order": True})
-        con.execute("SET enable_progress_bar = false")
+        con = _connect(STREAM_THREADS, preserve_insertion_order=True)
         read_end, write_end = os.pipe()
         failed: list[BaseException] = []
 

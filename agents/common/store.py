@@ -509,7 +509,8 @@ class SqliteBulkSession(_SqliteLoadSession):
     def __init__(self, db: sqlite3.Connection) -> None:
         super().__init__(db)
         self._direct: dict[str, bool] = {}
-        self._sql: dict[str, str] = {}
+        self._sql: dict[str, str] = {}  # a dataset's one-row INSERT
+        self._sql_many: dict[str, str] = {}  # and its ROWS_PER_INSERT-row one
         self._written: dict[str, int] = {}
 
     def rows_stored(self, dataset: Dataset) -> int:
@@ -532,15 +533,18 @@ class SqliteBulkSession(_SqliteLoadSession):
             self._db.execute(f'DROP INDEX IF EXISTS "{_key_index_name(dataset)}"')
             for index in store_indexes(dataset):
                 self._db.execute(f'DROP INDEX IF EXISTS "{_index_name(dataset, index)}"')
-            self._sql[dataset.name] = f"INSERT INTO {main} ({cols}) VALUES ({placeholders})"
-            return
-        table = _stage_table(dataset)
-        types = ", ".join(f"{_quote(c.stored_name)} {c.sql_type}" for c in dataset.columns)
-        key = _columns([dataset.stored(k) for k in dataset.key])
-        self._db.execute(f"DROP TABLE IF EXISTS {table}")
-        self._db.execute(f"CREATE TABLE {table} ({types}, PRIMARY KEY ({key}))")
-        self._staged[dataset.name] = dataset
+            table = main
+        else:
+            table = _stage_table(dataset)
+            types = ", ".join(f"{_quote(c.stored_name)} {c.sql_type}"
+                              for c in dataset.columns)
+            key = _columns([dataset.stored(k) for k in dataset.key])
+            self._db.execute(f"DROP TABLE IF EXISTS {table}")
+            self._db.execute(f"CREATE TABLE {table} ({types}, PRIMARY KEY ({key}))")
+            self._staged[dataset.name] = dataset
         self._sql[dataset.name] = f"INSERT INTO {table} ({cols}) VALUES ({placeholders})"
+        self._sql_many[dataset.name] = (f"INSERT INTO {table} ({cols}) VALUES "
+                                        + ", ".join([f"({placeholders})"] * ROWS_PER_INSERT))
 
     def write(self, dataset: Dataset, rows: Batch) -> None:
         """Rows of stored values in dataset column order (no line number), as rows or
@@ -560,15 +564,13 @@ class SqliteBulkSession(_SqliteLoadSession):
         width = len(dataset.columns)
         if rows.width != width or len(rows.values) % width:
             raise RowsRefused(f"{dataset.name}: a row of another width")
-        one = self._sql[dataset.name]
-        head, _, values = one.partition(" VALUES ")
-        many = f"{head} VALUES {', '.join([values] * ROWS_PER_INSERT)}"
         flat = rows.values
         step = ROWS_PER_INSERT * width
         whole = len(flat) - len(flat) % step
-        self._db.executemany(many, (flat[at:at + step] for at in range(0, whole, step)))
-        self._db.executemany(one, (flat[at:at + width]
-                                   for at in range(whole, len(flat), width)))
+        self._db.executemany(self._sql_many[dataset.name],
+                             (flat[at:at + step] for at in range(0, whole, step)))
+        self._db.executemany(self._sql[dataset.name],
+                             (flat[at:at + width] for at in range(whole, len(flat), width)))
 
     def finish(self, dataset: Dataset) -> int:
         """Build the indexes again, or merge the staged rows into the table; the rows
