@@ -215,6 +215,14 @@ class Cluster:
     def node_config(self, agency: str) -> Path:
         return self.net / agency / "node.toml"
 
+    def edit_node_config(self, agency: str, old: str, new: str) -> None:
+        """Replace a line `exchange init` wrote in the agency's node config (before the
+        node starts); AssertionError if the config does not hold it."""
+        config = self.node_config(agency)
+        text = config.read_text()
+        assert old in text, f"{config} holds no {old!r}"
+        config.write_text(text.replace(old, new))
+
     def profile(self, agency: str) -> Path:
         return self.net / agency / "profile.toml"
 

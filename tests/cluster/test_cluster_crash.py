@@ -168,10 +168,10 @@ def test_stopped_node_catches_up_after_compaction(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     cluster.init()
     for agency in cluster.agencies:  # compact early so that the test stays short
-        path = cluster.node_config(agency)
-        path.write_text(path.read_text().replace(
-            "compact_every_entries = 2000", f"compact_every_entries = {compact_every}"
-        ).replace("compact_keep_entries = 500", "compact_keep_entries = 20"))
+        cluster.edit_node_config(agency, "compact_every_entries = 2000",
+                                 f"compact_every_entries = {compact_every}")
+        cluster.edit_node_config(agency, "compact_keep_entries = 500",
+                                 "compact_keep_entries = 20")
     with cluster:
         leader = cluster.leader()
         away = next(a for a in cluster.agencies if a != leader)

@@ -37,11 +37,8 @@ CLUSTER_SAMPLE = (SEED, COMPANIES)
 
 def cluster_setup(c: Cluster) -> None:
     for agency in c.agencies:
-        config = c.node_config(agency)
-        text = config.read_text()
-        assert "answer_chunk_bytes = 524288" in text
-        config.write_text(text.replace("answer_chunk_bytes = 524288",
-                                       f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}"))
+        c.edit_node_config(agency, "answer_chunk_bytes = 524288",
+                           f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}")
 
 def _profile(cluster: Cluster, agency: str, subject: str) -> str:
     return str(cluster.net / agency / "analysts" / f"{subject}.toml")

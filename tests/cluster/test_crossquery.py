@@ -36,11 +36,8 @@ CLUSTER_SAMPLE = (SEED, COMPANIES)
 
 
 def cluster_setup(c: Cluster) -> None:
-    config = c.node_config("pboc")
-    text = config.read_text()
-    assert "answer_chunk_bytes" in text
-    config.write_text(text.replace("answer_chunk_bytes = 524288",
-                                   f"answer_chunk_bytes = {CHUNK_BYTES_PBOC}"))
+    c.edit_node_config("pboc", "answer_chunk_bytes = 524288",
+                       f"answer_chunk_bytes = {CHUNK_BYTES_PBOC}")
 
 def _rows(cluster: Cluster, agency: str, dataset: str) -> list[dict[str, str]]:
     with open(cluster.root / "data" / agency / f"{dataset}.csv", encoding="utf-8") as f:

@@ -493,10 +493,8 @@ def test_a_node_answers_queries_from_its_agency_records_in_postgresql(
     cluster = Cluster(tmp_path / "pgnet")
     try:
         cluster.init()
+        cluster.edit_node_config("customs", "[data]\n", f'[data]\nagency_store = "{url}"\n')
         config = cluster.node_config("customs")
-        text = config.read_text()
-        assert "[data]\n" in text
-        config.write_text(text.replace("[data]\n", f'[data]\nagency_store = "{url}"\n'))
         load = cluster.run_exchange("data", "load", "--config", str(config),
                                     str(sample / "customs"), "--json")
         assert load.returncode == 0, load.stderr

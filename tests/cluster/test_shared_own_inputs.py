@@ -28,11 +28,8 @@ ANSWER_CHUNK_BYTES = 2048
 
 def cluster_setup(c: Cluster) -> None:
     for agency in c.agencies:
-        config = c.node_config(agency)
-        text = config.read_text()
-        assert "answer_chunk_bytes = 524288" in text
-        config.write_text(text.replace("answer_chunk_bytes = 524288",
-                                       f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}"))
+        c.edit_node_config(agency, "answer_chunk_bytes = 524288",
+                           f"answer_chunk_bytes = {ANSWER_CHUNK_BYTES}")
 
 
 OUTSIDER = "export-rebate-without-exports"  # registered, reads no invoice
@@ -237,27 +234,25 @@ def test_a_rule_the_shared_input_does_not_name_cannot_use_it(
     from exchange.compare.session import RunSession
 
     profile = Path(_profile(cluster, "automation"))
-    outsider = next(r for r in load_rules("tax") if r.id == OUTSIDER)
     shared_qid = bytes(shared_runs["runs"]["invoice-ring"].input_tx_ids[0])
     _, _, genesis = load_genesis(profile)
     with ExchangeClient(load_client_profile(profile)) as client:
         signer = Signer.load(client.profile, genesis.chain_id)
-        with RunSession(outsider) as session:
-            for name in outsider.input_names:
-                session.finish(name)
-            output = session.run({"period": PERIOD})
-        outside = NetworkRun(client, signer, genesis, outsider)._findings_envelope(
-            PERIOD, b'{"period":"2026-09"}', [shared_qid], output, [])
-        refused = client.submit(outside, wait=True)
+
+        def findings_on_the_shared_input(rule_id: str) -> bytes:
+            """The rule's findings over empty inputs, naming the shared query as input."""
+            rule = next(r for r in load_rules("tax") if r.id == rule_id)
+            with RunSession(rule) as session:
+                for name in rule.input_names:
+                    session.finish(name)
+                output = session.run({"period": PERIOD})
+            return NetworkRun(client, signer, genesis, rule)._findings_envelope(
+                PERIOD, b'{"period":"2026-09"}', [shared_qid], output, [])
+
+        refused = client.submit(findings_on_the_shared_input(OUTSIDER), wait=True)
         # the same run by a rule the query names (its inputs differ from its earlier
         # run's, so it is a new run) commits: only the rule made the difference
-        named = next(r for r in load_rules("tax") if r.id == "invoices-beyond-inflows")
-        with RunSession(named) as session:
-            for name in named.input_names:
-                session.finish(name)
-            named_output = session.run({"period": PERIOD})
-        inside = NetworkRun(client, signer, genesis, named)._findings_envelope(
-            PERIOD, b'{"period":"2026-09"}', [shared_qid], named_output, [])
-        accepted = client.submit(inside, wait=True)
+        accepted = client.submit(findings_on_the_shared_input("invoices-beyond-inflows"),
+                                 wait=True)
     assert refused.result == "FINDINGS_INVALID", refused
     assert accepted.result == "OK", accepted

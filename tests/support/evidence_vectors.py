@@ -89,10 +89,8 @@ def _members(cluster: Cluster, agency: str) -> list[str]:
 def drive(cluster: Cluster, work: Path) -> dict[str, object]:
     """The network's history the vectors are cut from; the tx ids that matter."""
     data = cluster.load_sample(SEED, COMPANIES)
-    config = cluster.node_config("pboc")
-    text = config.read_text()
-    config.write_text(text.replace("answer_chunk_bytes = 524288",
-                                   f"answer_chunk_bytes = {CHUNK_BYTES}"))
+    cluster.edit_node_config("pboc", "answer_chunk_bytes = 524288",
+                             f"answer_chunk_bytes = {CHUNK_BYTES}")
     cluster.start()
     company = _company_with_accounts(data)
     answer = cluster.cli_json("query", "--to", "pboc", "--dataset", "accounts", "--subject",
