@@ -69,14 +69,11 @@ class OpenedEnvelope:
     envelope: ledger_pb2.Envelope
     body: ledger_pb2.TxBody
     tx_id: bytes
+    kind: str  # the body's transaction kind (read several times per transaction)
 
     @property
     def signer_key_id(self) -> bytes:
         return bytes(self.envelope.signer_key_id)
-
-    @property
-    def kind(self) -> str:
-        return self.body.WhichOneof("kind") or ""
 
 
 def open_envelope(raw: bytes, chain_id: str) -> OpenedEnvelope:
@@ -94,9 +91,10 @@ def open_envelope(raw: bytes, chain_id: str) -> OpenedEnvelope:
         raise WrongChain(f"body is for chain {body.chain_id!r}, not {chain_id!r}")
     if len(body.nonce) != NONCE_BYTES:
         raise MalformedInput(f"body nonce must be {NONCE_BYTES} bytes")
-    if body.WhichOneof("kind") is None:
+    kind = body.WhichOneof("kind")
+    if kind is None:
         raise MalformedInput("body has no transaction kind")
-    return OpenedEnvelope(raw, envelope, body, tx_id(envelope.body))
+    return OpenedEnvelope(raw, envelope, body, tx_id(envelope.body), kind)
 
 
 def verify_envelope(opened: OpenedEnvelope, public_key: bytes) -> None:

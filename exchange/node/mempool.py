@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +58,11 @@ SUBMIT_TIMEOUT_S = 30.0
 FORWARD_TIMEOUT_S = 5.0
 FORWARD_RETRY_S = 0.1
 FORWARD_BATCH_MAX = 1_000
+ADMIT_ON_LOOP_MAX = 8  # envelopes admitted on the loop; more go to a thread
 # (leader, envelopes) -> the leader's answer, or None when the link to it is down
 LinkForward = Callable[[str, Sequence[bytes]],
                        "asyncio.Task[node_pb2.SubmitBatchResponse] | None"]
+RECENT_BLOCKS = 4  # a busy leader waits for the next block to be as full as the largest of these
 PROPOSED_KEPT_MAX = 64  # proposal times kept for the block latency metric
 CLOCK_OFF_WAIT_S = 0.1
 SNAPSHOT_WAIT_S = 0.05
@@ -117,6 +119,7 @@ class Mempool:
         self._forward_event = asyncio.Event()
         self._proposed_tip: tuple[int, bytes, int] | None = None
         self._txs_event = asyncio.Event()
+        self._recent_sizes: deque[int] = deque(maxlen=RECENT_BLOCKS)  # this leader's blocks
         self._applied_event = asyncio.Event()
 
     def __len__(self) -> int:
@@ -153,14 +156,16 @@ class Mempool:
     async def submit(self, raw: bytes, wait: bool, timeout_s: float = SUBMIT_TIMEOUT_S,
                      limited: bool = False) -> node_pb2.SubmitResponse:
         """Admit one envelope and (unless `wait` is false) wait for its block;
-        `limited`: a person's submission, held to the admission rate limits."""
-        opened = await asyncio.to_thread(self.admit_limited if limited else self.admit, raw)
+        `limited`: a person's submission, held to the admission rate limits. One
+        envelope is admitted on the loop: its ~0.1 ms of checks cost less than handing
+        it to a thread and back (BENCHMARKS.md, issue 20)."""
+        opened = (self.admit_limited if limited else self.admit)(raw)
         return (await self._enter([opened], wait, timeout_s))[0]
 
-    async def submit_batch(self, raws: Sequence[bytes], wait: bool,
-                           timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
-                           ) -> list[node_pb2.SubmitResponse]:
-        """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+    async def _admit_all(self, raws: Sequence[bytes], limited: bool
+                         ) -> list[OpenedEnvelope | ExchangeError]:
+        """Each envelope admitted or the reason it is not: on the loop for a few, in a
+        thread for more (the loop is not held up for long)."""
         admit_one = self.admit_limited if limited else self.admit
 
         def admit_all() -> list[OpenedEnvelope | ExchangeError]:
@@ -172,7 +177,15 @@ class Mempool:
                     out.append(exc)
             return out
 
-        admitted = await asyncio.to_thread(admit_all)
+        if len(raws) <= ADMIT_ON_LOOP_MAX:
+            return admit_all()
+        return await asyncio.to_thread(admit_all)
+
+    async def submit_batch(self, raws: Sequence[bytes], wait: bool,
+                           timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
+                           ) -> list[node_pb2.SubmitResponse]:
+        """Many envelopes: admitted in one pass, each refused or accepted on its own."""
+        admitted = await self._admit_all(raws, limited)
         good = [a for a in admitted if isinstance(a, OpenedEnvelope)]
         try:
             entered = iter(await self._enter(good, wait, timeout_s))
@@ -182,6 +195,36 @@ class Mempool:
         return [node_pb2.SubmitResponse(error_code=a.code, error=str(a),
                                         retry_after_ms=getattr(a, "retry_after_ms", 0))
                 if isinstance(a, ExchangeError) else next(entered) for a in admitted]
+
+    async def take_forwarded(self, raws: Sequence[bytes]) -> list[node_pb2.SubmitResponse]:
+        """Envelopes a member forwards to this node as its leader: each admitted again
+        here (form, signer, signature, time window, against this node's own state) and
+        put in the mempool, answered one result each (only a refusal says anything).
+        They are not watched here: the member that forwarded them waits for them and
+        forwards again what is left out (decision 3). A node that no longer leads takes
+        them as any submission, on to its leader."""
+        if not self.leading:
+            return await self.submit_batch(raws, wait=False)
+        admitted = await self._admit_all(raws, limited=False)
+        results: list[node_pb2.SubmitResponse] = []
+        for a in admitted:
+            if isinstance(a, OpenedEnvelope) and not self.leading:
+                a = Unavailable("this node stopped leading; forward again")
+            elif isinstance(a, OpenedEnvelope) and a.tx_id not in self.txs and \
+                    a.tx_id not in self._unapplied_txs:
+                if len(self.txs) >= MEMPOOL_TX_MAX:
+                    a = Unavailable("the leader's queue is full; retry shortly")
+                else:
+                    self.txs[a.tx_id] = a
+            if isinstance(a, ExchangeError):
+                results.append(node_pb2.SubmitResponse(
+                    error_code=a.code, error=str(a),
+                    retry_after_ms=getattr(a, "retry_after_ms", 0)))
+            else:
+                results.append(node_pb2.SubmitResponse(tx_id=a.tx_id, status="accepted"))
+        if self.txs and self.leading:
+            self._txs_event.set()
+        return results
 
     async def _enter(self, envelopes: Sequence[OpenedEnvelope], wait: bool,
                      timeout_s: float) -> list[node_pb2.SubmitResponse]:
@@ -408,6 +451,7 @@ class Mempool:
             return
         self._proposed_tip = None
         self._inflight_blocks = 0
+        self._recent_sizes.clear()
         for tx, p in self.pending.items():
             if tx not in self.txs and tx not in self._unapplied_txs:
                 self.txs[tx] = p.opened
@@ -448,9 +492,12 @@ class Mempool:
 
     # -- block cutting (leader) ----------------------------------------------------------
     async def run_cutter(self) -> None:
-        """Group commit: a block is cut as soon as the previous one is no longer in
-        flight, from whatever has arrived meanwhile; it closes earlier when full and never
-        waits longer than the configured interval while blocks are in flight."""
+        """Group commit: a block is cut once the previous one is no longer in flight,
+        from whatever has arrived meanwhile. A busy leader (its recent blocks held more
+        than one transaction) first waits, at most the configured interval, until the
+        block is as full as the largest of its recent ones: the transactions of clients
+        at the followers arrive a forward later than those of its own, and without the
+        wait they would go in a block of their own (BENCHMARKS.md, issue 20)."""
         while True:
             await self._txs_event.wait()
             m.MEMPOOL.set(len(self.txs))
@@ -464,6 +511,7 @@ class Mempool:
                 await asyncio.sleep(SNAPSHOT_WAIT_S)
                 continue
             await self._wait_for_room()
+            await self._wait_to_fill()
             if not self.leading:
                 continue
             chosen = self._choose()
@@ -471,6 +519,7 @@ class Mempool:
             if not self.txs:
                 self._txs_event.clear()
             if chosen:
+                self._recent_sizes.append(len(chosen))
                 self.propose_block(chosen)
             await asyncio.sleep(0)
 
@@ -492,6 +541,26 @@ class Mempool:
                     self.core.commit_index == self.core.applied_index and \
                     self.core.applied_index == self.core.last_index:
                 self._inflight_blocks = 0  # nothing really in flight (term changed)
+
+    async def _wait_to_fill(self) -> None:
+        """Wait, at most `interval_ms`, until the mempool holds as many transactions as
+        the largest of this leader's recent blocks (or a full block); no wait at all
+        when those held one transaction each (a lone client is never held up)."""
+        target = min(max(self._recent_sizes, default=0), self.cutting.tx_max)
+        if target < 2 or len(self.txs) >= target:
+            return
+        deadline = time.monotonic() + self.cutting.interval_ms / MS_PER_S
+        try:
+            while len(self.txs) < target and self.leading:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._txs_event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._txs_event.wait(), left)
+        finally:
+            if self.txs:
+                self._txs_event.set()  # what is left after this cut is cut next
 
     def _choose(self) -> list[OpenedEnvelope]:
         """The next block's transactions, oldest first, up to the block's limits."""

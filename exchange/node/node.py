@@ -31,6 +31,7 @@ import contextlib
 import random
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -387,8 +388,8 @@ class Node:
         m.BLOCKS.inc()
         m.COMMIT_HEIGHT.set(height)
         m.RAFT_COMMIT_INDEX.set(self.core.commit_index)
-        for code in applied.codes:
-            m.TXS.labels(code).inc()
+        for code, count in Counter(applied.codes).items():
+            m.TXS.labels(code).inc(count)
         self.mempool.block_applied(applied)
         if applied.attestation is not None:
             self.finality.own(applied.attestation, height)
@@ -445,7 +446,7 @@ class Node:
 
     async def _admit_forward(self, agency: str, forward: peer_pb2.Forward) -> None:
         try:
-            results = await self.submit_batch(list(forward.envelopes), wait=False)
+            results = await self.mempool.take_forwarded(list(forward.envelopes))
         except ExchangeError as exc:
             self._answer_forward(agency, forward.id, exc, len(forward.envelopes))
             return
