@@ -544,8 +544,9 @@ class Mempool:
 
     async def _wait_to_fill(self) -> None:
         """Wait, at most `interval_ms`, until the mempool holds as many transactions as
-        the largest of this leader's recent blocks (or a full block); no wait at all
-        when those held one transaction each (a lone client is never held up)."""
+        the largest of this leader's recent blocks (or a full block). No wait when those
+        held one transaction each (a lone client is never held up); a wait that runs out
+        forgets them (the load has dropped: the next block does not wait for it)."""
         target = min(max(self._recent_sizes, default=0), self.cutting.tx_max)
         if target < 2 or len(self.txs) >= target:
             return
@@ -554,10 +555,13 @@ class Mempool:
             while len(self.txs) < target and self.leading:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._recent_sizes.clear()
+                    m.BLOCK_FILL_WAITS.labels("interval").inc()
                     return
                 self._txs_event.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._txs_event.wait(), left)
+            m.BLOCK_FILL_WAITS.labels("filled").inc()
         finally:
             if self.txs:
                 self._txs_event.set()  # what is left after this cut is cut next

@@ -27,6 +27,10 @@ MEMPOOL = Gauge("exchange_mempool_transactions", "Admitted, not yet in a block",
                 registry=REGISTRY)
 REFUSED = Counter("exchange_submissions_refused", "Submissions refused, by reason",
                   ["reason"], registry=REGISTRY)
+BLOCK_FILL_WAITS = Counter("exchange_block_fill_waits",
+                           "Times a busy leader waited for its next block to fill, by how "
+                           "the wait ended (filled, or interval: block.interval_ms ran out)",
+                           ["ended"], registry=REGISTRY)
 INVALID_BLOCKS = Counter("exchange_invalid_blocks_from_leader",
                          "Blocks a leader sent that failed the follower's checks",
                          registry=REGISTRY)

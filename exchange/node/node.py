@@ -403,10 +403,11 @@ class Node:
         if recorded:
             self.finality.receive(recorded)
         self.finality.block_applied(height)
-        block = self.store.block(height, with_attestations=False)
-        for q in self._followers:
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(block)
+        if self._followers:  # read back only for whoever follows the chain
+            block = self.store.block(height, with_attestations=False)
+            for q in self._followers:
+                with contextlib.suppress(asyncio.QueueFull):
+                    q.put_nowait(block)
         if self.webhook is not None:
             self.webhook.wake()
         log.debug("block applied", height=height, txs=len(applied.codes))
