@@ -172,9 +172,10 @@ class LedgerApplier:
         height, prev_hash, prev_ts = (self.store.height, self.store.tip_hash,
                                       self.store.tip_timestamp_ms)
         in_batch: set[bytes] = set()
+        stored: set[bytes] = set()  # of the transactions being applied, those stored before
 
         def seen(tx: bytes) -> bool:
-            return tx in in_batch or self.store.has_tx(tx)
+            return tx in in_batch or tx in stored
 
         rows: list[tuple[ledger_pb2.Block, Sequence[str] | None]] = []
         out: list[Applied] = []
@@ -185,6 +186,7 @@ class LedgerApplier:
                 checked = prechecked
             else:
                 checked = self.check(block, height + 1, prev_hash, prev_ts)
+            stored = self.store.stored_tx_ids([env.tx_id for env in checked.envelopes])
             codes = judge_block(self.state, checked, seen)
             in_batch.update(env.tx_id for env in checked.envelopes)
             height = checked.header.height

@@ -21,6 +21,7 @@ from exchange.ledger.block import block_hash, parse_header, tx_id
 from exchange.v1 import identity_pb2, ledger_pb2
 
 SCHEMA_VERSION = 1
+TX_IDS_PER_QUERY = 500  # ids in one IN (...) lookup, under SQLite's variable limit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -301,6 +302,18 @@ class BlockStore:
                 "SELECT DISTINCT tx_id FROM txs WHERE tx_id BETWEEN ? AND ? ORDER BY tx_id "
                 "LIMIT ?", (low, high, limit)).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    def stored_tx_ids(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        """Those of `tx_ids` any stored block holds: one query per TX_IDS_PER_QUERY ids
+        instead of one per id (a block's worth is looked up at once)."""
+        found: set[bytes] = set()
+        with self._lock:
+            for i in range(0, len(tx_ids), TX_IDS_PER_QUERY):
+                part = tx_ids[i:i + TX_IDS_PER_QUERY]
+                found.update(bytes(r[0]) for r in self._db.execute(
+                    f"SELECT DISTINCT tx_id FROM txs WHERE tx_id IN "
+                    f"({','.join('?' * len(part))})", part))
+        return found
 
     def has_tx(self, tx_id_: bytes, below_height: int | None = None) -> bool:
         with self._lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -571,12 +572,18 @@ class Mempool:
         tx_max, bytes_max = self.cutting.tx_max, self.cutting.bytes_max
         chosen: list[OpenedEnvelope] = []
         size = 0
+        stored: set[bytes] = set()
+        looked_up = 0
         while self.txs and len(chosen) < tx_max:
             tx, opened = next(iter(self.txs.items()))
             if size + len(opened.raw) > bytes_max and chosen:
                 break
+            if looked_up == 0:  # the store is asked about the next tx_max at once
+                ahead = list(itertools.islice(self.txs, tx_max))
+                stored, looked_up = self.store.stored_tx_ids(ahead), len(ahead)
+            looked_up -= 1
             del self.txs[tx]
-            if tx in self._unapplied_txs or self.store.has_tx(tx):
+            if tx in self._unapplied_txs or tx in stored:
                 continue
             chosen.append(opened)
             size += len(opened.raw)

@@ -97,6 +97,38 @@ def test_state_checks_mark_transactions_invalid_deterministically(net, tmp_path:
     assert report.ok and report.invalid_transactions == 4
 
 
+@pytest.mark.parametrize("ids_per_query", [1, 2, 500])
+def test_stored_tx_ids_finds_exactly_the_stored_ones_in_chunks(
+        net, tmp_path: Path, ids_per_query: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("exchange.ledger.store.TX_IDS_PER_QUERY", ids_per_query)
+    store = write_chain(net, tmp_path / "s.db", blocks=3, txs_per_block=3)
+    stored = [tid for h in range(1, 4) for tid in store.raw_rows(h)[1]]
+    absent = [bytes([i]) * 32 for i in range(4)]
+    asked = [stored[0], absent[0], *stored[4:], *absent[1:], stored[0]]
+    assert store.stored_tx_ids(asked) == {stored[0], *stored[4:]}
+    assert store.stored_tx_ids([]) == set()
+
+
+def test_duplicates_are_judged_alike_when_blocks_are_applied_together(
+        net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tx stored in an earlier batch and one repeated within the batch (one lookup of
+    stored ids per block, chunked small here) are duplicates, as one block at a time."""
+    monkeypatch.setattr("exchange.ledger.store.TX_IDS_PER_QUERY", 2)
+    now = int(time.time() * 1000)
+    first, second, third = (probe(net, "tax") for _ in range(3))
+    store = BlockStore.create(tmp_path / "s.db", net.signed_genesis)
+    applier = LedgerApplier(store)
+    assert applier.apply(applier.cut([first], now, net.nodes["tax"], "tax")).codes == ("OK",)
+    cutter = LedgerApplier(BlockStore.create(tmp_path / "c.db", net.signed_genesis))
+    cutter.apply(cutter.cut([first], now, net.nodes["tax"], "tax"))
+    a = cutter.cut([second, first, third], now + 1, net.nodes["tax"], "tax")
+    cutter.apply(a)
+    b = cutter.cut([third, second], now + 2, net.nodes["tax"], "tax")
+    applied = applier.apply_many([(a, None), (b, None)])
+    assert [x.codes for x in applied] == [("OK", CODE_DUPLICATE, "OK"),
+                                          (CODE_DUPLICATE, CODE_DUPLICATE)]
+
+
 def test_revoked_credential_is_refused_from_the_next_block(net, tmp_path: Path) -> None:
     store = BlockStore.create(tmp_path / "s.db", net.signed_genesis)
     applier = LedgerApplier(store)
