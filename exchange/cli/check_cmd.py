@@ -51,6 +51,7 @@ def report_dict(result: LoadResult, level: LoadLevel | None, reasons: list[str],
         "envelope_bytes": ENVELOPE_BYTES,
         "committed": result.committed,
         "errors": result.errors,
+        "throttled": result.throttled,
         "tx_per_s": result.tx_per_s,
         "latency_p50_ms": result.latency_p50_ms,
         "latency_p99_ms": result.latency_p99_ms,
@@ -78,6 +79,11 @@ def _verdict_lines(result: LoadResult, level: LoadLevel | None) -> list[str]:
     lines.append(f"{'PASS' if result.committed else 'FAIL'}: {result.committed} committed")
     lines.append("PASS: no errors" if not result.errors else
                  f"FAIL: {result.errors} errors: " + "; ".join(result.error_samples))
+    if result.throttled:
+        lines.append(f"note: {result.throttled} submissions were over the network's "
+                     "admission rate limit (RATE_LIMITED) and were sent again after the "
+                     "wait the node named; the throughput is what the limit allows one "
+                     "signer")
     return lines
 
 

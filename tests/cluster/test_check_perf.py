@@ -35,7 +35,7 @@ _register()
 
 REPORT_KEYS = {"clients", "committed", "errors", "tx_per_s", "latency_p50_ms",
                "latency_p99_ms", "latency_max_ms", "duration_s", "load", "pass", "reasons",
-               "limits", "node", "error_samples", "envelope_bytes"}
+               "limits", "node", "error_samples", "envelope_bytes", "throttled"}
 
 
 def _result(**changes: object) -> LoadResult:

@@ -114,6 +114,14 @@ def test_a_quorum_sets_tight_limits_and_a_flood_is_refused_with_a_retry_after(
     assert sup.returncode == 0, sup.stderr
     assert json.loads(sup.stdout)["result"] == "OK"
 
+    # check perf waits out the limit as a client should: held to it, not failed by it
+    run = cluster.cli("check", "perf", "--clients", "2", "--duration-s", "3", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["errors"] == 0 and report["pass"] is True and report["throttled"] > 0
+    # 2/s with a 2 s burst: at most the bucket and 3 s of refill (and one in flight each)
+    assert 0 < report["committed"] <= 2 * 2 + 2 * 3 + 2
+
 
 def test_node_restarted_after_a_clean_stop_replays_no_block(cluster: Cluster) -> None:
     for _ in range(3):
