@@ -63,16 +63,21 @@ class CatchUp:
         log.info("catching up by streaming blocks", to_raft_index=meta.index,
                  height=self.store.height)
         delay = RETRY_DELAY_S_MIN
-        while applied_raft_index(self.store) < meta.index:
+        # done once the store holds the block at the snapshot's index, or a peer's next
+        # final block lies beyond it: the entries in between are no blocks (a membership
+        # change, a new leader's empty entry), and a compaction point may be one of them
+        held_all = applied_raft_index(self.store) >= meta.index
+        while not held_all:
             for peer in self._peer_order():
                 try:
-                    await self._fetch_from(peer, meta.index)
+                    held_all = await self._fetch_from(peer, meta.index)
                 except grpc.aio.AioRpcError as exc:
                     log.info("catch-up from peer failed", peer=peer, code=exc.code().name)
                 except ExchangeError as exc:
                     log.error("peer sent a block that fails verification", peer=peer,
                               error=str(exc))
-                if applied_raft_index(self.store) >= meta.index:
+                held_all = held_all or applied_raft_index(self.store) >= meta.index
+                if held_all:
                     break
             else:
                 await asyncio.sleep(delay)
@@ -87,7 +92,9 @@ class CatchUp:
         return ([leader] if leader and leader != self.agency and leader in addresses
                 else []) + others
 
-    async def _fetch_from(self, peer: str, raft_index: int) -> None:
+    async def _fetch_from(self, peer: str, raft_index: int) -> bool:
+        """Apply the peer's final blocks up to `raft_index`; True when it showed one
+        beyond (so every block up to `raft_index` is held now)."""
         stub = peer_pb2_grpc.PeerStub(self.channels.channel(peer))
         stream = stub.FetchBlocks(peer_pb2.FetchBlocksRequest(
             from_height=self.store.height + 1, final_only=True))
@@ -95,9 +102,10 @@ class CatchUp:
             header = parse_header(block.header)
             if header.raft_index > raft_index:
                 stream.cancel()
-                return
+                return True
             self.finality.check_final(block, header.height)
             applied = await self._apply_block(block)
             self._block_applied(applied)
             self.finality.send_own()
             self.finality.receive(list(block.attestations))
+        return False
