@@ -42,9 +42,6 @@ class LoadFailed(ExchangeError):
     code = "LOAD_FAILED"
 
 
-RATE_LIMITED_CODE = RateLimited.code
-
-
 @dataclass
 class LoadResult:
     clients: int
@@ -161,7 +158,7 @@ async def _profile_clients(profile_path: Path, clients: int, duration_s: float,
                     errs.append(f"{getattr(exc, 'code', 'TIMEOUT')}: {exc}")
                 await asyncio.sleep(0.05)
                 continue
-            if r.error_code == RATE_LIMITED_CODE:
+            if r.error_code == RateLimited.code:
                 throttled[0] += 1
                 envelope = sent  # refused, so nothing changed: the same one again
                 await asyncio.sleep(max(r.retry_after_ms, 1) / 1000)

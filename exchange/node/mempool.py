@@ -74,6 +74,13 @@ MS_PER_S = 1000
 Outcome = tuple[int, int, str]  # height, index in the block, result code
 
 
+def refusal(exc: ExchangeError) -> node_pb2.SubmitResponse:
+    """The answer to a refused submission: its code, the reason, and when to retry
+    (a rate limit's wait; 0 for every other refusal)."""
+    return node_pb2.SubmitResponse(error_code=exc.code, error=str(exc),
+                                   retry_after_ms=getattr(exc, "retry_after_ms", 0))
+
+
 @dataclass
 class Pending:
     """An admitted transaction this node waits to see applied."""
@@ -191,11 +198,9 @@ class Mempool:
         try:
             entered = iter(await self._enter(good, wait, timeout_s))
         except ExchangeError as exc:
-            return [node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
-                    for _ in raws]
-        return [node_pb2.SubmitResponse(error_code=a.code, error=str(a),
-                                        retry_after_ms=getattr(a, "retry_after_ms", 0))
-                if isinstance(a, ExchangeError) else next(entered) for a in admitted]
+            return [refusal(exc) for _ in raws]
+        return [refusal(a) if isinstance(a, ExchangeError) else next(entered)
+                for a in admitted]
 
     async def take_forwarded(self, raws: Sequence[bytes]) -> list[node_pb2.SubmitResponse]:
         """Envelopes a member forwards to this node as its leader: each admitted again
@@ -218,9 +223,7 @@ class Mempool:
                 else:
                     self.txs[a.tx_id] = a
             if isinstance(a, ExchangeError):
-                results.append(node_pb2.SubmitResponse(
-                    error_code=a.code, error=str(a),
-                    retry_after_ms=getattr(a, "retry_after_ms", 0)))
+                results.append(refusal(a))
             else:
                 results.append(node_pb2.SubmitResponse(tx_id=a.tx_id, status="accepted"))
         if self.txs and self.leading:
@@ -562,7 +565,8 @@ class Mempool:
                 self._txs_event.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._txs_event.wait(), left)
-            m.BLOCK_FILL_WAITS.labels("filled").inc()
+            if self.leading:  # (a leader that stepped down filled nothing)
+                m.BLOCK_FILL_WAITS.labels("filled").inc()
         finally:
             if self.txs:
                 self._txs_event.set()  # what is left after this cut is cut next
@@ -572,21 +576,18 @@ class Mempool:
         tx_max, bytes_max = self.cutting.tx_max, self.cutting.bytes_max
         chosen: list[OpenedEnvelope] = []
         size = 0
-        stored: set[bytes] = set()
-        looked_up = 0
         while self.txs and len(chosen) < tx_max:
-            tx, opened = next(iter(self.txs.items()))
-            if size + len(opened.raw) > bytes_max and chosen:
-                break
-            if looked_up == 0:  # the store is asked about the next tx_max at once
-                ahead = list(itertools.islice(self.txs, tx_max))
-                stored, looked_up = self.store.stored_tx_ids(ahead), len(ahead)
-            looked_up -= 1
-            del self.txs[tx]
-            if tx in self._unapplied_txs or tx in stored:
-                continue
-            chosen.append(opened)
-            size += len(opened.raw)
+            # the store is asked at once about as many as the block still has room for
+            ahead = list(itertools.islice(self.txs.items(), tx_max - len(chosen)))
+            stored = self.store.stored_tx_ids([tx for tx, _ in ahead])
+            for tx, opened in ahead:
+                if size + len(opened.raw) > bytes_max and chosen:
+                    return chosen
+                del self.txs[tx]
+                if tx in self._unapplied_txs or tx in stored:
+                    continue
+                chosen.append(opened)
+                size += len(opened.raw)
         return chosen
 
     def propose_block(self, chosen: list[OpenedEnvelope]) -> None:

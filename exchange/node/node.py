@@ -64,7 +64,7 @@ from exchange.node.driver import CompactionSettings, RaftDriver
 from exchange.node.finality import Finality
 from exchange.node.keys import NodeKeys
 from exchange.node.membership import Membership
-from exchange.node.mempool import SUBMIT_TIMEOUT_S, Mempool
+from exchange.node.mempool import SUBMIT_TIMEOUT_S, Mempool, refusal
 from exchange.node.peers import PeerLinks
 from exchange.node.raft_io import LinksTransport, WalStorage
 from exchange.node.raftlink import MemberCerts, RaftLinkServer
@@ -459,9 +459,8 @@ class Node:
                         count: int) -> None:
         links = self.transport.links
         if links is not None:
-            result = node_pb2.SubmitResponse(error_code=exc.code, error=str(exc))
-            links.reply_forward(agency, peer_pb2.ForwardReply(id=forward_id,
-                                                              results=[result] * count))
+            links.reply_forward(agency, peer_pb2.ForwardReply(
+                id=forward_id, results=[refusal(exc)] * count))
 
     def forward_replied(self, agency: str, replies: Sequence[peer_pb2.ForwardReply]
                         ) -> None:

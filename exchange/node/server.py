@@ -42,6 +42,7 @@ from exchange.ledger.block import parse_header
 from exchange.node import metrics
 from exchange.node.auth import Auth, Caller
 from exchange.node.credentials import list_credentials
+from exchange.node.mempool import refusal
 from exchange.node.node import Node
 from exchange.node.peers import SERVER_OPTIONS
 from exchange.node.peers_wire import BadPeerMessage, message_from_proto
@@ -324,8 +325,7 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
                 r = await self.node.submit(request.envelope, wait=not request.no_wait,
                                            limited=not caller.who.is_node)
             except errors.ExchangeError as exc:
-                r = node_pb2.SubmitResponse(error_code=exc.code, error=str(exc),
-                                            retry_after_ms=getattr(exc, "retry_after_ms", 0))
+                r = refusal(exc)
             finally:
                 room.release()
             r.seq = request.seq
