@@ -24,7 +24,13 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from exchange.client.loadgen import ENVELOPE_BYTES, ERROR_SAMPLES_KEPT_MAX, LoadResult, run_workers
+from exchange.client.loadgen import (
+    ENVELOPE_BYTES,
+    ERROR_SAMPLES_KEPT_MAX,
+    LoadResult,
+    run_workers,
+    spread,
+)
 
 MEMBERS = ("e1", "e2", "e3", "e4")
 PUT_METHOD = "/etcdserverpb.KV/Put"
@@ -199,13 +205,13 @@ def _etcd_worker(assignments: list[tuple[str, int]], duration_s: float, start_at
 def run_etcd_load(endpoints: list[str], clients: int, duration_s: float,
                   processes: int | None = None) -> LoadResult:
     """`clients` closed-loop Put clients for `duration_s`, client i on endpoint
-    i mod n and in worker process i mod processes (as run_load spreads its clients)."""
+    i mod n, spread over worker processes as run_load spreads its clients."""
     processes = processes or min(clients, max(1, (os.cpu_count() or 2)))
     start_at = time.time() + 2.0
     plan: list[dict[str, int]] = [{} for _ in range(processes)]
-    for i in range(clients):
+    for i, worker in enumerate(spread(clients, len(endpoints), processes)):
         endpoint = endpoints[i % len(endpoints)]
-        plan[i % processes][endpoint] = plan[i % processes].get(endpoint, 0) + 1
+        plan[worker][endpoint] = plan[worker].get(endpoint, 0) + 1
     return run_workers(_etcd_worker, [(sorted(a.items()), duration_s, start_at)
                                       for a in plan if a], clients, duration_s)
 

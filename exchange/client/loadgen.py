@@ -193,21 +193,29 @@ def _worker(assignments: list[tuple[str, int]], duration_s: float, start_at: flo
     queue.put((out, errs, throttled[0]))
 
 
+def spread(clients: int, endpoints: int, processes: int) -> list[int]:
+    """The worker process of each client: client i talks to endpoint i mod `endpoints`,
+    and the clients of one endpoint share a process (as one host's callers share a
+    connection) unless there are fewer endpoints than processes."""
+    if endpoints >= processes:
+        return [(i % endpoints) % processes for i in range(clients)]
+    return [i % processes for i in range(clients)]
+
+
 def run_load(profiles: list[Path], clients: int, duration_s: float,
              processes: int | None = None, chain_id: str | None = None) -> LoadResult:
     """Run `clients` closed-loop clients for `duration_s`, spread over the profiles (one
-    per agency node, round robin) and over worker processes. A submission counts as
+    per agency node, round robin) and over worker processes (`spread`). A submission counts as
     committed when the node answers that its block committed with the transaction
     judged OK; anything else is an error. `chain_id`: the chain's id when the caller
     knows it (else each worker reads it from the profile's genesis)."""
     assert profiles and clients >= 1 and duration_s > 0
     processes = processes or min(clients, max(1, (os.cpu_count() or 2)))
     start_at = time.time() + 2.0  # let every worker connect first
-    # client i talks to profile i mod n, and runs in process i mod processes
     plan: list[dict[str, int]] = [{} for _ in range(processes)]
-    for i in range(clients):
+    for i, worker in enumerate(spread(clients, len(profiles), processes)):
         profile = str(profiles[i % len(profiles)])
-        plan[i % processes][profile] = plan[i % processes].get(profile, 0) + 1
+        plan[worker][profile] = plan[worker].get(profile, 0) + 1
     return run_workers(_worker,
                         [(sorted(a.items()), duration_s, start_at, chain_id)
                          for a in plan if a],

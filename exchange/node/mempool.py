@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections import OrderedDict, deque
@@ -89,6 +90,47 @@ class Pending:
     admitted_at: float
     futures: list[asyncio.Future[Outcome]] = field(default_factory=list)
     last_sent: float = 0.0
+
+
+class _WaitingFrame:
+    """The requests of one SubmitFrames frame that wait for their block: each answered
+    when its future is done, those still open when the submit timeout passes answered
+    UNAVAILABLE (they may still commit). Kept alive by its futures' callbacks and timer."""
+
+    def __init__(self, answer: Callable[[int, node_pb2.SubmitResponse], None],
+                 waiting: Sequence[tuple[int, bytes, asyncio.Future[Outcome]]],
+                 timeout_s: float) -> None:
+        self._answer = answer
+        self._open = {i: tid for i, tid, _ in waiting}
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+        for i, _, fut in waiting:
+            fut.add_done_callback(functools.partial(self._done, i))
+
+    def _done(self, i: int, fut: asyncio.Future[Outcome]) -> None:
+        exc = None if fut.cancelled() else fut.exception()  # (retrieved in any case)
+        tid = self._open.pop(i, None)
+        if tid is None:
+            return  # answered when the timeout passed
+        if not self._open:
+            self._timer.cancel()
+        if fut.cancelled():
+            self._answer(i, refusal(Unavailable("the node stopped waiting for it; the "
+                                                "transaction may still commit (query it "
+                                                "by id)")))
+        elif exc is not None:
+            self._answer(i, refusal(exc if isinstance(exc, ExchangeError) else
+                                    Unavailable(f"not committed: {exc!r}")))
+        else:
+            height, index, result = fut.result()
+            self._answer(i, node_pb2.SubmitResponse(tx_id=tid, status="committed",
+                                                    height=height, index=index,
+                                                    result=result))
+
+    def _expire(self) -> None:
+        expired, self._open = self._open, {}
+        for i in expired:
+            self._answer(i, refusal(Unavailable("not committed in time; the transaction may "
+                                                "still commit (query it by id)")))
 
 
 class Mempool:
@@ -234,6 +276,13 @@ class Mempool:
                      timeout_s: float) -> list[node_pb2.SubmitResponse]:
         """Put admitted envelopes on their way into a block (this node's mempool when it
         leads, else the leader's) and, if asked, wait for each to be applied here."""
+        answers = await self._dispatch(envelopes)
+        return await self._outcomes(envelopes, answers, wait, timeout_s)
+
+    async def _dispatch(self, envelopes: Sequence[OpenedEnvelope]
+                        ) -> list[node_pb2.SubmitResponse | asyncio.Future[Outcome]]:
+        """Put admitted envelopes on their way into a block: each one's stored outcome
+        (a duplicate) or a future for it."""
         answers, to_forward = self._queue(envelopes)
         if self.leading:
             self._txs_event.set()
@@ -242,7 +291,42 @@ class Mempool:
             self._forward_queue.append((to_forward, sent))
             self._forward_event.set()
             await sent
-        return await self._outcomes(envelopes, answers, wait, timeout_s)
+        return answers
+
+    async def submit_frame(self, raws: Sequence[bytes], waits: Sequence[bool], limited: bool,
+                           answer: Callable[[int, node_pb2.SubmitResponse], None],
+                           timeout_s: float = SUBMIT_TIMEOUT_S) -> None:
+        """Envelopes a client had ready at once (a SubmitFrames frame): admitted in one
+        pass and put on their way together. `answer(i, response)` is called exactly once
+        for each, as soon as it is known: a refusal or a duplicate's stored outcome at
+        once, an accepted one that does not wait (`waits[i]` false) when it is on its way,
+        and one that waits when its block is applied here, or with UNAVAILABLE after
+        `timeout_s` (it may still commit)."""
+        admitted = await self._admit_all(raws, limited)
+        good: list[tuple[int, OpenedEnvelope]] = []
+        for i, a in enumerate(admitted):
+            if isinstance(a, ExchangeError):
+                answer(i, refusal(a))
+            else:
+                good.append((i, a))
+        if not good:
+            return
+        try:
+            answers = await self._dispatch([opened for _, opened in good])
+        except ExchangeError as exc:
+            for i, _ in good:
+                answer(i, refusal(exc))
+            return
+        waiting: list[tuple[int, bytes, asyncio.Future[Outcome]]] = []
+        for (i, opened), outcome in zip(good, answers, strict=True):
+            if isinstance(outcome, node_pb2.SubmitResponse):
+                answer(i, outcome)
+            elif not waits[i]:
+                answer(i, node_pb2.SubmitResponse(tx_id=opened.tx_id, status="accepted"))
+            else:
+                waiting.append((i, opened.tx_id, outcome))
+        if waiting:
+            _WaitingFrame(answer, waiting, timeout_s)
 
     def _queue(self, envelopes: Sequence[OpenedEnvelope]
                ) -> tuple[list[node_pb2.SubmitResponse | asyncio.Future[Outcome]], list[bytes]]:
@@ -252,8 +336,11 @@ class Mempool:
         answers: list[node_pb2.SubmitResponse | asyncio.Future[Outcome]] = []
         to_forward: list[bytes] = []
         leading = self.leading
+        # those already on the ledger, looked up together (a frame's worth at once)
+        known = self.store.stored_tx_ids([o.tx_id for o in envelopes]) \
+            if len(envelopes) > 1 else {o.tx_id for o in envelopes}
         for opened in envelopes:
-            stored = self.store.tx(opened.tx_id)
+            stored = self.store.tx(opened.tx_id) if opened.tx_id in known else None
             if stored is not None:  # the same envelope again: its original outcome
                 answers.append(node_pb2.SubmitResponse(
                     tx_id=opened.tx_id, status="committed", height=stored.height,

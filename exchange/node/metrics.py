@@ -53,6 +53,11 @@ GRPC_REFUSED = Counter("exchange_grpc_refused", "gRPC calls ended by a domain er
 GRPC_CANCELLED = Counter("exchange_grpc_cancelled", "gRPC calls cancelled before their "
                          "handler finished (the client's deadline passed or it went away)",
                          ["method"], registry=REGISTRY)
+PEER_FRAMES = Counter("exchange_peer_link_frames", "Frames written on the Raft links to peers",
+                      registry=REGISTRY)
+PEER_ITEMS = Counter("exchange_peer_link_items", "What the frames on the Raft links carried, by "
+                     "kind (each Raft message type, forward, forward_reply, attestation)", ["kind"],
+                     registry=REGISTRY)
 PEER_DROPPED = Counter("exchange_peer_messages_dropped", "Raft messages dropped on full queues",
                        registry=REGISTRY)
 RESUBMITTED = Counter("exchange_transactions_reforwarded",

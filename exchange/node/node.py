@@ -476,6 +476,10 @@ class Node:
                      limited: bool = False) -> node_pb2.SubmitResponse:
         return await self.mempool.submit(raw, wait, timeout_s, limited)
 
+    async def submit_frame(self, raws: Sequence[bytes], waits: Sequence[bool], limited: bool,
+                           answer: Callable[[int, node_pb2.SubmitResponse], None]) -> None:
+        await self.mempool.submit_frame(raws, waits, limited, answer)
+
     async def submit_batch(self, raws: Sequence[bytes], wait: bool,
                            timeout_s: float = SUBMIT_TIMEOUT_S, limited: bool = False
                            ) -> list[node_pb2.SubmitResponse]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -17,10 +18,11 @@ import grpc
 import structlog
 
 from exchange.errors import Unavailable
+from exchange.node import metrics as m
 from exchange.node.peers_wire import message_to_proto
 from exchange.node.raftlink import FRAME_BYTES_MAX, LINK_ERRORS, MemberCerts, dial, encode_frame
 from exchange.node.tls_state import NodeTls
-from exchange.raft.messages import Message
+from exchange.raft.messages import Message, MessageType
 from exchange.v1 import ledger_pb2, node_pb2, peer_pb2, peer_pb2_grpc
 
 log = structlog.get_logger("exchange.peers")
@@ -32,6 +34,7 @@ RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
 GRPC_MESSAGE_BYTES_MAX = 64 << 20
 ATTESTATION_LINGER_S = 0.1
+REPLY_LINGER_S = 0.02  # an "accepted" forward reply waits at most this for a ride
 FORWARD_TIMEOUT_S = 5.0  # as the gRPC forward's deadline (mempool.py)
 A = TypeVar("A")
 
@@ -100,6 +103,20 @@ def _payload_bytes(m: Outgoing) -> int:
     return m.ByteSize()
 
 
+_RAFT_KINDS = {t.value: t.name.lower() for t in MessageType}
+
+
+def _count(batch: peer_pb2.RaftBatch) -> None:
+    m.PEER_FRAMES.inc()
+    for msg in batch.messages:
+        m.PEER_ITEMS.labels(_RAFT_KINDS.get(msg.type, "raft")).inc()
+    for kind, items in (("forward", batch.forwards),
+                        ("forward_reply", batch.forward_replies),
+                        ("attestation", batch.attestations)):
+        if items:
+            m.PEER_ITEMS.labels(kind).inc(len(items))
+
+
 class PeerLink:
     """The outbound Raft link to one peer (raftlink.py: TLS, length-prefixed frames),
     and a gRPC channel to its peer service for the status calls."""
@@ -112,8 +129,14 @@ class PeerLink:
         self._credentials = credentials
         self._tls = tls
         self._certs = certs
-        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(QUEUE_MESSAGES_MAX)
+        self._queue: deque[Outgoing] = deque()
         self._attestations: AttestationQueue[ledger_pb2.Attestation] = AttestationQueue()
+        # forward replies that only say "accepted": they ride along like attestations
+        self._replies: AttestationQueue[peer_pb2.ForwardReply] = AttestationQueue()
+        self._wake = asyncio.Event()  # something was queued, or lingering items are due
+        self._linger_until: float | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_due = False
         self._on_state = on_state
         self._task: asyncio.Task[None] | None = None
         self._carry: Outgoing | None = None  # taken, goes first in the next batch
@@ -130,61 +153,94 @@ class PeerLink:
         their own after ATTESTATION_LINGER_S: countersigning adds no write of its own
         while blocks flow."""
         self._attestations.add(att)
+        self._linger(ATTESTATION_LINGER_S)
+
+    def send_reply(self, reply: peer_pb2.ForwardReply) -> None:
+        """The answer to a forward. One that refuses something goes at once; one that
+        only says "accepted" rides along with the next Raft messages (the block with
+        those envelopes, usually) or goes on its own after REPLY_LINGER_S: forwarding
+        adds no write of its own while blocks flow."""
+        if any(r.error_code for r in reply.results) or not self._replies.add(reply):
+            self.send(reply)
+        else:
+            self._linger(REPLY_LINGER_S)
+
+    def _linger(self, seconds: float) -> None:
+        """Have what lingers sent within `seconds`."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + seconds
+        if self._linger_until is not None and self._linger_until <= due:
+            return
+        self._linger_until = due
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self._linger_timer = loop.call_at(due, self._lingered)
+
+    def _lingered(self) -> None:
+        self._linger_timer = None
+        self._linger_due = True
+        self._wake.set()
 
     def take_over(self, old: PeerLink) -> None:
         """Carry over what the link this one replaces (new credentials or address) had
         not sent yet: its pending attestations (above all those of the block that changed
-        the credentials, which nothing sends again) and its queued Raft messages."""
+        the credentials, which nothing sends again), forward replies and queued Raft
+        messages."""
         self._attestations.take_over(old._attestations)
+        self._replies.take_over(old._replies)
+        if self._attestations or self._replies:
+            self._linger(REPLY_LINGER_S)
         if old._carry is not None:
             self.send(old._carry)
-        while not old._queue.empty():
-            self.send(old._queue.get_nowait())
+        for item in old._queue:
+            self.send(item)
+        old._queue.clear()
 
-    def send(self, m: Outgoing) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(m)
-                return
-            except asyncio.QueueFull:
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    self._queue.get_nowait()
-                    self.dropped += 1
+    def send(self, item: Outgoing) -> None:
+        if len(self._queue) >= QUEUE_MESSAGES_MAX:
+            self._queue.popleft()
+            self.dropped += 1
+            m.PEER_DROPPED.inc()
+        self._queue.append(item)
+        self._wake.set()
 
     async def _next_batch(self) -> peer_pb2.RaftBatch:
         """The queued messages and forwards (at most BATCH_MESSAGES_MAX, and entries and
         envelopes of at most BATCH_ENTRY_BYTES_MAX: a frame stays under FRAME_BYTES_MAX)
-        and attestations; waits for one item, or ATTESTATION_LINGER_S when only
-        attestations wait."""
-        while True:
-            batch: list[Outgoing] = []
-            if self._carry is not None:
-                batch.append(self._carry)
-                self._carry = None
-            elif self._queue.empty():
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(),
-                                                        ATTESTATION_LINGER_S))
-                except TimeoutError:
-                    if not self._attestations:
-                        continue
-            size = sum(_payload_bytes(m) for m in batch)
-            while len(batch) < BATCH_MESSAGES_MAX and not self._queue.empty():
-                m = self._queue.get_nowait()
-                size += _payload_bytes(m)
-                if size > BATCH_ENTRY_BYTES_MAX:
-                    self._carry = m  # first in the next frame
-                    break
-                batch.append(m)
-            out = peer_pb2.RaftBatch(attestations=self._attestations.take())
-            for m in batch:
-                if isinstance(m, peer_pb2.RaftMessage):
-                    out.messages.append(m)
-                elif isinstance(m, peer_pb2.Forward):
-                    out.forwards.append(m)
-                else:
-                    out.forward_replies.append(m)
-            return out
+        with the attestations and forward replies that linger; waits for one item, or
+        until what lingers is due."""
+        while self._carry is None and not self._queue:
+            if self._linger_due and (self._attestations or self._replies):
+                break
+            self._wake.clear()
+            await self._wake.wait()
+        batch: list[Outgoing] = []
+        if self._carry is not None:
+            batch.append(self._carry)
+            self._carry = None
+        size = sum(_payload_bytes(item) for item in batch)
+        while len(batch) < BATCH_MESSAGES_MAX and self._queue:
+            item = self._queue.popleft()
+            size += _payload_bytes(item)
+            if size > BATCH_ENTRY_BYTES_MAX:
+                self._carry = item  # first in the next frame
+                break
+            batch.append(item)
+        out = peer_pb2.RaftBatch(attestations=self._attestations.take(),
+                                 forward_replies=self._replies.take())
+        self._linger_until = None
+        self._linger_due = False
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        for item in batch:
+            if isinstance(item, peer_pb2.RaftMessage):
+                out.messages.append(item)
+            elif isinstance(item, peer_pb2.Forward):
+                out.forwards.append(item)
+            else:
+                out.forward_replies.append(item)
+        return out
 
     async def _pump(self, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -192,8 +248,11 @@ class PeerLink:
             if writer.is_closing():
                 # not sent: the attestations go on the next connection
                 self._attestations.take_over(AttestationQueue.of(list(batch.attestations)))
+                if self._attestations:
+                    self._linger(ATTESTATION_LINGER_S)
                 return
             writer.write(encode_frame(batch.SerializeToString()))
+            _count(batch)
             await writer.drain()
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
@@ -321,17 +380,17 @@ class PeerLinks:
         """Answer a forward from `agency` (dropped if it is no member any more)."""
         link = self.links.get(agency)
         if link is not None:
-            link.send(reply)
+            link.send_reply(reply)
 
     def start(self) -> None:
         for link in self.links.values():
             link.start()
 
     def send(self, messages: Iterable[Message]) -> None:
-        for m in messages:
-            link = self.links.get(m.to_id)
+        for msg in messages:
+            link = self.links.get(msg.to_id)
             if link is not None:
-                link.send(message_to_proto(m))
+                link.send(message_to_proto(msg))
 
     def send_attestations(self, attestations: Iterable[ledger_pb2.Attestation]) -> None:
         for att in attestations:

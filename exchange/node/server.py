@@ -42,6 +42,7 @@ from exchange.ledger.block import parse_header
 from exchange.node import metrics
 from exchange.node.auth import Auth, Caller
 from exchange.node.credentials import list_credentials
+from exchange.node.frames import FrameSession
 from exchange.node.mempool import refusal
 from exchange.node.node import Node
 from exchange.node.peers import SERVER_OPTIONS
@@ -354,6 +355,15 @@ class ExchangeService(node_pb2_grpc.ExchangeServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    async def SubmitFrames(self, request_iterator: AsyncIterator[node_pb2.SubmitFrame],
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[node_pb2.SubmitAnswers]:
+        """SubmitStream many requests to a message (frames.py): each frame admitted in
+        one pass, the answers ready at once sent as one message."""
+        session = FrameSession(self.auth, self.auth.caller(context), self.node.submit_frame)
+        async for answers in session.run(request_iterator):
+            yield answers
 
     async def SubmitBatch(self, request: node_pb2.SubmitBatchRequest,
                           context: grpc.aio.ServicerContext) -> node_pb2.SubmitBatchResponse:

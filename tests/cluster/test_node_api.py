@@ -5,6 +5,7 @@ authenticated from their TLS certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -178,6 +179,70 @@ def test_submit_stream_answers_each_request_by_seq_committed_or_refused(
         assert _submit(cluster, "police", env).height == a.height  # on the ledger there
     assert answers[4].error_code == "BAD_SIGNATURE" and answers[4].status == ""
     assert answers[6].error_code == "MALFORMED" and answers[6].status == ""
+
+
+def test_submit_frames_answer_each_request_by_seq_and_refuse_an_oversize_frame_whole(
+        cluster: Cluster) -> None:
+    """SubmitFrames: the requests of a frame are admitted together and each answered
+    with its seq (committed, or refused with its reason); a frame over the bound is
+    refused request by request, admits nothing, and the stream goes on."""
+    signer = _signer(cluster, "customs")
+    good = {1: _probe(signer), 4: _probe(signer), 300: _probe(signer)}
+    too_many = [node_pb2.SubmitRequest(seq=10 + i, envelope=_probe(signer))
+                for i in range(257)]
+    frames = [
+        node_pb2.SubmitFrame(requests=[
+            node_pb2.SubmitRequest(seq=1, envelope=good[1]),
+            node_pb2.SubmitRequest(seq=2, envelope=_forged(signer)),
+            node_pb2.SubmitRequest(seq=3, envelope=b"\xff\x00not protobuf"),
+            node_pb2.SubmitRequest(seq=4, envelope=good[4])]),
+        node_pb2.SubmitFrame(requests=too_many),
+        node_pb2.SubmitFrame(requests=[node_pb2.SubmitRequest(seq=300,
+                                                              envelope=good[300])])]
+    with _channel(cluster, "customs") as ch:
+        messages = list(node_pb2_grpc.ExchangeStub(ch).SubmitFrames(iter(frames),
+                                                                    timeout=30))
+    answers = {r.seq: r for m in messages for r in m.responses}
+    assert sorted(answers) == [1, 2, 3, 4, *range(10, 267), 300]
+    assert len(messages) < len(answers)  # answers ready together came together
+    for seq, env in good.items():
+        a = answers[seq]
+        assert (a.status, a.result, a.error_code, a.tx_id) == \
+            ("committed", "OK", "", _tx_id_of(env)), a
+    assert answers[2].error_code == "BAD_SIGNATURE"
+    assert answers[3].error_code == "MALFORMED"
+    assert {answers[10 + i].error_code for i in range(257)} == {"OVERSIZE"}
+    with _channel(cluster, "customs") as ch, pytest.raises(grpc.RpcError) as missing:
+        node_pb2_grpc.ExchangeStub(ch).GetTransaction(
+            node_pb2.GetTransactionRequest(tx_id=_tx_id_of(too_many[0].envelope)),
+            timeout=20)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_client_stream_sends_what_is_ready_at_once_in_frames_of_its_bound(
+        cluster: Cluster) -> None:
+    """exchange.client.stream: eight submissions made at once go as frames of at most
+    three (the bound), and each caller hears its own transaction committed."""
+    from exchange.client.stream import SubmitStream
+
+    signer = _signer(cluster, "pboc")
+    envelopes = [_probe(signer) for _ in range(8)]
+    profile = load_client_profile(cluster.profile("pboc"))
+
+    async def body() -> tuple[list[node_pb2.SubmitResponse], int]:
+        creds = grpc.ssl_channel_credentials(profile.ca_bundle.read_bytes(),
+                                             profile.tls_key.read_bytes(),
+                                             profile.tls_cert.read_bytes())
+        async with grpc.aio.secure_channel(profile.node, creds) as channel:
+            stream = SubmitStream(node_pb2_grpc.ExchangeStub(channel), frame_requests_max=3)
+            answers = await asyncio.gather(*(stream.submit(e, 30) for e in envelopes))
+            await stream.close()
+            return list(answers), stream.frames_sent
+
+    answers, frames = asyncio.run(body())
+    assert frames == 3  # 3 + 3 + 2
+    assert [(a.status, a.result, a.tx_id) for a in answers] == \
+        [("committed", "OK", _tx_id_of(e)) for e in envelopes]
 
 
 def test_same_envelope_again_returns_the_original_result(cluster: Cluster) -> None:

@@ -5,6 +5,7 @@ and a revoked or expired credential reads nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import time
@@ -14,13 +15,14 @@ import grpc
 import pytest
 
 from exchange.client import ExchangeClient, chain_id_for, load_client_profile
+from exchange.errors import NotFound
 from exchange.identity import tls
 from exchange.identity.config import Profile
 from exchange.identity.genesis import issue_credential
 from exchange.identity.keys import CachedSigner, SigningKey, read_signing_key, write_private
-from exchange.ledger.block import new_body, seal_envelope
+from exchange.ledger.block import new_body, seal_envelope, tx_id
 from exchange.testing.localnet import Cluster
-from exchange.v1 import node_pb2, node_pb2_grpc
+from exchange.v1 import ledger_pb2, node_pb2, node_pb2_grpc
 
 pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("revoked_reads")]
 
@@ -142,6 +144,45 @@ def test_a_stream_is_cut_when_its_reader_is_revoked(cluster: Cluster) -> None:
                 pass
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
         assert f"revoked at height {height}" in err.value.details()
+
+
+def test_an_open_submit_stream_submits_nothing_once_its_caller_is_revoked(
+        cluster: Cluster) -> None:
+    """The credential of a SubmitFrames caller is checked again for each frame: after
+    its revocation the same open stream has every envelope refused, even one signed by
+    a valid key, and none of them reaches the ledger."""
+    from exchange.client.stream import SubmitStream
+
+    caller = load_client_profile(_profile(cluster, "police", "analyst-1"))
+    chain_id = chain_id_for(cluster.profile("police"))
+    signer = CachedSigner(read_signing_key(
+        load_client_profile(_profile(cluster, "police", "supervisor-1")).signing_key))
+
+    def probe() -> bytes:
+        body = new_body(chain_id, "police", int(time.time() * 1000))
+        body.probe.payload = b"revoked stream"
+        return seal_envelope(body, signer)
+
+    before, after = probe(), probe()
+
+    async def body() -> tuple[node_pb2.SubmitResponse, node_pb2.SubmitResponse]:
+        creds = grpc.ssl_channel_credentials(caller.ca_bundle.read_bytes(),
+                                             caller.tls_key.read_bytes(),
+                                             caller.tls_cert.read_bytes())
+        async with grpc.aio.secure_channel(caller.node, creds) as channel:
+            stream = SubmitStream(node_pb2_grpc.ExchangeStub(channel))
+            first = await stream.submit(before, 30)
+            await asyncio.to_thread(_revoke, cluster, "police", "analyst-1")
+            second = await stream.submit(after, 30)
+            await stream.close()
+            return first, second
+
+    first, second = asyncio.run(body())
+    assert (first.status, first.result) == ("committed", "OK"), first
+    assert second.error_code == "CREDENTIAL_INVALID" and "revoked" in second.error, second
+    supervisor = load_client_profile(_profile(cluster, "police", "supervisor-1"))
+    with ExchangeClient(supervisor) as client, pytest.raises(NotFound):
+        client.get_transaction(tx_id(ledger_pb2.Envelope.FromString(after).body))
 
 
 def test_an_expired_credential_reads_nothing(cluster: Cluster, tmp_path: Path) -> None:

@@ -486,6 +486,53 @@ def test_a_batch_holds_entries_up_to_the_frame_budget_and_the_rest_goes_next(
     asyncio.run(body())
 
 
+def _reply(forward_id: int, *codes: str) -> peer_pb2.ForwardReply:
+    return peer_pb2.ForwardReply(id=forward_id, results=[
+        node_pb2.SubmitResponse(error_code=c) if c else
+        node_pb2.SubmitResponse(status="accepted") for c in codes])
+
+
+def test_an_accepting_forward_reply_rides_with_the_next_raft_message(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply that only says "accepted" adds no frame of its own while Raft messages
+    flow; one that refuses something goes at once; alone, an accepting reply and an
+    attestation go once their linger is up."""
+    monkeypatch.setattr(peers, "REPLY_LINGER_S", 0.2)
+    monkeypatch.setattr(peers, "ATTESTATION_LINGER_S", 0.2)
+
+    async def next_batch(link: peers.PeerLink, within_s: float) -> peer_pb2.RaftBatch | None:
+        try:
+            return await asyncio.wait_for(link._next_batch(), within_s)
+        except TimeoutError:
+            return None
+
+    async def body() -> None:
+        link = _links(net, _free_base_port()).links["police"]
+        link.send_reply(_reply(1, "", ""))
+        assert await next_batch(link, 0.05) is None  # lingers
+        link.send(message_to_proto(_heartbeat(3)))
+        batch = await next_batch(link, 0.05)
+        assert batch is not None and len(batch.messages) == 1
+        assert [r.id for r in batch.forward_replies] == [1]  # rode along
+
+        link.send_reply(_reply(2, "", "BAD_SIGNATURE"))  # a refusal: at once
+        batch = await next_batch(link, 0.05)
+        assert batch is not None and [r.id for r in batch.forward_replies] == [2]
+
+        link.send_reply(_reply(3, ""))
+        link.send_attestation(ledger_pb2.Attestation(height=7, agency="tax"))
+        started = asyncio.get_running_loop().time()
+        batch = await next_batch(link, 2.0)  # nothing to ride with: on its own
+        assert batch is not None and not batch.messages
+        assert [r.id for r in batch.forward_replies] == [3]
+        assert [a.height for a in batch.attestations] == [7]
+        assert asyncio.get_running_loop().time() - started >= 0.15
+        assert await next_batch(link, 0.3) is None  # nothing sent twice
+        await link.close()
+
+    asyncio.run(body())
+
+
 class Leader:
     """A leader's side of forwarding: answers each forward with "accepted" per
     envelope, on its own link back to the follower."""
