@@ -178,6 +178,7 @@ class LedgerApplier:
             return tx in in_batch or tx in stored
 
         rows: list[tuple[ledger_pb2.Block, Sequence[str] | None]] = []
+        ids: list[list[bytes]] = []
         out: list[Applied] = []
         self._state_matches_store = False
         for block, prechecked in blocks:
@@ -200,6 +201,7 @@ class LedgerApplier:
                                           envelopes=block.envelopes,
                                           attestations=[attestation] if attestation else []),
                          codes))
+            ids.append([env.tx_id for env in checked.envelopes])
             out.append(Applied(checked, tuple(codes), attestation))
             prev_hash, prev_ts = checked.hash, checked.header.timestamp_ms
         every = self.checkpoint_every_blocks
@@ -207,7 +209,7 @@ class LedgerApplier:
         if every and height // every > self.store.height // every:
             blob = dump_state(self.state)
             checkpoint = Checkpoint(height, STATE_FORMAT, blob_digest(blob), blob)
-        self.store.append_many(rows, checkpoint)
+        self.store.append_many(rows, checkpoint, ids)
         self._state_matches_store = True
         for applied in out:
             self._remember_root(applied.checked.header.height, results_root(applied.codes))

@@ -20,8 +20,13 @@ from exchange.identity.genesis import genesis_hash
 from exchange.ledger.block import block_hash, parse_header, tx_id
 from exchange.v1 import identity_pb2, ledger_pb2
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TX_IDS_PER_QUERY = 500  # ids in one IN (...) lookup, under SQLite's variable limit
+# A transaction's place is one integer, (height << POS_BITS) | index in the block: the
+# rowid of its row, so rows go in at the end of the table in order. A block cannot hold
+# 2**20 envelopes (each is over 64 bytes, a block is one Raft entry of at most 64 MiB).
+POS_BITS = 20
+POS_INDEX_MASK = (1 << POS_BITS) - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -35,13 +40,11 @@ CREATE TABLE IF NOT EXISTS blocks (
     raft_index INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS txs (
-    height INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
+    pos INTEGER PRIMARY KEY,
     tx_id BLOB NOT NULL,
     envelope BLOB NOT NULL,
-    result TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (height, idx)
-) WITHOUT ROWID;
+    result TEXT NOT NULL DEFAULT ''
+);
 CREATE INDEX IF NOT EXISTS txs_by_id ON txs (tx_id);
 CREATE TABLE IF NOT EXISTS attestations (
     height INTEGER NOT NULL,
@@ -90,6 +93,7 @@ class BlockStore:
         self.genesis_hash = genesis_hash(signed_genesis)
         self._lock = threading.RLock()
         self._db = _connect(path)
+        _upgrade(self._db, path)
         self._tip_height, self._tip_hash, self._tip_timestamp_ms = self._read_tip()
 
     @classmethod
@@ -158,10 +162,12 @@ class BlockStore:
         return self.append_many([(block, results)])[-1]
 
     def append_many(self, blocks: Sequence[tuple[ledger_pb2.Block, Sequence[str] | None]],
-                    checkpoint: Checkpoint | None = None) -> list[bytes]:
+                    checkpoint: Checkpoint | None = None,
+                    tx_ids: Sequence[Sequence[bytes]] | None = None) -> list[bytes]:
         """Append several blocks in one SQLite transaction (one fsync), with the applied
         state as of the last of them when `checkpoint` is given: both are written or
-        neither, so the state stored never disagrees with the blocks stored."""
+        neither, so the state stored never disagrees with the blocks stored. `tx_ids`:
+        each block's transaction ids, where the caller has them (else read here)."""
         hashes: list[bytes] = []
         with self._lock:
             height, prev, prev_ts = self._tip_height, self._tip_hash, self._tip_timestamp_ms
@@ -176,20 +182,30 @@ class BlockStore:
                 envs = list(block.envelopes)
                 if results is not None and len(results) != len(envs):
                     raise MalformedInput("one result per transaction")
+                if len(envs) > POS_INDEX_MASK:
+                    raise MalformedInput(f"a block of {len(envs)} transactions")
                 hash_ = block_hash(block.header)
                 height, prev, prev_ts = header.height, hash_, header.timestamp_ms
                 rows_b.append((height, hash_, block.header, block.proposer_signature,
                                len(envs), header.timestamp_ms, header.raft_index))
+                base = height << POS_BITS
+                ids = tx_ids[len(hashes)] if tx_ids is not None else None
+                if ids is not None and len(ids) != len(envs):
+                    raise MalformedInput("one transaction id per transaction")
                 for idx, raw in enumerate(envs):
-                    env = ledger_pb2.Envelope()
-                    env.ParseFromString(raw)
-                    rows_t.append((height, idx, tx_id(env.body), raw,
+                    if ids is None:
+                        env = ledger_pb2.Envelope()
+                        env.ParseFromString(raw)
+                        id_ = tx_id(env.body)
+                    else:
+                        id_ = ids[idx]
+                    rows_t.append((base | idx, id_, raw,
                                    results[idx] if results is not None else ""))
                 rows_a.extend(_attestation_row(a) for a in block.attestations)
                 hashes.append(hash_)
             with self._db:
                 self._db.executemany("INSERT INTO blocks VALUES (?,?,?,?,?,?,?)", rows_b)
-                self._db.executemany("INSERT INTO txs VALUES (?,?,?,?,?)", rows_t)
+                self._db.executemany("INSERT INTO txs VALUES (?,?,?,?)", rows_t)
                 self._db.executemany(
                     "INSERT OR IGNORE INTO attestations VALUES (?,?,?,?,?,?)", rows_a)
                 if checkpoint is not None:
@@ -229,8 +245,9 @@ class BlockStore:
     def set_results(self, height: int, results: Sequence[str]) -> None:
         """Record the result codes of a block's transactions after applying it."""
         with self._lock, self._db:
-            self._db.executemany("UPDATE txs SET result=? WHERE height=? AND idx=?",
-                                 [(code, height, i) for i, code in enumerate(results)])
+            self._db.executemany("UPDATE txs SET result=? WHERE pos=?",
+                                 [(code, (height << POS_BITS) | i)
+                                  for i, code in enumerate(results)])
 
     def add_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
         """Keep attestations (already verified by the caller). Returns how many were new."""
@@ -252,13 +269,15 @@ class BlockStore:
     def envelopes(self, height: int) -> list[bytes]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT envelope FROM txs WHERE height=? ORDER BY idx", (height,)).fetchall()
+                "SELECT envelope FROM txs WHERE pos BETWEEN ? AND ? ORDER BY pos",
+                _block_range(height)).fetchall()
         return [bytes(r[0]) for r in rows]
 
     def results(self, height: int) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT result FROM txs WHERE height=? ORDER BY idx", (height,)).fetchall()
+                "SELECT result FROM txs WHERE pos BETWEEN ? AND ? ORDER BY pos",
+                _block_range(height)).fetchall()
         return [str(r[0]) for r in rows]
 
     def block(self, height: int, with_attestations: bool = True) -> ledger_pb2.Block:
@@ -288,11 +307,13 @@ class BlockStore:
         """The first (valid) occurrence of a transaction id."""
         with self._lock:
             row = self._db.execute(
-                "SELECT height, idx, envelope, result FROM txs WHERE tx_id=? "
-                "ORDER BY (result != 'OK'), height, idx LIMIT 1", (tx_id_,)).fetchone()
+                "SELECT pos, envelope, result FROM txs WHERE tx_id=? "
+                "ORDER BY (result != 'OK'), pos LIMIT 1", (tx_id_,)).fetchone()
         if row is None:
             return None
-        return StoredTx(tx_id_, int(row[0]), int(row[1]), bytes(row[2]), str(row[3]))
+        pos = int(row[0])
+        return StoredTx(tx_id_, pos >> POS_BITS, pos & POS_INDEX_MASK, bytes(row[1]),
+                        str(row[2]))
 
     def tx_ids_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
         """Distinct transaction ids in [low, high], in order, at most `limit` (an id
@@ -321,16 +342,17 @@ class BlockStore:
                 row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? LIMIT 1",
                                        (tx_id_,)).fetchone()
             else:
-                row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? AND height<? LIMIT 1",
-                                       (tx_id_, below_height)).fetchone()
+                row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? AND pos<? LIMIT 1",
+                                       (tx_id_, below_height << POS_BITS)).fetchone()
         return row is not None
 
     def raw_rows(self, height: int) -> tuple[bytes, list[bytes]]:
         """The stored hash and tx ids of a block, as indexed (for verification)."""
         stored_hash = self.block_hash_at(height)
         with self._lock:
-            rows = self._db.execute("SELECT tx_id FROM txs WHERE height=? ORDER BY idx",
-                                    (height,)).fetchall()
+            rows = self._db.execute(
+                "SELECT tx_id FROM txs WHERE pos BETWEEN ? AND ? ORDER BY pos",
+                _block_range(height)).fetchall()
         return stored_hash, [bytes(r[0]) for r in rows]
 
     def index_columns(self, height: int) -> tuple[int, int, int]:
@@ -359,6 +381,45 @@ class BlockStore:
 def _attestation_row(a: ledger_pb2.Attestation) -> tuple[object, ...]:
     return (a.height, a.agency, bytes(a.signer_key_id), bytes(a.block_hash),
             bytes(a.results_root), bytes(a.signature))
+
+
+def _block_range(height: int) -> tuple[int, int]:
+    """The first and last `pos` a block's transactions may have."""
+    return height << POS_BITS, (height << POS_BITS) | POS_INDEX_MASK
+
+
+def _upgrade(db: sqlite3.Connection, path: Path) -> None:
+    """Bring a store written by an earlier version to SCHEMA_VERSION, in one SQLite
+    transaction (a crash leaves it as it was; the next open upgrades it again).
+
+    Schema 1 kept transactions in a WITHOUT ROWID table keyed by (height, idx): a
+    1 KiB envelope does not fit in such a table's page and took a 4 KiB overflow page
+    of its own (three times the space, twice the writes). Schema 2 keys them by
+    rowid = (height << POS_BITS) | idx."""
+    try:
+        columns = {str(r[1]) for r in db.execute("PRAGMA table_info(txs)")}
+    except sqlite3.DatabaseError:
+        return  # not a block store: open() says so
+    if not columns or "pos" in columns:
+        return  # new, or current
+    if "idx" not in columns:
+        raise StoreCorrupted(f"{path}: its txs table is of no schema this version knows")
+    if db.in_transaction:
+        db.commit()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE txs_v2 (pos INTEGER PRIMARY KEY, tx_id BLOB NOT NULL, "
+                   "envelope BLOB NOT NULL, result TEXT NOT NULL DEFAULT '')")
+        db.execute(f"INSERT INTO txs_v2 SELECT (height << {POS_BITS}) | idx, tx_id, "
+                   "envelope, result FROM txs ORDER BY height, idx")
+        db.execute("DROP TABLE txs")
+        db.execute("ALTER TABLE txs_v2 RENAME TO txs")
+        db.execute("CREATE INDEX txs_by_id ON txs (tx_id)")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _parse_genesis(raw: bytes) -> identity_pb2.SignedGenesis:

@@ -18,7 +18,7 @@ def message_to_proto(m: Message) -> peer_pb2.RaftMessage:
     out = peer_pb2.RaftMessage(
         type=int(m.type), from_id=m.from_id, to_id=m.to_id, term=m.term, log_term=m.log_term,
         index=m.index, commit=m.commit, reject=m.reject, reject_hint=m.reject_hint,
-        force=m.force,
+        force=m.force, quiet=m.quiet,
         entries=[peer_pb2.RaftEntry(term=e.term, index=e.index, kind=int(e.kind), data=e.data)
                  for e in m.entries])
     if m.snapshot is not None:
@@ -44,4 +44,5 @@ def message_from_proto(p: peer_pb2.RaftMessage) -> Message:
                                                learners=tuple(p.snapshot.learners)))
     return Message(type=mtype, from_id=p.from_id, to_id=p.to_id, term=p.term,
                    log_term=p.log_term, index=p.index, entries=entries, commit=p.commit,
-                   reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force)
+                   reject=p.reject, reject_hint=p.reject_hint, snapshot=snapshot, force=p.force,
+                   quiet=p.quiet)

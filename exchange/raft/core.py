@@ -698,8 +698,8 @@ class RaftNode:
 
     def _send(self, m: Message) -> None:
         assert m.to_id != self._id
-        if m.type is MessageType.APPEND or m.type is MessageType.SNAPSHOT:
-            self._contacted.add(m.to_id)
+        if (m.type is MessageType.APPEND and not m.quiet) or m.type is MessageType.SNAPSHOT:
+            self._contacted.add(m.to_id)  # answered: no heartbeat needed next time
         self._msgs.append(m)
 
     def _check_message(self, m: Message) -> None:
@@ -720,6 +720,8 @@ class RaftNode:
                 raise InvalidMessage("APPEND carries an entry from a later term")
         elif m.entries:
             raise InvalidMessage(f"{m.type.name} must not carry entries")
+        if m.quiet and (m.type is not MessageType.APPEND or m.entries):
+            raise InvalidMessage("only an APPEND without entries may be quiet")
         if m.type is MessageType.SNAPSHOT:
             meta = m.snapshot
             if meta is None or meta.term > m.term or not meta.conf.voters:
@@ -826,6 +828,8 @@ class RaftNode:
         last_new = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last_new is not None:
             self._sync_conf()
+            if m.quiet:
+                return  # a commit notice: the leader knows we hold all it names
             self._send(
                 Message(MessageType.APPEND_RESP, self._id, m.from_id, self._term, index=last_new)
             )
@@ -995,6 +999,10 @@ class RaftNode:
                 index=prev_index,
                 entries=entries,
                 commit=log.committed,
+                # only the commit index moves, for a follower that acknowledged all up
+                # to prev_index: its answer would say nothing new, so it sends none
+                quiet=not entries and pr.state is ProgressState.REPLICATE
+                and pr.match == prev_index,
             )
         )
         pr.sent_entries(len(entries), entries[-1].index if entries else prev_index)

@@ -57,7 +57,9 @@ class Message:
     - PRE_VOTE_RESP / VOTE_RESP: `reject` false when granted; `term` is the term granted,
       or the voter's own term when rejecting.
     - APPEND: (`index`, `log_term`) identify the entry preceding `entries`; `commit` is
-      the leader's commit index.
+      the leader's commit index. `quiet` is set on one without entries to a follower
+      known to hold everything up to `index` (it only moves the commit index): accepted,
+      it is not answered, as the answer would tell the leader nothing new.
     - APPEND_RESP: `index` is the last index known to match the leader's log, or on
       `reject` the rejected `index` of the APPEND; then (`reject_hint`, `log_term`) give
       the follower's best guess of where the logs may still agree (Raft paper 5.3).
@@ -78,3 +80,4 @@ class Message:
     reject_hint: int = 0
     snapshot: SnapshotMeta | None = None
     force: bool = False
+    quiet: bool = False

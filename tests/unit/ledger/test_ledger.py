@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from exchange.errors import ChainBroken
+from exchange.errors import ChainBroken, StoreCorrupted
 from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import BlockInvalid, build_block, new_body, seal_envelope
 from exchange.ledger.judge import CODE_AGENCY, CODE_DUPLICATE, CODE_SIGNER, CODE_TIME
-from exchange.ledger.store import BlockStore
+from exchange.ledger.store import POS_BITS, SCHEMA_VERSION, BlockStore
 from exchange.ledger.verify import verify_store
 from tests.support.ledger_net import make_net, probe, write_chain
 
@@ -41,6 +41,60 @@ def test_store_reads_back_blocks_and_transactions(net, tmp_path: Path) -> None:
     store.close()
     reopened = BlockStore.open(tmp_path / "s.db")
     assert reopened.height == 3 and reopened.tip_hash == store.tip_hash
+
+
+def _as_schema_1(path: Path) -> None:
+    """Rewrite a store's transactions as schema 1 held them (WITHOUT ROWID, keyed by
+    height and index), as a store written by an earlier version is on disk."""
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE txs_v1 (height INTEGER NOT NULL, idx INTEGER NOT NULL, "
+                   "tx_id BLOB NOT NULL, envelope BLOB NOT NULL, result TEXT NOT NULL "
+                   "DEFAULT '', PRIMARY KEY (height, idx)) WITHOUT ROWID")
+        db.execute(f"INSERT INTO txs_v1 SELECT pos >> {POS_BITS}, pos & "
+                   f"{(1 << POS_BITS) - 1}, tx_id, envelope, result FROM txs")
+        db.execute("DROP TABLE txs")
+        db.execute("ALTER TABLE txs_v1 RENAME TO txs")
+        db.execute("CREATE INDEX txs_by_id ON txs (tx_id)")
+        db.execute("UPDATE meta SET value=1 WHERE key='schema'")
+    db.close()
+
+
+def test_a_store_of_schema_1_is_upgraded_on_open_and_reads_the_same(
+        net, tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = write_chain(net, path, blocks=4, txs_per_block=3)
+    before = [store.block(h) for h in range(1, 5)]
+    ids = [env.tx_id for env in LedgerApplier(store).check(
+        before[2], 3, store.block_hash_at(2), 0).envelopes]
+    store.close()
+    _as_schema_1(path)
+
+    upgraded = BlockStore.open(path)
+    assert [upgraded.block(h) for h in range(1, 5)] == before
+    assert upgraded.raw_rows(3)[1] == ids and upgraded.results(3) == ["OK"] * 3
+    found = upgraded.tx(ids[2])
+    assert found is not None and (found.height, found.index) == (3, 2)
+    assert upgraded.stored_tx_ids(ids) == set(ids)
+    assert upgraded.has_tx(ids[0]) and not upgraded.has_tx(ids[0], below_height=3)
+    assert verify_store(upgraded).ok
+    upgraded.close()
+    db = sqlite3.connect(path)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(txs)")}
+    schema = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+    db.close()
+    assert "pos" in columns and "idx" not in columns and schema == SCHEMA_VERSION
+
+
+def test_a_store_of_an_unknown_schema_is_refused(net, tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    write_chain(net, path, blocks=1).close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("ALTER TABLE txs RENAME COLUMN pos TO place")
+    db.close()
+    with pytest.raises(StoreCorrupted, match="no schema"):
+        BlockStore.open(path)
 
 
 def test_store_refuses_block_that_does_not_extend_tip(net, tmp_path: Path) -> None:
@@ -169,7 +223,7 @@ def test_another_agency_cannot_revoke_a_credential(net, tmp_path: Path) -> None:
 # -- tampering ----------------------------------------------------------------------
 _BLOB_COLUMNS = {
     "blocks": ("height", ["hash", "header", "proposer_signature"]),
-    "txs": ("height, idx", ["tx_id", "envelope", "result"]),
+    "txs": ("pos", ["tx_id", "envelope", "result"]),
     "attestations": ("height, agency, signer_key_id",
                      ["agency", "signer_key_id", "block_hash", "results_root", "signature"]),
 }
@@ -235,7 +289,7 @@ def test_moved_transaction_fails_verification(net, tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     write_chain(net, path, blocks=3, txs_per_block=2).close()
     db = sqlite3.connect(path)
-    db.execute("DELETE FROM txs WHERE height=2 AND idx=1")
+    db.execute("DELETE FROM txs WHERE pos=?", ((2 << POS_BITS) | 1,))
     db.commit()
     db.close()
     report = verify_store(BlockStore.open(path))

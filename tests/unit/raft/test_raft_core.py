@@ -501,9 +501,63 @@ def test_a_follower_sent_an_append_skips_the_next_heartbeat_only() -> None:
     assert beats() == {"n2", "n3"}
     leader.step(Message(MessageType.APPEND_RESP, "n2", "n1", leader.term, index=1))
     messages, _, _ = drain(leader)  # the commit goes to n2 (n3, probed, waits)
-    assert {m.to_id for m in messages if m.type is MessageType.APPEND} == {"n2"}
+    appends = [m for m in messages if m.type is MessageType.APPEND]
+    assert [m.to_id for m in appends] == ["n2"] and not appends[0].entries
+    assert appends[0].quiet  # a commit notice n2 will not answer ...
+    assert beats() == {"n2", "n3"}  # ... so it does not stand in for a heartbeat
+    leader.propose(b"x")
+    messages, _, _ = drain(leader)  # entries go to n2, which answers them
+    assert [m.to_id for m in messages if m.type is MessageType.APPEND and m.entries] == ["n2"]
     assert beats() == {"n3"}  # n2 just heard from the leader
     assert beats() == {"n2", "n3"}  # nothing since: heartbeats again
+
+
+def _replicating_pair() -> tuple[RaftNode, RaftNode]:
+    """A leader n1 and a follower n2 (n3 silent) that hold the leader's first entry."""
+    leader = make_node("n1")
+    follower = make_node("n2")
+    for m in become_leader_by_hand(leader, ["n2", "n3"]):
+        if m.to_id == "n2" and m.type is MessageType.APPEND:
+            follower.step(m)
+    for m in drain(follower)[0]:
+        leader.step(m)
+    return leader, follower
+
+
+def test_a_commit_notice_to_a_follower_holding_everything_is_quiet_and_not_answered(
+) -> None:
+    leader, follower = _replicating_pair()
+    notices = [m for m in drain(leader)[0] if m.type is MessageType.APPEND]
+    assert [(m.to_id, m.quiet, m.entries) for m in notices] == [("n2", True, ())]
+    follower.step(notices[0])
+    messages, committed, _ = drain(follower)
+    assert messages == []  # nothing to answer: the leader knows n2 holds index 1
+    assert [e.index for e in committed] == [1]  # but the commit index moved
+
+    leader.propose(b"x")
+    appends = [m for m in drain(leader)[0] if m.to_id == "n2" and m.type is MessageType.APPEND]
+    assert appends and all(m.entries and not m.quiet for m in appends)
+    follower.step(appends[0])
+    answers = [m for m in drain(follower)[0] if m.type is MessageType.APPEND_RESP]
+    assert [(m.index, m.reject) for m in answers] == [(2, False)]  # entries: answered
+
+
+def test_a_quiet_notice_the_follower_cannot_accept_is_answered_with_a_rejection() -> None:
+    leader, _ = _replicating_pair()
+    notice = next(m for m in drain(leader)[0] if m.type is MessageType.APPEND)
+    assert notice.quiet
+    stranger = make_node("n2")  # lost its log: does not hold the entry before the commit
+    stranger.step(notice)
+    answers = [m for m in drain(stranger)[0] if m.type is MessageType.APPEND_RESP]
+    assert len(answers) == 1 and answers[0].reject
+
+
+@pytest.mark.parametrize("kind", [MessageType.HEARTBEAT, MessageType.APPEND])
+def test_quiet_is_refused_on_anything_but_an_append_without_entries(kind: MessageType) -> None:
+    follower = make_node("n2", hard_state=HardState(term=1))
+    entries = (Entry(1, 1),) if kind is MessageType.APPEND else ()
+    with pytest.raises(InvalidMessage):
+        follower.step(Message(kind, "n1", "n2", 1, entries=entries, quiet=True))
 
 
 def test_step_between_ready_and_advance_goes_to_the_next_ready() -> None:
