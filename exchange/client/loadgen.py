@@ -370,9 +370,9 @@ class LoadLevel:
 
 # Set from what four nodes sharing one 2-vCPU machine with the load generator sustain
 # (BENCHMARKS.md, issue 20, with frames on the client stream): quiet, 20 s each through
-# one follower, s 885 tx/s (p99 15 ms), m 1,200 (p99 58 ms), l 1,126 (p99 356 ms: one
-# signer's probes are held to the genesis limit of 1,000/s with a 4 s burst, which the
-# clients wait out). s and m ask for well under that, so they pass while other work
+# one follower, s 663-885 tx/s (p99 15-35 ms), m 1,200 (p99 49-58 ms), l 1,124-1,126
+# (p99 350-356 ms: one signer's probes are held to the genesis limit of 1,000/s with a
+# 4 s burst, which the clients wait out). s and m ask for well under that, so they pass while other work
 # runs; l asks for about four fifths of what the limit allows and fails where the nodes
 # are starved of CPU. The README's "Checking performance" has the table.
 LOAD_LEVELS: dict[str, LoadLevel] = {level.name: level for level in (
