@@ -396,18 +396,26 @@ def _upgrade(db: sqlite3.Connection, path: Path) -> None:
     1 KiB envelope does not fit in such a table's page and took a 4 KiB overflow page
     of its own (three times the space, twice the writes). Schema 2 keys them by
     rowid = (height << POS_BITS) | idx."""
-    try:
+    def needs_upgrade() -> bool:
         columns = {str(r[1]) for r in db.execute("PRAGMA table_info(txs)")}
+        if not columns or "pos" in columns:
+            return False  # new, or current
+        if "idx" not in columns:
+            raise StoreCorrupted(f"{path}: its txs table is of no schema this version knows")
+        return True
+
+    try:
+        if not needs_upgrade():
+            return
     except sqlite3.DatabaseError:
         return  # not a block store: open() says so
-    if not columns or "pos" in columns:
-        return  # new, or current
-    if "idx" not in columns:
-        raise StoreCorrupted(f"{path}: its txs table is of no schema this version knows")
     if db.in_transaction:
         db.commit()
     db.execute("BEGIN IMMEDIATE")
     try:
+        if not needs_upgrade():  # another process upgraded it meanwhile
+            db.execute("ROLLBACK")
+            return
         db.execute("CREATE TABLE txs_v2 (pos INTEGER PRIMARY KEY, tx_id BLOB NOT NULL, "
                    "envelope BLOB NOT NULL, result TEXT NOT NULL DEFAULT '')")
         db.execute(f"INSERT INTO txs_v2 SELECT (height << {POS_BITS}) | idx, tx_id, "
