@@ -372,9 +372,9 @@ class LoadLevel:
 # (BENCHMARKS.md, issue 20, with frames on the client stream): quiet, 20 s each through
 # one follower, s 663-885 tx/s (p99 15-35 ms), m 1,200 (p99 49-58 ms), l 1,124-1,126
 # (p99 350-356 ms: one signer's probes are held to the genesis limit of 1,000/s with a
-# 4 s burst, which the clients wait out). s and m ask for well under that, so they pass while other work
-# runs; l asks for about four fifths of what the limit allows and fails where the nodes
-# are starved of CPU. The README's "Checking performance" has the table.
+# 4 s burst, which the clients wait out). s and m ask for well under that, so they pass
+# while other work runs; l asks for about four fifths of what the limit allows and fails
+# where the nodes are starved of CPU. The README's "Checking performance" has the table.
 LOAD_LEVELS: dict[str, LoadLevel] = {level.name: level for level in (
     LoadLevel("s", clients=8, duration_s=30.0, tx_per_s_min=300.0, latency_p99_ms_max=200.0),
     LoadLevel("m", clients=32, duration_s=30.0, tx_per_s_min=500.0, latency_p99_ms_max=400.0),

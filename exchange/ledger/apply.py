@@ -187,9 +187,10 @@ class LedgerApplier:
                 checked = prechecked
             else:
                 checked = self.check(block, height + 1, prev_hash, prev_ts)
-            stored = self.store.stored_tx_ids([env.tx_id for env in checked.envelopes])
+            block_ids = [env.tx_id for env in checked.envelopes]
+            stored = self.store.stored_tx_ids(block_ids)
             codes = judge_block(self.state, checked, seen)
-            in_batch.update(env.tx_id for env in checked.envelopes)
+            in_batch.update(block_ids)
             height = checked.header.height
             attestation = None
             if self._may_attest(height):
@@ -201,7 +202,7 @@ class LedgerApplier:
                                           envelopes=block.envelopes,
                                           attestations=[attestation] if attestation else []),
                          codes))
-            ids.append([env.tx_id for env in checked.envelopes])
+            ids.append(block_ids)
             out.append(Applied(checked, tuple(codes), attestation))
             prev_hash, prev_ts = checked.hash, checked.header.timestamp_ms
         every = self.checkpoint_every_blocks

@@ -174,7 +174,7 @@ class BlockStore:
             rows_b: list[tuple[object, ...]] = []
             rows_t: list[tuple[object, ...]] = []
             rows_a: list[tuple[object, ...]] = []
-            for block, results in blocks:
+            for k, (block, results) in enumerate(blocks):
                 header = parse_header(block.header, height + 1)
                 if header.height != height + 1 or bytes(header.prev_hash) != prev:
                     raise ChainBroken(f"block {header.height} does not extend the tip "
@@ -188,8 +188,7 @@ class BlockStore:
                 height, prev, prev_ts = header.height, hash_, header.timestamp_ms
                 rows_b.append((height, hash_, block.header, block.proposer_signature,
                                len(envs), header.timestamp_ms, header.raft_index))
-                base = height << POS_BITS
-                ids = tx_ids[len(hashes)] if tx_ids is not None else None
+                ids = tx_ids[k] if tx_ids is not None else None
                 if ids is not None and len(ids) != len(envs):
                     raise MalformedInput("one transaction id per transaction")
                 for idx, raw in enumerate(envs):
@@ -199,7 +198,7 @@ class BlockStore:
                         id_ = tx_id(env.body)
                     else:
                         id_ = ids[idx]
-                    rows_t.append((base | idx, id_, raw,
+                    rows_t.append((_pos(height, idx), id_, raw,
                                    results[idx] if results is not None else ""))
                 rows_a.extend(_attestation_row(a) for a in block.attestations)
                 hashes.append(hash_)
@@ -246,8 +245,7 @@ class BlockStore:
         """Record the result codes of a block's transactions after applying it."""
         with self._lock, self._db:
             self._db.executemany("UPDATE txs SET result=? WHERE pos=?",
-                                 [(code, (height << POS_BITS) | i)
-                                  for i, code in enumerate(results)])
+                                 [(code, _pos(height, i)) for i, code in enumerate(results)])
 
     def add_attestations(self, attestations: Sequence[ledger_pb2.Attestation]) -> int:
         """Keep attestations (already verified by the caller). Returns how many were new."""
@@ -343,7 +341,7 @@ class BlockStore:
                                        (tx_id_,)).fetchone()
             else:
                 row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=? AND pos<? LIMIT 1",
-                                       (tx_id_, below_height << POS_BITS)).fetchone()
+                                       (tx_id_, _pos(below_height, 0))).fetchone()
         return row is not None
 
     def raw_rows(self, height: int) -> tuple[bytes, list[bytes]]:
@@ -383,9 +381,14 @@ def _attestation_row(a: ledger_pb2.Attestation) -> tuple[object, ...]:
             bytes(a.results_root), bytes(a.signature))
 
 
+def _pos(height: int, idx: int) -> int:
+    """A transaction's place: the rowid of its row."""
+    return (height << POS_BITS) | idx
+
+
 def _block_range(height: int) -> tuple[int, int]:
     """The first and last `pos` a block's transactions may have."""
-    return height << POS_BITS, (height << POS_BITS) | POS_INDEX_MASK
+    return _pos(height, 0), _pos(height, POS_INDEX_MASK)
 
 
 def _upgrade(db: sqlite3.Connection, path: Path) -> None:

@@ -13,7 +13,7 @@ from exchange.identity.keys import CachedSigner, SigningKey
 from exchange.ledger.apply import LedgerApplier
 from exchange.ledger.block import BlockInvalid, build_block, new_body, seal_envelope
 from exchange.ledger.judge import CODE_AGENCY, CODE_DUPLICATE, CODE_SIGNER, CODE_TIME
-from exchange.ledger.store import POS_BITS, SCHEMA_VERSION, BlockStore
+from exchange.ledger.store import POS_BITS, POS_INDEX_MASK, SCHEMA_VERSION, BlockStore
 from exchange.ledger.verify import verify_store
 from tests.support.ledger_net import make_net, probe, write_chain
 
@@ -52,7 +52,7 @@ def _as_schema_1(path: Path) -> None:
                    "tx_id BLOB NOT NULL, envelope BLOB NOT NULL, result TEXT NOT NULL "
                    "DEFAULT '', PRIMARY KEY (height, idx)) WITHOUT ROWID")
         db.execute(f"INSERT INTO txs_v1 SELECT pos >> {POS_BITS}, pos & "
-                   f"{(1 << POS_BITS) - 1}, tx_id, envelope, result FROM txs")
+                   f"{POS_INDEX_MASK}, tx_id, envelope, result FROM txs")
         db.execute("DROP TABLE txs")
         db.execute("ALTER TABLE txs_v1 RENAME TO txs")
         db.execute("CREATE INDEX txs_by_id ON txs (tx_id)")
